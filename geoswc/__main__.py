@@ -1,0 +1,5 @@
+import sys
+
+from geoswc.cli import main
+
+sys.exit(main())
