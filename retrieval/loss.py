@@ -78,7 +78,9 @@ class InfoNCEWithMemory(nn.Module):
             return self.memory_embeddings.new_zeros((0, dim)), self.memory_labels[:0]
         if count < self.memory_size:
             return self.memory_embeddings[:count], self.memory_labels[:count]
-        order = torch.roll(torch.arange(self.memory_size, device=self.memory_labels.device), -int(self.memory_ptr))
+        order = torch.roll(
+            torch.arange(self.memory_size, device=self.memory_labels.device), -int(self.memory_ptr)
+        )
         return self.memory_embeddings[order], self.memory_labels[order]
 
     @torch.no_grad()

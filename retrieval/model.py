@@ -54,7 +54,9 @@ class ResidualRetrievalModule(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         if features.shape[-1] != self.dim:
-            raise ValueError(f"expected features with last dimension {self.dim}, got shape {tuple(features.shape)}")
+            raise ValueError(
+                f"expected features with last dimension {self.dim}, got shape {tuple(features.shape)}"
+            )
         x = self.norm_in(features)
         residual = x if self.residual_input == "normalized" else features
         y = self.norm_out(residual + self.fc2(F.relu(self.fc1(x))))
@@ -83,7 +85,9 @@ class ResidualRetrievalModule(nn.Module):
             return np.concatenate(outputs) if outputs else np.zeros((0, self.dim), np.float32)
         return torch.cat(outputs) if outputs else features.new_zeros((0, self.dim), dtype=torch.float32)
 
-    def save(self, path: Union[str, Path], *, fingerprint: str, extra: Optional[Dict[str, str]] = None) -> None:
+    def save(
+        self, path: Union[str, Path], *, fingerprint: str, extra: Optional[Dict[str, str]] = None
+    ) -> None:
         """Write the weights as safetensors with ``dim``, ``hidden_dim`` and the partition fingerprint."""
         from safetensors.torch import save_file
 
@@ -132,4 +136,3 @@ def read_metadata(path: Union[str, Path]) -> Dict[str, str]:
 
     with safe_open(str(path), framework="pt") as handle:
         return dict(handle.metadata() or {})
-

@@ -31,7 +31,9 @@ class OnePairPerCellSampler:
         if labels.ndim != 1:
             raise ValueError(f"labels must be one fine cell_idx per photo (N,), got shape {labels.shape}")
         if num_replicas < 1 or not 0 <= rank < num_replicas:
-            raise ValueError(f"rank must be in [0, {num_replicas}), got rank={rank}, num_replicas={num_replicas}")
+            raise ValueError(
+                f"rank must be in [0, {num_replicas}), got rank={rank}, num_replicas={num_replicas}"
+            )
         self.seed = int(seed)
         self.num_replicas = int(num_replicas)
         self.rank = int(rank)
