@@ -39,6 +39,8 @@ _EXTENSION_RE = r"\.(?:" + "|".join(IMAGE_EXTENSIONS) + r")$"
 # A Flickr file name ends with <photo id>_<10-hex secret>, then either <server>_<owner nsid> (the Im2GPS
 # naming) or a one-letter size suffix. Anchoring at the end skips the prefixes Im2GPS adds ("Athens_00016_").
 _FLICKR_RE = r"(?:^|_)(\d+)_[0-9a-fA-F]{10}(?:_\d+_\d+@N\d+|_[a-z])?$"
+_EXTENSION_PATTERN = re.compile(_EXTENSION_RE, re.IGNORECASE)
+_FLICKR_PATTERN = re.compile(_FLICKR_RE)
 
 COLUMN_ALIASES = {
     "IMG_ID": ("img_id", "image_id", "id"),
@@ -90,11 +92,14 @@ def normalize_image_id(image_id) -> str:
     ``1000269685_e60e9cdfb4_1125_78841376@N00.jpg``, ``some/dir/1000269685_e60e9cdfb4_1125_78841376@N00.jpg``
     and ``1000269685`` all give ``"1000269685"``; ``45/77/3228511372.jpg`` gives ``"3228511372"``.
     """
-    return normalize_image_ids(pd.Series([image_id]))[0]
+    name = str(image_id).strip().replace("\\", "/").rsplit("/", 1)[-1]
+    stem = _EXTENSION_PATTERN.sub("", name)
+    flickr = _FLICKR_PATTERN.search(stem)
+    return flickr.group(1) if flickr else stem
 
 
 def normalize_image_ids(image_ids) -> list[str]:
-    """:func:`normalize_image_id` for a sequence, vectorised."""
+    """:func:`normalize_image_id` for a sequence, vectorised with pandas string methods."""
     ids = pd.Series(image_ids, dtype=object).astype(str).str.strip()
     names = ids.str.replace("\\", "/", regex=False).str.rsplit("/", n=1).str[-1]
     stems = names.str.replace(_EXTENSION_RE, "", regex=True, flags=re.IGNORECASE)
@@ -174,7 +179,7 @@ def standardize_locations(
         out_of_range = ~(np.abs(values) <= limit)
         if out_of_range.any():
             i = int(np.argmax(out_of_range))
-            fail(i, canon, f"value {values[i]!r} out of range [-{limit:g}, {limit:g}] degrees")
+            fail(i, canon, f"value {float(values[i])!r} out of range [-{limit:g}, {limit:g}] degrees")
         out[canon] = values
 
     keys = pd.Series(normalize_image_ids(out["IMG_ID"]))
