@@ -145,3 +145,14 @@ def test_importing_eval_stays_light():
 
     code = "import sys, geoswc.eval, geoswc.eval.report; print('matplotlib' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+def test_interactive_map_is_an_extra_file_when_folium_is_installed(tmp_path, evaluation):
+    pytest.importorskip("folium")
+    results, predictions, truth = evaluation
+    paths = write_report(tmp_path, results, predictions={"hc": predictions["hc"]}, truth=truth)
+    text = paths["map_interactive"].read_text()
+    assert paths["map_interactive"].name == "map_interactive.html" and "L.circleMarker" in text
+    # The main report stays offline: it names the extra file but loads nothing from it.
+    html = paths["html"].read_text()
+    assert "map_interactive.html" in html and "<script" not in html
