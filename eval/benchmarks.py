@@ -217,7 +217,9 @@ def read_locations(path: Union[str, os.PathLike], *, allow_empty: bool = False) 
         # Strings throughout, so IDs keep their exact text and errors can quote the bad value.
         df = pd.read_csv(path, dtype=str, keep_default_na=False, skip_blank_lines=False, encoding="utf-8-sig")
     except pd.errors.EmptyDataError:
-        raise ValueError(f"{path}: empty file (expected a header IMG_ID,LAT,LON and one row per photo)") from None
+        raise ValueError(
+            f"{path}: empty file (expected a header IMG_ID,LAT,LON and one row per photo)"
+        ) from None
     except (pd.errors.ParserError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: not a readable CSV file ({err})") from None
     lines = np.arange(2, len(df) + 2)
@@ -227,7 +229,9 @@ def read_locations(path: Union[str, os.PathLike], *, allow_empty: bool = False) 
     return standardize_locations(df, source=str(path), lines=lines, allow_empty=allow_empty)
 
 
-def load_benchmark(name_or_path: Union[str, os.PathLike], path: Union[str, os.PathLike, None] = None) -> pd.DataFrame:
+def load_benchmark(
+    name_or_path: Union[str, os.PathLike], path: Union[str, os.PathLike, None] = None
+) -> pd.DataFrame:
     """Loads the ground truth of a benchmark (or MP16 metadata) as ``IMG_ID, LAT, LON (, AUTHOR)``.
 
     No benchmark data ships with the package: pass a known name together with the path of its file, or a
@@ -294,12 +298,16 @@ def read_peer_predictions(path: Union[str, os.PathLike]) -> PeerPredictions:
     header = [c.strip() for c in lines[0].split(",")]
     if header != _PEER_COLUMNS:
         raise ValueError(f"{path}: line 1: expected header {','.join(_PEER_COLUMNS)}, got {lines[0]!r}")
-    end = next((i for i, line in enumerate(lines[1:], 1) if not line.strip() or line.startswith("street acc")),
-               len(lines))
+    end = next(
+        (i for i, line in enumerate(lines[1:], 1) if not line.strip() or line.startswith("street acc")),
+        len(lines),
+    )
     rows = [line.split(",") for line in lines[1:end]]
     bad = next((i for i, r in enumerate(rows) if len(r) != len(_PEER_COLUMNS)), None)
     if bad is not None:
-        raise ValueError(f"{path}: line {bad + 2}: expected {len(_PEER_COLUMNS)} fields, got {len(rows[bad])}")
+        raise ValueError(
+            f"{path}: line {bad + 2}: expected {len(_PEER_COLUMNS)} fields, got {len(rows[bad])}"
+        )
     table = pd.DataFrame(rows, columns=_PEER_COLUMNS)
     line_numbers = np.arange(2, len(table) + 2)
     truth = standardize_locations(

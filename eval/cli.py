@@ -45,5 +45,7 @@ def register(subparsers) -> None:
     parser.add_argument(
         "truth", metavar="TRUTH.csv", help="ground truth: columns IMG_ID,LAT,LON (other columns ignored)"
     )
-    parser.add_argument("--json", action="store_true", help="print exactly one JSON object instead of a table")
+    parser.add_argument(
+        "--json", action="store_true", help="print exactly one JSON object instead of a table"
+    )
     parser.set_defaults(func=_score)

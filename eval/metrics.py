@@ -100,12 +100,16 @@ def score_predictions(
     truth_keys = normalize_image_ids(truth["IMG_ID"])
     pred_keys = normalize_image_ids(pred["IMG_ID"])
 
-    truth_pos = pd.DataFrame({"LAT": truth["LAT"].to_numpy(), "LON": truth["LON"].to_numpy()}, index=truth_keys)
+    truth_pos = pd.DataFrame(
+        {"LAT": truth["LAT"].to_numpy(), "LON": truth["LON"].to_numpy()}, index=truth_keys
+    )
     pred_pos = pd.DataFrame({"LAT": pred["LAT"].to_numpy(), "LON": pred["LON"].to_numpy()}, index=pred_keys)
     unmatched = ~pred_pos.index.isin(truth_pos.index)
     if unmatched.any():
         examples = ", ".join(map(str, pred["IMG_ID"][unmatched].iloc[:3]))
-        logger.warning("%d predictions have no ground truth and are ignored (e.g. %s)", int(unmatched.sum()), examples)
+        logger.warning(
+            "%d predictions have no ground truth and are ignored (e.g. %s)", int(unmatched.sum()), examples
+        )
     matched = pred_pos.reindex(truth_pos.index)
     has_pred = matched["LAT"].notna().to_numpy()
 
@@ -118,7 +122,9 @@ def score_predictions(
         matched["LON"].to_numpy()[has_pred],
     )
     if n_scored < n_truth:
-        logger.warning("%d of %d ground-truth photos have no prediction; counted as wrong", n_truth - n_scored, n_truth)
+        logger.warning(
+            "%d of %d ground-truth photos have no prediction; counted as wrong", n_truth - n_scored, n_truth
+        )
     accuracy = {radius_key(r): 100.0 * float(np.count_nonzero(dist_km <= r)) / n_truth for r in radii}
     return {
         "n_truth": n_truth,

@@ -14,7 +14,6 @@ import datetime
 import html
 import importlib.resources
 import importlib.util
-import io
 import json
 import logging
 import os
@@ -150,15 +149,20 @@ def write_report(
     if distances:
         written["map_predictions"] = _save(_draw_prediction_map(distances), out_dir / "map_predictions.png")
         figures.append(
-            ("map_predictions", "map_predictions.png",
-             "Predictions against ground truth (equirectangular lon/lat): black = ground truth, coloured = "
-             f"prediction by error; up to {_MAX_MAP_LINES} pairs joined by a line.")
+            (
+                "map_predictions",
+                "map_predictions.png",
+                "Predictions against ground truth (equirectangular lon/lat): black = ground truth, coloured = "
+                f"prediction by error; up to {_MAX_MAP_LINES} pairs joined by a line.",
+            )
         )
     stats = []
     if geocells is not None:
         stats = cell_statistics(geocells)
         written["map_cells"] = _save(_draw_cell_map(geocells), out_dir / "map_cells.png")
-        figures.append(("map_cells", "map_cells.png", "Cell centres per granularity, coloured by photos per cell."))
+        figures.append(
+            ("map_cells", "map_cells.png", "Cell centres per granularity, coloured by photos per cell.")
+        )
     if distances and importlib.util.find_spec("folium") is not None:
         written["map_interactive"] = _write_folium_map(distances, out_dir / "map_interactive.html")
 
@@ -189,11 +193,16 @@ def _sections(results, stats, commands, config) -> dict:
         rows.append(
             [str(mode)]
             + [_fmt(acc.get(r), ".1f") for r in radii]
-            + [_fmt(res["median_km"], ".1f"), _fmt(res["mean_km"], ".1f"), str(res["n_scored"]),
-               str(res["n_missing"])]
+            + [
+                _fmt(res["median_km"], ".1f"),
+                _fmt(res["mean_km"], ".1f"),
+                str(res["n_scored"]),
+                str(res["n_missing"]),
+            ]
         )
     cell_rows = [
-        [s["name"], str(s["cells"]), str(s["photos"]), str(s["min"]), f"{s['median']:g}", str(s["max"])] for s in stats
+        [s["name"], str(s["cells"]), str(s["photos"]), str(s["min"]), f"{s['median']:g}", str(s["max"])]
+        for s in stats
     ]
     return {
         "table": (header, rows),
@@ -206,18 +215,36 @@ def _sections(results, stats, commands, config) -> dict:
 
 def _markdown(title, generated, sections, figures, written) -> str:
     def table(header, rows):
-        lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+        lines = [
+            "| " + " | ".join(header) + " |",
+            "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
+        ]
         return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
     n_truth = ", ".join(map(str, sections["n_truth"]))
-    parts = [f"# {title}", "", f"Generated {generated}. Ground-truth photos: {n_truth}.", "",
-             "## Accuracy (%) at each radius", "", table(*sections["table"]), "", "## Protocol", "", PROTOCOL, ""]
+    parts = [
+        f"# {title}",
+        "",
+        f"Generated {generated}. Ground-truth photos: {n_truth}.",
+        "",
+        "## Accuracy (%) at each radius",
+        "",
+        table(*sections["table"]),
+        "",
+        "## Protocol",
+        "",
+        PROTOCOL,
+        "",
+    ]
     parts += ["## Figures", ""]
     for _, name, caption in figures:
         parts += [f"![{caption}]({name})", "", f"*{caption}*", ""]
     if "map_interactive" in written:
-        parts += ["Interactive map (needs a network connection for its tiles): "
-                  f"[{written['map_interactive'].name}]({written['map_interactive'].name})", ""]
+        parts += [
+            "Interactive map (needs a network connection for its tiles): "
+            f"[{written['map_interactive'].name}]({written['map_interactive'].name})",
+            "",
+        ]
     if sections["cells"][1]:
         parts += ["## Cells per granularity", "", table(*sections["cells"]), ""]
     parts += ["## Provenance", ""]
@@ -248,18 +275,26 @@ def _html(title, generated, sections, figures, written) -> str:
     def table(header, rows):
         head = "".join(f"<th>{esc(h)}</th>" for h in header)
         body = "".join(
-            "<tr>" + "".join(f'<td{"" if i == 0 else " class=num"}>{esc(c)}</td>' for i, c in enumerate(r)) + "</tr>"
+            "<tr>"
+            + "".join(f"<td{'' if i == 0 else ' class=num'}>{esc(c)}</td>" for i, c in enumerate(r))
+            + "</tr>"
             for r in rows
         )
         return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
     n_truth = ", ".join(map(str, sections["n_truth"]))
     parts = [
-        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', f"<title>{esc(title)}</title>",
-        f"<style>{_CSS}</style></head><body>", f"<h1>{esc(title)}</h1>",
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{esc(title)}</title>",
+        f"<style>{_CSS}</style></head><body>",
+        f"<h1>{esc(title)}</h1>",
         f"<p>Generated {esc(generated)}. Ground-truth photos: {esc(n_truth)}.</p>",
-        "<h2>Accuracy (%) at each radius</h2>", table(*sections["table"]),
-        "<h2>Protocol</h2>", f"<p>{esc(PROTOCOL)}</p>", "<h2>Figures</h2>",
+        "<h2>Accuracy (%) at each radius</h2>",
+        table(*sections["table"]),
+        "<h2>Protocol</h2>",
+        f"<p>{esc(PROTOCOL)}</p>",
+        "<h2>Figures</h2>",
     ]
     for key, _, caption in figures:
         data = base64.b64encode(written[key].read_bytes()).decode("ascii")
@@ -268,8 +303,10 @@ def _html(title, generated, sections, figures, written) -> str:
             f"<figcaption>{esc(caption)}</figcaption></figure>"
         )
     if "map_interactive" in written:
-        parts.append(f"<p>Interactive map (a separate file that loads map tiles online): "
-                     f"{esc(written['map_interactive'].name)}</p>")
+        parts.append(
+            f"<p>Interactive map (a separate file that loads map tiles online): "
+            f"{esc(written['map_interactive'].name)}</p>"
+        )
     if sections["cells"][1]:
         parts += ["<h2>Cells per granularity</h2>", table(*sections["cells"])]
     parts.append("<h2>Provenance</h2>")
@@ -291,12 +328,16 @@ def _distances_by_mode(predictions, truth) -> dict[str, dict]:
     """Per mode: truth and predicted positions of matched photos, their error in km, and the truth count."""
     truth = standardize_locations(truth, source="ground truth")
     truth_keys = normalize_image_ids(truth["IMG_ID"])
-    truth_pos = pd.DataFrame({"LAT": truth["LAT"].to_numpy(), "LON": truth["LON"].to_numpy()}, index=truth_keys)
+    truth_pos = pd.DataFrame(
+        {"LAT": truth["LAT"].to_numpy(), "LON": truth["LON"].to_numpy()}, index=truth_keys
+    )
     out = {}
     for mode, pred in predictions.items():
         pred = standardize_locations(pred, source=f"predictions of {mode!r}", allow_empty=True)
-        pred_pos = pd.DataFrame({"LAT": pred["LAT"].to_numpy(), "LON": pred["LON"].to_numpy()},
-                                index=normalize_image_ids(pred["IMG_ID"]))
+        pred_pos = pd.DataFrame(
+            {"LAT": pred["LAT"].to_numpy(), "LON": pred["LON"].to_numpy()},
+            index=normalize_image_ids(pred["IMG_ID"]),
+        )
         matched = pred_pos.reindex(truth_pos.index)
         ok = matched["LAT"].notna().to_numpy()
         t = truth_pos.to_numpy()[ok]
@@ -339,8 +380,14 @@ def _draw_curves(results, distances):
         x = np.array([float(k) for k in keys])
         y = np.array([res["accuracy"][k] for k in keys], dtype=float)
         order = np.argsort(x)
-        ax.plot(x[order], y[order], "o" if mode in distances else "o-", color=color, ms=4,
-                label=None if mode in distances else str(mode))
+        ax.plot(
+            x[order],
+            y[order],
+            "o" if mode in distances else "o-",
+            color=color,
+            ms=4,
+            label=None if mode in distances else str(mode),
+        )
     for r in RADII_KM:
         ax.axvline(r, color="0.85", lw=0.8, zorder=0)
     ax.set_xscale("log")
@@ -410,7 +457,7 @@ def _draw_prediction_map(distances):
         ax.scatter(t[:, 1], t[:, 0], s=4, c="k", lw=0, zorder=2)
         mappable = ax.scatter(p[:, 1], p[:, 0], s=6, c=err, cmap="viridis_r", norm=norm, lw=0, zorder=3)
         ax.set_title(f"{mode}: {len(t)} of {d['n_truth']} photos predicted", fontsize=9)
-    for ax in axes.ravel()[len(modes):]:
+    for ax in axes.ravel()[len(modes) :]:
         ax.axis("off")
     if mappable is not None:
         fig.colorbar(mappable, ax=axes.ravel().tolist(), shrink=0.8, label="error (km)")
@@ -429,9 +476,16 @@ def _draw_cell_map(geocells):
         centers = np.asarray(partition.centers_deg, dtype=np.float64).reshape(-1, 2)
         counts = np.asarray(partition.counts, dtype=np.float64)
         _world_axes(ax, background)
-        sc = ax.scatter(centers[:, 1], centers[:, 0], s=5, c=counts, cmap="plasma",
-                        norm=LogNorm(vmin=max(counts.min(initial=1.0), 1.0), vmax=max(counts.max(initial=1.0), 2.0)),
-                        lw=0, zorder=2)
+        sc = ax.scatter(
+            centers[:, 1],
+            centers[:, 0],
+            s=5,
+            c=counts,
+            cmap="plasma",
+            norm=LogNorm(vmin=max(counts.min(initial=1.0), 1.0), vmax=max(counts.max(initial=1.0), 2.0)),
+            lw=0,
+            zorder=2,
+        )
         fig.colorbar(sc, ax=ax, shrink=0.8, label="photos per cell")
         ax.set_title(f"{partition.name}: {len(centers)} cells", fontsize=9)
     return fig
@@ -445,7 +499,9 @@ def _write_folium_map(distances, path: Path) -> Path:
         group = folium.FeatureGroup(name=str(mode))
         for (tlat, tlon), (plat, plon), err in zip(d["truth_deg"], d["pred_deg"], d["error_km"]):
             folium.PolyLine([(tlat, tlon), (plat, plon)], weight=1, color="gray").add_to(group)
-            folium.CircleMarker((plat, plon), radius=3, color="blue", tooltip=f"{mode}: {err:.1f} km").add_to(group)
+            folium.CircleMarker((plat, plon), radius=3, color="blue", tooltip=f"{mode}: {err:.1f} km").add_to(
+                group
+            )
             folium.CircleMarker((tlat, tlon), radius=2, color="black").add_to(group)
         group.add_to(fmap)
     folium.LayerControl().add_to(fmap)

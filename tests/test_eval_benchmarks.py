@@ -32,7 +32,10 @@ def _write(path, text):
 
 
 def test_read_locations_accepts_aliases_and_drops_other_columns(tmp_path):
-    f = _write(tmp_path / "p.csv", "img_id,Latitude,long,author,score\na.jpg,1.5,-2.5,me,0.3\n\nb.jpg,-90,180,you,1\n")
+    f = _write(
+        tmp_path / "p.csv",
+        "img_id,Latitude,long,author,score\na.jpg,1.5,-2.5,me,0.3\n\nb.jpg,-90,180,you,1\n",
+    )
     df = read_locations(f)
     assert list(df.columns) == ["IMG_ID", "AUTHOR", "LAT", "LON"]
     assert df["IMG_ID"].tolist() == ["a.jpg", "b.jpg"]
@@ -47,12 +50,21 @@ def test_read_locations_accepts_aliases_and_drops_other_columns(tmp_path):
         ("IMG_ID,LAT\na,1\n", r"missing column LON"),
         ("IMG_ID,LAT,LON\na,1,2\nb,north,2\n", r"line 3, column LAT: non-numeric value 'north'"),
         ("IMG_ID,lat,lon\na,1,2\nb,1,\n", r"line 3, column lon: empty value"),
-        ("IMG_ID,LAT,LON\na,1,2\n\nb,1,180.5\n", r"line 4, column LON: value 180.5 out of range \[-180, 180\]"),
+        (
+            "IMG_ID,LAT,LON\na,1,2\n\nb,1,180.5\n",
+            r"line 4, column LON: value 180.5 out of range \[-180, 180\]",
+        ),
         ("IMG_ID,LAT,LON\na,-90.01,0\n", r"line 2, column LAT: value -90.01 out of range"),
-        ("IMG_ID,LAT,LON\na,nan,0\n", r"line 2, column LAT: non-numeric value 'nan'|line 2, column LAT: value nan"),
+        (
+            "IMG_ID,LAT,LON\na,nan,0\n",
+            r"line 2, column LAT: non-numeric value 'nan'|line 2, column LAT: value nan",
+        ),
         ("IMG_ID,LAT,LON\na,inf,0\n", r"line 2, column LAT: value inf out of range"),
         ("IMG_ID,LAT,LON\na,1,2\n,1,2\n", r"line 3, column IMG_ID: empty image ID"),
-        ("IMG_ID,LAT,LON\na,1,2\nb,1,2\na,3,4\n", r"line 4, column IMG_ID: duplicate image ID 'a' \(also on line 2\)"),
+        (
+            "IMG_ID,LAT,LON\na,1,2\nb,1,2\na,3,4\n",
+            r"line 4, column IMG_ID: duplicate image ID 'a' \(also on line 2\)",
+        ),
         (
             "IMG_ID,LAT,LON\n1000269685,1,2\nx/1000269685_e60e9cdfb4_1125_78841376@N00.jpg,1,2\n",
             r"line 3, column IMG_ID: image ID 'x/1000269685_e60e9cdfb4_1125_78841376@N00.jpg' names the same "
@@ -75,7 +87,9 @@ def test_read_locations_missing_file(tmp_path):
 def test_load_benchmark_by_name_needs_a_path_and_says_where_to_get_it():
     with pytest.raises(FileNotFoundError, match=r"im2gps3k.*GeoEstimation"):
         load_benchmark("im2gps3k")
-    with pytest.raises(ValueError, match=r"unknown benchmark 'im2gps5k'; choose one of: im2gps, im2gps3k, yfcc4k"):
+    with pytest.raises(
+        ValueError, match=r"unknown benchmark 'im2gps5k'; choose one of: im2gps, im2gps3k, yfcc4k"
+    ):
         load_benchmark("im2gps5k")
 
 

@@ -30,8 +30,16 @@ def test_score_json_is_exactly_one_object(files, capsys):
     assert (res["n_truth"], res["n_scored"], res["n_missing"]) == (3, 2, 1)
     third = 100 / 3
     assert res["accuracy"] == pytest.approx(
-        {"0.1": 0, "1": third, "5": third, "10": third, "25": third, "200": third, "750": 2 * third,
-         "2500": 2 * third}
+        {
+            "0.1": 0,
+            "1": third,
+            "5": third,
+            "10": third,
+            "25": third,
+            "200": third,
+            "750": 2 * third,
+            "2500": 2 * third,
+        }
     )
     assert res["median_km"] == pytest.approx(150.25) and res["mean_km"] == pytest.approx(150.25)
 
@@ -42,8 +50,20 @@ def test_score_table_states_the_protocol(files, capsys):
     out = capsys.readouterr().out
     assert "R = 6371 km" in out and "<= r" in out and "count as wrong" in out
     row = next(line for line in out.splitlines() if line.startswith("predictions "))
-    assert row.split() == ["predictions", "0.0", "33.3", "33.3", "33.3", "33.3", "33.3", "66.7", "66.7", "150.2",
-                           "2", "1"]
+    assert row.split() == [
+        "predictions",
+        "0.0",
+        "33.3",
+        "33.3",
+        "33.3",
+        "33.3",
+        "33.3",
+        "66.7",
+        "66.7",
+        "150.2",
+        "2",
+        "1",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -51,7 +71,10 @@ def test_score_table_states_the_protocol(files, capsys):
     [
         ("", "empty file"),
         ("IMG_ID,LAT\na,1\n", "missing column LON"),
-        ("IMG_ID,LAT,LON\n2000,1,2\n2000.jpg,1,2\n", "line 3, column IMG_ID: image ID '2000.jpg' names the same"),
+        (
+            "IMG_ID,LAT,LON\n2000,1,2\n2000.jpg,1,2\n",
+            "line 3, column IMG_ID: image ID '2000.jpg' names the same",
+        ),
         ("IMG_ID,LAT,LON\n2000,95,2\n", "line 2, column LAT: value 95.0 out of range"),
         ("IMG_ID,LAT,LON\n2000,1,east\n", "line 2, column LON: non-numeric value 'east'"),
     ],
@@ -62,7 +85,11 @@ def test_score_bad_predictions_exit_2_with_a_clear_message(files, capsys, pred_t
     assert main(["score", str(pred), str(truth), "--json"]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert captured.err.startswith("geoswc score: error: ") and str(pred) in captured.err and message in captured.err
+    assert (
+        captured.err.startswith("geoswc score: error: ")
+        and str(pred) in captured.err
+        and message in captured.err
+    )
 
 
 def test_score_missing_file(files, capsys):

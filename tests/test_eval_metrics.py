@@ -57,7 +57,9 @@ def test_score_counts_boundaries_missing_and_extras():
     # Truth at the equator; predictions displaced along the meridian by known distances.
     truth = _frame(["a", "b", "c", "d", "e"], [0.0] * 5, [0.0] * 5)
     dist_km = {"a": 0.05, "b": 1.0, "c": 20.0, "d": 3000.0}
-    pred = _frame(list(dist_km) + ["not_in_truth"], [v / KM_PER_DEG for v in dist_km.values()] + [1.0], [0.0] * 5)
+    pred = _frame(
+        list(dist_km) + ["not_in_truth"], [v / KM_PER_DEG for v in dist_km.values()] + [1.0], [0.0] * 5
+    )
     res = score_predictions(pred, truth)
     assert list(res) == ["n_truth", "n_scored", "n_missing", "accuracy", "median_km", "mean_km"]
     assert (res["n_truth"], res["n_scored"], res["n_missing"]) == (5, 4, 1)
@@ -78,8 +80,12 @@ def test_score_exactly_on_the_radius_is_correct():
 
 def test_score_matches_ids_across_forms_and_case_of_columns():
     truth = pd.DataFrame(
-        {"img_id": ["1000269685_e60e9cdfb4_1125_78841376@N00.jpg", "45/77/3228511372.jpg"], "Lat": [1, 2],
-         "longitude": [3, 4], "extra": ["x", "y"]}
+        {
+            "img_id": ["1000269685_e60e9cdfb4_1125_78841376@N00.jpg", "45/77/3228511372.jpg"],
+            "Lat": [1, 2],
+            "longitude": [3, 4],
+            "extra": ["x", "y"],
+        }
     )
     pred = _frame(["1000269685", "dir/3228511372.JPG"], [1.0, 2.0], [3.0, 4.0])
     res = score_predictions(pred, truth)
@@ -108,9 +114,28 @@ def test_score_rejects_bad_input():
 
 
 def test_format_table_shows_every_radius_and_counts():
-    res = {"n_truth": 4, "n_scored": 3, "n_missing": 1, "median_km": 12.345, "mean_km": 20.0,
-           "accuracy": {"0.1": 0.0, "1": 25.0, "25": 75.0, "2500": 75.0}}
+    res = {
+        "n_truth": 4,
+        "n_scored": 3,
+        "n_missing": 1,
+        "median_km": 12.345,
+        "mean_km": 20.0,
+        "accuracy": {"0.1": 0.0, "1": 25.0, "25": 75.0, "2500": 75.0},
+    }
     lines = format_table({"hc+rrm": res}).splitlines()
-    assert lines[0].split() == ["method", "0.1", "km", "1", "km", "25", "km", "2500", "km", "median", "km", "n",
-                                "missing"]
+    assert lines[0].split() == [
+        "method",
+        "0.1",
+        "km",
+        "1",
+        "km",
+        "25",
+        "km",
+        "2500",
+        "km",
+        "median",
+        "km",
+        "n",
+        "missing",
+    ]
     assert lines[2].split() == ["hc+rrm", "0.0", "25.0", "75.0", "75.0", "12.3", "3", "1"]

@@ -35,7 +35,9 @@ def _check_file(path: Path):
     assert ours == [round(peer.summary["accuracy"][r], 1) for r in SUMMARY_RADII], path.name
     assert result["mean_km"] == pytest.approx(peer.summary["mean_km"], abs=0.005)
     # Per-photo distances agree with the file's, which are rounded to 10 m.
-    ours_km = haversine_km(peer.truth["LAT"], peer.truth["LON"], peer.predictions["LAT"], peer.predictions["LON"])
+    ours_km = haversine_km(
+        peer.truth["LAT"], peer.truth["LON"], peer.predictions["LAT"], peer.predictions["LON"]
+    )
     assert np.abs(ours_km - peer.distance_km).max() <= 0.0051
     published = PUBLISHED.get((benchmark, path.name))
     if published is not None:

@@ -2,7 +2,6 @@ import re
 import types
 
 import numpy as np
-import pandas as pd
 import pytest
 from PIL import Image
 
@@ -17,10 +16,15 @@ class _Partition:
 
 @pytest.fixture(scope="module")
 def evaluation(test_data):
-    peers = {m: read_peer_predictions(test_data / "peer_predictions" / "im2gps" / f"{m}.csv")
-             for m in ("base_M-fstar", "ISNs_M-fstar-S3")}
+    peers = {
+        m: read_peer_predictions(test_data / "peer_predictions" / "im2gps" / f"{m}.csv")
+        for m in ("base_M-fstar", "ISNs_M-fstar-S3")
+    }
     truth = peers["base_M-fstar"].truth
-    predictions = {"hc": peers["base_M-fstar"].predictions.iloc[:200], "hc+rrm": peers["ISNs_M-fstar-S3"].predictions}
+    predictions = {
+        "hc": peers["base_M-fstar"].predictions.iloc[:200],
+        "hc+rrm": peers["ISNs_M-fstar-S3"].predictions,
+    }
     results = {mode: score_predictions(pred, truth) for mode, pred in predictions.items()}
     return results, predictions, truth
 
@@ -30,10 +34,16 @@ def geocells():
     rng = np.random.default_rng(1)
     return types.SimpleNamespace(
         partitions=[
-            _Partition("cells_50_5000", np.c_[rng.uniform(-60, 70, 40), rng.uniform(-180, 180, 40)],
-                       [51, 60, 70] + [100] * 36 + [4000]),
-            _Partition("cells_50_1000", np.c_[rng.uniform(-60, 70, 5), rng.uniform(-180, 180, 5)],
-                       [50, 60, 90, 200, 1000]),
+            _Partition(
+                "cells_50_5000",
+                np.c_[rng.uniform(-60, 70, 40), rng.uniform(-180, 180, 40)],
+                [51, 60, 70] + [100] * 36 + [4000],
+            ),
+            _Partition(
+                "cells_50_1000",
+                np.c_[rng.uniform(-60, 70, 5), rng.uniform(-180, 180, 5)],
+                [50, 60, 90, 200, 1000],
+            ),
         ]
     )
 
@@ -42,9 +52,16 @@ def geocells():
 def report(tmp_path_factory, evaluation, geocells):
     results, predictions, truth = evaluation
     out = tmp_path_factory.mktemp("report")
-    paths = write_report(out, results, predictions=predictions, truth=truth, geocells=geocells,
-                         commands=["geoswc evaluate --model m --benchmark im2gps -o out"],
-                         config={"swc": {"k": 10, "eps_km": 1.0}}, title="im2gps check")
+    paths = write_report(
+        out,
+        results,
+        predictions=predictions,
+        truth=truth,
+        geocells=geocells,
+        commands=["geoswc evaluate --model m --benchmark im2gps -o out"],
+        config={"swc": {"k": 10, "eps_km": 1.0}},
+        title="im2gps check",
+    )
     return out, paths
 
 
@@ -77,11 +94,28 @@ def test_table_numbers_match_the_results(report, evaluation):
     _, paths = report
     markdown = paths["markdown"].read_text()
     rows = _table_rows(markdown)
-    assert rows["mode"] == ["0.1 km", "1 km", "5 km", "10 km", "25 km", "200 km", "750 km", "2500 km",
-                            "median km", "mean km", "n evaluated", "missing"]
+    assert rows["mode"] == [
+        "0.1 km",
+        "1 km",
+        "5 km",
+        "10 km",
+        "25 km",
+        "200 km",
+        "750 km",
+        "2500 km",
+        "median km",
+        "mean km",
+        "n evaluated",
+        "missing",
+    ]
     for mode, res in results.items():
         expected = [f"{res['accuracy'][k]:.1f}" for k in ("0.1", "1", "5", "10", "25", "200", "750", "2500")]
-        expected += [f"{res['median_km']:.1f}", f"{res['mean_km']:.1f}", str(res["n_scored"]), str(res["n_missing"])]
+        expected += [
+            f"{res['median_km']:.1f}",
+            f"{res['mean_km']:.1f}",
+            str(res["n_scored"]),
+            str(res["n_missing"]),
+        ]
         assert rows[mode] == expected
     # The published Im2GPS numbers of the ISNs model, and the 37 photos left out of "hc" counted as missing.
     assert rows["hc+rrm"][1] == "16.9" and rows["hc+rrm"][4] == "43.0"
@@ -136,7 +170,14 @@ def test_results_json_round_trip(tmp_path, evaluation):
 
 def test_cell_statistics(geocells):
     stats = cell_statistics(geocells)
-    assert stats[1] == {"name": "cells_50_1000", "cells": 5, "photos": 1400, "min": 50, "median": 90.0, "max": 1000}
+    assert stats[1] == {
+        "name": "cells_50_1000",
+        "cells": 5,
+        "photos": 1400,
+        "min": 50,
+        "median": 90.0,
+        "max": 1000,
+    }
 
 
 def test_importing_eval_stays_light():
@@ -144,7 +185,12 @@ def test_importing_eval_stays_light():
     import sys
 
     code = "import sys, geoswc.eval, geoswc.eval.report; print('matplotlib' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+    assert (
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        == "False"
+    )
 
 
 def test_interactive_map_is_an_extra_file_when_folium_is_installed(tmp_path, evaluation):
