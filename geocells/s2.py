@@ -143,6 +143,20 @@ def _face_ij_to_id(face: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray
     return (n << np.uint64(1)) + np.uint64(1)
 
 
+def latlng_to_cell_id_and_xyz(lat, lon) -> Tuple[np.ndarray, np.ndarray]:
+    """Leaf cell ids (as `latlng_to_cell_id`) and unit vectors ``(..., 3)``, computed in one pass."""
+    lat, lon = _as_degrees(lat, lon)
+    flat_lat, flat_lon = lat.ravel(), lon.ravel()
+    ids = np.empty(flat_lat.shape, dtype=np.uint64)
+    xyz = np.empty(flat_lat.shape + (3,), dtype=np.float64)
+    # Chunks keep the float temporaries in cache and bound peak memory on millions of points.
+    for start in range(0, flat_lat.size, _CHUNK):
+        sl = slice(start, start + _CHUNK)
+        xyz[sl] = latlng_to_xyz(flat_lat[sl], flat_lon[sl])
+        ids[sl] = _xyz_to_leaf_ids(xyz[sl, 0], xyz[sl, 1], xyz[sl, 2])
+    return ids.reshape(lat.shape), xyz.reshape(lat.shape + (3,))
+
+
 def latlng_to_cell_id(lat, lon) -> np.ndarray:
     """Leaf (level 30) S2 cell ids of positions in degrees.
 
