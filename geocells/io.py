@@ -38,7 +38,7 @@ def _validated(path: Path, df: pd.DataFrame, column: str, limit: float) -> np.nd
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
         raise ValueError(
-            f"{path}: row {row + 1} (line {row + 2}), column {column!r}: {values[row]!r} is outside "
+            f"{path}: row {row + 1} (line {row + 2}), column {column!r}: {df[column].iloc[row]!r} is outside "
             f"[-{limit:g}, {limit:g}] degrees"
         )
     return values

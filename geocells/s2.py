@@ -71,7 +71,7 @@ def _as_degrees(lat, lon) -> Tuple[np.ndarray, np.ndarray]:
         raise ValueError("lat/lon contain NaN or infinite values")
     bad = np.abs(lat) > 90.0
     if bad.any():
-        raise ValueError(f"latitude {lat[bad].flat[0]!r} is outside [-90, 90] degrees")
+        raise ValueError(f"latitude {float(lat[bad].flat[0])!r} is outside [-90, 90] degrees")
     return lat, lon
 
 
