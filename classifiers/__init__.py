@@ -4,8 +4,9 @@ from geoswc.classifiers.backbone import create_backbone, load_backbone_weights, 
 from geoswc.classifiers.base import GeoHead
 from geoswc.classifiers.heads import HEADS, CEHead, HCHead, create_head, load_head, save_head
 from geoswc.classifiers.mvmf import MvMFHead, vmf_log_density, vmf_log_normalizer
+from geoswc.classifiers.model import CellClassifier
 
 __all__ = [
     "create_backbone", "load_backbone_weights", "lite0_weights_path", "GeoHead", "HEADS", "CEHead", "HCHead",
-    "MvMFHead", "create_head", "load_head", "save_head", "vmf_log_density", "vmf_log_normalizer",
+    "MvMFHead", "CellClassifier", "create_head", "load_head", "save_head", "vmf_log_density", "vmf_log_normalizer",
 ]

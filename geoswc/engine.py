@@ -37,7 +37,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -326,6 +326,27 @@ def gather_rows(accelerator: Accelerator, tensors: Mapping[str, torch.Tensor]) -
     """Concatenate per-rank rows of every tensor across ranks (``gather_for_metrics``: the samples that
     padding duplicated for the last batch are dropped)."""
     return {k: accelerator.gather_for_metrics(v.contiguous()) for k, v in tensors.items()}
+
+
+def gather_by_row(accelerator: Accelerator, rows: torch.Tensor, values: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Gather per-rank results of unequal length (e.g. an evaluation split by ``rank_batches`` without
+    dropping rows): returns every rank's ``(rows, values)`` concatenated and sorted by row."""
+    rows = accelerator.pad_across_processes(rows.to(accelerator.device), dim=0, pad_index=-1)
+    values = accelerator.pad_across_processes(values.to(accelerator.device), dim=0)
+    rows, values = accelerator.gather(rows), accelerator.gather(values)
+    keep = rows >= 0
+    rows, values = rows[keep], values[keep]
+    order = torch.argsort(rows)
+    return rows[order], values[order]
+
+
+def ranks_agree(accelerator: Accelerator, module: nn.Module) -> bool:
+    """Whether every rank holds the same weights (a float64 checksum per tensor, compared across ranks)."""
+    module = accelerator.unwrap_model(module)
+    sums = torch.stack([p.detach().double().sum() for p in module.state_dict().values()
+                        if p.is_floating_point()]).to(accelerator.device)
+    everyone = accelerator.gather(sums[None]).reshape(accelerator.num_processes, -1)
+    return bool((everyone == everyone[0]).all())
 
 
 def current_lr(optimizer: torch.optim.Optimizer) -> float:
