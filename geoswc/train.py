@@ -153,21 +153,12 @@ class FeatureCache:
 
 
 # ------------------------------------------------------------------------------------------- the loop
-def haversine_km(a_deg: np.ndarray, b_deg: np.ndarray) -> np.ndarray:
-    try:
-        from geoswc.eval import haversine_km as eval_haversine
-    except ImportError:
-        eval_haversine = None
-    if eval_haversine is not None:
-        return np.asarray(eval_haversine(a_deg, b_deg))
-    a, b = np.radians(a_deg), np.radians(b_deg)
-    h = np.sin((b[:, 0] - a[:, 0]) / 2) ** 2 + np.cos(a[:, 0]) * np.cos(b[:, 0]) * np.sin((b[:, 1] - a[:, 1]) / 2) ** 2
-    return 2 * 6371.0 * np.arcsin(np.sqrt(np.clip(h, 0, 1)))
-
-
 def accuracy_at(pred_deg: np.ndarray, true_deg: np.ndarray) -> Dict[str, float]:
     """Share of photos within 1 / 25 / 200 / 750 / 2500 km, plus the median error."""
-    dist = haversine_km(np.asarray(pred_deg, np.float64), np.asarray(true_deg, np.float64))
+    from geoswc.eval import haversine_km
+
+    pred, true = np.asarray(pred_deg, np.float64), np.asarray(true_deg, np.float64)
+    dist = haversine_km(pred[:, 0], pred[:, 1], true[:, 0], true[:, 1])
     out = {f"acc_{r}km": float(np.mean(dist <= r)) for r in RADII_KM}
     out["median_km"] = float(np.median(dist))
     return out
