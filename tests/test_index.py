@@ -200,7 +200,9 @@ def test_compact_modes_recall_on_clustered_embeddings():
 def test_pq_mode_recall_on_clustered_embeddings():
     pytest.importorskip("faiss")
     index, queries, exact = _clustered_index_and_exact()
-    assert recall_at_k(index.search(queries, 10, mode="pq", pq_m=8, pq_bits=4, train_size=1000)[1], exact) > 0.2
+    assert (
+        recall_at_k(index.search(queries, 10, mode="pq", pq_m=8, pq_bits=4, train_size=1000)[1], exact) > 0.2
+    )
 
 
 def test_geoswc_imports_and_searches_without_faiss(tmp_path):
