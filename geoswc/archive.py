@@ -287,6 +287,8 @@ def load_photo(path: str, *, target: Optional[int] = None):
     Raises:
         PhotoError: with the reason the photo cannot be used.
     """
+    from geoswc.data.images import ImageDecodeError, decode_image
+
     data = read_photo_bytes(path)
     kind = sniff(data[:SNIFF_BYTES])
     if kind is None:
@@ -296,38 +298,10 @@ def load_photo(path: str, *, target: Optional[int] = None):
         if heif is None:
             raise PhotoError("HEIC/HEIF photo needs pillow-heif: pip install pillow-heif")
         heif.register_heif_opener()
-    return _decode(data, kind, target)
-
-
-# Pillow's own error threshold (2 x its MAX_IMAGE_PIXELS warning level).
-MAX_IMAGE_PIXELS = 178_956_970
-
-
-def _decode(data: bytes, kind: str, target: Optional[int]):
-    from PIL import Image, ImageOps
-
     try:
-        image = Image.open(io.BytesIO(data))
-        width, height = image.size
-        if width * height > MAX_IMAGE_PIXELS:
-            raise PhotoError(f"{kind}: decompression bomb: {width}x{height} pixels exceed {MAX_IMAGE_PIXELS}")
-        if target and image.format == "JPEG":
-            # Reduced-size decoding: libjpeg scales by 1/2, 1/4 or 1/8 while keeping both sides >= target.
-            image.draft("RGB", (target, target))
-        image.load()
-        image = ImageOps.exif_transpose(image)
-        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-            rgba = image.convert("RGBA")
-            canvas = Image.new("RGB", rgba.size, (255, 255, 255))
-            canvas.paste(rgba, mask=rgba.getchannel("A"))
-            return canvas
-        return image.convert("RGB")
-    except PhotoError:
-        raise
-    except Image.DecompressionBombError as err:
-        raise PhotoError(f"{kind}: decompression bomb: {err}") from None
-    except Exception as err:  # Pillow plugins raise OSError, SyntaxError, struct.error, IndexError, ...
-        raise PhotoError(f"{kind}: unreadable image ({type(err).__name__}: {err})") from None
+        return decode_image(data, target=target)
+    except ImageDecodeError as err:
+        raise PhotoError(f"{kind}: {err.reason}") from None
 
 
 def round_latlon(lat: float, lon: float, precision: str) -> Tuple[float, float]:
