@@ -158,6 +158,7 @@ def tag_photos(
     precision: str = "exact",
     target: Optional[int] = None,
     progress: bool = False,
+    predict_options: Optional[dict] = None,
     ranks: Optional[_Ranks] = None,
 ) -> TagSummary:
     """Geotag every photo under ``inputs`` into ``output``.
@@ -175,6 +176,7 @@ def tag_photos(
             and the EXIF copies.
         target: short side the transform resizes to; JPEGs are decoded at reduced size down to it.
         progress: show a progress bar (images/s) on stderr.
+        predict_options: keyword arguments of every ``predictor.predict_batch`` call (e.g. ``head``).
         ranks: the process group under accelerate; None for one process.
 
     Returns:
@@ -269,7 +271,7 @@ def tag_photos(
                 if device is not None:
                     pixels = pixels.to(device, non_blocking=True)
                 with torch.inference_mode():
-                    predictions = dict(zip(good, predictor.predict_batch(pixels)))
+                    predictions = dict(zip(good, predictor.predict_batch(pixels, **(predict_options or {}))))
             rows = []
             for index in indices:
                 photo = share[index]
@@ -347,7 +349,9 @@ def _load_predictor(model_dir: str, head: Optional[str], device):
         raise FileNotFoundError(f"model folder {model_dir!r} does not exist")
     from geoswc.geolocator import Geolocator
 
-    return Geolocator.from_pretrained(model_dir, head=head, device=device)
+    model = Geolocator.from_pretrained(model_dir, device=device)
+    model.resolve_head(head)  # an unknown head fails before any photo is read
+    return model
 
 
 def run(args: argparse.Namespace) -> int:
@@ -366,7 +370,8 @@ def run(args: argparse.Namespace) -> int:
         write_exif=args.write_exif,
         precision=args.precision,
         target=resize_target(predictor.transform),
-        progress=not args.no_progress and sys.stderr.isatty() or os.environ.get("GEOSWC_PROGRESS") == "1",
+        progress=not args.no_progress and (sys.stderr.isatty() or os.environ.get("GEOSWC_PROGRESS") == "1"),
+        predict_options={"head": args.head} if args.head else None,
         ranks=ranks,
     )
     if ranks.rank == 0:

@@ -30,6 +30,8 @@ FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".geojson": "geojson", ".parquet": 
 ENCODING, ERRORS = "utf-8", "surrogateescape"
 
 Row = Dict[str, object]
+# Prediction keys that name a column differently (the Geolocator's records say ``cell_prob``).
+PREDICTION_ALIASES = {"cell_probability": "cell_prob"}
 
 
 def output_format(path: str) -> str:
@@ -56,7 +58,7 @@ def make_row(path: str, *, error: Optional[str] = None, prediction: Optional[dic
     row["status"] = "ok"
     row["error"] = ""
     for key in COLUMNS[3:]:
-        value = prediction.get(key)
+        value = prediction.get(key, prediction.get(PREDICTION_ALIASES.get(key)))
         if key in FLOAT_COLUMNS and value is not None:
             value = float(value)
         row[key] = value

@@ -362,6 +362,9 @@ def test_dms_rationals_hand_computed(tmp_path):
 def test_make_row_keeps_error_rows_on_one_line():
     row = make_row("a.jpg", error="broken\nin two")
     assert (row["status"], row["error"], row["lat"]) == ("error", "broken in two", None)
+    # The Geolocator's records name the probability `cell_prob`.
+    row = make_row("b.jpg", prediction={"lat": 1, "lon": 2, "method": "swc", "cell_token": "47", "cell_prob": 0.25})
+    assert (row["status"], row["lat"], row["cell_probability"], row["confidence"]) == ("ok", 1.0, 0.25, None)
 
 
 def test_resize_target_reads_the_eval_transform():

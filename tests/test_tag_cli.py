@@ -120,3 +120,17 @@ def test_two_ranks_split_the_photos_and_merge_one_output(tmp_path):
         for key, value in row.items():
             assert got[path][key] == (pytest.approx(value, rel=1e-12) if isinstance(value, float) else value)
     assert not list(tmp_path.glob("tags.parquet.journal-*"))
+
+
+def test_cli_refuses_bad_outputs_before_loading_a_model(tmp_path, capsys):
+    from geoswc.cli import main
+
+    root = tmp_path / "archive"
+    make_archive(root, 2)
+    assert main(["tag", str(root), "--model", str(tmp_path / "no-model"), "-o", str(tmp_path / "t.xlsx")]) == 2
+    assert "unknown output format '.xlsx'; choose one of: .csv, .jsonl, .geojson, .parquet" in capsys.readouterr().err
+    assert main(["tag", str(root), "--model", str(tmp_path / "no-model"), "-o", str(tmp_path / "t.csv")]) == 2
+    assert "model folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["tag", str(root), "--model", "m", "-o", "t.csv", "--resume", "--overwrite"])
+    assert "not allowed with argument" in capsys.readouterr().err
