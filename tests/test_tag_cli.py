@@ -134,3 +134,28 @@ def test_cli_refuses_bad_outputs_before_loading_a_model(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["tag", str(root), "--model", "m", "-o", "t.csv", "--resume", "--overwrite"])
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_cli_tags_with_a_real_model_folder(tmp_path, capsys, request):
+    try:
+        model_dir = request.getfixturevalue("tiny_model_dir")
+    except pytest.FixtureLookupError:
+        pytest.skip("the tiny model fixture arrives with the Geolocator (geoswc.swc)")
+    from geoswc.cli import main
+    from geoswc.geolocator import Geolocator
+
+    root = tmp_path / "archive"
+    make_archive(root, 5)
+    out = tmp_path / "tags.jsonl"
+    assert main(["tag", str(root), "--model", str(model_dir), "-o", str(out), "--workers", "0"]) == 0
+    assert f"5 ok, 1 error rows in {out}" in capsys.readouterr().out
+    rows = rows_by_path(out, "jsonl")
+    model = Geolocator.from_pretrained(model_dir)
+    # Independent of the pipeline: the model on each photo decoded and transformed on its own.
+    for path in sorted(rows):
+        if path.endswith(".png"):
+            expected = model.predict_batch(model.load_pixels(path)[None])[0]
+            assert rows[path]["lat"] == pytest.approx(expected["lat"], abs=1e-4)
+            assert rows[path]["lon"] == pytest.approx(expected["lon"], abs=1e-4)
+            assert rows[path]["cell_token"] == expected["cell_token"]
+            assert rows[path]["method"] == expected["method"]
