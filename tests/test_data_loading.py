@@ -58,6 +58,7 @@ def test_every_sample_exactly_once_across_ranks_and_workers(shards, world_size, 
     assert max(sizes) - min(sizes) <= 1  # ranks get equal shares
 
 
+@pytest.mark.slow
 def test_shuffle_is_deterministic_per_seed_and_epoch(shards):
     transform = build_transform(CONFIG, train=False, size=32, eval_resize="fixed")
 
