@@ -1,9 +1,651 @@
-"""Placeholder command registration; the owning module replaces this file."""
+"""Training stages of the classification module (paper 3.2, 4.2), one loop for 1 or N processes.
+
+    geoswc train backbone   CE over the finest partition, end to end on images (SGD 0.01, x0.5 / 5 epochs)
+    geoswc train features   pooled backbone features of a photo set -> feature cache (resumable, multi-process)
+    geoswc train heads      CE / HC / MvMF heads on the frozen backbone, from cached features by default
+                            (AdamW 1e-5, cosine, 5 epochs; the MvMF mixture layer starts from the CE layer)
+    geoswc train retrieval  the retrieval module (``geoswc.train_retrieval``), when installed
+
+``accelerate launch -m geoswc.train <stage> ...`` runs the same code on N processes: each rank reads its own
+rows, gradients are averaged by DDP, metrics are gathered, and the run records whether all ranks ended with
+identical weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import logging
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from geoswc.config import Config, resolve_config
+
+logger = logging.getLogger(__name__)
+
+RADII_KM = (1, 25, 200, 750, 2500)
+BACKBONE_FILE = "backbone.safetensors"
 
 
-def _unavailable(args):
-    raise NotImplementedError(f'geoswc {args.command} is not built yet')
+# ----------------------------------------------------------------------------------------------- inputs
+def load_cells(path: str):
+    """``Geocells`` saved by ``geoswc cells build``."""
+    from geoswc.geocells import Geocells
+
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"cells folder not found: {path} (build one with: geoswc cells build)")
+    return Geocells.load(path)
 
 
-def register(subparsers):
-    subparsers.add_parser('train', help='(in development)').set_defaults(func=_unavailable)
+def _read_table(csv_path: str):
+    try:
+        from geoswc.data.metadata import read_metadata
+    except ImportError:
+        read_metadata = None
+    if read_metadata is not None:
+        return read_metadata(csv_path)
+    import pandas as pd
+
+    if not Path(csv_path).is_file():
+        raise FileNotFoundError(f"metadata file not found: {csv_path}")
+    frame = pd.read_csv(csv_path)
+    missing = {"IMG_ID", "LAT", "LON"} - set(frame.columns)
+    if missing:
+        raise ValueError(f"{csv_path} lacks column(s) {sorted(missing)}; expected IMG_ID, LAT, LON (AUTHOR)")
+    return frame
+
+
+def _open_image(path: Path, size: int):
+    try:
+        from geoswc.data.images import decode_image
+    except ImportError:
+        decode_image = None
+    if decode_image is not None:
+        return decode_image(path, target=size)
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as image:
+        return ImageOps.exif_transpose(image).convert("RGB")
+
+
+class PhotoTable(torch.utils.data.Dataset):
+    """Photos of a metadata CSV (``IMG_ID, AUTHOR, LAT, LON``) under an image root, with their cell labels.
+
+    Items are ``{"image": (3, H, W), "row": int}``; coordinates, labels and ids stay in arrays indexed by row.
+    """
+
+    def __init__(self, csv_path: str, image_root: str, geocells: Any, transform: Callable, *, size: int):
+        frame = _read_table(csv_path)
+        self.root = Path(image_root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder not found: {image_root}")
+        self.ids = frame["IMG_ID"].astype(str).tolist()
+        self.authors = frame["AUTHOR"].astype(str).tolist() if "AUTHOR" in frame else [""] * len(self.ids)
+        self.latlon = frame[["LAT", "LON"]].to_numpy(np.float64)
+        self.labels = np.asarray(geocells.assign(self.latlon[:, 0], self.latlon[:, 1]), dtype=np.int64)
+        self.transform = transform
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, row: int) -> Dict[str, Any]:
+        image = _open_image(self.root / self.ids[row], self.size)
+        return {"image": self.transform(image), "row": int(row)}
+
+
+def build_image_transform(backbone: nn.Module, data_cfg: Any, *, train: bool) -> Callable:
+    """The input transform from the backbone's own data config (mean/std), at ``data.image_size``."""
+    from timm.data import resolve_model_data_config
+
+    data_config = resolve_model_data_config(backbone)
+    try:
+        from geoswc.data.transforms import build_transform
+    except ImportError:
+        build_transform = None
+    if build_transform is not None:
+        return build_transform(data_config, train=train, size=data_cfg.image_size, eval_resize=data_cfg.eval_resize)
+    from timm.data import create_transform
+
+    size = data_cfg.image_size
+    if train:
+        return create_transform(
+            (3, size, size), is_training=True, scale=tuple(data_cfg.crop_scale), ratio=tuple(data_cfg.crop_ratio),
+            hflip=data_cfg.hflip, vflip=0.0, color_jitter=None, auto_augment=None,
+            mean=data_config["mean"], std=data_config["std"],
+        )
+    return create_transform((3, size, size), is_training=False, crop_pct=1.0, mean=data_config["mean"],
+                            std=data_config["std"], interpolation=data_config.get("interpolation", "bicubic"))
+
+
+class FeatureCache:
+    """The feature cache of docs/architecture.md, memory-mapped."""
+
+    def __init__(self, folder: str):
+        self.folder = Path(folder)
+        if not (self.folder / "meta.json").is_file():
+            raise FileNotFoundError(f"no feature cache in {folder} (write one with: geoswc train features)")
+        self.meta = json.loads((self.folder / "meta.json").read_text())
+        self.features = np.load(self.folder / "features.npy", mmap_mode="r")
+        self.latlon = np.load(self.folder / "latlon.npy")
+        self.labels = np.load(self.folder / "labels.npy")
+
+    def __len__(self) -> int:
+        return len(self.latlon)
+
+    def check(self, geocells: Any) -> "FeatureCache":
+        if self.meta.get("fingerprint") != str(geocells.fingerprint):
+            raise ValueError(
+                f"feature cache {self.folder} was labelled with partition {self.meta.get('fingerprint')!r} but "
+                f"the given cells have fingerprint {geocells.fingerprint!r}; use the same cells"
+            )
+        return self
+
+
+# ------------------------------------------------------------------------------------------- the loop
+def accuracy_at(pred_deg: np.ndarray, true_deg: np.ndarray) -> Dict[str, float]:
+    """Share of photos within 1 / 25 / 200 / 750 / 2500 km, plus the median error."""
+    from geoswc.eval import haversine_km
+
+    pred, true = np.asarray(pred_deg, np.float64), np.asarray(true_deg, np.float64)
+    dist = haversine_km(pred[:, 0], pred[:, 1], true[:, 0], true[:, 1])
+    out = {f"acc_{r}km": float(np.mean(dist <= r)) for r in RADII_KM}
+    out["median_km"] = float(np.median(dist))
+    return out
+
+
+def _head_of(accelerator, model: nn.Module):
+    model = accelerator.unwrap_model(model)
+    model = getattr(model, "_orig_mod", model)
+    return model.head if hasattr(model, "head") and hasattr(model, "backbone") else model
+
+
+class Batches:
+    """Reads one rank's batches, as ``(rows, inputs, labels, latlon)`` on the device, from a feature cache or a
+    ``PhotoTable`` (decoded by DataLoader workers)."""
+
+    def __init__(self, source: Any, *, num_workers: int = 0, channels_last: bool = False):
+        self.source = source
+        self.num_workers = num_workers
+        self.channels_last = channels_last
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def iterate(self, batches: Sequence[np.ndarray], device) -> Iterator[Tuple]:
+        src = self.source
+        if isinstance(src, FeatureCache):
+            for idx in batches:
+                idx_sorted = np.sort(idx)
+                feats = torch.from_numpy(np.asarray(src.features[idx_sorted], dtype=np.float32))
+                yield (torch.from_numpy(idx_sorted), feats.to(device), torch.from_numpy(src.labels[idx_sorted]).to(device),
+                       torch.from_numpy(src.latlon[idx_sorted]).to(device))
+            return
+        loader = torch.utils.data.DataLoader(
+            src, batch_sampler=[list(map(int, b)) for b in batches], num_workers=self.num_workers,
+            persistent_workers=False, pin_memory=device.type == "cuda",
+        )
+        for item in loader:
+            rows = item["row"].numpy()
+            images = item["image"].to(device, non_blocking=True)
+            if self.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            yield (item["row"], images, torch.from_numpy(src.labels[rows]).to(device),
+                   torch.from_numpy(src.latlon[rows]).to(device))
+
+
+@torch.no_grad()
+def predict(accelerator, model: nn.Module, batches: Batches, batch_size: int) -> Dict[str, np.ndarray]:
+    """Predicted coordinates for every row, computed by rank and gathered (returned on every rank)."""
+    from geoswc.engine import gather_by_row, rank_batches
+
+    model.eval()
+    head = _head_of(accelerator, model)
+    mine = rank_batches(len(batches), batch_size, epoch=0, seed=0, num_processes=accelerator.num_processes,
+                        process_index=accelerator.process_index, shuffle=False, drop_last=False)
+    rows, preds = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, 2, dtype=torch.float64)]
+    for row, inputs, _, _ in batches.iterate(mine, accelerator.device):
+        with accelerator.autocast():
+            outputs = model(inputs)
+        rows.append(row.long())
+        preds.append(head.predict_latlon(outputs).double().cpu())
+    rows_all, preds_all = gather_by_row(accelerator, torch.cat(rows), torch.cat(preds))
+    model.train()
+    return {"rows": rows_all.cpu().numpy(), "latlon": preds_all.cpu().numpy()}
+
+
+def validate(accelerator, model, batches: Optional[Batches], batch_size: int) -> Dict[str, float]:
+    if batches is None:
+        return {}
+    out = predict(accelerator, model, batches, batch_size)
+    return accuracy_at(out["latlon"], batches.source.latlon[out["rows"]])
+
+
+def fit(
+    accelerator,
+    model: nn.Module,
+    optimizer,
+    scheduler,
+    *,
+    train: Batches,
+    batch_size: int,
+    epochs: int,
+    seed: int,
+    out_dir: Path,
+    name: str,
+    schedule_per: str,
+    val: Optional[Batches] = None,
+    resume: bool = False,
+    max_steps: Optional[int] = None,
+    checkpoint_every: int = 0,
+    meta: Optional[Dict[str, Any]] = None,
+) -> Optional[Dict[str, Any]]:
+    """Train ``model`` (already ``prepare``d) with the loss of its head; ``None`` when stopped by ``max_steps``.
+
+    Returns:
+        A summary: per-epoch loss, validation accuracy and images/s, and whether all ranks agree on the weights.
+    """
+    from geoswc.engine import Checkpointer, EpochProgress, TrainPosition, current_lr, ranks_agree, rank_batches
+
+    ckpt = Checkpointer(accelerator, out_dir / "checkpoints" / name, every_steps=checkpoint_every, meta=meta)
+    position = ckpt.restore() if resume and ckpt.exists() else TrainPosition()
+    if resume and position.global_step:
+        logger.info("resuming %s at epoch %d step %d", name, position.epoch, position.step)
+    head = _head_of(accelerator, model)
+    history: List[Dict[str, float]] = []
+    history_file = out_dir / f"history_{name}.json"
+    if resume and history_file.is_file():
+        history = json.loads(history_file.read_text())
+    model.train()
+    for epoch in range(position.epoch, epochs):
+        batches = rank_batches(len(train), batch_size, epoch=epoch, seed=seed,
+                               num_processes=accelerator.num_processes, process_index=accelerator.process_index)
+        bar = EpochProgress(accelerator, len(batches), epoch=epoch, epochs=epochs, desc=name)
+        bar.bar.update(position.step)
+        loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+        seen = 0
+        for _, inputs, labels, latlon in train.iterate(batches[position.step:], accelerator.device):
+            with accelerator.autocast():
+                outputs = model(inputs)
+            loss = head.loss(outputs, labels, latlon)
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if schedule_per == "step":
+                scheduler.step()
+            position.advance()
+            loss_sum += loss.detach().double()
+            seen += 1
+            bar.update(len(labels), loss=loss.item(), lr=current_lr(optimizer))
+            if ckpt.due(position):
+                ckpt.save(position)
+            if max_steps is not None and position.global_step >= max_steps:
+                bar.close()
+                ckpt.save(position)
+                return None
+        bar.close()
+        if schedule_per == "epoch":
+            scheduler.step()
+        mean_loss = float(accelerator.reduce(loss_sum / max(seen, 1), reduction="mean")) if seen else float("nan")
+        record = {"epoch": epoch + 1, "loss": mean_loss, "lr": current_lr(optimizer), "images_per_s": bar.images_per_s}
+        record.update(validate(accelerator, model, val, batch_size))
+        history.append(record)
+        accelerator.log({k: v for k, v in record.items() if k != "epoch"}, step=epoch + 1)
+        if accelerator.is_main_process:
+            bar.bar.write(f"{name} epoch {epoch + 1}/{epochs}: " + ", ".join(
+                f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"))
+            history_file.write_text(json.dumps(history, indent=2) + "\n")
+        position.next_epoch()
+        ckpt.save(position)
+    return {"history": history, "ranks_identical": ranks_agree(accelerator, model),
+            "num_processes": accelerator.num_processes}
+
+
+# ------------------------------------------------------------------------------------------- stages
+def _setup(args, stage: str):
+    from geoswc.engine import build_accelerator, seed_everything
+
+    cfg = resolve_config(args.preset, args.config, args.set or [])
+    out = Path(args.out)
+    accelerator = build_accelerator(cfg.train, cpu=args.cpu, out_dir=out, log_with=args.log_with or (),
+                                    run_name=stage)
+    seed_everything(cfg.train.seed)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.save(out / "config.yaml")
+    return cfg, out, accelerator
+
+
+def _write_summary(accelerator, out: Path, stage: str, summary: Dict[str, Any]) -> None:
+    if accelerator.is_main_process:
+        (out / f"train_{stage}.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if not summary.get("ranks_identical", True):
+            logger.error("ranks ended with different weights")
+
+
+def _backbone_from_model_dir(model_dir: Path):
+    from geoswc.classifiers import create_backbone, load_backbone_weights
+
+    spec_file = model_dir / "backbone.json"
+    if not spec_file.is_file():
+        raise FileNotFoundError(f"no backbone.json in {model_dir} (train one with: geoswc train backbone)")
+    spec = json.loads(spec_file.read_text())
+    backbone = create_backbone(spec["model"], pretrained=False)
+    load_backbone_weights(backbone, model_dir / BACKBONE_FILE)
+    return backbone
+
+
+def _save_backbone(backbone: nn.Module, out: Path, *, name: str, fingerprint: str, cfg: Config) -> None:
+    from timm.data import resolve_model_data_config
+
+    from geoswc.engine import save_weights
+
+    save_weights(backbone, out / BACKBONE_FILE, fingerprint=fingerprint, config=cfg, metadata={"model": name})
+    spec = {"model": name, "num_features": int(backbone.num_features),
+            "data_config": {k: list(v) if isinstance(v, tuple) else v
+                            for k, v in resolve_model_data_config(backbone).items()}}
+    (out / "backbone.json").write_text(json.dumps(spec, indent=2) + "\n")
+
+
+def run_backbone(args) -> int:
+    """Stage 1: backbone + CE head over the finest partition, end to end on images (paper 4.2)."""
+    from geoswc.classifiers import CellClassifier, create_backbone, create_head, save_head
+    from geoswc.engine import prepare_for_speed
+
+    cfg, out, accelerator = _setup(args, "backbone")
+    cells = load_cells(args.cells)
+    bc = cfg.backbone
+    weights = args.backbone_weights or bc.weights
+    backbone = create_backbone(bc.model, pretrained=bc.pretrained and weights is None, weights=weights)
+    model = CellClassifier(backbone, create_head("ce", in_features=backbone.num_features, geocells=cells))
+    size = cfg.data.image_size
+    train = Batches(PhotoTable(args.train_csv, args.images, cells,
+                               build_image_transform(backbone, cfg.data, train=True), size=size),
+                    num_workers=cfg.data.num_workers, channels_last=cfg.train.channels_last)
+    val = None
+    if args.val_csv:
+        val = Batches(PhotoTable(args.val_csv, args.val_images or args.images, cells,
+                                 build_image_transform(backbone, cfg.data, train=False), size=size),
+                      num_workers=cfg.data.num_workers, channels_last=cfg.train.channels_last)
+    model = prepare_for_speed(model, cfg.train, accelerator)
+    optimizer = torch.optim.SGD(model.parameters(), lr=bc.lr, momentum=bc.momentum, weight_decay=bc.weight_decay)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=bc.lr_step_epochs, gamma=bc.lr_gamma)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    summary = fit(accelerator, model, optimizer, scheduler, train=train, val=val, batch_size=bc.batch_size,
+                  epochs=bc.epochs, seed=cfg.train.seed, out_dir=out, name="backbone", schedule_per="epoch",
+                  resume=args.resume, max_steps=args.max_steps, checkpoint_every=args.checkpoint_every,
+                  meta={"fingerprint": cells.fingerprint, "model": bc.model})
+    if summary is None:
+        return 0
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        trained = accelerator.unwrap_model(model)
+        trained = getattr(trained, "_orig_mod", trained)
+        _save_backbone(trained.backbone, out, name=bc.model, fingerprint=cells.fingerprint, cfg=cfg)
+        save_head(trained.head, out / "heads" / "ce.safetensors", config=cfg)
+        cells.save(out / "cells")
+    _write_summary(accelerator, out, "backbone", summary)
+    accelerator.end_training()
+    return 0
+
+
+def run_features(args) -> int:
+    """Stage 2: pooled backbone features of a photo set, written as the feature cache (resumable by part)."""
+    from geoswc.classifiers import create_backbone
+
+    cfg, out, accelerator = _setup(args, "features")
+    cells = load_cells(args.cells)
+    if args.model:
+        backbone = _backbone_from_model_dir(Path(args.model))
+        model_name = json.loads((Path(args.model) / "backbone.json").read_text())["model"]
+    else:
+        model_name = cfg.backbone.model
+        weights = args.backbone_weights or cfg.backbone.weights
+        backbone = create_backbone(model_name, pretrained=cfg.backbone.pretrained and weights is None,
+                                   weights=weights)
+    table = PhotoTable(args.csv, args.images, cells, build_image_transform(backbone, cfg.data, train=False),
+                       size=cfg.data.image_size)
+    summary = extract_features(accelerator, backbone, table, out, cfg=cfg, model_name=model_name,
+                               fingerprint=cells.fingerprint, part_size=args.part_size,
+                               batch_size=args.batch_size or cfg.heads.batch_size)
+    _write_summary(accelerator, out, "features", summary)
+    return 0
+
+
+def extract_features(accelerator, backbone: nn.Module, table: PhotoTable, out: Path, *, cfg: Config,
+                     model_name: str, fingerprint: str, part_size: int, batch_size: int) -> Dict[str, Any]:
+    """Each rank embeds its parts of ``part_size`` rows into ``out/parts/``; rank 0 merges them. Parts already
+    on disk are skipped, so an interrupted extraction resumes where it stopped."""
+    from geoswc.engine import prepare_for_speed
+
+    model = prepare_for_speed(backbone, cfg.train, accelerator).eval()
+    parts_dir = out / "parts"
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    n = len(table)
+    n_parts = max(1, math.ceil(n / part_size))
+    reader = Batches(table, num_workers=cfg.data.num_workers, channels_last=cfg.train.channels_last)
+    start, images = time.perf_counter(), 0
+    from tqdm.auto import tqdm
+
+    mine = list(range(accelerator.process_index, n_parts, accelerator.num_processes))
+    for part in tqdm(mine, desc="features", disable=not accelerator.is_main_process):
+        target = parts_dir / f"part_{part:05d}.npy"
+        if target.is_file():
+            continue
+        rows = np.arange(part * part_size, min(n, (part + 1) * part_size))
+        batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+        chunks = []
+        with torch.no_grad():
+            for _, inputs, _, _ in reader.iterate(batches, accelerator.device):
+                with accelerator.autocast():
+                    chunks.append(model(inputs).float().cpu().numpy().astype(np.float16))
+                images += len(inputs)
+        tmp = parts_dir / f"part_{part:05d}.tmp.npy"
+        np.save(tmp, np.concatenate(chunks))
+        tmp.rename(target)
+    elapsed = time.perf_counter() - start
+    accelerator.wait_for_everyone()
+    dim = int(backbone.num_features)
+    if accelerator.is_main_process:
+        features = np.lib.format.open_memmap(out / "features.npy", mode="w+", dtype=np.float16, shape=(n, dim))
+        for part in range(n_parts):
+            block = np.load(parts_dir / f"part_{part:05d}.npy")
+            features[part * part_size : part * part_size + len(block)] = block
+        features.flush()
+        del features
+        np.save(out / "latlon.npy", table.latlon)
+        np.save(out / "labels.npy", table.labels)
+        (out / "ids.txt").write_text("".join(f"{i}\n" for i in table.ids))
+        (out / "authors.txt").write_text("".join(f"{a}\n" for a in table.authors))
+        meta = {"fingerprint": str(fingerprint), "backbone": model_name, "dim": dim, "count": n,
+                "image_size": cfg.data.image_size}
+        (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        shutil.rmtree(parts_dir)
+    accelerator.wait_for_everyone()
+    return {"count": n, "dim": dim, "images_per_s_rank0": images / max(elapsed, 1e-9),
+            "num_processes": accelerator.num_processes}
+
+
+def run_heads(args) -> int:
+    """Stage 3: heads on the frozen backbone (paper 4.2: AdamW, cosine, 5 epochs), MvMF initialised from CE."""
+    from geoswc.classifiers import CellClassifier, create_head, load_head, save_head
+    from geoswc.engine import prepare_for_speed
+
+    cfg, out, accelerator = _setup(args, "heads")
+    cells = load_cells(args.cells)
+    hc = cfg.heads
+    kinds = list(args.kinds or hc.kinds)
+    from geoswc.classifiers import HEADS
+
+    for kind in kinds:
+        if kind not in HEADS:
+            raise ValueError(f"unknown head {kind!r}; choose one of: {', '.join(HEADS)}")
+    if "mvmf" in kinds and "ce" in kinds:
+        kinds = ["ce"] + [k for k in kinds if k != "ce"]  # the MvMF layer starts from the trained CE layer
+    from_features = hc.from_features and not args.on_images
+    backbone = None
+    if from_features:
+        if not args.features:
+            raise ValueError("heads from cached features need --features (or --on-images with --train-csv)")
+        train = Batches(FeatureCache(args.features).check(cells))
+        val = Batches(FeatureCache(args.val_features).check(cells)) if args.val_features else None
+        in_features = int(train.source.meta["dim"])
+    else:
+        if not (args.model and args.train_csv and args.images):
+            raise ValueError("heads on images need --model (a backbone stage folder), --train-csv and --images")
+        backbone = _backbone_from_model_dir(Path(args.model))
+        in_features = int(backbone.num_features)
+        size = cfg.data.image_size
+        train = Batches(PhotoTable(args.train_csv, args.images, cells,
+                                   build_image_transform(backbone, cfg.data, train=True), size=size),
+                        num_workers=cfg.data.num_workers, channels_last=cfg.train.channels_last)
+        val = None
+        if args.val_csv:
+            val = Batches(PhotoTable(args.val_csv, args.val_images or args.images, cells,
+                                     build_image_transform(backbone, cfg.data, train=False), size=size),
+                          num_workers=cfg.data.num_workers, channels_last=cfg.train.channels_last)
+    summaries: Dict[str, Any] = {}
+    ce_head = None
+    reuse = Path(args.model) / "heads" / "ce.safetensors" if args.model else None
+    for kind in kinds:
+        if kind == "ce" and reuse is not None and reuse.is_file() and not args.train_ce:
+            ce_head = load_head(reuse, geocells=cells)
+            if accelerator.is_main_process:
+                save_head(ce_head, out / "heads" / "ce.safetensors", config=cfg)
+            summaries["ce"] = {"reused": str(reuse), **({"val": validate_head(accelerator, ce_head, backbone, val,
+                                                                               hc.batch_size)} if val else {})}
+            continue
+        head = create_head(kind, in_features=in_features, geocells=cells)
+        if kind == "ce" and reuse is not None and reuse.is_file():
+            head = load_head(reuse, geocells=cells)  # fine-tune the backbone's CE layer
+        if kind == "mvmf" and ce_head is not None:
+            head.init_from_classifier(ce_head)
+        model = head if backbone is None else CellClassifier(backbone, head, freeze_backbone=True)
+        model = prepare_for_speed(model, cfg.train, accelerator) if backbone is not None else model.to(accelerator.device)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=hc.lr, weight_decay=hc.weight_decay)
+        steps = hc.epochs * max(1, len(train) // (hc.batch_size * accelerator.num_processes))
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+        summary = fit(accelerator, model, optimizer, scheduler, train=train, val=val, batch_size=hc.batch_size,
+                      epochs=hc.epochs, seed=cfg.train.seed, out_dir=out, name=kind, schedule_per="step",
+                      resume=args.resume, max_steps=args.max_steps, checkpoint_every=args.checkpoint_every,
+                      meta={"fingerprint": cells.fingerprint, "kind": kind})
+        if summary is None:
+            return 0
+        trained = _head_of(accelerator, model)
+        if kind == "ce":
+            ce_head = trained
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            save_head(trained, out / "heads" / f"{kind}.safetensors", config=cfg)
+        summaries[kind] = summary
+    if accelerator.is_main_process:
+        cells.save(out / "cells")
+    _write_summary(accelerator, out, "heads", {
+        "heads": summaries, "ranks_identical": all(s.get("ranks_identical", True) for s in summaries.values())})
+    accelerator.end_training()
+    return 0
+
+
+def validate_head(accelerator, head: nn.Module, backbone: Optional[nn.Module], val: Batches, batch_size: int):
+    from geoswc.classifiers import CellClassifier
+
+    model = head if backbone is None else CellClassifier(backbone, head, freeze_backbone=True)
+    return validate(accelerator, model.to(accelerator.device), val, batch_size)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cells", required=True, help="Geocells folder (geoswc cells build)")
+    parser.add_argument("--out", required=True, help="output folder (weights, config, checkpoints, logs)")
+    parser.add_argument("--preset", help="configuration preset: paper (default values) or tiny")
+    parser.add_argument("--config", help="YAML/JSON configuration file applied after the preset")
+    parser.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override one setting")
+    parser.add_argument("--cpu", action="store_true", help="run on CPU even when a GPU is available")
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    parser.add_argument("--log-with", nargs="+", choices=("tensorboard", "csv"), help="metric trackers")
+    parser.add_argument("--max-steps", type=int, help="stop (with a checkpoint) after this many optimizer steps")
+    parser.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
+                        help="also checkpoint every STEPS optimizer steps (default: at epoch ends)")
+
+
+def _images(parser: argparse.ArgumentParser, *, required: bool) -> None:
+    parser.add_argument("--train-csv", required=required, help="training metadata (IMG_ID, AUTHOR, LAT, LON)")
+    parser.add_argument("--images", required=required, help="image root the IMG_IDs are relative to")
+    parser.add_argument("--val-csv", help="validation metadata: accuracy at 1/25/200/750/2500 km each epoch")
+    parser.add_argument("--val-images", help="image root of --val-csv (default: --images)")
+
+
+def add_stage_parsers(stages) -> None:
+    p = stages.add_parser("backbone", help="train the backbone with CE over the finest partition")
+    _common(p)
+    _images(p, required=True)
+    p.add_argument("--backbone-weights", help="local ImageNet weights (.safetensors/.pth) to start from")
+    p.set_defaults(func=run_backbone)
+
+    p = stages.add_parser("features", help="extract pooled backbone features into a feature cache")
+    _common(p)
+    p.add_argument("--csv", required=True, help="metadata of the photos to embed")
+    p.add_argument("--images", required=True, help="image root the IMG_IDs are relative to")
+    p.add_argument("--model", help="backbone stage output folder (default: the configured timm backbone)")
+    p.add_argument("--backbone-weights", help="local ImageNet weights when --model is not given")
+    p.add_argument("--part-size", type=int, default=4096, help="rows per resumable part")
+    p.add_argument("--batch-size", type=int, help="images per forward pass")
+    p.set_defaults(func=run_features)
+
+    p = stages.add_parser("heads", help="train CE/HC/MvMF heads on the frozen backbone")
+    _common(p)
+    p.add_argument("--features", help="feature cache of the training photos (geoswc train features)")
+    p.add_argument("--val-features", help="feature cache of validation photos")
+    p.add_argument("--kinds", nargs="+", help="heads to train (default: heads.kinds)")
+    p.add_argument("--model", help="backbone stage folder: its CE layer is reused as the ce head")
+    p.add_argument("--train-ce", action="store_true", help="fine-tune the reused CE layer instead of copying it")
+    p.add_argument("--on-images", action="store_true", help="train end to end on augmented images")
+    _images(p, required=False)
+    p.set_defaults(func=run_heads)
+
+    if importlib.util.find_spec("geoswc.train_retrieval") is not None:
+        retrieval = importlib.import_module("geoswc.train_retrieval")
+        p = stages.add_parser("retrieval", help="train the residual retrieval module")
+        retrieval.add_arguments(p)
+        p.set_defaults(func=retrieval.run)
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("train", help="train backbone, features, heads (and retrieval)",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    stages = parser.add_subparsers(dest="stage", metavar="STAGE", required=True)
+    add_stage_parsers(stages)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``accelerate launch -m geoswc.train STAGE ...``: the same stages as ``geoswc train``."""
+    parser = argparse.ArgumentParser(prog="geoswc.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="count", default=0)
+    stages = parser.add_subparsers(dest="stage", metavar="STAGE", required=True)
+    add_stage_parsers(stages)
+    args = parser.parse_args(argv)
+    args.command = "train"
+    logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2),
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"geoswc train {args.stage}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""Classification heads over geocells (paper 3.2): CE (PlaNet, 3.2.1) and hierarchical classification (3.2.2).
+
+``create_head`` builds any registered head (``ce``, ``hc``, ``mvmf``); ``save_head``/``load_head`` store a
+head as safetensors whose metadata records its kind, options and the partition fingerprint, so a head is never
+used with cells other than those it was trained on.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable, Dict, Union
+
+import torch
+from torch import nn
+
+from geoswc.classifiers.base import GeoHead, masked_cross_entropy
+from geoswc.classifiers.mvmf import MvMFHead
+
+
+class CEHead(GeoHead):
+    """One linear layer over the finest partition, trained with cross-entropy (PlaNet; paper 3.2.1)."""
+
+    kind = "ce"
+
+    def __init__(self, in_features: int, geocells: Any):
+        super().__init__(in_features, geocells)
+        self.fc = nn.Linear(self.in_features, self.n_fine)
+
+    def forward(self, features: torch.Tensor) -> Dict[str, torch.Tensor]:
+        return {"logits": self.fc(features)}
+
+    def loss(self, outputs, labels, latlon):
+        return masked_cross_entropy(outputs["logits"], labels[:, -1])
+
+    def fine_log_probs(self, outputs):
+        return torch.log_softmax(outputs["logits"].float(), dim=1)
+
+
+class HCHead(GeoHead):
+    """One linear layer per granularity (paper 3.2.2, after Müller-Budack et al. 2018).
+
+    The loss is the mean of the granularities' cross-entropies. At inference a fine cell scores the product of
+    its own probability and its parents' (a sum of log-probabilities). A fine cell with no parent at some
+    granularity (``hierarchy`` = -1: the coarser partition dropped that region for having too few photos) has
+    no term for it, i.e. the factor is 1: the coarse classifier has no class for that region, so it can
+    neither support nor veto it.
+    """
+
+    kind = "hc"
+
+    def __init__(self, in_features: int, geocells: Any):
+        super().__init__(in_features, geocells)
+        hierarchy = torch.as_tensor(geocells.hierarchy, dtype=torch.long)
+        if hierarchy.shape != (self.n_fine, len(self.sizes)):
+            raise ValueError(
+                f"hierarchy has shape {tuple(hierarchy.shape)}; expected ({self.n_fine}, {len(self.sizes)})"
+            )
+        self.register_buffer("hierarchy", hierarchy, persistent=False)
+        self.fcs = nn.ModuleList(nn.Linear(self.in_features, n) for n in self.sizes)
+
+    def forward(self, features: torch.Tensor) -> Dict[str, torch.Tensor]:
+        # One tensor (B, sum of cells) so that outputs gather across ranks like any other head's.
+        return {"logits": torch.cat([fc(features) for fc in self.fcs], dim=1)}
+
+    def split_logits(self, outputs):
+        return torch.split(outputs["logits"], self.sizes, dim=1)
+
+    def loss(self, outputs, labels, latlon):
+        losses = [masked_cross_entropy(lg, labels[:, g]) for g, lg in enumerate(self.split_logits(outputs))]
+        return torch.stack(losses).mean()
+
+    def fine_log_probs(self, outputs):
+        total = None
+        for g, logits in enumerate(self.split_logits(outputs)):
+            log_p = torch.log_softmax(logits.float(), dim=1)
+            parent = self.hierarchy[:, g]
+            term = log_p[:, parent.clamp(min=0)] * (parent >= 0).to(log_p.dtype)
+            total = term if total is None else total + term
+        return total
+
+
+HEADS: Dict[str, Callable[..., GeoHead]] = {"ce": CEHead, "hc": HCHead, "mvmf": MvMFHead}
+
+
+def create_head(kind: str, *, in_features: int, geocells: Any, **options: Any) -> GeoHead:
+    """Build a head by name.
+
+    Args:
+        kind: one of ``ce``, ``hc``, ``mvmf``.
+        in_features: width of the pooled backbone features.
+        geocells: the ``Geocells`` (partitions coarse -> fine, hierarchy, fingerprint).
+        **options: head-specific options (MvMF: ``train_means``, ``init_kappa``).
+    """
+    if kind not in HEADS:
+        raise ValueError(f"unknown head {kind!r}; choose one of: {', '.join(HEADS)}")
+    return HEADS[kind](in_features, geocells, **options)
+
+
+def save_head(head: GeoHead, path: Union[str, Path], *, config: Any = None) -> Path:
+    """Write the head's weights as safetensors; metadata holds kind, options, fingerprint and config."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if config is not None and hasattr(config, "to_dict"):
+        config = config.to_dict()
+    metadata = {
+        "kind": head.kind,
+        "fingerprint": head.fingerprint,
+        "in_features": str(head.in_features),
+        "options": json.dumps(head.options),
+        "config": json.dumps(config),
+    }
+    state = {k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}
+    save_file(state, str(path), metadata=metadata)
+    return path
+
+
+def read_head_metadata(path: Union[str, Path]) -> Dict[str, str]:
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"head weights file not found: {path}")
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def load_head(path: Union[str, Path], *, geocells: Any) -> GeoHead:
+    """Rebuild a head saved by ``save_head`` for ``geocells``.
+
+    Raises:
+        ValueError: when the head was trained on a partition with another fingerprint.
+    """
+    from safetensors.torch import load_file
+
+    meta = read_head_metadata(path)
+    if "kind" not in meta or "fingerprint" not in meta:
+        raise ValueError(f"{path} is not a geoswc head file (no kind/fingerprint metadata)")
+    if meta["fingerprint"] != str(geocells.fingerprint):
+        raise ValueError(
+            f"head {path} was trained on partition {meta['fingerprint']!r} but the given geocells have "
+            f"fingerprint {geocells.fingerprint!r}; load the cells it was trained with"
+        )
+    head = create_head(
+        meta["kind"], in_features=int(meta["in_features"]), geocells=geocells, **json.loads(meta["options"])
+    )
+    head.load_state_dict(load_file(str(path)))
+    return head

@@ -1,0 +1,353 @@
+"""Shared training utilities: the pieces every training loop of geoswc uses around ``accelerate``.
+
+One loop runs on a laptop CPU, on one GPU and on N GPUs (``accelerate launch``). This module holds what is not
+specific to a stage: building the ``Accelerator`` from ``TrainConfig``, seeding, per-rank batches over
+in-memory arrays, a per-epoch progress bar (loss, learning rate, images/s), checkpoints that resume exactly
+(``accelerate.save_state`` for model/optimizer/scheduler/RNG plus ``position.json`` for the epoch and step
+within the data stream), final weights as safetensors with the partition fingerprint and resolved config,
+metric gathering across ranks, optional trackers (TensorBoard, CSV) and GPU speed settings (channels_last,
+``torch.compile``).
+
+Typical loop::
+
+    accelerator = build_accelerator(cfg.train, cpu=args.cpu, out_dir=out, log_with=args.log_with)
+    seed_everything(cfg.train.seed)
+    model = prepare_for_speed(model, cfg.train, accelerator)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    ckpt = Checkpointer(accelerator, out / "checkpoints")
+    position = ckpt.restore() if args.resume else TrainPosition()
+    for epoch in range(position.epoch, epochs):
+        batches = rank_batches(n, batch_size, epoch=epoch, seed=cfg.train.seed, accelerator=accelerator)
+        bar = EpochProgress(accelerator, len(batches), epoch=epoch, epochs=epochs)
+        for step, idx in enumerate(batches):
+            if step < position.step: continue          # resumed inside this epoch
+            ... loss ...; accelerator.backward(loss); optimizer.step(); scheduler.step()
+            position.advance(); bar.update(len(idx), loss=..., lr=...)
+            if ckpt.due(position): ckpt.save(position)
+        bar.close(); position.next_epoch(); ckpt.save(position)
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.tracking import GeneralTracker
+from accelerate.utils import ProjectConfiguration, set_seed
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+MIXED_PRECISION = ("no", "fp16", "bf16")
+TRACKERS = ("tensorboard", "csv")
+
+
+class CSVTracker(GeneralTracker):
+    """An accelerate tracker that appends ``step,name,value`` rows to ``<logging_dir>/metrics.csv``."""
+
+    name = "csv"
+    requires_logging_directory = True
+    main_process_only = True
+
+    def __init__(self, run_name: str, logging_dir: Union[str, Path]):
+        super().__init__()
+        self.path = Path(logging_dir) / run_name / "metrics.csv"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.exists():
+            self.path.write_text("step,name,value\n")
+
+    @property
+    def tracker(self):
+        return self.path
+
+    def store_init_configuration(self, values: Dict[str, Any]) -> None:
+        (self.path.parent / "config.json").write_text(json.dumps(values, indent=2, default=str) + "\n")
+
+    def log(self, values: Dict[str, Any], step: Optional[int] = None, **kwargs) -> None:
+        with self.path.open("a", newline="") as f:
+            writer = csv.writer(f)
+            for name, value in values.items():
+                writer.writerow([step, name, float(value)])
+
+
+def build_accelerator(
+    train_cfg: Any,
+    *,
+    cpu: bool = False,
+    out_dir: Optional[Union[str, Path]] = None,
+    log_with: Sequence[str] = (),
+    run_name: str = "train",
+) -> Accelerator:
+    """An ``Accelerator`` for ``TrainConfig`` (mixed precision, CPU) with optional trackers.
+
+    A ``--mixed_precision`` given to ``accelerate launch`` wins over the config.
+
+    Args:
+        train_cfg: ``Config.train``.
+        cpu: force CPU even when a GPU is present.
+        out_dir: run folder; trackers write under ``<out_dir>/logs``.
+        log_with: trackers, any of ``tensorboard``, ``csv``.
+        run_name: tracker run name (the stage).
+    """
+    precision = train_cfg.mixed_precision
+    if precision not in MIXED_PRECISION:
+        raise ValueError(f"unknown mixed_precision {precision!r}; choose one of: {', '.join(MIXED_PRECISION)}")
+    if "ACCELERATE_MIXED_PRECISION" in os.environ:
+        precision = None
+    trackers: List[Any] = []
+    for name in log_with:
+        if name not in TRACKERS:
+            raise ValueError(f"unknown tracker {name!r}; choose one of: {', '.join(TRACKERS)}")
+        if out_dir is None:
+            raise ValueError("trackers need an output folder")
+        if name == "tensorboard":
+            try:
+                import tensorboard  # noqa: F401
+            except ImportError as err:
+                raise ImportError("the TensorBoard tracker needs: pip install tensorboard") from err
+            trackers.append("tensorboard")
+        else:
+            trackers.append(CSVTracker(run_name, Path(out_dir) / "logs"))
+    project = None
+    if out_dir is not None:
+        project = ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(Path(out_dir) / "logs"))
+    accelerator = Accelerator(
+        mixed_precision=precision, cpu=cpu, log_with=trackers or None, project_config=project
+    )
+    if trackers:
+        accelerator.init_trackers(run_name)
+    return accelerator
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch identically on every rank, so models start with identical weights."""
+    set_seed(int(seed), device_specific=False)
+
+
+def prepare_for_speed(model: nn.Module, train_cfg: Any, accelerator: Accelerator) -> nn.Module:
+    """channels_last (image models; also a win on recent CPUs) and ``torch.compile`` on GPU when configured."""
+    model = model.to(accelerator.device)
+    if getattr(train_cfg, "channels_last", False):
+        model = model.to(memory_format=torch.channels_last)
+    if getattr(train_cfg, "compile", False):
+        if accelerator.device.type == "cuda":
+            model = torch.compile(model)
+        else:
+            logger.warning("torch.compile is only used on GPU; running eager on %s", accelerator.device)
+    return model
+
+
+def rank_batches(
+    n: int,
+    batch_size: int,
+    *,
+    epoch: int,
+    seed: int,
+    num_processes: int = 1,
+    process_index: int = 0,
+    shuffle: bool = True,
+    drop_last: bool = True,
+) -> List[np.ndarray]:
+    """This rank's batches of row indices for one epoch over ``n`` in-memory rows.
+
+    The permutation depends only on ``(seed, epoch)``, so every rank agrees on it and a resumed run replays
+    the same order. Ranks take interleaved rows and the same number of batches (DDP steps in lock-step).
+    ``batch_size`` is per rank.
+    """
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    order = np.random.default_rng([int(seed), int(epoch)]).permutation(n) if shuffle else np.arange(n)
+    per_rank = n // num_processes
+    mine = order[process_index : per_rank * num_processes : num_processes]
+    if not drop_last and per_rank * num_processes < n and process_index < n - per_rank * num_processes:
+        mine = np.append(mine, order[per_rank * num_processes + process_index])
+    stop = (len(mine) // batch_size) * batch_size if drop_last else len(mine)
+    batches = [mine[i : i + batch_size] for i in range(0, stop, batch_size)]
+    if drop_last and not batches and len(mine):
+        batches = [mine]
+    return batches
+
+
+class EpochProgress:
+    """A progress bar for one epoch on the main process, showing loss, learning rate and images/s.
+
+    ``images_per_s`` counts the images of all ranks.
+    """
+
+    def __init__(self, accelerator: Accelerator, total: int, *, epoch: int, epochs: int, desc: str = "train"):
+        from tqdm.auto import tqdm
+
+        self.world = accelerator.num_processes
+        self.images = 0
+        self.start = time.perf_counter()
+        self.bar = tqdm(
+            total=total, desc=f"{desc} {epoch + 1}/{epochs}", disable=not accelerator.is_main_process,
+            dynamic_ncols=True, leave=True,
+        )
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / max(time.perf_counter() - self.start, 1e-9)
+
+    def update(self, batch_images: int, *, loss: float, lr: float) -> None:
+        self.images += batch_images * self.world
+        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{self.images_per_s:.1f}", refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+@dataclass
+class TrainPosition:
+    """Where training stands: the epoch, the optimizer steps done in it, and the steps done in total."""
+
+    epoch: int = 0
+    step: int = 0
+    global_step: int = 0
+
+    def advance(self) -> None:
+        self.step += 1
+        self.global_step += 1
+
+    def next_epoch(self) -> None:
+        self.epoch += 1
+        self.step = 0
+
+
+class Checkpointer:
+    """Resumable checkpoints in ``folder/last``: ``accelerate.save_state`` (registered models, optimizers,
+    schedulers, every rank's RNG states) plus ``position.json`` (``TrainPosition``) and ``meta.json``.
+
+    A new checkpoint is written to ``folder/tmp`` and then renamed, so a crash never leaves a half-written
+    ``last``.
+
+    Args:
+        accelerator: the run's accelerator (models etc. already ``prepare``d).
+        folder: where checkpoints live.
+        every_steps: ``due`` is true every this many optimizer steps (0: only at epoch ends).
+        meta: JSON-able facts stored with each checkpoint and checked on restore (e.g. the fingerprint).
+    """
+
+    def __init__(self, accelerator: Accelerator, folder: Union[str, Path], *, every_steps: int = 0,
+                 meta: Optional[Mapping[str, Any]] = None):
+        self.accelerator = accelerator
+        self.folder = Path(folder)
+        self.every_steps = int(every_steps)
+        self.meta = dict(meta or {})
+
+    @property
+    def last(self) -> Path:
+        return self.folder / "last"
+
+    def exists(self) -> bool:
+        return (self.last / "position.json").is_file()
+
+    def due(self, position: TrainPosition) -> bool:
+        return self.every_steps > 0 and position.global_step % self.every_steps == 0
+
+    def save(self, position: TrainPosition) -> Path:
+        tmp = self.folder / "tmp"
+        acc = self.accelerator
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            (tmp / "position.json").write_text(json.dumps(asdict(position)) + "\n")
+            (tmp / "meta.json").write_text(json.dumps(self.meta, indent=2, default=str) + "\n")
+            old = self.folder / "old"
+            shutil.rmtree(old, ignore_errors=True)
+            if self.last.exists():
+                self.last.rename(old)
+            tmp.rename(self.last)
+            shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        return self.last
+
+    def restore(self) -> TrainPosition:
+        """Load the last checkpoint into the prepared objects; the position to continue from.
+
+        Raises:
+            FileNotFoundError: no checkpoint to resume from.
+            ValueError: the checkpoint was made with other ``meta`` (e.g. another partition).
+        """
+        if not self.exists():
+            raise FileNotFoundError(f"no checkpoint to resume from in {self.folder}")
+        saved = json.loads((self.last / "meta.json").read_text())
+        for key, value in self.meta.items():
+            if key in saved and json.loads(json.dumps(value, default=str)) != saved[key]:
+                raise ValueError(
+                    f"checkpoint {self.last} has {key}={saved[key]!r} but this run has {key}={value!r}; "
+                    "resume with the same settings or start a new output folder"
+                )
+        self.accelerator.load_state(str(self.last))
+        return TrainPosition(**json.loads((self.last / "position.json").read_text()))
+
+
+def save_weights(
+    module: nn.Module,
+    path: Union[str, Path],
+    *,
+    fingerprint: str,
+    config: Any = None,
+    metadata: Optional[Mapping[str, str]] = None,
+) -> Path:
+    """Unwrapped module weights as safetensors with the partition fingerprint and resolved config in the
+    metadata; the config is also written beside it as ``config.yaml`` when it is a ``Config``."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    module = getattr(module, "_orig_mod", module)
+    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    meta = {"fingerprint": str(fingerprint), **{k: str(v) for k, v in (metadata or {}).items()}}
+    if config is not None:
+        meta["config"] = json.dumps(config.to_dict() if hasattr(config, "to_dict") else config, default=str)
+        if hasattr(config, "save"):
+            config.save(path.parent / "config.yaml")
+    save_file(state, str(path), metadata=meta)
+    return path
+
+
+def gather_rows(accelerator: Accelerator, tensors: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Concatenate per-rank rows of every tensor across ranks (``gather_for_metrics``: the samples that
+    padding duplicated for the last batch are dropped)."""
+    return {k: accelerator.gather_for_metrics(v.contiguous()) for k, v in tensors.items()}
+
+
+def gather_by_row(accelerator: Accelerator, rows: torch.Tensor, values: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Gather per-rank results of unequal length (e.g. an evaluation split by ``rank_batches`` without
+    dropping rows): returns every rank's ``(rows, values)`` concatenated and sorted by row."""
+    rows = accelerator.pad_across_processes(rows.to(accelerator.device), dim=0, pad_index=-1)
+    values = accelerator.pad_across_processes(values.to(accelerator.device), dim=0)
+    rows, values = accelerator.gather(rows), accelerator.gather(values)
+    keep = rows >= 0
+    rows, values = rows[keep], values[keep]
+    order = torch.argsort(rows)
+    return rows[order], values[order]
+
+
+def ranks_agree(accelerator: Accelerator, module: nn.Module) -> bool:
+    """Whether every rank holds the same weights (a float64 checksum per tensor, compared across ranks)."""
+    module = accelerator.unwrap_model(module)
+    sums = torch.stack([p.detach().double().sum() for p in module.state_dict().values()
+                        if p.is_floating_point()]).to(accelerator.device)
+    everyone = accelerator.gather(sums[None]).reshape(accelerator.num_processes, -1)
+    return bool((everyone == everyone[0]).all())
+
+
+def current_lr(optimizer: torch.optim.Optimizer) -> float:
+    return float(optimizer.param_groups[0]["lr"])
