@@ -1,0 +1,563 @@
+"""Adaptive S2 partitions of the Earth into geographic cells (paper section 3.1).
+
+Two splitting rules over the same S2 hierarchy:
+
+* the GeoEstimation rule (Müller-Budack et al., ECCV 2018): start with the level-``start_level`` cells that hold
+  images, delete cells with ``<= min_images`` images, split every cell with more than ``max_images`` images
+  into its four children until none has more, delete small cells again. One partition per ``max_images``
+  value gives the coarse -> fine granularities of the hierarchical heads (paper 3.2.2).
+* the PlaNet rule the paper follows for its single-partition heads: repeatedly split the most populated cell
+  until ``target_cells`` cells exist, deleting children with ``<= min_images`` images.
+
+Everything works on the sorted leaf ids of the photos: a cell is a contiguous range of leaf ids, so counting
+the photos of any candidate cell is two binary searches and no per-point loop is needed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import logging
+from pathlib import Path
+from typing import Optional, Sequence, Tuple, Union
+
+import numpy as np
+import pandas as pd
+
+from geoswc.geocells import s2 as gs2
+
+logger = logging.getLogger(__name__)
+
+CSV_COLUMNS = ["class_label", "hex_id", "imgs_per_cell", "latitude_mean", "longitude_mean"]
+_NEAREST_CHUNK = 4096
+
+
+def _fingerprint(parts: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join(parts).encode("utf-8")).hexdigest()[:16]
+
+
+def xyz_to_latlng_deg(xyz: np.ndarray) -> np.ndarray:
+    """Positions ``(N, 2)`` in degrees of (not necessarily unit) vectors ``(N, 3)``."""
+    xyz = np.asarray(xyz, dtype=np.float64)
+    lat = np.degrees(np.arctan2(xyz[:, 2], np.hypot(xyz[:, 0], xyz[:, 1])))
+    lon = np.degrees(np.arctan2(xyz[:, 1], xyz[:, 0]))
+    return np.stack([lat, lon], axis=1)
+
+
+def _nearest_rows(query_xyz: np.ndarray, target_xyz: np.ndarray) -> np.ndarray:
+    """Index of the target closest on the sphere (largest dot product) to each query vector."""
+    out = np.empty(len(query_xyz), dtype=np.int64)
+    for start in range(0, len(query_xyz), _NEAREST_CHUNK):
+        block = query_xyz[start : start + _NEAREST_CHUNK] @ target_xyz.T
+        out[start : start + _NEAREST_CHUNK] = np.argmax(block, axis=1)
+    return out
+
+
+class Partition:
+    """One granularity: a set of disjoint S2 cells with their photo counts and centres.
+
+    The row order is the class order: ``cell_idx`` ``k`` is ``cell_ids[k]``.
+
+    Args:
+        cell_ids: S2 cell ids (uint64), pairwise disjoint.
+        counts: Number of training photos in each cell.
+        centers_deg: ``(n, 2)`` centre of each cell (lat, lon in degrees): the spherical mean of its photos.
+        name: Name of the granularity, e.g. ``cells_50_1000``; also the stem of its CSV file.
+        num_images: Number of photos the partition was built from (including dropped ones).
+    """
+
+    def __init__(self, cell_ids, *, counts, centers_deg, name: str = "cells", num_images: Optional[int] = None):
+        self.cell_ids = np.asarray(cell_ids, dtype=np.uint64).reshape(-1)
+        self.counts = np.asarray(counts, dtype=np.int64).reshape(-1)
+        self.centers_deg = np.asarray(centers_deg, dtype=np.float64).reshape(-1, 2)
+        self.name = str(name)
+        n = len(self.cell_ids)
+        if n == 0:
+            raise ValueError(f"partition {self.name!r} has no cells")
+        if len(self.counts) != n or len(self.centers_deg) != n:
+            raise ValueError(
+                f"partition {self.name!r}: {n} cell ids but {len(self.counts)} counts and "
+                f"{len(self.centers_deg)} centres"
+            )
+        valid = gs2.is_valid_cell_id(self.cell_ids)
+        if not valid.all():
+            bad = int(self.cell_ids[~valid][0])
+            raise ValueError(f"partition {self.name!r}: invalid S2 cell id {bad} (0x{bad:016x})")
+        self.num_images = int(self.counts.sum() if num_images is None else num_images)
+        self._order = np.argsort(self.cell_ids, kind="stable")
+        self._lo, self._hi = gs2.cell_id_range(self.cell_ids[self._order])
+        overlap = self._lo[1:] <= self._hi[:-1]
+        if overlap.any():
+            k = int(np.flatnonzero(overlap)[0])
+            a, b = self.cell_ids[self._order[k]], self.cell_ids[self._order[k + 1]]
+            raise ValueError(
+                f"partition {self.name!r}: cells {gs2.cell_id_to_token(a)} and {gs2.cell_id_to_token(b)} "
+                "overlap; a partition's cells must be disjoint"
+            )
+        self._tokens = None
+        self._centers_xyz = None
+
+    def __len__(self) -> int:
+        return len(self.cell_ids)
+
+    def __repr__(self) -> str:
+        return f"Partition(name={self.name!r}, cells={len(self)}, images={int(self.counts.sum())})"
+
+    @property
+    def tokens(self) -> np.ndarray:
+        """S2 tokens of the cells (object array of str), in class order."""
+        if self._tokens is None:
+            self._tokens = gs2.cell_id_to_token(self.cell_ids)
+        return self._tokens
+
+    @property
+    def fingerprint(self) -> str:
+        """Short stable hash of the ordered cell tokens: equal fingerprints mean equal class labels."""
+        return _fingerprint(self.tokens.tolist())
+
+    @property
+    def levels(self) -> np.ndarray:
+        return gs2.cell_id_level(self.cell_ids)
+
+    @property
+    def centers_xyz(self) -> np.ndarray:
+        if self._centers_xyz is None:
+            self._centers_xyz = gs2.latlng_to_xyz(self.centers_deg[:, 0], self.centers_deg[:, 1])
+        return self._centers_xyz
+
+    def lookup(self, cell_ids) -> np.ndarray:
+        """cell_idx of the partition cell containing each given cell (leaf or coarser), -1 where none does."""
+        ids = np.asarray(cell_ids, dtype=np.uint64)
+        lo, hi = gs2.cell_id_range(ids)
+        pos = np.searchsorted(self._lo, lo, side="right") - 1
+        safe = np.maximum(pos, 0)
+        inside = (pos >= 0) & (hi <= self._hi[safe])
+        return np.where(inside, self._order[safe], -1).astype(np.int64)
+
+    def nearest(self, lat, lon) -> np.ndarray:
+        """cell_idx of the cell whose centre is nearest (great-circle distance) to each position."""
+        return _nearest_rows(gs2.latlng_to_xyz(lat, lon).reshape(-1, 3), self.centers_xyz)
+
+    def assign(self, lat, lon, *, nearest: bool = False) -> np.ndarray:
+        """Class index of the cell containing each position.
+
+        Args:
+            lat: Latitudes in degrees.
+            lon: Longitudes in degrees.
+            nearest: Map positions that fall in no cell to the cell with the nearest centre instead of -1.
+
+        Returns:
+            int64 array shaped like ``lat``; -1 for positions outside every cell unless ``nearest``.
+        """
+        lat = np.asarray(lat, dtype=np.float64)
+        lon = np.asarray(lon, dtype=np.float64)
+        labels = self.lookup(gs2.latlng_to_cell_id(lat, lon))
+        if nearest:
+            outside = labels < 0
+            if outside.any():
+                labels[outside] = self.nearest(lat[outside], lon[outside])
+        return labels
+
+    def to_frame(self) -> pd.DataFrame:
+        return pd.DataFrame(
+            {
+                "class_label": np.arange(len(self), dtype=np.int64),
+                "hex_id": self.tokens,
+                "imgs_per_cell": self.counts,
+                "latitude_mean": self.centers_deg[:, 0],
+                "longitude_mean": self.centers_deg[:, 1],
+            }
+        )
+
+    def save_csv(self, path: Union[str, Path]) -> Path:
+        """Write the GeoEstimation format: two preamble lines, then one row per cell in class order."""
+        path = Path(path)
+        with open(path, "w", newline="") as f:
+            f.write(f"num_images: {self.num_images}\n")
+            f.write("min_concept_probability: ---\n")
+            self.to_frame().to_csv(f, index=False, lineterminator="\n")
+        return path
+
+    @classmethod
+    def load_csv(cls, path: Union[str, Path], *, name: Optional[str] = None) -> "Partition":
+        """Read a partition in the GeoEstimation format; the row's class_label is its cell_idx."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"cells file not found: {path}")
+        with open(path) as f:
+            first, second = f.readline().strip(), f.readline().strip()
+        if not first.startswith("num_images:") or not second.startswith("min_concept_probability:"):
+            raise ValueError(
+                f"{path}: not a GeoEstimation cells file; expected the preamble lines 'num_images: N' and "
+                f"'min_concept_probability: ---', found {first!r} and {second!r}"
+            )
+        try:
+            num_images = int(first.split(":", 1)[1])
+        except ValueError:
+            raise ValueError(f"{path}: line 1: num_images {first.split(':', 1)[1].strip()!r} is not an integer")
+        df = pd.read_csv(path, skiprows=2, dtype={"hex_id": str})
+        missing = [c for c in CSV_COLUMNS if c not in df.columns]
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {missing}; expected the header {','.join(CSV_COLUMNS)}")
+        for col in ("class_label", "imgs_per_cell", "latitude_mean", "longitude_mean"):
+            values = pd.to_numeric(df[col], errors="coerce")
+            bad = values.isna().to_numpy()
+            if bad.any():
+                row = int(np.flatnonzero(bad)[0])
+                raise ValueError(f"{path}: row {row + 1} (line {row + 4}), column {col!r}: {df[col].iloc[row]!r} is not a number")
+        labels = df["class_label"].to_numpy(dtype=np.int64)
+        order = np.argsort(labels, kind="stable")
+        if not np.array_equal(labels[order], np.arange(len(df))):
+            raise ValueError(f"{path}: class_label must be 0..{len(df) - 1}, each once")
+        df = df.iloc[order]
+        return cls(
+            gs2.token_to_cell_id(df["hex_id"].to_numpy()),
+            counts=df["imgs_per_cell"].to_numpy(dtype=np.int64),
+            centers_deg=df[["latitude_mean", "longitude_mean"]].to_numpy(dtype=np.float64),
+            name=name or path.stem,
+            num_images=num_images,
+        )
+
+
+class Geocells:
+    """Partitions from coarse to fine plus the hierarchy linking every fine cell to its coarser parents.
+
+    ``hierarchy[f, g]`` is the cell_idx, in granularity ``g``, of the cell containing fine cell ``f``; the last
+    column is ``arange(n_fine)``. When no cell of granularity ``g`` contains ``f`` (a coarse cell deleted as
+    too small, or partitions from different rules) the entry is -1, or with ``fallback="nearest"`` the coarse
+    cell whose centre is nearest to the fine cell's centre.
+
+    Args:
+        partitions: The granularities, coarse to fine.
+        fallback: ``"none"`` (-1 for fine cells without a containing coarse cell) or ``"nearest"``.
+        settings: Free-form description of how the partitions were built, saved in ``geocells.json``.
+    """
+
+    FALLBACKS = ("none", "nearest")
+
+    def __init__(self, partitions: Sequence[Partition], *, fallback: str = "none", settings: Optional[dict] = None):
+        self.partitions = list(partitions)
+        if not self.partitions:
+            raise ValueError("Geocells needs at least one partition")
+        names = [p.name for p in self.partitions]
+        if len(set(names)) != len(names):
+            raise ValueError(f"partition names must be unique, got {names}")
+        if fallback not in self.FALLBACKS:
+            raise ValueError(f"unknown hierarchy fallback {fallback!r}; choose one of: {', '.join(self.FALLBACKS)}")
+        self.fallback = fallback
+        self.settings = dict(settings or {})
+        self.hierarchy = self._build_hierarchy()
+
+    def __len__(self) -> int:
+        return len(self.partitions)
+
+    def __repr__(self) -> str:
+        sizes = ", ".join(f"{p.name}: {len(p)}" for p in self.partitions)
+        return f"Geocells({sizes}; fingerprint={self.fingerprint})"
+
+    @property
+    def fine(self) -> Partition:
+        return self.partitions[-1]
+
+    @property
+    def names(self):
+        return [p.name for p in self.partitions]
+
+    @property
+    def fingerprint(self) -> str:
+        """Hash over every partition's fingerprint, in order, and the hierarchy fallback."""
+        return _fingerprint([p.fingerprint for p in self.partitions] + [self.fallback])
+
+    def _build_hierarchy(self) -> np.ndarray:
+        fine = self.fine
+        columns = []
+        for part in self.partitions[:-1]:
+            parent = part.lookup(fine.cell_ids)
+            missing = parent < 0
+            if missing.any():
+                logger.info("%d of %d fine cells have no containing cell in %s", int(missing.sum()), len(fine), part.name)
+                if self.fallback == "nearest":
+                    parent[missing] = _nearest_rows(fine.centers_xyz[missing], part.centers_xyz)
+            columns.append(parent)
+        columns.append(np.arange(len(fine), dtype=np.int64))
+        return np.stack(columns, axis=1).astype(np.int64)
+
+    def assign(self, lat, lon, *, nearest: bool = False) -> np.ndarray:
+        """Labels ``(N, n_granularities)``: the cell_idx of each position at every granularity (-1 = none)."""
+        lat = np.asarray(lat, dtype=np.float64).reshape(-1)
+        lon = np.asarray(lon, dtype=np.float64).reshape(-1)
+        leaves = gs2.latlng_to_cell_id(lat, lon)
+        out = np.empty((len(lat), len(self.partitions)), dtype=np.int64)
+        for g, part in enumerate(self.partitions):
+            out[:, g] = part.lookup(leaves)
+            if nearest:
+                outside = out[:, g] < 0
+                if outside.any():
+                    out[outside, g] = part.nearest(lat[outside], lon[outside])
+        return out
+
+    def save(self, directory: Union[str, Path]) -> Path:
+        """Write ``<name>.csv`` per granularity, ``hierarchy.csv`` and ``geocells.json`` into ``directory``."""
+        import json
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        entries = []
+        for part in self.partitions:
+            part.save_csv(directory / f"{part.name}.csv")
+            entries.append(
+                {
+                    "name": part.name,
+                    "file": f"{part.name}.csv",
+                    "fingerprint": part.fingerprint,
+                    "cells": len(part),
+                    "images": int(part.counts.sum()),
+                    "num_images": part.num_images,
+                }
+            )
+        pd.DataFrame(self.hierarchy, columns=self.names).to_csv(directory / "hierarchy.csv", index=False)
+        meta = {
+            "format": "geoswc-geocells",
+            "version": 1,
+            "fingerprint": self.fingerprint,
+            "partitions": entries,
+            "hierarchy": {"file": "hierarchy.csv", "fallback": self.fallback},
+            "settings": self.settings,
+        }
+        (directory / "geocells.json").write_text(json.dumps(meta, indent=2) + "\n")
+        return directory
+
+    @classmethod
+    def load(cls, directory: Union[str, Path]) -> "Geocells":
+        """Read a folder written by `save`, checking every file against the fingerprints in geocells.json."""
+        import json
+
+        directory = Path(directory)
+        meta_path = directory / "geocells.json"
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"geocells.json not found in {directory}")
+        meta = json.loads(meta_path.read_text())
+        partitions = []
+        for entry in meta["partitions"]:
+            part = Partition.load_csv(directory / entry["file"], name=entry["name"])
+            if part.fingerprint != entry["fingerprint"]:
+                raise ValueError(
+                    f"{directory / entry['file']} has fingerprint {part.fingerprint} but geocells.json records "
+                    f"{entry['fingerprint']}: the folder mixes cells from different partitions"
+                )
+            partitions.append(part)
+        fallback = meta.get("hierarchy", {}).get("fallback", "none")
+        geocells = cls(partitions, fallback=fallback, settings=meta.get("settings"))
+        if geocells.fingerprint != meta["fingerprint"]:
+            raise ValueError(
+                f"{meta_path}: fingerprint {meta['fingerprint']} does not match the partitions "
+                f"({geocells.fingerprint})"
+            )
+        hierarchy_path = directory / meta.get("hierarchy", {}).get("file", "hierarchy.csv")
+        if not hierarchy_path.is_file():
+            raise FileNotFoundError(f"hierarchy file not found: {hierarchy_path}")
+        stored = pd.read_csv(hierarchy_path)
+        if list(stored.columns) != geocells.names or not np.array_equal(stored.to_numpy(), geocells.hierarchy):
+            raise ValueError(f"{hierarchy_path} does not match the hierarchy of the partitions in {directory}")
+        return geocells
+
+    @classmethod
+    def from_csvs(cls, paths: Sequence[Union[str, Path]], *, fallback: str = "none") -> "Geocells":
+        """Partitions read from GeoEstimation CSV files, ordered coarse -> fine by their number of cells."""
+        parts = [Partition.load_csv(p) for p in paths]
+        parts.sort(key=len)
+        return cls(parts, fallback=fallback, settings={"source": [str(p) for p in paths]})
+
+
+class S2Partitioner:
+    """Builds adaptive S2 partitions from photo positions (scikit-learn style).
+
+    Args:
+        min_images: Cells with ``<= min_images`` photos are deleted (their photos get no label).
+        max_images: One partition per value by the GeoEstimation rule: cells with more photos are split.
+            May be empty when ``target_cells`` is given.
+        start_level: S2 level of the initial cells.
+        target_cells: If set, add one partition per value by the PlaNet rule (split the most populated cell
+            until at least this many cells exist; each split adds up to three cells, so the result has at most
+            ``target + 2`` cells). Named ``cells_<min>_n<target>``.
+        fallback: Hierarchy rule for fine cells without a containing coarse cell, see `Geocells`.
+
+    All partitions are ordered coarse -> fine by their number of cells; the finest one defines the fine
+    classes. The usual combinations are ``max_images=(5000, 2000, 1000)`` (hierarchical heads) and
+    ``max_images=(), target_cells=32000`` (one partition for the CE or MvMF head); mixing both puts the
+    target partition wherever its cell count falls, with the hierarchy found by containment.
+
+    Attributes:
+        geocells_: The fitted `Geocells`.
+        n_images_: Number of photos `fit` was given.
+    """
+
+    def __init__(
+        self,
+        min_images: int = 50,
+        max_images: Sequence[int] = (5000, 2000, 1000),
+        start_level: int = 2,
+        target_cells: Union[None, int, Sequence[int]] = None,
+        fallback: str = "none",
+    ):
+        self.min_images = min_images
+        self.max_images = max_images
+        self.start_level = start_level
+        self.target_cells = target_cells
+        self.fallback = fallback
+
+    def _validated(self) -> Tuple[int, Tuple[int, ...], int, Tuple[int, ...]]:
+        min_images = int(self.min_images)
+        if min_images < 0:
+            raise ValueError(f"min_images must be >= 0, got {self.min_images!r}")
+        max_values = () if self.max_images is None else (
+            (self.max_images,) if np.isscalar(self.max_images) else tuple(self.max_images)
+        )
+        max_values = tuple(int(m) for m in max_values)
+        for m in max_values:
+            if m <= min_images:
+                raise ValueError(f"max_images {m} must be larger than min_images {min_images}")
+        targets = () if self.target_cells is None else (
+            (self.target_cells,) if np.isscalar(self.target_cells) else tuple(self.target_cells)
+        )
+        targets = tuple(int(t) for t in targets)
+        for t in targets:
+            if t < 1:
+                raise ValueError(f"target_cells must be >= 1, got {t}")
+        if not max_values and not targets:
+            raise ValueError("give at least one max_images value or a target_cells value")
+        if len(set(max_values)) != len(max_values) or len(set(targets)) != len(targets):
+            raise ValueError(f"duplicate granularity in max_images={max_values} / target_cells={targets}")
+        if not 0 <= int(self.start_level) <= gs2.MAX_LEVEL:
+            raise ValueError(f"start_level {self.start_level!r} is outside [0, {gs2.MAX_LEVEL}]")
+        if self.fallback not in Geocells.FALLBACKS:
+            raise ValueError(
+                f"unknown hierarchy fallback {self.fallback!r}; choose one of: {', '.join(Geocells.FALLBACKS)}"
+            )
+        return min_images, max_values, int(self.start_level), targets
+
+    def fit(self, lat, lon) -> "S2Partitioner":
+        """Partition the Earth for photos at ``lat``/``lon`` (degrees); sets ``geocells_``."""
+        min_images, max_values, start_level, targets = self._validated()
+        lat = np.asarray(lat, dtype=np.float64).reshape(-1)
+        lon = np.asarray(lon, dtype=np.float64).reshape(-1)
+        if lat.size == 0:
+            raise ValueError("no coordinates to partition")
+        leaves, xyz = gs2.latlng_to_cell_id_and_xyz(lat, lon)
+        order = np.argsort(leaves)
+        sorted_leaves = leaves[order]
+        del leaves
+        # Prefix sums of the unit vectors in leaf order: the vector sum of any cell (a contiguous range of
+        # sorted leaves) is then one subtraction. The absolute error, about 1e-9 after millions of photos,
+        # moves a centre of a 50-photo cell by well under a millimetre.
+        prefix_xyz = np.zeros((lat.size + 1, 3), dtype=np.float64)
+        for k in range(3):
+            np.cumsum(np.take(xyz[:, k], order), out=prefix_xyz[1:, k])
+        del xyz, order
+        start = _unique_sorted(gs2.cell_id_parent(sorted_leaves, start_level))
+
+        built = []
+        for m in max_values:
+            cells = _split_by_max(sorted_leaves, start, min_images=min_images, max_images=m)
+            built.append((f"cells_{min_images}_{m}", cells))
+        for t in targets:
+            cells = _split_to_target(sorted_leaves, start, min_images=min_images, target_cells=t)
+            built.append((f"cells_{min_images}_n{t}", cells))
+
+        partitions = []
+        for name, cells in built:
+            if cells.size == 0:
+                raise ValueError(
+                    f"{name}: no cell holds more than min_images={min_images} of the {lat.size} photos"
+                )
+            partitions.append(_partition_from_cells(name, cells, sorted_leaves, prefix_xyz, num_images=lat.size))
+            logger.info("%s: %d cells, %d of %d photos", name, len(cells), partitions[-1].counts.sum(), lat.size)
+        partitions.sort(key=len)
+        settings = {
+            "min_images": min_images,
+            "max_images": list(max_values),
+            "start_level": start_level,
+            "target_cells": list(targets) or None,
+            "num_images": int(lat.size),
+        }
+        self.n_images_ = int(lat.size)
+        self.geocells_ = Geocells(partitions, fallback=self.fallback, settings=settings)
+        return self
+
+
+def _unique_sorted(values: np.ndarray) -> np.ndarray:
+    if values.size == 0:
+        return values
+    keep = np.empty(values.size, dtype=bool)
+    keep[0] = True
+    np.not_equal(values[1:], values[:-1], out=keep[1:])
+    return values[keep]
+
+
+def _count(sorted_leaves: np.ndarray, cells: np.ndarray) -> np.ndarray:
+    lo, hi = gs2.cell_id_range(cells)
+    return np.searchsorted(sorted_leaves, hi, side="right") - np.searchsorted(sorted_leaves, lo, side="left")
+
+
+def _split_by_max(sorted_leaves: np.ndarray, start: np.ndarray, *, min_images: int, max_images: int) -> np.ndarray:
+    """GeoEstimation rule, level by level. A cell with <= min_images is never split (min < max), so
+    dropping small cells at every level equals dropping them before and after the splitting."""
+    final = []
+    cells = start
+    level = int(gs2.cell_id_level(start[:1])[0]) if start.size else 0
+    while cells.size:
+        counts = _count(sorted_leaves, cells)
+        keep = counts > min_images
+        cells, counts = cells[keep], counts[keep]
+        split = counts > max_images if level < gs2.MAX_LEVEL else np.zeros(len(cells), dtype=bool)
+        final.append(cells[~split])
+        cells = gs2.cell_id_children(cells[split]).reshape(-1)
+        level += 1
+    return np.sort(np.concatenate(final)) if final else np.empty(0, dtype=np.uint64)
+
+
+def _split_to_target(sorted_leaves: np.ndarray, start: np.ndarray, *, min_images: int, target_cells: int) -> np.ndarray:
+    """PlaNet rule: split the most populated cell until ``target_cells`` cells exist.
+
+    Children with <= min_images photos are deleted. A cell none of whose children would survive (or a leaf
+    cell) is kept whole and not tried again. Ties in the count are broken by the smaller cell id.
+    """
+    counts = _count(sorted_leaves, start)
+    keep = counts > min_images
+    heap = [(-int(c), int(cid)) for cid, c in zip(start[keep].tolist(), counts[keep].tolist())]
+    heapq.heapify(heap)
+    done = []
+    n_cells = len(heap)
+    while n_cells < target_cells and heap:
+        neg_count, cid = heapq.heappop(heap)
+        lsb = cid & -cid
+        if lsb == 1:
+            done.append(cid)
+            continue
+        child_lsb = lsb >> 2
+        children = [cid - lsb + child_lsb * (2 * k + 1) for k in range(4)]
+        lo = np.array([c - child_lsb + 1 for c in children], dtype=np.uint64)
+        hi = np.array([c + child_lsb - 1 for c in children], dtype=np.uint64)
+        child_counts = np.searchsorted(sorted_leaves, hi, side="right") - np.searchsorted(sorted_leaves, lo)
+        survivors = [(int(n), c) for n, c in zip(child_counts.tolist(), children) if n > min_images]
+        if not survivors:
+            done.append(cid)
+            continue
+        for n, c in survivors:
+            heapq.heappush(heap, (-n, c))
+        n_cells += len(survivors) - 1
+    if n_cells < target_cells:
+        logger.warning("only %d cells can be made with min_images=%d (target %d)", n_cells, min_images, target_cells)
+    cells = np.array([c for _, c in heap] + done, dtype=np.uint64)
+    return np.sort(cells)
+
+
+def _partition_from_cells(
+    name: str, cells: np.ndarray, sorted_leaves: np.ndarray, prefix_xyz: np.ndarray, *, num_images: int
+) -> Partition:
+    """Counts and spherical-mean centres of sorted disjoint ``cells``."""
+    lo, hi = gs2.cell_id_range(cells)
+    first = np.searchsorted(sorted_leaves, lo, side="left")
+    end = np.searchsorted(sorted_leaves, hi, side="right")
+    sums = prefix_xyz[end] - prefix_xyz[first]
+    return Partition(cells, counts=end - first, centers_deg=xyz_to_latlng_deg(sums), name=name, num_images=num_images)
