@@ -192,6 +192,7 @@ class ShardStream(IterableDataset):
         return {
             "image": self.transform(image),
             "id": str(meta["id"]),
+            "author": str(meta.get("author", "")),
             "latlon": (float(meta["lat"]), float(meta["lon"])),
             "labels": list(meta.get("labels", [])),
         }

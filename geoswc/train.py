@@ -51,9 +51,12 @@ class PhotoTable(torch.utils.data.Dataset):
     """Photos of a metadata CSV (``IMG_ID, AUTHOR, LAT, LON``) under an image root, with their cell labels.
 
     Items are ``{"image": (3, H, W), "row": int}``; coordinates, labels and ids stay in arrays indexed by row.
+    ``longest`` says that the transform is the longest-side evaluation resize, whose output shape varies with
+    the photo (see `output_sizes`).
     """
 
-    def __init__(self, csv_path: str, image_root: str, geocells: Any, transform: Callable, *, size: int):
+    def __init__(self, csv_path: str, image_root: str, geocells: Any, transform: Callable, *, size: int,
+                 longest: bool = False):
         from geoswc.data.metadata import read_metadata
 
         frame = read_metadata(csv_path)
@@ -66,9 +69,33 @@ class PhotoTable(torch.utils.data.Dataset):
         self.labels = np.asarray(geocells.assign(self.latlon[:, 0], self.latlon[:, 1]), dtype=np.int64)
         self.transform = transform
         self.size = size
+        self.longest = longest
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def output_sizes(self) -> np.ndarray:
+        """``(N, 2)`` transformed ``(h, w)`` of every photo, from the file headers (no decoding).
+
+        With the longest-side resize the shape follows the photo's aspect ratio; otherwise every photo has the
+        same ``size x size`` shape. A photo whose header cannot be read gets ``(0, 0)``.
+        """
+        if not self.longest:
+            return np.full((len(self.ids), 2), self.size, dtype=np.int64)
+        from PIL import Image
+
+        sizes = np.zeros((len(self.ids), 2), dtype=np.int64)
+        for row, img_id in enumerate(self.ids):
+            try:
+                with Image.open(self.root / img_id) as image:
+                    width, height = image.size
+                    if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF rotations by 90 degrees
+                        width, height = height, width
+            except (OSError, SyntaxError, ValueError):
+                continue
+            scale = self.size / max(width, height)
+            sizes[row] = (max(1, round(height * scale)), max(1, round(width * scale)))
+        return sizes
 
     def __getitem__(self, row: int) -> Dict[str, Any]:
         from geoswc.data.images import decode_image
@@ -88,6 +115,39 @@ def build_image_transform(backbone: nn.Module, data_cfg: Any, *, train: bool) ->
         eval_resize=data_cfg.eval_resize, crop_scale=tuple(data_cfg.crop_scale),
         crop_ratio=tuple(data_cfg.crop_ratio), hflip=data_cfg.hflip,
     )
+
+
+def photo_table(csv_path: str, image_root: str, geocells: Any, backbone: nn.Module, data_cfg: Any, *,
+                train: bool) -> PhotoTable:
+    """A `PhotoTable` with the backbone's training or evaluation transform at ``data.image_size``."""
+    return PhotoTable(csv_path, image_root, geocells, build_image_transform(backbone, data_cfg, train=train),
+                      size=data_cfg.image_size, longest=not train and data_cfg.eval_resize == "longest")
+
+
+def bucket_by_size(rows: np.ndarray, sizes: np.ndarray, batch_size: int) -> List[np.ndarray]:
+    """Batches of ``rows`` whose photos share one transformed ``(h, w)`` (``sizes`` indexed by row), so
+    variable-shape images stack without padding, which would change the pooled features. Buckets are taken in
+    order of their first row and rows keep their order inside a bucket."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if len(rows) == 0:
+        return []
+    keys = sizes[rows, 0] * (1 << 32) + sizes[rows, 1]
+    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    batches = []
+    for bucket in np.argsort(first, kind="stable"):
+        members = rows[inverse.reshape(-1) == bucket]
+        batches.extend(members[i : i + batch_size] for i in range(0, len(members), batch_size))
+    return batches
+
+
+def _collate_by_shape(items: List[Dict[str, Any]]) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """``(rows, images)`` per distinct image shape of a batch: exact batching even where a header-predicted
+    size was off (a stacked batch needs one shape, and padding would change the pooled features)."""
+    groups: Dict[Tuple[int, ...], List[Dict[str, Any]]] = {}
+    for item in items:
+        groups.setdefault(tuple(item["image"].shape), []).append(item)
+    return [(torch.tensor([i["row"] for i in group], dtype=torch.long), torch.stack([i["image"] for i in group]))
+            for group in groups.values()]
 
 
 class FeatureCache:
@@ -155,15 +215,109 @@ class Batches:
             return
         loader = torch.utils.data.DataLoader(
             src, batch_sampler=[list(map(int, b)) for b in batches], num_workers=self.num_workers,
-            persistent_workers=False, pin_memory=device.type == "cuda",
+            persistent_workers=False, pin_memory=device.type == "cuda", collate_fn=_collate_by_shape,
         )
-        for item in loader:
-            rows = item["row"].numpy()
-            images = item["image"].to(device, non_blocking=True)
-            if self.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            yield (item["row"], images, torch.from_numpy(src.labels[rows]).to(device),
-                   torch.from_numpy(src.latlon[rows]).to(device))
+        for groups in loader:
+            for row, images in groups:
+                rows = row.numpy()
+                images = images.to(device, non_blocking=True)
+                if self.channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                yield (row, images, torch.from_numpy(src.labels[rows]).to(device),
+                       torch.from_numpy(src.latlon[rows]).to(device))
+
+    def eval_batches(self, rows: np.ndarray, batch_size: int) -> List[np.ndarray]:
+        """Batches of ``rows`` for evaluation: in order, or bucketed by transformed size for photos whose
+        shapes vary (longest-side resize)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if isinstance(self.source, PhotoTable) and self.source.longest:
+            if getattr(self, "_sizes", None) is None:
+                self._sizes = self.source.output_sizes()
+            return bucket_by_size(rows, self._sizes, batch_size)
+        return [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+
+
+def _first_shard_meta(url: str) -> Optional[Dict[str, Any]]:
+    """The JSON of a shard's first sample (None for an empty shard), read without touching the rest."""
+    import tarfile
+
+    with tarfile.open(url, "r|") as tar:
+        for member in tar:
+            if member.isfile() and member.name.endswith(".json"):
+                return json.loads(tar.extractfile(member).read())
+    return None
+
+
+class ShardBatches:
+    """One rank's batches from webdataset shards (``geoswc data shards --cells``), labels from the shards.
+
+    Training reads a resampled stream of ``len // (batch_size * ranks)`` batches per rank (every rank takes the
+    same number of DDP steps); evaluation reads each sample exactly once (`geoswc.data.loading.shard_loader`).
+    Every shard's first sample must carry the fingerprint of ``geocells``.
+    """
+
+    def __init__(self, shards: str, geocells: Any, transform: Callable, *, size: int, shuffle_buffer: int = 0,
+                 num_workers: int = 0, channels_last: bool = False):
+        from geoswc.data.loading import expand_urls, shard_sample_count
+
+        self.urls = expand_urls(shards)
+        if not self.urls:
+            raise FileNotFoundError(f"no shards (*.tar) found for {shards!r}")
+        absent = [u for u in self.urls if not Path(u).is_file()]
+        if absent:
+            raise FileNotFoundError(f"shard not found: {absent[0]} ({len(absent)} of {len(self.urls)} missing)")
+        self.counts = [shard_sample_count(u) for u in self.urls]
+        expected = str(geocells.fingerprint)
+        for url in self.urls:
+            meta = _first_shard_meta(url)
+            if meta is None:
+                continue
+            if "labels" not in meta:
+                raise ValueError(f"shard {url} has no cell labels; write the shards with: geoswc data shards "
+                                 "--cells CELLS_DIR")
+            if str(meta.get("fingerprint")) != expected:
+                raise ValueError(f"shard {url} was labelled with partition {meta.get('fingerprint')!r} but the "
+                                 f"given cells have fingerprint {expected!r}; rewrite the shards with these cells "
+                                 "or pass the cells they were written with")
+        self.transform, self.size = transform, size
+        self.shuffle_buffer, self.num_workers, self.channels_last = shuffle_buffer, num_workers, channels_last
+
+    def __len__(self) -> int:
+        return int(sum(self.counts))
+
+    def batches_per_rank(self, batch_size: int, num_processes: int) -> int:
+        return max(1, len(self) // (batch_size * num_processes))
+
+    def loader(self, *, batch_size: int, accelerator, seed: int = 0, epoch: int = 0, train: bool = True,
+               urls: Optional[Sequence[str]] = None, whole: bool = False):
+        """The DataLoader of this rank (``whole``: of all of ``urls``, for per-shard extraction)."""
+        from geoswc.data.loading import shard_loader
+
+        return shard_loader(
+            list(urls or self.urls), transform=self.transform, batch_size=batch_size,
+            num_workers=self.num_workers, rank=0 if whole else accelerator.process_index,
+            world_size=1 if whole else accelerator.num_processes,
+            epoch_length=self.batches_per_rank(batch_size, accelerator.num_processes) if train else None,
+            shuffle_buffer=self.shuffle_buffer if train else 0, seed=seed, epoch=epoch, decode_target=self.size,
+            pin_memory=accelerator.device.type == "cuda",
+        )
+
+    @staticmethod
+    def by_shape(batch: Dict[str, Any]) -> Iterator[Tuple[np.ndarray, Dict[str, Any]]]:
+        """Split an evaluation batch into sub-batches of one true image shape, each image cropped back from
+        the padded canvas (longest-side images differ in shape; padding would change the pooled features)."""
+        sizes = batch["image_size"].numpy()
+        for size in np.unique(sizes, axis=0):
+            idx = np.flatnonzero((sizes == size).all(axis=1))
+            h, w = int(size[0]), int(size[1])
+            yield idx, {"image": batch["image"][idx, :, :h, :w], "labels": batch["labels"][idx],
+                        "latlon": batch["latlon"][idx]}
+
+    def to_device(self, batch: Dict[str, Any], device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        images = batch["image"].to(device, non_blocking=True)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images, batch["labels"].to(device), batch["latlon"].to(device)
 
 
 @torch.no_grad()
@@ -173,24 +327,50 @@ def predict(accelerator, model: nn.Module, batches: Batches, batch_size: int) ->
 
     model.eval()
     head = _head_of(accelerator, model)
-    mine = rank_batches(len(batches), batch_size, epoch=0, seed=0, num_processes=accelerator.num_processes,
-                        process_index=accelerator.process_index, shuffle=False, drop_last=False)
-    rows, preds = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, 2, dtype=torch.float64)]
-    for row, inputs, _, _ in batches.iterate(mine, accelerator.device):
+    if isinstance(batches, ShardBatches):
+        # Rows only need to be distinct across ranks: rank r numbers its samples from r * len.
+        def stream():
+            seen = accelerator.process_index * len(batches)
+            for batch in batches.loader(batch_size=batch_size, accelerator=accelerator, train=False):
+                for idx, group in batches.by_shape(batch):
+                    images, labels, latlon = batches.to_device(group, accelerator.device)
+                    yield torch.from_numpy(seen + idx), images, labels, latlon
+                seen += len(batch["id"])
+        items = stream()
+    else:
+        mine = rank_batches(len(batches), batch_size, epoch=0, seed=0, num_processes=accelerator.num_processes,
+                            process_index=accelerator.process_index, shuffle=False, drop_last=False)
+        rows_mine = np.concatenate(mine) if mine else np.zeros(0, np.int64)
+        items = batches.iterate(batches.eval_batches(rows_mine, batch_size), accelerator.device)
+    rows, preds = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, 4, dtype=torch.float64)]
+    for row, inputs, _, latlon in items:
         with accelerator.autocast():
             outputs = model(inputs)
         rows.append(row.long())
-        preds.append(head.predict_latlon(outputs).double().cpu())
+        preds.append(torch.cat([head.predict_latlon(outputs).double().cpu(), latlon.double().cpu()], dim=1))
     rows_all, preds_all = gather_by_row(accelerator, torch.cat(rows), torch.cat(preds))
     model.train()
-    return {"rows": rows_all.cpu().numpy(), "latlon": preds_all.cpu().numpy()}
+    values = preds_all.cpu().numpy()
+    return {"rows": rows_all.cpu().numpy(), "latlon": values[:, :2], "true_latlon": values[:, 2:]}
 
 
-def validate(accelerator, model, batches: Optional[Batches], batch_size: int) -> Dict[str, float]:
+def validate(accelerator, model, batches, batch_size: int) -> Dict[str, float]:
     if batches is None:
         return {}
     out = predict(accelerator, model, batches, batch_size)
-    return accuracy_at(out["latlon"], batches.source.latlon[out["rows"]])
+    return accuracy_at(out["latlon"], out["true_latlon"])
+
+
+def _shard_epoch(train: ShardBatches, accelerator, *, batch_size: int, seed: int, epoch: int, skip: int):
+    """One epoch of shard batches on the device, the first ``skip`` (done before a resume) read and dropped.
+
+    The sample order of an epoch depends only on ``(seed, epoch, rank, worker)``, so a resumed run sees the
+    same remaining samples; the dropped batches are still decoded (the stream has no random access).
+    """
+    for i, batch in enumerate(train.loader(batch_size=batch_size, accelerator=accelerator, seed=seed, epoch=epoch)):
+        if i < skip:
+            continue
+        yield (batch["id"], *train.to_device(batch, accelerator.device))
 
 
 def fit(
@@ -230,13 +410,20 @@ def fit(
         history = json.loads(history_file.read_text())
     model.train()
     for epoch in range(position.epoch, epochs):
-        batches = rank_batches(len(train), batch_size, epoch=epoch, seed=seed,
-                               num_processes=accelerator.num_processes, process_index=accelerator.process_index)
-        bar = EpochProgress(accelerator, len(batches), epoch=epoch, epochs=epochs, desc=name)
+        if isinstance(train, ShardBatches):
+            n_batches = train.batches_per_rank(batch_size, accelerator.num_processes)
+            items = _shard_epoch(train, accelerator, batch_size=batch_size, seed=seed, epoch=epoch,
+                                 skip=position.step)
+        else:
+            batches = rank_batches(len(train), batch_size, epoch=epoch, seed=seed,
+                                   num_processes=accelerator.num_processes, process_index=accelerator.process_index)
+            n_batches = len(batches)
+            items = train.iterate(batches[position.step:], accelerator.device)
+        bar = EpochProgress(accelerator, n_batches, epoch=epoch, epochs=epochs, desc=name)
         bar.bar.update(position.step)
         loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
         seen = 0
-        for _, inputs, labels, latlon in train.iterate(batches[position.step:], accelerator.device):
+        for _, inputs, labels, latlon in items:
             with accelerator.autocast():
                 outputs = model(inputs)
             loss = head.loss(outputs, labels, latlon)
@@ -319,6 +506,33 @@ def _save_backbone(backbone: nn.Module, out: Path, *, name: str, fingerprint: st
     (out / "backbone.json").write_text(json.dumps(spec, indent=2) + "\n")
 
 
+def _image_sources(args, cells, backbone: nn.Module, cfg: Config):
+    """Training and validation photos: webdataset shards (``--shards``/``--val-shards``) or metadata CSV +
+    image folder (``--train-csv``/``--val-csv`` with ``--images``)."""
+    dc, workers, cl = cfg.data, cfg.data.num_workers, cfg.train.channels_last
+    if bool(args.shards) == bool(args.train_csv):
+        raise ValueError("give the training photos either as --shards or as --train-csv with --images")
+    if args.train_csv and not args.images:
+        raise ValueError("--train-csv needs --images (the image root the IMG_IDs are relative to)")
+    if args.shards:
+        train = ShardBatches(args.shards, cells, build_image_transform(backbone, dc, train=True),
+                             size=dc.image_size, shuffle_buffer=dc.shuffle_buffer, num_workers=workers,
+                             channels_last=cl)
+    else:
+        train = Batches(photo_table(args.train_csv, args.images, cells, backbone, dc, train=True),
+                        num_workers=workers, channels_last=cl)
+    val = None
+    if getattr(args, "val_shards", None):
+        val = ShardBatches(args.val_shards, cells, build_image_transform(backbone, dc, train=False),
+                           size=dc.image_size, num_workers=workers, channels_last=cl)
+    elif args.val_csv:
+        if not (args.val_images or args.images):
+            raise ValueError("--val-csv needs --val-images or --images")
+        val = Batches(photo_table(args.val_csv, args.val_images or args.images, cells, backbone, dc, train=False),
+                      num_workers=workers, channels_last=cl)
+    return train, val
+
+
 def run_backbone(args) -> int:
     """Stage 1: backbone + CE head over the finest partition, end to end on images (paper 4.2)."""
     from geoswc.classifiers import CellClassifier, create_backbone, create_head, save_head
@@ -330,15 +544,7 @@ def run_backbone(args) -> int:
     weights = args.backbone_weights or bc.weights
     backbone = create_backbone(bc.model, pretrained=bc.pretrained and weights is None, weights=weights)
     model = CellClassifier(backbone, create_head("ce", in_features=backbone.num_features, geocells=cells))
-    size = cfg.data.image_size
-    train = Batches(PhotoTable(args.train_csv, args.images, cells,
-                               build_image_transform(backbone, cfg.data, train=True), size=size),
-                    num_workers=cfg.data.num_workers, channels_last=cfg.train.channels_last)
-    val = None
-    if args.val_csv:
-        val = Batches(PhotoTable(args.val_csv, args.val_images or args.images, cells,
-                                 build_image_transform(backbone, cfg.data, train=False), size=size),
-                      num_workers=cfg.data.num_workers, channels_last=cfg.train.channels_last)
+    train, val = _image_sources(args, cells, backbone, cfg)
     model = prepare_for_speed(model, cfg.train, accelerator)
     optimizer = torch.optim.SGD(model.parameters(), lr=bc.lr, momentum=bc.momentum, weight_decay=bc.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=bc.lr_step_epochs, gamma=bc.lr_gamma)
@@ -375,11 +581,21 @@ def run_features(args) -> int:
         weights = args.backbone_weights or cfg.backbone.weights
         backbone = create_backbone(model_name, pretrained=cfg.backbone.pretrained and weights is None,
                                    weights=weights)
-    table = PhotoTable(args.csv, args.images, cells, build_image_transform(backbone, cfg.data, train=False),
-                       size=cfg.data.image_size)
-    summary = extract_features(accelerator, backbone, table, out, cfg=cfg, model_name=model_name,
-                               fingerprint=cells.fingerprint, part_size=args.part_size,
-                               batch_size=args.batch_size or cfg.heads.batch_size)
+    batch_size = args.batch_size or cfg.heads.batch_size
+    if bool(args.shards) == bool(args.csv):
+        raise ValueError("give the photos either as --shards or as --csv with --images")
+    if args.shards:
+        shards = ShardBatches(args.shards, cells, build_image_transform(backbone, cfg.data, train=False),
+                              size=cfg.data.image_size, num_workers=cfg.data.num_workers,
+                              channels_last=cfg.train.channels_last)
+        summary = extract_shard_features(accelerator, backbone, shards, out, cfg=cfg, model_name=model_name,
+                                         fingerprint=cells.fingerprint, batch_size=batch_size)
+    else:
+        if not args.images:
+            raise ValueError("--csv needs --images (the image root the IMG_IDs are relative to)")
+        table = photo_table(args.csv, args.images, cells, backbone, cfg.data, train=False)
+        summary = extract_features(accelerator, backbone, table, out, cfg=cfg, model_name=model_name,
+                                   fingerprint=cells.fingerprint, part_size=args.part_size, batch_size=batch_size)
     _write_summary(accelerator, out, "features", summary)
     return 0
 
@@ -405,15 +621,14 @@ def extract_features(accelerator, backbone: nn.Module, table: PhotoTable, out: P
         if target.is_file():
             continue
         rows = np.arange(part * part_size, min(n, (part + 1) * part_size))
-        batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
-        chunks = []
+        block = np.zeros((len(rows), int(backbone.num_features)), dtype=np.float16)
         with torch.no_grad():
-            for _, inputs, _, _ in reader.iterate(batches, accelerator.device):
+            for row, inputs, _, _ in reader.iterate(reader.eval_batches(rows, batch_size), accelerator.device):
                 with accelerator.autocast():
-                    chunks.append(model(inputs).float().cpu().numpy().astype(np.float16))
+                    block[row.numpy() - rows[0]] = model(inputs).float().cpu().numpy().astype(np.float16)
                 images += len(inputs)
         tmp = parts_dir / f"part_{part:05d}.tmp.npy"
-        np.save(tmp, np.concatenate(chunks))
+        np.save(tmp, block)
         tmp.rename(target)
     elapsed = time.perf_counter() - start
     accelerator.wait_for_everyone()
@@ -435,6 +650,70 @@ def extract_features(accelerator, backbone: nn.Module, table: PhotoTable, out: P
         shutil.rmtree(parts_dir)
     accelerator.wait_for_everyone()
     return {"count": n, "dim": dim, "images_per_s_rank0": images / max(elapsed, 1e-9),
+            "num_processes": accelerator.num_processes}
+
+
+def extract_shard_features(accelerator, backbone: nn.Module, shards: ShardBatches, out: Path, *, cfg: Config,
+                           model_name: str, fingerprint: str, batch_size: int) -> Dict[str, Any]:
+    """Features of a shard set: one resumable part per shard (ranks take shards in turn), each holding the
+    shard's features, ids, coordinates, labels and authors; rank 0 merges them in shard order."""
+    from tqdm.auto import tqdm
+
+    from geoswc.engine import prepare_for_speed
+
+    model = prepare_for_speed(backbone, cfg.train, accelerator).eval()
+    parts_dir = out / "parts"
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    dim = int(backbone.num_features)
+    start, images = time.perf_counter(), 0
+    mine = list(range(accelerator.process_index, len(shards.urls), accelerator.num_processes))
+    for part in tqdm(mine, desc="features", disable=not accelerator.is_main_process):
+        target = parts_dir / f"part_{part:05d}.npz"
+        if target.is_file():
+            continue
+        feats, ids, authors, latlon, labels = [np.zeros((0, dim), np.float16)], [], [], [], []
+        loader = shards.loader(batch_size=batch_size, accelerator=accelerator, train=False,
+                               urls=[shards.urls[part]], whole=True)
+        with torch.no_grad():
+            for batch in loader:
+                block = np.zeros((len(batch["id"]), dim), dtype=np.float16)
+                for idx, group in shards.by_shape(batch):
+                    with accelerator.autocast():
+                        block[idx] = model(shards.to_device(group, accelerator.device)[0]).float().cpu().numpy()
+                feats.append(block)
+                _, batch_labels, batch_latlon = batch["image"], batch["labels"], batch["latlon"]
+                ids += batch["id"]
+                authors += batch["author"]
+                latlon.append(batch_latlon.numpy())
+                labels.append(batch_labels.numpy())
+                images += len(block)
+        n_gran = labels[0].shape[1] if labels else 0
+        tmp = parts_dir / f"part_{part:05d}.tmp.npz"
+        with open(tmp, "wb") as f:
+            np.savez(f, features=np.concatenate(feats), ids=np.asarray(ids, dtype=str),
+                     authors=np.asarray(authors, dtype=str),
+                     latlon=np.concatenate(latlon) if latlon else np.zeros((0, 2)),
+                     labels=np.concatenate(labels) if labels else np.zeros((0, n_gran), np.int64))
+        tmp.rename(target)
+    elapsed = time.perf_counter() - start
+    accelerator.wait_for_everyone()
+    n = 0
+    if accelerator.is_main_process:
+        parts = [np.load(parts_dir / f"part_{part:05d}.npz") for part in range(len(shards.urls))]
+        features = np.concatenate([p["features"] for p in parts]).astype(np.float16)
+        n = len(features)
+        np.save(out / "features.npy", features)
+        np.save(out / "latlon.npy", np.concatenate([p["latlon"] for p in parts]).astype(np.float64))
+        np.save(out / "labels.npy", np.concatenate([p["labels"].reshape(len(p["latlon"]), -1) for p in parts
+                                                    if len(p["latlon"])]).astype(np.int64))
+        (out / "ids.txt").write_text("".join(f"{i}\n" for p in parts for i in p["ids"]))
+        (out / "authors.txt").write_text("".join(f"{a}\n" for p in parts for a in p["authors"]))
+        meta = {"fingerprint": str(fingerprint), "backbone": model_name, "dim": dim, "count": n,
+                "image_size": cfg.data.image_size}
+        (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        shutil.rmtree(parts_dir)
+    accelerator.wait_for_everyone()
+    return {"count": n or len(shards), "dim": dim, "images_per_s_rank0": images / max(elapsed, 1e-9),
             "num_processes": accelerator.num_processes}
 
 
@@ -463,19 +742,12 @@ def run_heads(args) -> int:
         val = Batches(FeatureCache(args.val_features).check(cells)) if args.val_features else None
         in_features = int(train.source.meta["dim"])
     else:
-        if not (args.model and args.train_csv and args.images):
-            raise ValueError("heads on images need --model (a backbone stage folder), --train-csv and --images")
+        if not (args.model and (args.shards or (args.train_csv and args.images))):
+            raise ValueError("heads on images need --model (a backbone stage folder) and --shards or "
+                             "--train-csv with --images")
         backbone = _backbone_from_model_dir(Path(args.model))
         in_features = int(backbone.num_features)
-        size = cfg.data.image_size
-        train = Batches(PhotoTable(args.train_csv, args.images, cells,
-                                   build_image_transform(backbone, cfg.data, train=True), size=size),
-                        num_workers=cfg.data.num_workers, channels_last=cfg.train.channels_last)
-        val = None
-        if args.val_csv:
-            val = Batches(PhotoTable(args.val_csv, args.val_images or args.images, cells,
-                                     build_image_transform(backbone, cfg.data, train=False), size=size),
-                          num_workers=cfg.data.num_workers, channels_last=cfg.train.channels_last)
+        train, val = _image_sources(args, cells, backbone, cfg)
     summaries: Dict[str, Any] = {}
     ce_head = None
     reuse = Path(args.model) / "heads" / "ce.safetensors" if args.model else None
@@ -542,9 +814,13 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="also checkpoint every STEPS optimizer steps (default: at epoch ends)")
 
 
-def _images(parser: argparse.ArgumentParser, *, required: bool) -> None:
-    parser.add_argument("--train-csv", required=required, help="training metadata (IMG_ID, AUTHOR, LAT, LON)")
-    parser.add_argument("--images", required=required, help="image root the IMG_IDs are relative to")
+def _images(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shards", metavar="DIR_OR_PATTERN",
+                        help="training shards (geoswc data shards --cells): a folder of *.tar or a brace pattern; "
+                             "instead of --train-csv/--images")
+    parser.add_argument("--val-shards", metavar="DIR_OR_PATTERN", help="validation shards (instead of --val-csv)")
+    parser.add_argument("--train-csv", help="training metadata (IMG_ID, AUTHOR, LAT, LON)")
+    parser.add_argument("--images", help="image root the IMG_IDs are relative to")
     parser.add_argument("--val-csv", help="validation metadata: accuracy at 1/25/200/750/2500 km each epoch")
     parser.add_argument("--val-images", help="image root of --val-csv (default: --images)")
 
@@ -552,14 +828,16 @@ def _images(parser: argparse.ArgumentParser, *, required: bool) -> None:
 def add_stage_parsers(stages) -> None:
     p = stages.add_parser("backbone", help="train the backbone with CE over the finest partition")
     _common(p)
-    _images(p, required=True)
+    _images(p)
     p.add_argument("--backbone-weights", help="local ImageNet weights (.safetensors/.pth) to start from")
     p.set_defaults(func=run_backbone)
 
     p = stages.add_parser("features", help="extract pooled backbone features into a feature cache")
     _common(p)
-    p.add_argument("--csv", required=True, help="metadata of the photos to embed")
-    p.add_argument("--images", required=True, help="image root the IMG_IDs are relative to")
+    p.add_argument("--csv", help="metadata of the photos to embed")
+    p.add_argument("--images", help="image root the IMG_IDs are relative to")
+    p.add_argument("--shards", metavar="DIR_OR_PATTERN",
+                   help="shards to embed (geoswc data shards --cells) instead of --csv/--images")
     p.add_argument("--model", help="backbone stage output folder (default: the configured timm backbone)")
     p.add_argument("--backbone-weights", help="local ImageNet weights when --model is not given")
     p.add_argument("--part-size", type=int, default=4096, help="rows per resumable part")
@@ -574,7 +852,7 @@ def add_stage_parsers(stages) -> None:
     p.add_argument("--model", help="backbone stage folder: its CE layer is reused as the ce head")
     p.add_argument("--train-ce", action="store_true", help="fine-tune the reused CE layer instead of copying it")
     p.add_argument("--on-images", action="store_true", help="train end to end on augmented images")
-    _images(p, required=False)
+    _images(p)
     p.set_defaults(func=run_heads)
 
     if importlib.util.find_spec("geoswc.train_retrieval") is not None:
