@@ -15,6 +15,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Sequence, Set, Tuple, Union
@@ -87,15 +88,29 @@ def read_metadata(path: PathLike) -> pd.DataFrame:
     return frame[first + [c for c in frame.columns if c not in first]].reset_index(drop=True)
 
 
-def normalize_photo_id(img_id: str) -> str:
-    """The bare photo id that MP16, Im2GPS and YFCC file names share.
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "heic", "heif")
+IMAGE_EXTENSION_RE = r"\.(?:" + "|".join(IMAGE_EXTENSIONS) + r")$"
+# A Flickr file name ends with <photo id>_<10-hex secret>, then either <server>_<owner nsid> (the Im2GPS
+# naming) or a one-letter size suffix. Anchoring at the end skips the prefixes Im2GPS adds ("Athens_00016_").
+FLICKR_NAME_RE = r"(?:^|_)(\d+)_[0-9a-fA-F]{10}(?:_\d+_\d+@N\d+|_[a-z])?$"
+_EXTENSION_PATTERN = re.compile(IMAGE_EXTENSION_RE, re.IGNORECASE)
+_FLICKR_PATTERN = re.compile(FLICKR_NAME_RE)
 
-    ``45/77/3228511372.jpg``, ``3228511372.jpg`` and Flickr names such as
-    ``1000269685_e60e9cdfb4_1125_78841376@N00.jpg`` (id, secret, server, owner) all reduce to the leading id.
+
+def normalize_photo_id(img_id: str) -> str:
+    """The key under which one photo is recognised across MP16, Im2GPS, YFCC4k and prediction files.
+
+    Take the file name (after the last ``/`` or ``\\``), drop an image extension; if what remains is a
+    Flickr-style name ending in ``<photo id>_<10-hex secret>`` (optionally ``_<server>_<owner>`` or a size
+    letter), the key is the numeric photo id, otherwise the remaining name unchanged. So
+    ``45/77/3228511372.jpg`` and ``3228511372.jpg`` give ``3228511372``, and
+    ``1000269685_e60e9cdfb4_1125_78841376@N00.jpg`` and ``Athens_00016_1000269685_e60e9cdfb4_1125_78841376@N00``
+    give ``1000269685``, while distinct non-Flickr names never merge.
     """
     name = str(img_id).strip().replace("\\", "/").rsplit("/", 1)[-1]
-    stem = name.rsplit(".", 1)[0] if "." in name else name
-    return stem.split("_", 1)[0]
+    stem = _EXTENSION_PATTERN.sub("", name)
+    flickr = _FLICKR_PATTERN.search(stem)
+    return flickr.group(1) if flickr else stem
 
 
 @dataclass

@@ -21,6 +21,8 @@ from typing import NamedTuple, Optional, Union
 import numpy as np
 import pandas as pd
 
+from geoswc.data.metadata import FLICKR_NAME_RE, IMAGE_EXTENSION_RE, IMAGE_EXTENSIONS, normalize_photo_id
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -34,13 +36,8 @@ __all__ = [
     "read_peer_predictions",
 ]
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "heic", "heif")
-_EXTENSION_RE = r"\.(?:" + "|".join(IMAGE_EXTENSIONS) + r")$"
-# A Flickr file name ends with <photo id>_<10-hex secret>, then either <server>_<owner nsid> (the Im2GPS
-# naming) or a one-letter size suffix. Anchoring at the end skips the prefixes Im2GPS adds ("Athens_00016_").
-_FLICKR_RE = r"(?:^|_)(\d+)_[0-9a-fA-F]{10}(?:_\d+_\d+@N\d+|_[a-z])?$"
-_EXTENSION_PATTERN = re.compile(_EXTENSION_RE, re.IGNORECASE)
-_FLICKR_PATTERN = re.compile(_FLICKR_RE)
+_EXTENSION_RE = IMAGE_EXTENSION_RE
+_FLICKR_RE = FLICKR_NAME_RE
 
 COLUMN_ALIASES = {
     "IMG_ID": ("img_id", "image_id", "id"),
@@ -92,10 +89,7 @@ def normalize_image_id(image_id) -> str:
     ``1000269685_e60e9cdfb4_1125_78841376@N00.jpg``, ``some/dir/1000269685_e60e9cdfb4_1125_78841376@N00.jpg``
     and ``1000269685`` all give ``"1000269685"``; ``45/77/3228511372.jpg`` gives ``"3228511372"``.
     """
-    name = str(image_id).strip().replace("\\", "/").rsplit("/", 1)[-1]
-    stem = _EXTENSION_PATTERN.sub("", name)
-    flickr = _FLICKR_PATTERN.search(stem)
-    return flickr.group(1) if flickr else stem
+    return normalize_photo_id(image_id)
 
 
 def normalize_image_ids(image_ids) -> list[str]:

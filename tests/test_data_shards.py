@@ -202,3 +202,14 @@ def test_check_leaks_real_benchmarks(shared_reference, world):
     assert "1000269685" in exclusions.photo_ids
     report = find_leaks(world / "train.csv", benches)
     assert report["excluded_author"] == 0 and report["excluded_id"] == 0
+
+
+def test_leakage_ids_use_the_evaluation_rule():
+    """Leakage control and scoring must recognise a photo by the same key (Im2GPS prefixes included)."""
+    from geoswc.eval import normalize_image_id
+
+    names = ["Athens_00016_1004463976_7d8c7a2b1e_1110_45789120@N00.jpg", "China_00092_5.jpg",
+             "Washington_00092_6.jpg", "45/77/3228511372.jpg", "10201275523.jpg"]
+    assert [normalize_photo_id(n) for n in names] == [normalize_image_id(n) for n in names]
+    assert normalize_photo_id(names[0]) == "1004463976"
+    assert normalize_photo_id(names[1]) != normalize_photo_id(names[2])
