@@ -21,6 +21,38 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shards(args: argparse.Namespace) -> int:
+    from .metadata import Exclusions, expand_globs, read_metadata
+    from .shards import write_shards
+
+    if (args.images is None) == (args.msgpack is None):
+        raise ValueError("give exactly one of --images ROOT or --msgpack GLOB")
+    metadata = read_metadata(args.metadata)
+    labeler = fingerprint = None
+    if args.cells is not None:
+        from geoswc.geocells import Geocells
+
+        geocells = Geocells.load(args.cells)
+        labeler, fingerprint = geocells.assign, geocells.fingerprint
+    summary = write_shards(
+        metadata,
+        args.out,
+        images_root=args.images,
+        msgpack_paths=expand_globs(args.msgpack) if args.msgpack else None,
+        labeler=labeler,
+        fingerprint=fingerprint,
+        exclusions=Exclusions.from_files(args.exclude) if args.exclude else None,
+        samples_per_shard=args.samples_per_shard,
+        resize=args.resize,
+        quality=args.quality,
+        workers=args.workers,
+    )
+    counts = ", ".join(f"{key} {summary[key]}" for key in
+                       ("written", "skipped_corrupt", "skipped_missing", "excluded_author", "excluded_id"))
+    print(f"{len(summary['shards'])} shards in {args.out}: {counts}; details in {Path(args.out) / 'summary.json'}")
+    return 0
+
+
 def _check_leaks(args: argparse.Namespace) -> int:
     from .metadata import find_leaks
 
@@ -58,6 +90,23 @@ def register(subparsers) -> None:
     synth.add_argument("--size", type=int, default=128, help="long side of the 4:3 photos in pixels (default 128)")
     synth.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="rendering processes")
     synth.set_defaults(func=_synth)
+
+    shards = commands.add_parser(
+        "shards", help="write webdataset tar shards (jpg + json per photo) from metadata and images"
+    )
+    shards.add_argument("metadata", type=Path, help="metadata CSV: IMG_ID,AUTHOR,LAT,LON (MP16 format)")
+    source = shards.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", type=Path, help="folder holding the IMG_ID paths")
+    source.add_argument("--msgpack", nargs="+", help="GeoEstimation msgpack shards (glob patterns)")
+    shards.add_argument("-o", "--out", type=Path, required=True, help="output folder (a rerun resumes)")
+    shards.add_argument("--cells", type=Path, help="geocells folder (geoswc cells build): store class labels")
+    shards.add_argument("--exclude", type=Path, nargs="+", default=[],
+                        help="benchmark CSVs whose authors and photo ids are left out (paper 4.2)")
+    shards.add_argument("--samples-per-shard", type=int, default=10000, help="photos per tar (default 10000)")
+    shards.add_argument("--resize", type=int, help="re-encode with this short side, e.g. 320 (default: keep)")
+    shards.add_argument("--quality", type=int, default=90, help="JPEG quality when re-encoding (default 90)")
+    shards.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="encoding processes")
+    shards.set_defaults(func=_shards)
 
     leaks = commands.add_parser(
         "check-leaks", help="report authors and photo ids shared by a training CSV and benchmark CSVs"

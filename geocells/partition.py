@@ -444,7 +444,16 @@ class S2Partitioner:
         if lat.size == 0:
             raise ValueError("no coordinates to partition")
         leaves, xyz = gs2.latlng_to_cell_id_and_xyz(lat, lon)
-        sorted_leaves = np.sort(leaves)
+        order = np.argsort(leaves)
+        sorted_leaves = leaves[order]
+        del leaves
+        # Prefix sums of the unit vectors in leaf order: the vector sum of any cell (a contiguous range of
+        # sorted leaves) is then one subtraction. The absolute error, about 1e-9 after millions of photos,
+        # moves a centre of a 50-photo cell by well under a millimetre.
+        prefix_xyz = np.zeros((lat.size + 1, 3), dtype=np.float64)
+        for k in range(3):
+            np.cumsum(np.take(xyz[:, k], order), out=prefix_xyz[1:, k])
+        del xyz, order
         start = _unique_sorted(gs2.cell_id_parent(sorted_leaves, start_level))
 
         built = []
@@ -461,7 +470,7 @@ class S2Partitioner:
                 raise ValueError(
                     f"{name}: no cell holds more than min_images={min_images} of the {lat.size} photos"
                 )
-            partitions.append(_partition_from_cells(name, cells, leaves, xyz, num_images=lat.size))
+            partitions.append(_partition_from_cells(name, cells, sorted_leaves, prefix_xyz, num_images=lat.size))
             logger.info("%s: %d cells, %d of %d photos", name, len(cells), partitions[-1].counts.sum(), lat.size)
         partitions.sort(key=len)
         settings = {
@@ -543,14 +552,12 @@ def _split_to_target(sorted_leaves: np.ndarray, start: np.ndarray, *, min_images
     return np.sort(cells)
 
 
-def _partition_from_cells(name: str, cells: np.ndarray, leaves: np.ndarray, xyz: np.ndarray, *, num_images: int) -> Partition:
-    """Counts and spherical-mean centres of sorted disjoint ``cells`` from the (unsorted) photos."""
+def _partition_from_cells(
+    name: str, cells: np.ndarray, sorted_leaves: np.ndarray, prefix_xyz: np.ndarray, *, num_images: int
+) -> Partition:
+    """Counts and spherical-mean centres of sorted disjoint ``cells``."""
     lo, hi = gs2.cell_id_range(cells)
-    pos = np.searchsorted(lo, leaves, side="right") - 1
-    safe = np.maximum(pos, 0)
-    label = np.where((pos >= 0) & (leaves <= hi[safe]), safe, len(cells))
-    counts = np.bincount(label, minlength=len(cells) + 1)[: len(cells)]
-    sums = np.stack(
-        [np.bincount(label, weights=xyz[:, k], minlength=len(cells) + 1)[: len(cells)] for k in range(3)], axis=1
-    )
-    return Partition(cells, counts=counts, centers_deg=xyz_to_latlng_deg(sums), name=name, num_images=num_images)
+    first = np.searchsorted(sorted_leaves, lo, side="left")
+    end = np.searchsorted(sorted_leaves, hi, side="right")
+    sums = prefix_xyz[end] - prefix_xyz[first]
+    return Partition(cells, counts=end - first, centers_deg=xyz_to_latlng_deg(sums), name=name, num_images=num_images)

@@ -26,7 +26,7 @@ _LIMIT_IJ = 1 << MAX_LEVEL
 _LOOKUP_BITS = 4
 _SWAP_MASK = 1
 _INVERT_MASK = 2
-_CHUNK = 1 << 20
+_CHUNK = 1 << 16
 
 # Hilbert curve: for each orientation, the (i, j) sub-square visited at each position 0..3 (as 2*i + j),
 # and how visiting position p changes the orientation of the sub-curve.
@@ -85,13 +85,10 @@ def latlng_to_xyz(lat, lon) -> np.ndarray:
 
 
 def _uv_to_st(u: np.ndarray) -> np.ndarray:
-    # The quadratic projection; written as two branches because the library evaluates only one of them.
-    out = np.empty_like(u)
-    pos = u >= 0
-    out[pos] = 0.5 * np.sqrt(1 + 3 * u[pos])
-    neg = ~pos
-    out[neg] = 1 - 0.5 * np.sqrt(1 - 3 * u[neg])
-    return out
+    # The quadratic projection. For u < 0 the library computes 1 - 0.5 * sqrt(1 - 3u); 1 - 3u and
+    # 1 + 3|u| are the same float, so one square root serves both signs bit for bit.
+    t = 0.5 * np.sqrt(1 + 3 * np.abs(u))
+    return np.where(u >= 0, t, 1 - t)
 
 
 def _st_to_ij(s: np.ndarray) -> np.ndarray:
@@ -105,25 +102,15 @@ def _xyz_to_leaf_ids(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
     ax, ay, az = np.abs(x), np.abs(y), np.abs(z)
     # LargestAbsComponent with the library's tie-breaking: x beats y only if strictly larger, etc.
     axis = np.where(ax > ay, np.where(ax > az, 0, 2), np.where(ay > az, 1, 2))
-    comp = np.choose(axis, (x, y, z))
-    face = axis + 3 * (comp < 0)
-
-    u = np.empty_like(x)
-    v = np.empty_like(x)
-    # (numerator_u, numerator_v, denominator) per face: u = nu / d, v = nv / d.
-    face_uv = (
-        (y, z, x),
-        (-x, z, y),
-        (-x, -y, z),
-        (z, y, x),
-        (z, -x, y),
-        (-y, -x, z),
-    )
-    for f, (nu, nv, d) in enumerate(face_uv):
-        m = face == f
-        if m.any():
-            u[m] = nu[m] / d[m]
-            v[m] = nv[m] / d[m]
+    d = np.where(axis == 0, x, np.where(axis == 1, y, z))
+    negative = d < 0
+    face = axis + 3 * negative
+    # Faces 0/1/2 have u = p / d, v = q / d with (p, q) = (y, z), (-x, z), (-x, -y); the opposite faces
+    # 3/4/5 swap u and v.
+    p = np.where(axis == 0, y, -x) / d
+    q = np.where(axis == 2, -y, z) / d
+    u = np.where(negative, q, p)
+    v = np.where(negative, p, q)
     i = _st_to_ij(_uv_to_st(u))
     j = _st_to_ij(_uv_to_st(v))
     return _face_ij_to_id(face.astype(np.uint64), i, j)

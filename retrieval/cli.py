@@ -1,9 +1,67 @@
-"""Placeholder command registration; the owning module replaces this file."""
+"""``geoswc index build``: the placeable background collection as a Search-within-Cell index (paper 3.3.3)."""
+
+from __future__ import annotations
+
+import argparse
+import json
 
 
-def _unavailable(args):
-    raise NotImplementedError(f'geoswc {args.command} is not built yet')
+def _build(args: argparse.Namespace) -> int:
+    from geoswc.config import resolve_config
+    from geoswc.retrieval.background import build_background
+
+    cfg = resolve_config(args.preset, args.config, args.set or [])
+    dtype = args.dtype or cfg.retrieval.index_dtype
+    report = build_background(
+        args.features,
+        head_path=args.head,
+        retrieval_path=args.retrieval,
+        cells_dir=args.cells,
+        out_dir=args.out,
+        exclude=args.exclude or (),
+        dtype=dtype,
+        batch_size=args.batch_size,
+        device=args.device,
+        config=cfg.to_dict(),
+    )
+    cfg.save(f"{args.out}/config.yaml")
+    dropped = report["total"] - report["kept"]
+    print(
+        f"kept {report['kept']} of {report['total']} photos in {report['cells_with_background']} of "
+        f"{report['n_cells']} cells; dropped {dropped}: wrong cell {report['wrong_cell']}, "
+        f"excluded author {report['excluded_author']}, excluded id {report['excluded_id']}, "
+        f"no label {report['no_label']}"
+    )
+    print(json.dumps(report, indent=2))
+    return 0
 
 
-def register(subparsers):
-    subparsers.add_parser('index', help='(in development)').set_defaults(func=_unavailable)
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("index", help="build the background index for Search within Cell")
+    commands = parser.add_subparsers(dest="index_command", metavar="ACTION", required=True)
+    p = commands.add_parser(
+        "build",
+        help="placeable training photos -> retrieval embeddings sorted by cell",
+        description="Keep the training photos whose top-1 fine cell by --head is their true cell, minus photos by "
+        "authors (or with ids) of the --exclude evaluation sets; embed them with the retrieval module and "
+        "write a BackgroundIndex folder.",
+    )
+    p.add_argument("--features", required=True, help="feature cache of the training photos")
+    p.add_argument(
+        "--head", required=True, help="classification head (.safetensors) that decides placeability"
+    )
+    p.add_argument("--retrieval", required=True, help="trained retrieval module (.safetensors)")
+    p.add_argument("--cells", required=True, help="Geocells folder the head and features were made with")
+    p.add_argument("-o", "--out", required=True, help="index folder to write")
+    p.add_argument(
+        "--exclude", nargs="+", metavar="BENCH.csv", help="evaluation sets whose authors/ids are left out"
+    )
+    p.add_argument(
+        "--dtype", choices=("float16", "float32"), help="storage dtype (default: retrieval.index_dtype)"
+    )
+    p.add_argument("--batch-size", type=int, default=8192, help="rows per forward pass")
+    p.add_argument("--device", help="torch device (default: cuda when available)")
+    p.add_argument("--preset", help="configuration preset saved with the index")
+    p.add_argument("--config", help="YAML/JSON configuration file")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override one setting")
+    p.set_defaults(func=_build)

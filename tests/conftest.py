@@ -38,3 +38,67 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip_gpu)
+
+
+def build_tiny_model(directory: Path, *, seed: int = 0) -> Path:
+    """A real model folder in seconds: random-weight `test_efficientnet` backbone (64 px), a partition fitted
+    on 400 points around a few hubs, CE/HC/MvMF heads, a retrieval module and an index over ~300 background
+    photos embedded by that backbone. Some fine cells hold no background photo (Search within Cell falls back).
+    """
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from geoswc.classifiers import create_backbone, create_head
+    from geoswc.config import Config
+    from geoswc.geocells import S2Partitioner
+    from geoswc.geolocator import Geolocator
+    from geoswc.retrieval.index import BackgroundIndex
+    from geoswc.retrieval.model import ResidualRetrievalModule
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    hubs = np.array([[48.86, 2.35], [40.71, -74.0], [35.68, 139.69], [-33.87, 151.21], [51.51, -0.13],
+                     [41.9, 12.5], [37.77, -122.42], [-22.91, -43.17]])
+    hub = rng.integers(0, len(hubs), size=400)
+    latlon = hubs[hub] + rng.normal(scale=[0.15, 0.2], size=(400, 2))
+    geocells = S2Partitioner(min_images=4, max_images=(120, 60, 25)).fit(latlon[:, 0], latlon[:, 1]).geocells_
+
+    config = Config().merge(
+        {
+            "data": {"image_size": 64, "eval_resize": "longest", "num_workers": 0},
+            "backbone": {"model": "test_efficientnet", "pretrained": False},
+            "retrieval": {"hidden_dim": 64},
+        }
+    )
+    backbone = create_backbone("test_efficientnet", pretrained=False).eval()
+    dim = backbone.num_features
+    heads = {kind: create_head(kind, in_features=dim, geocells=geocells) for kind in ("ce", "hc", "mvmf")}
+    retrieval = ResidualRetrievalModule(dim, hidden_dim=64).eval()
+    model = Geolocator(
+        backbone=backbone, geocells=geocells, heads=heads, retrieval=retrieval, config=config,
+        backbone_name="test_efficientnet",
+    )
+
+    # Background photos: the first six hubs only, so the cells of the last two stay empty.
+    bg = np.flatnonzero(hub < 6)[:300]
+    cell_idx = geocells.fine.assign(latlon[bg, 0], latlon[bg, 1])
+    bg = bg[cell_idx >= 0]
+    cell_idx = cell_idx[cell_idx >= 0]
+    pixels = []
+    for i in bg:
+        tint = np.array([40 * hub[i] % 255, 90, 255 - 30 * hub[i]], dtype=np.float64)
+        image = np.clip(tint + rng.normal(scale=40, size=(48, 64, 3)), 0, 255).astype(np.uint8)
+        pixels.append(model.transform(Image.fromarray(image)))
+    embeddings = model.embed(model.features(torch.stack(pixels)))
+    model.index = BackgroundIndex().build(
+        embeddings.numpy(), cell_idx=cell_idx, latlon=latlon[bg], ids=[f"bg{i:03d}" for i in bg],
+        n_cells=len(geocells.fine), fingerprint=geocells.fingerprint,
+    )
+    return model.save_pretrained(directory)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A saved `Geolocator` folder with every part (see `build_tiny_model`); treat it as read-only."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_model") / "model")

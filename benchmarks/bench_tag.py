@@ -1,0 +1,132 @@
+"""What `geoswc tag`'s pipeline (discovery, decoding, transform, writing) adds to the backbone's forward time.
+
+Both timings run in this process over the same JPEGs and the same batches:
+
+- backbone: the forward passes alone, on tensors decoded and transformed beforehand;
+- end to end: `geoswc.tag.tag_photos` over the folder (decoding workers, reduced-size JPEG decoding, the
+  eval transform, batched model calls, rows flushed per batch).
+
+The overhead is ``end_to_end / backbone - 1``; the target is <= 10 % on CPU.
+
+    python benchmarks/bench_tag.py --photos 128 --backbone efficientnet_b4 --size 300
+    python benchmarks/bench_tag.py --model DIR          # a real model folder (Geolocator)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class BackbonePredictor:
+    """A randomly initialised timm backbone with its own eval transform; features become a position."""
+
+    def __init__(self, name: str, size: int):
+        import timm
+        from timm.data import create_transform, resolve_model_data_config
+
+        self.model = timm.create_model(name, pretrained=False, num_classes=0).eval()
+        config = resolve_model_data_config(self.model)
+        config["input_size"] = (3, size, size)
+        config["crop_pct"] = 1.0
+        self.transform = create_transform(**config, is_training=False)
+
+    @torch.inference_mode()
+    def forward(self, pixels):
+        return self.model(pixels)
+
+    def predict_batch(self, pixels):
+        features = self.forward(pixels)
+        # A deterministic position from the features, so every row carries real numbers.
+        lat = torch.tanh(features[:, 0]) * 90
+        lon = torch.tanh(features[:, 1]) * 180
+        return [
+            {"lat": a, "lon": b, "method": "cell", "cell_token": None, "cell_probability": None, "confidence": None}
+            for a, b in zip(lat.tolist(), lon.tolist())
+        ]
+
+
+def make_photos(folder: Path, count: int, width: int, height: int, seed: int = 0) -> None:
+    """Camera-like JPEGs: smooth gradients plus noise, quality 90, EXIF-free."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    for i in range(count):
+        base = np.stack([x / width, y / height, (x + y) / (width + height)], axis=-1) * 255
+        noise = rng.normal(0, 12, size=(height, width, 3))
+        pixels = np.clip(base * rng.uniform(0.5, 1.0, 3) + noise, 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"photo_{i:05d}.jpg", quality=90)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--photos", type=int, default=128)
+    parser.add_argument("--width", type=int, default=1600)
+    parser.add_argument("--height", type=int, default=1200)
+    parser.add_argument("--backbone", default="efficientnet_b4")
+    parser.add_argument("--size", type=int, default=300)
+    parser.add_argument("--model", help="a model folder; overrides --backbone/--size")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=2, help="alternating timings of each; the best counts")
+    args = parser.parse_args()
+
+    from geoswc.archive import load_photo
+    from geoswc.tag import resize_target, tag_photos
+
+    if args.model:
+        from geoswc.geolocator import Geolocator
+
+        predictor = Geolocator.from_pretrained(args.model)
+        forward = predictor.predict_batch
+        label = f"model {args.model}"
+    else:
+        predictor = BackbonePredictor(args.backbone, args.size)
+        forward = predictor.forward
+        label = f"{args.backbone} at {args.size} px (random weights)"
+    target = resize_target(predictor.transform)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "photos"
+        folder.mkdir()
+        make_photos(folder, args.photos, args.width, args.height)
+        paths = sorted(str(p) for p in folder.iterdir())
+        pixels = torch.stack([predictor.transform(load_photo(p, target=target)) for p in paths])
+        batches = list(torch.split(pixels, args.batch_size))
+        forward(batches[0][:2])  # warm-up: allocator, kernels
+
+        backbone_s, e2e_s = [], []
+        for repeat in range(args.repeats):
+            start = time.perf_counter()
+            for batch in batches:
+                forward(batch)
+            backbone_s.append(time.perf_counter() - start)
+
+            out = Path(tmp) / f"tags{repeat}.csv"
+            start = time.perf_counter()
+            summary = tag_photos(
+                [str(folder)], predictor, str(out), batch_size=args.batch_size, workers=args.workers, target=target
+            )
+            e2e_s.append(time.perf_counter() - start)
+            assert summary.ok == args.photos, summary
+
+    backbone, e2e = min(backbone_s), min(e2e_s)
+    workers = args.workers if args.workers is not None else max(0, min(8, (os.cpu_count() or 1) - 1))
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads "
+          f"{torch.get_num_threads()}, CUDA {'yes' if torch.cuda.is_available() else 'no'}")
+    print(f"{label}; {args.photos} JPEGs {args.width}x{args.height}; batch {args.batch_size}; {workers} decoding workers")
+    print(f"backbone forward on preloaded tensors: {backbone:.2f} s ({args.photos / backbone:.1f} images/s)")
+    print(f"end-to-end geoswc tag:                 {e2e:.2f} s ({args.photos / e2e:.1f} images/s)")
+    print(f"pipeline overhead: {100 * (e2e / backbone - 1):+.1f} % (target <= 10 %)")
+
+
+if __name__ == "__main__":
+    main()

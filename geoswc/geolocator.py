@@ -1,0 +1,571 @@
+"""The Geolocator: one object that turns photos into coordinates (ICMR 2021, Figure 1 and section 3.4).
+
+It composes the trained parts: a timm backbone (pooled features), the classification heads (CE, HC, MvMF), the
+residual retrieval module, the background index and the Earth partition (`Geocells`), and saves/loads them as
+one model folder (layout in docs/architecture.md). Three ways to place a photo:
+
+- ``cell``: the head's own prediction (centre of the best fine cell, or the MvMF mean);
+- ``swc``: Search within Cell: the K most similar background photos inside the head's best cell, DBSCAN,
+  mean of the largest cluster; photos whose cell holds no background photo fall back to ``cell``;
+- ``rrm``: the position of the most similar background photo anywhere (global retrieval).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from geoswc import __version__
+from geoswc.config import Config
+
+logger = logging.getLogger(__name__)
+
+MODES = ("swc", "cell", "rrm")
+# Preferred head when the caller names none.
+HEAD_PREFERENCE = ("hc", "mvmf", "ce")
+CONFIDENCE_RADIUS_KM = 25.0
+EARTH_RADIUS_KM = 6371.0
+FORMAT_VERSION = 1
+
+ImageInput = Union[str, Path, "PIL.Image.Image"]  # noqa: F821
+
+
+@dataclass
+class Predictions:
+    """Predictions for N photos as arrays (``Geolocator.locate``); `to_records` gives one dict per photo.
+
+    Attributes:
+        latlon_deg: ``(N, 2)`` predicted positions.
+        method: ``(N,)`` str: ``swc``, ``cell``, ``fallback`` (Search within Cell found no background photo in
+            the cell, so the head's prediction is used) or ``rrm``.
+        cell_idx: ``(N,)`` the head's best fine cell (-1 without a head).
+        cell_prob: ``(N,)`` its probability.
+        top_cells: ``(N, T)`` the head's T best fine cells, best first; ``top_probs`` their probabilities.
+        confidence: ``(N,)`` probability mass of the fine cells whose centres lie within 25 km of the best
+            cell's centre (the ICMR authors' "prediction density"); NaN without a head.
+        neighbour_rows: ``(N, K)`` background index rows used, most similar first, -1 padding.
+        neighbour_sims: ``(N, K)`` their similarities.
+        neighbour_in_cluster: ``(N, K)`` bool, the neighbours that make up the prediction.
+        head: the head used (None for ``rrm`` without heads); mode: the mode.
+    """
+
+    latlon_deg: np.ndarray
+    method: np.ndarray
+    cell_idx: np.ndarray
+    cell_prob: np.ndarray
+    top_cells: np.ndarray
+    top_probs: np.ndarray
+    confidence: np.ndarray
+    neighbour_rows: np.ndarray
+    neighbour_sims: np.ndarray
+    neighbour_in_cluster: np.ndarray
+    head: Optional[str]
+    mode: str
+
+    def __len__(self) -> int:
+        return len(self.latlon_deg)
+
+    def to_records(self, geolocator: "Geolocator") -> List[Dict[str, Any]]:
+        """One JSON-ready dict per photo, with cell tokens and neighbour ids resolved."""
+        tokens = geolocator.geocells.fine.tokens
+        index = geolocator.index
+        index_latlon = np.asarray(index.latlon) if index is not None else None
+        records = []
+        for i in range(len(self)):
+            cell = int(self.cell_idx[i])
+            rows = self.neighbour_rows[i]
+            keep = rows >= 0
+            neighbours = [
+                {
+                    "id": str(index.ids[r]),
+                    "similarity": float(s),
+                    "lat": float(index_latlon[r, 0]),
+                    "lon": float(index_latlon[r, 1]),
+                    "in_cluster": bool(c),
+                }
+                for r, s, c in zip(rows[keep], self.neighbour_sims[i][keep], self.neighbour_in_cluster[i][keep])
+            ]
+            records.append(
+                {
+                    "lat": float(self.latlon_deg[i, 0]),
+                    "lon": float(self.latlon_deg[i, 1]),
+                    "method": str(self.method[i]),
+                    "head": self.head,
+                    "cell_idx": cell,
+                    "cell_token": str(tokens[cell]) if cell >= 0 else None,
+                    "cell_prob": float(self.cell_prob[i]),
+                    "top_cells": [
+                        {"cell_idx": int(c), "token": str(tokens[c]), "prob": float(p)}
+                        for c, p in zip(self.top_cells[i], self.top_probs[i])
+                        if c >= 0
+                    ],
+                    "confidence": float(self.confidence[i]),
+                    "neighbours": neighbours,
+                }
+            )
+        return records
+
+
+class Geolocator(nn.Module):
+    """Backbone, heads, retrieval module, background index and partition, composed for inference.
+
+    Args:
+        backbone: timm model created with ``num_classes=0`` (returns pooled features).
+        geocells: the partition the heads, the retrieval module and the index were built on.
+        heads: ``{kind: head}`` classification heads (``ce``, ``hc``, ``mvmf``).
+        retrieval: the residual retrieval module (needed by ``swc`` and ``rrm``).
+        index: the `BackgroundIndex` (needed by ``swc`` and ``rrm``).
+        config: the resolved configuration (Search within Cell settings, image size).
+        backbone_name: the timm model name, saved so the folder can be rebuilt.
+        data_config: the backbone's timm data config (mean, std, interpolation); resolved from the model when
+            omitted.
+
+    Raises:
+        ValueError: when a head, the retrieval module or the index was built on another partition.
+    """
+
+    def __init__(
+        self,
+        *,
+        backbone: nn.Module,
+        geocells: Any,
+        heads: Optional[Mapping[str, nn.Module]] = None,
+        retrieval: Optional[nn.Module] = None,
+        index: Any = None,
+        config: Optional[Config] = None,
+        backbone_name: Optional[str] = None,
+        data_config: Optional[Dict[str, Any]] = None,
+    ):
+        super().__init__()
+        self.backbone = backbone
+        self.heads = nn.ModuleDict(dict(heads or {}))
+        self.retrieval = retrieval
+        self.index = index
+        self.geocells = geocells
+        self.config = config if config is not None else Config()
+        self.backbone_name = backbone_name or getattr(backbone, "default_cfg", {}).get("architecture", "")
+        if data_config is None:
+            import timm
+
+            data_config = timm.data.resolve_model_data_config(backbone)
+        self.data_config = dict(data_config)
+        self._transform = None
+        self._density_neighbours: Optional[torch.Tensor] = None
+        self._check_fingerprints()
+        self.eval()
+
+    # ------------------------------------------------------------------ composition checks and properties
+    @property
+    def fingerprint(self) -> str:
+        return str(self.geocells.fingerprint)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.backbone.parameters()).device
+
+    @property
+    def head_names(self) -> List[str]:
+        return list(self.heads.keys())
+
+    def _check_fingerprints(self) -> None:
+        parts = [(f"head {kind!r}", getattr(head, "fingerprint", None)) for kind, head in self.heads.items()]
+        parts.append(("retrieval module", getattr(self.retrieval, "fingerprint", None)))
+        parts.append(("background index", getattr(self.index, "fingerprint", None)))
+        for name, fingerprint in parts:
+            if fingerprint is not None and str(fingerprint) != self.fingerprint:
+                raise ValueError(
+                    f"{name} was built on partition {fingerprint!r} but the geocells have fingerprint "
+                    f"{self.fingerprint!r}; use the cells it was trained with"
+                )
+
+    def resolve_head(self, head: Optional[str] = None) -> str:
+        """The head to use: ``head`` if given, else the first available of hc, mvmf, ce."""
+        if head is None:
+            for kind in HEAD_PREFERENCE:
+                if kind in self.heads:
+                    return kind
+            if self.heads:
+                return next(iter(self.heads))
+            raise ValueError("this model has no classification head; use mode='rrm'")
+        if head not in self.heads:
+            choices = ", ".join(self.heads) or "(none)"
+            raise ValueError(f"unknown head {head!r}; this model has: {choices}")
+        return head
+
+    @property
+    def transform(self):
+        """The evaluation transform (PIL image -> normalised tensor) from the backbone's data config."""
+        if self._transform is None:
+            from geoswc.data.transforms import build_transform
+
+            self._transform = build_transform(
+                self.data_config,
+                train=False,
+                size=self.config.data.image_size,
+                eval_resize=self.config.data.eval_resize,
+            )
+        return self._transform
+
+    # ------------------------------------------------------------------ forward passes
+    def _autocast(self):
+        if self.device.type == "cuda":
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.autocast("cuda", dtype=dtype)
+        return contextlib.nullcontext()
+
+    def features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pooled backbone features ``(B, D)`` float32 of a batch of transformed images ``(B, 3, H, W)``."""
+        if pixels.ndim != 4 or pixels.shape[1] != 3:
+            raise ValueError(f"pixels must have shape (B, 3, H, W), got {tuple(pixels.shape)}")
+        pixels = pixels.to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), self._autocast():
+            return self.backbone(pixels).float()
+
+    def embed(self, features: torch.Tensor) -> torch.Tensor:
+        """Retrieval embeddings ``(B, D)`` (L2-normalised) of backbone features."""
+        if self.retrieval is None:
+            raise ValueError("this model has no retrieval module; modes 'swc' and 'rrm' need one")
+        with torch.inference_mode(), self._autocast():
+            return self.retrieval(features.to(self.device)).float()
+
+    def density_neighbours(self) -> torch.Tensor:
+        """``(n_fine, M)`` fine cells whose centres lie within 25 km of each fine cell's centre, -1 padded."""
+        if self._density_neighbours is None:
+            from sklearn.neighbors import BallTree
+
+            centers_rad = np.radians(np.asarray(self.geocells.fine.centers_deg, dtype=np.float64))
+            tree = BallTree(centers_rad, metric="haversine")
+            lists = tree.query_radius(centers_rad, r=CONFIDENCE_RADIUS_KM / EARTH_RADIUS_KM)
+            width = max(len(x) for x in lists)
+            table = np.full((len(lists), width), -1, dtype=np.int64)
+            for i, members in enumerate(lists):
+                table[i, : len(members)] = members
+            self._density_neighbours = torch.from_numpy(table)
+        return self._density_neighbours
+
+    def _classify(self, features: torch.Tensor, kind: str, n_top: int) -> Dict[str, np.ndarray]:
+        head = self.heads[kind]
+        with torch.inference_mode(), self._autocast():
+            outputs = head(features.to(self.device))
+            log_probs = head.fine_log_probs(outputs).float()
+            head_latlon = head.predict_latlon(outputs).double()
+        # HC scores are products over the hierarchy, not a distribution over fine cells: normalise them.
+        probs = torch.softmax(log_probs, dim=1).cpu()
+        n_top = min(n_top, probs.shape[1])
+        top_probs, top_cells = probs.topk(n_top, dim=1)
+        neighbours = self.density_neighbours()[top_cells[:, 0]]
+        near_mass = torch.where(neighbours >= 0, probs.gather(1, neighbours.clamp(min=0)), 0.0).sum(dim=1)
+        return {
+            "latlon": head_latlon.cpu().numpy(),
+            "cell_idx": top_cells[:, 0].numpy().astype(np.int64),
+            "cell_prob": top_probs[:, 0].numpy().astype(np.float64),
+            "top_cells": top_cells.numpy().astype(np.int64),
+            "top_probs": top_probs.numpy().astype(np.float64),
+            "confidence": near_mass.numpy().astype(np.float64),
+        }
+
+    def locate(
+        self,
+        features: torch.Tensor,
+        *,
+        head: Optional[str] = None,
+        mode: str = "swc",
+        k: Optional[int] = None,
+        eps_km: Optional[float] = None,
+        min_samples: Optional[int] = None,
+        top_cells: Optional[int] = None,
+        top_k: int = 5,
+        embeddings: Optional[torch.Tensor] = None,
+    ) -> Predictions:
+        """Place photos from their backbone features.
+
+        Args:
+            features: ``(B, D)`` pooled backbone features (`features`).
+            head: ``ce``, ``hc`` or ``mvmf``; default: the first available of hc, mvmf, ce.
+            mode: ``swc``, ``cell`` or ``rrm``.
+            k, eps_km, min_samples, top_cells: Search within Cell settings; default: the model's config.
+            top_k: how many best cells to report.
+            embeddings: retrieval embeddings of ``features`` when already computed (saves a forward pass).
+        """
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
+        swc_cfg = self.config.swc
+        k = swc_cfg.k if k is None else int(k)
+        eps_km = swc_cfg.eps_km if eps_km is None else float(eps_km)
+        min_samples = swc_cfg.min_samples if min_samples is None else int(min_samples)
+        top_cells = swc_cfg.top_cells if top_cells is None else int(top_cells)
+        if top_cells < 1:
+            raise ValueError(f"top_cells must be >= 1, got {top_cells}")
+        n = len(features)
+        kind = self.resolve_head(head) if (mode != "rrm" or head is not None or self.heads) else None
+
+        if kind is not None:
+            cls = self._classify(features, kind, max(top_k, top_cells))
+        else:
+            cls = {
+                "latlon": np.full((n, 2), np.nan),
+                "cell_idx": np.full(n, -1, np.int64),
+                "cell_prob": np.full(n, np.nan),
+                "top_cells": np.full((n, 0), -1, np.int64),
+                "top_probs": np.full((n, 0), np.nan),
+                "confidence": np.full(n, np.nan),
+            }
+        latlon = cls["latlon"].copy()
+        method = np.full(n, "cell", dtype=object)
+        rows = np.full((n, 0), -1, np.int64)
+        sims = np.full((n, 0), np.nan, np.float32)
+        in_cluster = np.zeros((n, 0), bool)
+
+        if mode in ("swc", "rrm"):
+            if self.index is None:
+                raise ValueError(f"mode {mode!r} needs a background index; this model has none, use mode='cell'")
+            emb = self.embed(features) if embeddings is None else embeddings
+            from geoswc.swc import nearest_background, search_within_cell
+
+            if mode == "swc":
+                cells = cls["top_cells"][:, :top_cells]
+                res = search_within_cell(emb, cells, self.index, k=k, eps_km=eps_km, min_samples=min_samples)
+                latlon[res.found] = res.latlon_deg[res.found]
+                method[:] = np.where(res.found, "swc", "fallback")
+                rows, sims, in_cluster = res.rows, res.similarities, res.members
+            else:
+                res = nearest_background(emb, self.index, k=1)
+                latlon[res.found] = res.latlon_deg[res.found]
+                method[:] = np.where(res.found, "rrm", "fallback")
+                rows, sims, in_cluster = res.rows, res.similarities, res.rows >= 0
+
+        top_k = min(top_k, cls["top_cells"].shape[1])
+        return Predictions(
+            latlon_deg=latlon,
+            method=method,
+            cell_idx=cls["cell_idx"],
+            cell_prob=cls["cell_prob"],
+            top_cells=cls["top_cells"][:, :top_k],
+            top_probs=cls["top_probs"][:, :top_k],
+            confidence=cls["confidence"],
+            neighbour_rows=rows,
+            neighbour_sims=sims,
+            neighbour_in_cluster=in_cluster,
+            head=kind,
+            mode=mode,
+        )
+
+    def predict_from_features(self, features: torch.Tensor, **options: Any) -> List[Dict[str, Any]]:
+        """One dict per photo (see `Predictions.to_records`) from backbone features; options as `locate`."""
+        return self.locate(features, **options).to_records(self)
+
+    def predict_batch(self, pixels: torch.Tensor, **options: Any) -> List[Dict[str, Any]]:
+        """One dict per photo from a batch of transformed images ``(B, 3, H, W)``; options as `locate`."""
+        return self.predict_from_features(self.features(pixels), **options)
+
+    def load_pixels(self, image: ImageInput) -> torch.Tensor:
+        """A photo (path or PIL image) decoded and transformed to ``(3, H, W)``."""
+        from PIL import Image
+
+        if not isinstance(image, Image.Image):
+            from geoswc.data.images import decode_image
+
+            path = Path(image)
+            if not path.is_file():
+                raise FileNotFoundError(f"image not found: {path}")
+            image = decode_image(path, target=self.config.data.image_size)
+        return self.transform(image.convert("RGB"))
+
+    def predict(
+        self,
+        images: Sequence[ImageInput],
+        *,
+        head: Optional[str] = None,
+        mode: str = "swc",
+        batch_size: int = 32,
+        progress: bool = False,
+        **options: Any,
+    ) -> List[Dict[str, Any]]:
+        """Locate photos given as paths or PIL images; one dict per photo, in input order.
+
+        Photos whose transformed sizes differ (the paper resizes the longest side only) are batched by size.
+
+        Raises:
+            FileNotFoundError: a path does not exist.
+            ValueError: a file is not a readable image (`geoswc.data.images.ImageDecodeError`), or a bad
+                head/mode.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if isinstance(images, (str, Path)) or not isinstance(images, Sequence):
+            images = [images]
+        results: List[Optional[Dict[str, Any]]] = [None] * len(images)
+        pending: Dict[tuple, List[tuple]] = {}
+
+        def flush(shape: tuple) -> None:
+            group = pending.pop(shape)
+            pixels = torch.stack([p for _, p in group])
+            for (i, _), record in zip(group, self.predict_batch(pixels, head=head, mode=mode, **options)):
+                results[i] = record
+
+        iterator = range(len(images))
+        if progress:
+            from tqdm.auto import tqdm
+
+            iterator = tqdm(iterator, desc="predict", unit="img")
+        for i in iterator:
+            pixels = self.load_pixels(images[i])
+            group = pending.setdefault(tuple(pixels.shape), [])
+            group.append((i, pixels))
+            if len(group) == batch_size:
+                flush(tuple(pixels.shape))
+        for shape in list(pending):
+            flush(shape)
+        return results  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ model folder
+    def save_pretrained(self, directory: Union[str, Path]) -> Path:
+        """Write the model folder (layout in docs/architecture.md)."""
+        from safetensors.torch import save_file
+
+        from geoswc.classifiers import save_head
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.config.save(directory / "config.yaml")
+        self.geocells.save(directory / "cells")
+        state = {k: v.detach().cpu().contiguous() for k, v in self.backbone.state_dict().items()}
+        save_file(
+            state,
+            str(directory / "backbone.safetensors"),
+            metadata={"kind": "backbone", "model": self.backbone_name, "fingerprint": self.fingerprint},
+        )
+        backbone_json = {"model": self.backbone_name, "data_config": _jsonable(self.data_config)}
+        (directory / "backbone.json").write_text(json.dumps(backbone_json, indent=2) + "\n")
+        for kind, head in self.heads.items():
+            save_head(head, directory / "heads" / f"{kind}.safetensors", config=self.config)
+        if self.retrieval is not None:
+            self.retrieval.save(directory / "retrieval.safetensors", fingerprint=self.fingerprint)
+        if self.index is not None:
+            self.index.save(directory / "index")
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "geoswc_version": __version__,
+            "fingerprint": self.fingerprint,
+            "backbone": self.backbone_name,
+            "heads": self.head_names,
+            "retrieval": self.retrieval is not None,
+            "index": self.index is not None,
+        }
+        (directory / "geolocator.json").write_text(json.dumps(meta, indent=2) + "\n")
+        logger.info("saved geolocator to %s", directory)
+        return directory
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: Union[str, Path], *, device: Union[str, torch.device, None] = None
+    ) -> "Geolocator":
+        """Load a model folder written by `save_pretrained`.
+
+        Args:
+            directory: the model folder.
+            device: where the networks run; default CUDA when available, else CPU.
+
+        Raises:
+            FileNotFoundError: the folder or one of its required files is missing.
+            ValueError: a part was built on another partition than ``cells/`` (both fingerprints named).
+        """
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        from geoswc.classifiers import create_backbone, load_head
+        from geoswc.classifiers.heads import read_head_metadata
+        from geoswc.geocells import Geocells
+
+        directory = Path(directory)
+        meta_path = directory / "geolocator.json"
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"not a geoswc model folder (no geolocator.json): {directory}")
+        meta = json.loads(meta_path.read_text())
+        config = Config.load(directory / "config.yaml") if (directory / "config.yaml").is_file() else Config()
+        geocells = Geocells.load(directory / "cells")
+        fingerprint = str(geocells.fingerprint)
+        _check_part(meta.get("fingerprint"), fingerprint, meta_path)
+
+        backbone_json = directory / "backbone.json"
+        backbone_file = directory / "backbone.safetensors"
+        for path in (backbone_json, backbone_file):
+            if not path.is_file():
+                raise FileNotFoundError(f"model folder {directory} lacks {path.name}")
+        backbone_info = json.loads(backbone_json.read_text())
+        with safe_open(str(backbone_file), framework="pt") as handle:
+            _check_part((handle.metadata() or {}).get("fingerprint"), fingerprint, backbone_file)
+        backbone = create_backbone(backbone_info["model"], pretrained=False)
+        backbone.load_state_dict(load_file(str(backbone_file)))
+
+        heads = {}
+        for path in sorted((directory / "heads").glob("*.safetensors")):
+            _check_part(read_head_metadata(path).get("fingerprint"), fingerprint, path)
+            heads[path.stem] = load_head(path, geocells=geocells)
+
+        retrieval = None
+        retrieval_file = directory / "retrieval.safetensors"
+        if retrieval_file.is_file():
+            from geoswc.retrieval.model import ResidualRetrievalModule, read_metadata
+
+            _check_part(read_metadata(retrieval_file).get("fingerprint"), fingerprint, retrieval_file)
+            retrieval = ResidualRetrievalModule.load(retrieval_file, fingerprint=fingerprint)
+
+        index = None
+        if (directory / "index").is_dir():
+            from geoswc.retrieval.index import BackgroundIndex
+
+            index = BackgroundIndex.load(directory / "index")
+            _check_part(getattr(index, "fingerprint", None), fingerprint, directory / "index")
+
+        model = cls(
+            backbone=backbone,
+            geocells=geocells,
+            heads=heads,
+            retrieval=retrieval,
+            index=index,
+            config=config,
+            backbone_name=backbone_info["model"],
+            data_config=backbone_info.get("data_config"),
+        )
+        device = torch.device(device) if device is not None else _default_device()
+        model.to(device)
+        if device.type == "cuda":
+            model.backbone.to(memory_format=torch.channels_last)
+        logger.info(
+            "loaded geolocator from %s: backbone %s, heads %s, retrieval %s, index %s, on %s",
+            directory, model.backbone_name, model.head_names, retrieval is not None, index is not None, device,
+        )
+        return model
+
+
+def _check_part(found: Optional[str], expected: str, path: Path) -> None:
+    if found is not None and str(found) != expected:
+        raise ValueError(
+            f"{path} was built on partition {found!r} but the model's cells/ have fingerprint {expected!r}; "
+            f"the parts of a model folder must come from the same partition"
+        )
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value

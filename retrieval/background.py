@@ -1,0 +1,157 @@
+"""The "placeable" background collection, ICMR 2021 section 3.3.3 and 4.2.
+
+The background is built from training photos that the classification head places in their true fine cell
+(top-1), minus photos by authors (or with ids) of the evaluation sets; the survivors are embedded with the
+retrieval module and written as a `BackgroundIndex`. The paper keeps 700K of 4.7M MP16 photos this way.
+Everything streams over the memory-mapped feature cache, so the training set never has to fit in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from geoswc.retrieval.index import INDEX_DTYPES, BackgroundIndex
+from geoswc.retrieval.model import ResidualRetrievalModule
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, Path]
+
+
+def _read_lines(path: Path, n: int, *, default: str = "") -> np.ndarray:
+    if not path.is_file():
+        return np.full(n, default, dtype=object)
+    lines = path.read_text().splitlines()
+    if len(lines) != n:
+        raise ValueError(f"{path} has {len(lines)} lines but the feature cache holds {n} rows")
+    return np.asarray(lines, dtype=object)
+
+
+def excluded_rows(ids: np.ndarray, authors: np.ndarray, exclude: Sequence[PathLike]):
+    """Masks ``(by_author, by_id)`` of rows whose author or photo id appears in the evaluation CSVs."""
+    import pandas as pd
+
+    from geoswc.data.metadata import Exclusions
+
+    if not exclude:
+        return np.zeros(len(ids), bool), np.zeros(len(ids), bool)
+    frame = pd.DataFrame({"IMG_ID": ids.astype(str), "AUTHOR": authors.astype(str)})
+    return Exclusions.from_files(list(exclude)).masks(frame)
+
+
+@torch.no_grad()
+def build_background(
+    features_dir: PathLike,
+    *,
+    head_path: PathLike,
+    retrieval_path: PathLike,
+    cells_dir: PathLike,
+    out_dir: PathLike,
+    exclude: Sequence[PathLike] = (),
+    dtype: str = "float16",
+    batch_size: int = 8192,
+    device: Optional[str] = None,
+    config: Optional[Dict[str, Any]] = None,
+) -> Dict[str, Any]:
+    """Select the placeable photos of a feature cache, embed them and write the index to ``out_dir``.
+
+    Returns:
+        A report: ``total``, ``kept``, the dropped counts ``no_label``, ``excluded_author``, ``excluded_id`` and
+        ``wrong_cell``, the head kind and the index folder (also written as ``out_dir/build_report.json``).
+    """
+    from geoswc.classifiers import load_head
+    from geoswc.geocells import Geocells
+
+    if dtype not in INDEX_DTYPES:
+        raise ValueError(f"unknown index dtype {dtype!r}; choose one of: {', '.join(INDEX_DTYPES)}")
+    features_dir, cells_dir, out_dir = Path(features_dir), Path(cells_dir), Path(out_dir)
+    if not (features_dir / "meta.json").is_file():
+        raise FileNotFoundError(f"no feature cache in {features_dir} (write one with: geoswc train features)")
+    if not cells_dir.is_dir():
+        raise FileNotFoundError(f"cells folder not found: {cells_dir}")
+    cells = Geocells.load(cells_dir)
+    fingerprint = str(cells.fingerprint)
+    meta = json.loads((features_dir / "meta.json").read_text())
+    if meta.get("fingerprint") != fingerprint:
+        raise ValueError(
+            f"feature cache {features_dir} was labelled with partition {meta.get('fingerprint')!r} but the cells "
+            f"have fingerprint {fingerprint!r}; use the same cells"
+        )
+    features = np.load(features_dir / "features.npy", mmap_mode="r")
+    n, dim = features.shape
+    fine = np.load(features_dir / "labels.npy")[:, -1]
+    latlon = np.load(features_dir / "latlon.npy")
+    ids = _read_lines(features_dir / "ids.txt", n)
+    authors = _read_lines(features_dir / "authors.txt", n)
+
+    head = load_head(head_path, geocells=cells)
+    module = ResidualRetrievalModule.load(retrieval_path, fingerprint=fingerprint)
+    for name, size in (("head", int(head.in_features)), ("retrieval module", module.dim)):
+        if size != dim:
+            raise ValueError(
+                f"the {name} expects {size}-dimensional features but the cache holds {dim}-dimensional"
+            )
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    head.to(device).eval()
+    module.to(device).eval()
+
+    no_label = fine < 0
+    by_author, by_id = excluded_rows(ids, authors, exclude)
+    by_author = by_author & ~no_label
+    by_id = by_id & ~no_label
+    candidates = np.flatnonzero(~(no_label | by_author | by_id))
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging_path = out_dir / "staging_embeddings.npy"
+    staging = np.lib.format.open_memmap(
+        staging_path, mode="w+", dtype=dtype, shape=(max(len(candidates), 1), dim)
+    )
+    kept_rows = []
+    count = 0
+    for start in tqdm(range(0, len(candidates), batch_size), desc="placeable", unit="batch"):
+        rows = candidates[start : start + batch_size]
+        x = torch.from_numpy(np.asarray(features[rows], dtype=np.float32)).to(device)
+        top1 = head.fine_log_probs(head(x)).argmax(dim=1).cpu().numpy()
+        placed = top1 == fine[rows]
+        if placed.any():
+            emb = module(x[torch.from_numpy(placed).to(device)]).cpu().numpy()
+            staging[count : count + len(emb)] = emb
+            count += len(emb)
+            kept_rows.append(rows[placed])
+    kept = np.concatenate(kept_rows) if kept_rows else np.zeros(0, np.int64)
+    staging.flush()
+
+    index = BackgroundIndex(dtype=dtype).build(
+        np.load(staging_path, mmap_mode="r")[:count],
+        cell_idx=fine[kept],
+        latlon=latlon[kept],
+        ids=ids[kept].astype(str),
+        n_cells=len(cells.fine),
+        fingerprint=fingerprint,
+        directory=out_dir,
+        config=config,
+    )
+    del staging
+    staging_path.unlink()
+    report = {
+        "total": int(n),
+        "kept": int(count),
+        "no_label": int(no_label.sum()),
+        "excluded_author": int(by_author.sum()),
+        "excluded_id": int(by_id.sum()),
+        "wrong_cell": int(len(candidates) - count),
+        "head": getattr(head, "kind", str(head_path)),
+        "cells_with_background": int((index.cell_sizes() > 0).sum()),
+        "n_cells": index.n_cells,
+        "index": str(out_dir),
+    }
+    (out_dir / "build_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    logger.info("background: kept %d of %d photos", count, n)
+    return report

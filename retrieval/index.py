@@ -1,0 +1,559 @@
+"""Background index for Search within Cell (ICMR 2021 sections 3.3.3 and 3.4) and global k-NN search.
+
+Embeddings are stored sorted by fine cell: every cell's photos form one contiguous block of rows and
+``offsets[c]:offsets[c + 1]`` locates cell ``c``. Searching within a cell therefore reads O(cell size) rows,
+and the ``.npy`` file is memory-mapped on load so a background larger than RAM (4.7M x 1792 in float16 is
+16.8 GB) only pages in the cells that are queried.
+
+Global search goes through FAISS when installed (flat inner product by default; IVF and the compact modes SQ8,
+PQ and binary codes, the 1-bit-per-dimension sign codes of paper 000, as options) with a numpy brute-force
+fallback for the exact and binary modes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
+
+import numpy as np
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+INDEX_DTYPES = ("float16", "float32")
+SEARCH_MODES = ("flat", "ivf", "sq8", "pq", "binary")
+FAISS_INSTALL = 'pip install "geoswc[faiss]"  (or: pip install faiss-cpu)'
+FORMAT_VERSION = 1
+_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+
+
+def import_faiss():
+    """Import faiss or raise with the install command."""
+    try:
+        import faiss
+    except ImportError as err:
+        raise ImportError(
+            f"this search mode needs faiss, which is not installed; run: {FAISS_INSTALL}"
+        ) from err
+    return faiss
+
+
+def _is_torch(x) -> bool:
+    return type(x).__module__.startswith("torch")
+
+
+class BackgroundIndex:
+    """Cell-sorted, optionally memory-mapped store of background embeddings with their metadata.
+
+    After `build` or `load` the index exposes, per row (rows are in cell order): ``embeddings`` (N, D),
+    ``cell_idx`` (N,), ``latlon`` (N, 2) in degrees, ``ids`` (N,) and the table ``offsets`` (n_cells + 1,).
+
+    Args:
+        dtype: Storage dtype of the embeddings, ``"float16"`` (default) or ``"float32"``.
+        chunk_size: Rows copied at a time while building or saving.
+    """
+
+    def __init__(self, *, dtype: str = "float16", chunk_size: int = 1 << 16) -> None:
+        if dtype not in INDEX_DTYPES:
+            raise ValueError(f"unknown index dtype {dtype!r}; choose one of: {', '.join(INDEX_DTYPES)}")
+        self.dtype = dtype
+        self.chunk_size = int(chunk_size)
+        self.embeddings: Optional[np.ndarray] = None
+        self.offsets: Optional[np.ndarray] = None
+        self.cell_idx: Optional[np.ndarray] = None
+        self.latlon: Optional[np.ndarray] = None
+        self.ids: Optional[np.ndarray] = None
+        self.fingerprint: Optional[str] = None
+        self.config: Dict[str, Any] = {}
+        self._directory: Optional[Path] = None
+        self._searchers: Dict[Tuple, Any] = {}
+        self._device_embeddings: Dict[str, Any] = {}
+
+    # --- construction -------------------------------------------------------------------------------------
+
+    def build(
+        self,
+        embeddings,
+        *,
+        cell_idx,
+        latlon,
+        ids: Sequence[str],
+        n_cells: int,
+        fingerprint: str,
+        directory: Union[str, Path, None] = None,
+        config: Optional[Dict[str, Any]] = None,
+    ) -> "BackgroundIndex":
+        """Sort the embeddings by cell and store them.
+
+        Args:
+            embeddings: (N, D) array (a memmap works: it is read chunk by chunk) or tensor; L2-normalised.
+            cell_idx: Fine cell of every row (N,), in ``[0, n_cells)``.
+            latlon: Coordinates (N, 2) in degrees.
+            ids: Photo ids (N,).
+            n_cells: Number of fine cells of the partition.
+            fingerprint: The partition's fingerprint.
+            directory: When given, the sorted embeddings are streamed into ``directory/embeddings.npy`` (and the
+                index is saved there), so the background never has to fit in memory.
+            config: Resolved configuration saved with the index.
+        """
+        if _is_torch(embeddings):
+            embeddings = embeddings.detach().cpu().numpy()
+        if getattr(embeddings, "ndim", None) != 2:
+            raise ValueError(f"embeddings must be (N, D), got shape {getattr(embeddings, 'shape', None)}")
+        n, dim = embeddings.shape
+        cell_idx = np.asarray(cell_idx, dtype=np.int64)
+        latlon = np.asarray(latlon, dtype=np.float64)
+        ids = np.asarray([str(i) for i in ids])
+        if cell_idx.shape != (n,) or latlon.shape != (n, 2) or ids.shape != (n,):
+            raise ValueError(
+                f"expected cell_idx (N,), latlon (N, 2) and ids (N,) for N={n} embeddings, got "
+                f"{cell_idx.shape}, {latlon.shape}, {ids.shape}"
+            )
+        n_cells = int(n_cells)
+        if n and (cell_idx.min() < 0 or cell_idx.max() >= n_cells):
+            bad = cell_idx[(cell_idx < 0) | (cell_idx >= n_cells)][0]
+            raise ValueError(f"cell_idx {bad} out of range; valid cells are 0..{n_cells - 1}")
+
+        order = np.argsort(cell_idx, kind="stable")
+        if directory is not None:
+            directory = Path(directory)
+            directory.mkdir(parents=True, exist_ok=True)
+            out = np.lib.format.open_memmap(
+                directory / "embeddings.npy", mode="w+", dtype=self.dtype, shape=(n, dim)
+            )
+        else:
+            out = np.empty((n, dim), dtype=self.dtype)
+        for start in tqdm(
+            range(0, n, self.chunk_size), desc="index rows", unit="chunk", disable=n < 4 * self.chunk_size
+        ):
+            src = order[start : start + self.chunk_size]
+            ascending = np.argsort(src)  # read the source in file order
+            block = np.empty((len(src), dim), dtype=self.dtype)
+            block[ascending] = np.asarray(embeddings[src[ascending]], dtype=np.float32)
+            if not np.isfinite(block).all():
+                raise ValueError("embeddings contain NaN or infinite values")
+            out[start : start + len(src)] = block
+        if isinstance(out, np.memmap):
+            out.flush()
+
+        self.embeddings = out
+        self.cell_idx = cell_idx[order]
+        self.latlon = latlon[order]
+        self.ids = ids[order]
+        self.offsets = np.zeros(n_cells + 1, dtype=np.int64)
+        np.cumsum(np.bincount(self.cell_idx, minlength=n_cells), out=self.offsets[1:])
+        self.fingerprint = str(fingerprint)
+        self.config = dict(config or {})
+        self._searchers.clear()
+        self._device_embeddings.clear()
+        if directory is not None:
+            self._directory = directory
+            self.save(directory)
+        return self
+
+    @property
+    def n_cells(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def dim(self) -> int:
+        return int(self.embeddings.shape[1])
+
+    def __len__(self) -> int:
+        return 0 if self.embeddings is None else int(self.embeddings.shape[0])
+
+    def cell_sizes(self) -> np.ndarray:
+        """Number of background photos in every cell (n_cells,)."""
+        return np.diff(self.offsets)
+
+    def _check_built(self) -> None:
+        if self.embeddings is None:
+            raise ValueError("the index is empty: call build() or BackgroundIndex.load() first")
+
+    def check_compatible(self, *, fingerprint: Optional[str] = None, dim: Optional[int] = None) -> None:
+        """Raise ValueError when the index was built on another partition or with another embedding size."""
+        self._check_built()
+        if fingerprint is not None and fingerprint != self.fingerprint:
+            raise ValueError(
+                f"index was built on partition {self.fingerprint!r}, but the model uses partition {fingerprint!r}"
+            )
+        if dim is not None and int(dim) != self.dim:
+            raise ValueError(f"index holds {self.dim}-dimensional embeddings, but got {dim}-dimensional ones")
+
+    # --- persistence ---------------------------------------------------------------------------------------
+
+    def save(self, directory: Union[str, Path]) -> None:
+        """Write ``embeddings.npy``, ``offsets.npy``, ``cell_idx.npy``, ``latlon.npy``, ``ids.txt``, ``index.json``."""
+        self._check_built()
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        target = directory / "embeddings.npy"
+        written_here = self._directory is not None and self._directory.resolve() == directory.resolve()
+        if not (written_here and target.exists()):
+            out = np.lib.format.open_memmap(
+                target, mode="w+", dtype=self.embeddings.dtype, shape=self.embeddings.shape
+            )
+            for start in range(0, len(self), self.chunk_size):
+                out[start : start + self.chunk_size] = self.embeddings[start : start + self.chunk_size]
+            out.flush()
+            del out
+        np.save(directory / "offsets.npy", self.offsets)
+        np.save(directory / "cell_idx.npy", self.cell_idx)
+        np.save(directory / "latlon.npy", self.latlon)
+        (directory / "ids.txt").write_text("".join(f"{i}\n" for i in self.ids))
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "fingerprint": self.fingerprint,
+            "dim": self.dim,
+            "count": len(self),
+            "n_cells": self.n_cells,
+            "dtype": str(self.embeddings.dtype),
+            "config": self.config,
+        }
+        (directory / "index.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+    @classmethod
+    def load(
+        cls, directory: Union[str, Path], *, mmap: bool = True, fingerprint: Optional[str] = None
+    ) -> "BackgroundIndex":
+        """Open an index folder; the embeddings are memory-mapped unless ``mmap=False``.
+
+        Raises ValueError when ``fingerprint`` is given and differs from the index's partition.
+        """
+        directory = Path(directory)
+        meta_path = directory / "index.json"
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"no background index at {directory} (missing index.json)")
+        meta = json.loads(meta_path.read_text())
+        index = cls(dtype=meta["dtype"])
+        index.embeddings = np.load(directory / "embeddings.npy", mmap_mode="r" if mmap else None)
+        index.offsets = np.load(directory / "offsets.npy")
+        index.cell_idx = np.load(directory / "cell_idx.npy")
+        index.latlon = np.load(directory / "latlon.npy")
+        index.ids = np.asarray((directory / "ids.txt").read_text().splitlines())
+        index.fingerprint = meta["fingerprint"]
+        index.config = meta.get("config", {})
+        index._directory = directory
+        n = len(index)
+        if (
+            index.offsets[-1] != n
+            or len(index.cell_idx) != n
+            or len(index.ids) != n
+            or index.dim != meta["dim"]
+        ):
+            raise ValueError(
+                f"index at {directory} is inconsistent: its files disagree on the number of rows"
+            )
+        index.check_compatible(fingerprint=fingerprint)
+        return index
+
+    # --- search within cells -------------------------------------------------------------------------------
+
+    def to(self, device) -> "BackgroundIndex":
+        """Keep a copy of the embeddings on a torch device, used when queries arrive on that device."""
+        import torch
+
+        self._check_built()
+        device = torch.device(device)
+        if device.type != "cpu":
+            self._device_embeddings[str(device)] = torch.from_numpy(np.ascontiguousarray(self.embeddings)).to(
+                device
+            )
+        return self
+
+    def _check_queries(self, queries) -> None:
+        self._check_built()
+        if queries.ndim != 2:
+            raise ValueError(f"queries must be (Q, D), got shape {tuple(queries.shape)}")
+        self.check_compatible(dim=queries.shape[1])
+
+    def search_cells(self, queries, cells, k: int):
+        """Exact top-k inner-product search restricted to the given cell(s) of every query.
+
+        Queries are grouped by cell, so every cell block is read once and scored with one matrix product.
+        Runs with torch (on the queries' device) for tensors and with numpy for arrays.
+
+        Args:
+            queries: (Q, D) embeddings.
+            cells: (Q,) fine ``cell_idx`` per query, or (Q, T) to search the union of T cells; -1 = no cell.
+            k: Neighbours per query.
+
+        Returns:
+            ``(sims (Q, k), rows (Q, k))`` best first; rows index the index's per-row arrays. Where the cells
+            hold fewer than k photos the tail is ``rows = -1``, ``sims = -inf`` (an empty cell is a normal case).
+        """
+        if int(k) < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        k = int(k)
+        self._check_queries(queries)
+        torch_in = _is_torch(queries)
+        cells_np = np.asarray(cells.cpu() if _is_torch(cells) else cells, dtype=np.int64)
+        q = queries.shape[0]
+        if cells_np.ndim == 1:
+            cells_np = cells_np[:, None]
+        if cells_np.ndim != 2 or cells_np.shape[0] != q:
+            raise ValueError(f"cells must be (Q,) or (Q, T) with Q={q}, got shape {np.shape(cells)}")
+        bad = (cells_np < -1) | (cells_np >= self.n_cells)
+        if bad.any():
+            raise ValueError(
+                f"cell_idx {cells_np[bad][0]} out of range; valid cells are 0..{self.n_cells - 1} or -1"
+            )
+        t = cells_np.shape[1]
+        if t > 1:
+            # A cell listed twice for the same query would return its photos twice.
+            srt = np.sort(cells_np, axis=1)
+            dup = np.zeros_like(cells_np, dtype=bool)
+            dup[:, 1:] = srt[:, 1:] == srt[:, :-1]
+            cells_np = np.where(dup, -1, srt)
+        flat_cells = cells_np.reshape(-1)
+        query_of = np.repeat(np.arange(q), t)
+        if torch_in:
+            sims, rows = self._search_groups_torch(queries, query_of, flat_cells, k)
+        else:
+            sims, rows = self._search_groups_numpy(
+                np.asarray(queries, dtype=np.float32), query_of, flat_cells, k
+            )
+        if t == 1:
+            return sims, rows
+        return _merge_topk(sims.reshape(q, t * k), rows.reshape(q, t * k), k)
+
+    def _groups(self, flat_cells: np.ndarray):
+        order = np.argsort(flat_cells, kind="stable")
+        sorted_cells = flat_cells[order]
+        uniq, starts = np.unique(sorted_cells, return_index=True)
+        bounds = np.append(starts, len(order))
+        for g, cell in enumerate(uniq):
+            if cell < 0:
+                continue
+            lo, hi = self.offsets[cell], self.offsets[cell + 1]
+            if hi > lo:
+                yield order[bounds[g] : bounds[g + 1]], int(lo), int(hi)
+
+    def _search_groups_numpy(self, queries, query_of, flat_cells, k):
+        n = len(flat_cells)
+        sims = np.full((n, k), -np.inf, dtype=np.float32)
+        rows = np.full((n, k), -1, dtype=np.int64)
+        emb = self.embeddings
+        for members, lo, hi in self._groups(flat_cells):
+            scores = queries[query_of[members]] @ np.asarray(emb[lo:hi], dtype=np.float32).T
+            kk = min(k, hi - lo)
+            if kk < hi - lo:
+                top = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
+                top_scores = np.take_along_axis(scores, top, axis=1)
+            else:
+                top, top_scores = np.broadcast_to(np.arange(kk), scores.shape), scores
+            best = np.argsort(-top_scores, axis=1, kind="stable")
+            sims[members, :kk] = np.take_along_axis(top_scores, best, axis=1)
+            rows[members, :kk] = lo + np.take_along_axis(top, best, axis=1)
+        return sims, rows
+
+    def _search_groups_torch(self, queries, query_of, flat_cells, k):
+        import torch
+
+        device = queries.device
+        n = len(flat_cells)
+        sims = torch.full((n, k), float("-inf"), device=device)
+        rows = torch.full((n, k), -1, dtype=torch.long, device=device)
+        on_device = self._device_embeddings.get(str(device))
+        q32 = queries.float()
+        query_of_t = torch.from_numpy(query_of).to(device)
+        for members, lo, hi in self._groups(flat_cells):
+            if on_device is not None:
+                block = on_device[lo:hi].float()
+            else:
+                block = torch.from_numpy(np.asarray(self.embeddings[lo:hi], dtype=np.float32)).to(device)
+            members_t = torch.from_numpy(members).to(device)
+            scores = q32[query_of_t[members_t]] @ block.T
+            kk = min(k, hi - lo)
+            top_scores, top = torch.topk(scores, kk, dim=1)
+            sims[members_t, :kk] = top_scores
+            rows[members_t, :kk] = top + lo
+        return sims, rows
+
+    # --- global search ---------------------------------------------------------------------------------------
+
+    def search(self, queries, k: int, *, mode: str = "flat", backend: str = "auto", **options):
+        """Global top-k search over the whole background.
+
+        Args:
+            queries: (Q, D) embeddings (array or tensor).
+            k: Neighbours per query.
+            mode: ``flat`` (exact inner product), ``ivf`` (inverted lists, ``nlist``/``nprobe`` options), ``sq8``
+                (8-bit scalar quantiser), ``pq`` (product quantiser, ``pq_m`` sub-quantisers of ``pq_bits`` bits) or
+                ``binary`` (sign of every dimension, Hamming distance; sims are ``1 - 2 * hamming / D``).
+            backend: ``faiss``, ``numpy`` (only ``flat`` and ``binary``) or ``auto`` (faiss when installed).
+
+        Returns:
+            ``(sims (Q, k), rows (Q, k))`` as numpy arrays, best first; -inf / -1 where fewer than k rows exist.
+        """
+        if mode not in SEARCH_MODES:
+            raise ValueError(f"unknown search mode {mode!r}; choose one of: {', '.join(SEARCH_MODES)}")
+        if backend not in ("auto", "faiss", "numpy"):
+            raise ValueError(f"unknown backend {backend!r}; choose one of: auto, faiss, numpy")
+        if int(k) < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        if _is_torch(queries):
+            queries = queries.detach().cpu().numpy()
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        self._check_queries(queries)
+        if backend == "auto":
+            try:
+                import faiss  # noqa: F401
+
+                backend = "faiss"
+            except ImportError:
+                backend = "numpy"
+        if backend == "numpy":
+            if mode == "flat":
+                return _brute_force_topk(self.embeddings, queries, int(k), self.chunk_size)
+            if mode == "binary":
+                return _binary_topk(self.binary_codes(), _sign_codes(queries), int(k), self.dim)
+            raise ImportError(
+                f"search mode {mode!r} needs faiss, which is not installed; run: {FAISS_INSTALL}"
+            )
+        searcher = self.faiss_index(mode, **options)
+        if mode == "ivf":
+            searcher.nprobe = int(options.get("nprobe", 16))
+        if mode == "binary":
+            dist, rows = searcher.search(_sign_codes(queries), int(k))
+            sims = np.where(rows >= 0, 1.0 - 2.0 * dist / self.dim, -np.inf).astype(np.float32)
+        else:
+            sims, rows = searcher.search(queries, int(k))
+            sims = np.where(rows >= 0, sims, -np.inf).astype(np.float32)
+        return sims, rows.astype(np.int64)
+
+    def binary_codes(self) -> np.ndarray:
+        """Sign codes of all rows, packed 8 dimensions per byte (N, ceil(D / 8)); cached."""
+        key = ("codes",)
+        if key not in self._searchers:
+            parts = [
+                _sign_codes(np.asarray(self.embeddings[s : s + self.chunk_size], dtype=np.float32))
+                for s in range(0, len(self), self.chunk_size)
+            ]
+            self._searchers[key] = (
+                np.concatenate(parts) if parts else np.zeros((0, -(-self.dim // 8)), np.uint8)
+            )
+        return self._searchers[key]
+
+    def faiss_index(
+        self,
+        mode: str = "flat",
+        *,
+        nlist: Optional[int] = None,
+        pq_m: Optional[int] = None,
+        pq_bits: int = 8,
+        train_size: int = 100_000,
+        seed: int = 0,
+        **_,
+    ):
+        """The FAISS index of a global search mode, built on first use (training on a sample) and cached."""
+        faiss = import_faiss()
+        key = ("faiss", mode, nlist, pq_m, pq_bits)
+        if key in self._searchers:
+            return self._searchers[key]
+        self._check_built()
+        d, n = self.dim, len(self)
+        if mode == "binary":
+            codes = self.binary_codes()
+            index = faiss.IndexBinaryFlat(codes.shape[1] * 8)
+            index.add(codes)
+            self._searchers[key] = index
+            return index
+        if mode == "flat":
+            factory = "Flat"
+        elif mode == "ivf":
+            nlist = int(nlist or max(1, min(65536, int(4 * np.sqrt(max(n, 1))))))
+            factory = f"IVF{nlist},Flat"
+        elif mode == "sq8":
+            factory = "SQ8"
+        elif mode == "pq":
+            m = int(pq_m or _default_pq_m(d))
+            if d % m:
+                raise ValueError(f"pq_m={m} must divide the dimension {d}")
+            factory = f"PQ{m}x{int(pq_bits)}"
+        else:
+            raise ValueError(f"unknown search mode {mode!r}; choose one of: {', '.join(SEARCH_MODES)}")
+        index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+        if not index.is_trained:
+            rng = np.random.default_rng(seed)
+            sample = np.sort(rng.choice(n, size=min(n, train_size), replace=False))
+            index.train(np.ascontiguousarray(self.embeddings[sample], dtype=np.float32))
+        for start in tqdm(
+            range(0, n, self.chunk_size), desc=f"faiss {mode}", disable=n < 4 * self.chunk_size
+        ):
+            index.add(
+                np.ascontiguousarray(self.embeddings[start : start + self.chunk_size], dtype=np.float32)
+            )
+        self._searchers[key] = index
+        return index
+
+
+def _default_pq_m(dim: int) -> int:
+    """Largest divisor of ``dim`` giving sub-vectors of at least 4 dimensions, at most dim / 4 sub-quantisers."""
+    for m in range(max(1, dim // 4), 0, -1):
+        if dim % m == 0:
+            return m
+    return 1
+
+
+def _merge_topk(sims, rows, k):
+    """Top-k of each row of candidate lists (Q, C) -> (Q, k), best first; works on numpy and torch."""
+    if _is_torch(sims):
+        import torch
+
+        top_sims, pos = torch.topk(sims, k, dim=1)
+        return top_sims, torch.gather(rows, 1, pos)
+    pos = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(sims, pos, axis=1), np.take_along_axis(rows, pos, axis=1)
+
+
+def _brute_force_topk(embeddings, queries, k, chunk_size):
+    """Exact top-k inner product over all rows, streaming the rows in chunks (numpy)."""
+    q = len(queries)
+    best_sims = np.full((q, k), -np.inf, dtype=np.float32)
+    best_rows = np.full((q, k), -1, dtype=np.int64)
+    for start in range(0, len(embeddings), chunk_size):
+        block = np.asarray(embeddings[start : start + chunk_size], dtype=np.float32)
+        scores = queries @ block.T
+        cand_sims = np.concatenate([best_sims, scores], axis=1)
+        cand_rows = np.concatenate(
+            [best_rows, np.broadcast_to(start + np.arange(len(block)), scores.shape)], axis=1
+        )
+        kk = min(k, cand_sims.shape[1])
+        part = np.argpartition(-cand_sims, kk - 1, axis=1)[:, :kk]
+        best_sims = np.take_along_axis(cand_sims, part, axis=1)
+        best_rows = np.take_along_axis(cand_rows, part, axis=1)
+    order = np.argsort(-best_sims, axis=1, kind="stable")
+    return np.take_along_axis(best_sims, order, axis=1), np.take_along_axis(best_rows, order, axis=1)
+
+
+def _sign_codes(x: np.ndarray) -> np.ndarray:
+    """1 bit per dimension (positive -> 1), packed into bytes; the padding bits of D % 8 are zero."""
+    return np.packbits(np.asarray(x) > 0, axis=1)
+
+
+def _binary_topk(codes, query_codes, k, dim):
+    """Exact Hamming top-k with numpy popcount; sims = 1 - 2 * hamming / dim."""
+    q = len(query_codes)
+    kk = min(k, len(codes))
+    sims = np.full((q, k), -np.inf, dtype=np.float32)
+    rows = np.full((q, k), -1, dtype=np.int64)
+    if kk == 0:
+        return sims, rows
+    for i in range(q):
+        dist = _POPCOUNT[np.bitwise_xor(codes, query_codes[i])].sum(axis=1, dtype=np.int64)
+        top = np.argpartition(dist, kk - 1)[:kk]
+        top = top[np.lexsort((top, dist[top]))]
+        rows[i, :kk] = top
+        sims[i, :kk] = 1.0 - 2.0 * dist[top] / dim
+    return sims, rows
+
+
+def recall_at_k(approx_rows: np.ndarray, exact_rows: np.ndarray) -> float:
+    """Mean fraction of the exact top-k rows that the approximate top-k also returns."""
+    hits = [
+        len(set(a[a >= 0]) & set(e[e >= 0])) / max(1, (e >= 0).sum()) for a, e in zip(approx_rows, exact_rows)
+    ]
+    return float(np.mean(hits)) if hits else 0.0
