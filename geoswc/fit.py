@@ -242,20 +242,61 @@ def _stage_features(run: FitRun, out: Path, resume: bool) -> Dict[str, Any]:
 
 def _stage_heads(run: FitRun, out: Path, resume: bool) -> Dict[str, Any]:
     _run_train(["heads", *_common_train_args(run, "heads", resume=resume),
-                "--features", str(run.stage_dir("features")), "--model", str(run.stage_dir("backbone"))])
+                "--features", str(run.stage_dir("features")), "--model", str(run.stage_dir("backbone")),
+                "--train-ce"])
     return _summary(out / "train_heads.json")
 
 
 def _stage_retrieval(run: FitRun, out: Path, resume: bool) -> Dict[str, Any]:
-    raise NotImplementedError("the retrieval stage needs geoswc.train_retrieval, which is not installed")
+    _run_train(["retrieval", *_common_train_args(run, "retrieval", resume=resume),
+                "--features", str(run.stage_dir("features"))])
+    return _summary(out / "train_retrieval.json")
 
 
 def _stage_index(run: FitRun, out: Path, resume: bool) -> Dict[str, Any]:
-    raise NotImplementedError("the index stage needs geoswc.retrieval.BackgroundIndex, which is not installed")
+    """The placeable background (paper 3.3.3): training photos whose top-1 cell is right, embedded."""
+    from geoswc.retrieval.background import build_background
+
+    head = run.config.retrieval.placeable_head
+    head_path = run.stage_dir("heads") / "heads" / f"{head}.safetensors"
+    if not head_path.is_file():
+        trained = sorted(p.stem for p in (run.stage_dir("heads") / "heads").glob("*.safetensors"))
+        raise ValueError(f"retrieval.placeable_head is {head!r} but the heads stage trained: {', '.join(trained)}")
+    report = build_background(
+        run.stage_dir("features"), head_path=head_path,
+        retrieval_path=run.stage_dir("retrieval") / "retrieval.safetensors", cells_dir=run.stage_dir("cells"),
+        out_dir=out, exclude=run.exclude, dtype=run.config.retrieval.index_dtype,
+        device="cpu" if run.cpu else None, config=run.config.to_dict(),
+    )
+    run.echo(f"  {report['kept']} of {report['total']} training photos are placeable background "
+             f"({report['wrong_cell']} in a wrong top-1 cell)")
+    return {k: v for k, v in report.items() if isinstance(v, (int, float, str))}
 
 
 def _stage_model(run: FitRun, out: Path, resume: bool) -> Dict[str, Any]:
-    raise NotImplementedError("the model stage needs geoswc.geolocator, which is not installed")
+    """Compose the trained parts into the model folder ``Geolocator.from_pretrained`` loads."""
+    from geoswc.classifiers import create_backbone, load_backbone_weights, load_head
+    from geoswc.geocells import Geocells
+    from geoswc.geolocator import Geolocator
+    from geoswc.retrieval.index import BackgroundIndex
+    from geoswc.retrieval.model import ResidualRetrievalModule
+
+    geocells = Geocells.load(run.stage_dir("cells"))
+    fingerprint = str(geocells.fingerprint)
+    spec = json.loads((run.stage_dir("backbone") / "backbone.json").read_text())
+    backbone = create_backbone(spec["model"], pretrained=False)
+    load_backbone_weights(backbone, run.stage_dir("backbone") / "backbone.safetensors")
+    heads = {p.stem: load_head(p, geocells=geocells)
+             for p in sorted((run.stage_dir("heads") / "heads").glob("*.safetensors"))}
+    retrieval = ResidualRetrievalModule.load(run.stage_dir("retrieval") / "retrieval.safetensors",
+                                             fingerprint=fingerprint)
+    index = BackgroundIndex.load(run.stage_dir("index"), mmap=False, fingerprint=fingerprint)
+    model = Geolocator(backbone=backbone, geocells=geocells, heads=heads, retrieval=retrieval, index=index,
+                       config=run.config, backbone_name=spec["model"], data_config=spec.get("data_config"))
+    model.save_pretrained(run.model_dir)
+    run.echo(f"  model folder {run.model_dir}: backbone {spec['model']}, heads {', '.join(heads)}, "
+             f"background index of {len(index)} photos")
+    return {"model_dir": str(run.model_dir), "heads": list(heads), "index_photos": len(index)}
 
 
 def _summary(path: Path) -> Dict[str, Any]:
@@ -412,6 +453,168 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.1f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
 
 
+# ---------------------------------------------------------------------------------------------- demo
+DEMO_TRAIN = 3000
+DEMO_TEST = 300
+DEMO_TAG_PHOTOS = 24
+# Fine-tuning the backbone is by far the slowest stage on a CPU; the demo keeps the ImageNet backbone of the
+# tiny preset as it is (the CE layer is still trained, on its features) so it finishes in minutes.
+DEMO_SETTINGS = ("backbone.epochs=0",)
+# The modes whose 1 km and 750/2500 km accuracies show the paper's effect, classification first.
+HEAD_MODES = ("ce", "hc", "mvmf")
+SWC_MODES = ("ce+rrm", "hc+rrm", "mvmf+rrm")
+
+
+def _call(argv: Sequence[str]) -> None:
+    """Run a ``geoswc`` subcommand in this process; errors propagate instead of becoming exit codes."""
+    from geoswc.cli import build_parser
+
+    args = build_parser().parse_args(list(argv))
+    code = int(args.func(args) or 0)
+    if code:
+        raise RuntimeError(f"geoswc {' '.join(argv)} exited with status {code}")
+
+
+def _make_world(folder: Path, *, n_train: int, n_test: int, seed: int) -> bool:
+    """Write the synthetic world unless the same one is already there; returns whether it was written."""
+    from geoswc.data.synth import make_world
+
+    spec_file = folder / "world.json"
+    if spec_file.is_file() and (folder / "test.csv").is_file():
+        spec = json.loads(spec_file.read_text())
+        if (spec.get("n_train"), spec.get("n_test"), spec.get("seed")) == (n_train, n_test, seed):
+            return False
+    if folder.exists():
+        shutil.rmtree(folder)
+    make_world(folder, n_train=n_train, n_test=n_test, seed=seed, workers=min(4, os.cpu_count() or 1))
+    return True
+
+
+def _copy_photos(world: Path, target: Path, count: int) -> List[str]:
+    """A folder of test photos as an archive would hold them (flat, original file names)."""
+    import pandas as pd
+
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir(parents=True)
+    ids = pd.read_csv(world / "test.csv")["IMG_ID"].astype(str).tolist()[:count]
+    for img_id in ids:
+        shutil.copy2(world / "images" / img_id, target / Path(img_id).name)
+    return ids
+
+
+def paper_effect(results: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
+    """The comparison the paper makes (Table 1): the best head alone vs the best Search within Cell at 1 km,
+    and the heads' accuracy at 750 and 2500 km."""
+    heads = {m: results[m] for m in HEAD_MODES if m in results}
+    swc = {m: results[m] for m in SWC_MODES if m in results}
+    if not heads or not swc:
+        raise ValueError(f"the comparison needs head and Search-within-Cell results, got: {', '.join(results)}")
+    best_head = max(heads, key=lambda m: heads[m]["accuracy"]["1"])
+    best_swc = max(swc, key=lambda m: swc[m]["accuracy"]["1"])
+    return {
+        "head": best_head, "head_1km": heads[best_head]["accuracy"]["1"],
+        "swc": best_swc, "swc_1km": swc[best_swc]["accuracy"]["1"],
+        "heads_750km": {m: r["accuracy"]["750"] for m, r in heads.items()},
+        "heads_2500km": {m: r["accuracy"]["2500"] for m, r in heads.items()},
+    }
+
+
+def _rewrite_report(eval_dir: Path, model_dir: Path, truth_csv: Path, commands: List[str], title: str) -> Dict:
+    """The evaluation report again, with every command of the run (not only ``evaluate``) as provenance."""
+    import pandas as pd
+
+    from geoswc.config import Config
+    from geoswc.eval import load_benchmark
+    from geoswc.eval.report import read_results_json, write_report
+    from geoswc.geocells import Geocells
+
+    results = read_results_json(eval_dir / "results.json")
+    predictions = {mode: pd.read_csv(eval_dir / f"predictions_{mode}.csv") for mode in results}
+    return write_report(eval_dir, results, predictions=predictions, truth=load_benchmark(truth_csv),
+                        geocells=Geocells.load(model_dir / "cells"), commands=commands,
+                        config=Config.load(model_dir / "config.yaml").to_dict(), title=title)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """``geoswc demo``: synthetic world -> ``fit --preset tiny`` -> ``evaluate`` -> ``tag``, then a summary."""
+    from geoswc.eval import format_table
+    from geoswc.eval.report import read_results_json
+
+    out = Path(args.out)
+    world, model_dir, eval_dir = out / "world", out / "model", out / "evaluation"
+    photos, tags = out / "photos", out / "tags.csv"
+    started = time.perf_counter()
+    timings: Dict[str, float] = {}
+    sets = list(DEMO_SETTINGS) + list(args.set or [])
+
+    print(f"[demo 1/4] synthetic world: {args.train} training and {args.test} test photos -> {world}")
+    t = time.perf_counter()
+    if not _make_world(world, n_train=args.train, n_test=args.test, seed=args.seed):
+        print("  already there, reused")
+    timings["world"] = time.perf_counter() - t
+
+    print(f"[demo 2/4] geoswc fit --preset tiny -> {model_dir}")
+    t = time.perf_counter()
+    cfg = resolve_fit_config("tiny", None, sets)
+    run = FitRun(train_csv=world / "train.csv", images=world / "images", model_dir=model_dir, config=cfg,
+                 cpu=args.cpu, echo=lambda message: print("  " + message))
+    run_pipeline(run)
+    timings["fit"] = time.perf_counter() - t
+
+    print(f"[demo 3/4] geoswc evaluate on the {args.test} test photos -> {eval_dir}")
+    t = time.perf_counter()
+    evaluate_argv = ["evaluate", "--model", str(model_dir), "--meta", str(world / "test.csv"),
+                     "--images", str(world / "images"), "-o", str(eval_dir), "--workers", "0"]
+    _call(evaluate_argv + (["--device", "cpu"] if args.cpu else []))
+    timings["evaluate"] = time.perf_counter() - t
+
+    print(f"[demo 4/4] geoswc tag on a folder of {DEMO_TAG_PHOTOS} test photos -> {tags}")
+    t = time.perf_counter()
+    _copy_photos(world, photos, DEMO_TAG_PHOTOS)
+    tag_argv = ["tag", str(photos), "--model", str(model_dir), "-o", str(tags), "--overwrite", "--workers", "0"]
+    _call(tag_argv)
+    timings["tag"] = time.perf_counter() - t
+
+    set_flags = "".join(f" --set {s}" for s in sets)
+    commands = [
+        f"geoswc demo -o {out}" + (f" --train {args.train} --test {args.test} --seed {args.seed}"
+                                   if (args.train, args.test, args.seed) != (DEMO_TRAIN, DEMO_TEST, 0) else "")
+        + set_flags,
+        "# which runs the equivalent of:",
+        f"geoswc data synth {world} --train {args.train} --test {args.test} --seed {args.seed}",
+        f"geoswc fit {world / 'train.csv'} --images {world / 'images'} -o {model_dir} --preset tiny{set_flags}",
+        "geoswc " + " ".join(evaluate_argv[:-2]),
+        "geoswc " + " ".join(tag_argv[:-2]),
+    ]
+    written = _rewrite_report(eval_dir, model_dir, world / "test.csv", commands,
+                              title=f"geoswc demo: synthetic world, {args.test} test photos")
+    results = read_results_json(eval_dir / "results.json")
+    effect = paper_effect(results)
+    total = time.perf_counter() - started
+
+    print()
+    print(f"Table 1 on the synthetic test split ({args.test} photos; accuracy in % within each distance):")
+    print(format_table({mode: results[mode] for mode in results}))
+    print()
+    margin = effect["swc_1km"] - effect["head_1km"]
+    print(f"Search within Cell ({effect['swc']}) places {effect['swc_1km']:.1f}% of the photos within 1 km, "
+          f"the best head alone ({effect['head']}) {effect['head_1km']:.1f}% ({margin:+.1f} points); "
+          "the heads place " + ", ".join(f"{m} {v:.1f}%" for m, v in effect["heads_2500km"].items())
+          + " within 2500 km.")
+    print()
+    print(f"model folder:  {model_dir}  (Geolocator.from_pretrained; stages and logs in {run.work})")
+    print(f"report:        {written['markdown']}")
+    print(f"               {written['html']}  (self-contained, opens offline)")
+    print(f"predictions:   {eval_dir}/predictions_<mode>.csv, {eval_dir / 'results.json'}")
+    print(f"tags:          {tags}  ({DEMO_TAG_PHOTOS} photos from {photos})")
+    print("time:          " + ", ".join(f"{k} {_duration(v)}" for k, v in timings.items())
+          + f"; total {_duration(total)}")
+    (out / "demo.json").write_text(json.dumps({"effect": effect, "timings": timings, "total_s": total,
+                                               "commands": commands}, indent=2) + "\n")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- CLI
 def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("train_csv", type=Path, help="training metadata CSV (IMG_ID,AUTHOR,LAT,LON; MP16 format)")
@@ -453,6 +656,20 @@ def register(subparsers) -> None:
                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_fit_arguments(fit)
     fit.set_defaults(func=run_fit)
+
+    demo = subparsers.add_parser(
+        "demo", help="synthetic world -> fit (tiny preset) -> evaluate -> tag, in minutes on a CPU",
+        description="Write a synthetic world in the MP16 format, train the whole pipeline on it with the tiny "
+        "preset, evaluate every Table 1 mode on its test photos (report.md/report.html) and geotag a folder "
+        "of its photos. A rerun reuses what is already done.")
+    demo.add_argument("-o", "--out", type=Path, default=Path("geoswc-demo"), help="output folder (default: geoswc-demo)")
+    demo.add_argument("--train", type=int, default=DEMO_TRAIN, help=f"training photos (default {DEMO_TRAIN})")
+    demo.add_argument("--test", type=int, default=DEMO_TEST, help=f"test photos (default {DEMO_TEST})")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the synthetic world (default 0)")
+    demo.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                      help="override one setting of the tiny preset (repeatable)")
+    demo.add_argument("--cpu", action="store_true", help="run on CPU even when a GPU is available")
+    demo.set_defaults(func=run_demo)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
