@@ -20,6 +20,10 @@ def test_loss_hand_computed_two_pairs():
     assert loss.item() == pytest.approx((l0 + l1) / 2, rel=1e-6)
 
 
+def _dot(u, v):
+    return sum(x * y for x, y in zip(u, v))
+
+
 def _reference_loss(q, p, labels, mem, mem_labels, tau, symmetric=True):
     """Per-anchor loop over eq. 3 of the paper, with same-cell entries left out of the negatives."""
     batch = list(zip(q.tolist(), labels.tolist())) + list(zip(p.tolist(), labels.tolist()))
@@ -31,8 +35,8 @@ def _reference_loss(q, p, labels, mem, mem_labels, tau, symmetric=True):
         a, cell = batch[i]
         partner = (i + n) % (2 * n)
         dot = lambda u, v: sum(x * y for x, y in zip(u, v))
-        pos = math.exp(dot(a, batch[partner][0]) / tau)
-        neg = sum(math.exp(dot(a, k) / tau) for j, (k, c) in enumerate(keys) if c != cell)
+        pos = math.exp(_dot(a, batch[partner][0]) / tau)
+        neg = sum(math.exp(_dot(a, k) / tau) for k, c in keys if c != cell)
         total += -math.log(pos / (pos + neg))
     return total / len(anchors)
 
