@@ -577,10 +577,11 @@ def run_demo(args: argparse.Namespace) -> int:
     timings["tag"] = time.perf_counter() - t
 
     set_flags = "".join(f" --set {s}" for s in sets)
+    user_flags = "".join(f" --set {s}" for s in args.set or [])
     commands = [
         f"geoswc demo -o {out}" + (f" --train {args.train} --test {args.test} --seed {args.seed}"
                                    if (args.train, args.test, args.seed) != (DEMO_TRAIN, DEMO_TEST, 0) else "")
-        + set_flags,
+        + user_flags,
         "# which runs the equivalent of:",
         f"geoswc data synth {world} --train {args.train} --test {args.test} --seed {args.seed}",
         f"geoswc fit {world / 'train.csv'} --images {world / 'images'} -o {model_dir} --preset tiny{set_flags}",
