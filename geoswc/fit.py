@@ -526,7 +526,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from geoswc.eval.report import read_results_json
 
     out = Path(args.out)
-    world, model_dir, eval_dir = out / "world", out / "model", out / "evaluation"
+    world, model_dir, eval_dir = out / "world", out / "model", out / "eval"
     photos, tags = out / "photos", out / "tags.csv"
     started = time.perf_counter()
     timings: Dict[str, float] = {}
