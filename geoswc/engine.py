@@ -129,6 +129,13 @@ def build_accelerator(
     return accelerator
 
 
+def finish_trackers(accelerator: Accelerator) -> None:
+    """Close the metric trackers but keep the process group: `geoswc fit` runs several stages in one launch,
+    and ``Accelerator.end_training`` would tear the group down between them."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
+
+
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch identically on every rank, so models start with identical weights."""
     set_seed(int(seed), device_specific=False)

@@ -563,7 +563,9 @@ def run_backbone(args) -> int:
         save_head(trained.head, out / "heads" / "ce.safetensors", config=cfg)
         cells.save(out / "cells")
     _write_summary(accelerator, out, "backbone", summary)
-    accelerator.end_training()
+    from geoswc.engine import finish_trackers
+
+    finish_trackers(accelerator)
     return 0
 
 
@@ -788,7 +790,9 @@ def run_heads(args) -> int:
         cells.save(out / "cells")
     _write_summary(accelerator, out, "heads", {
         "heads": summaries, "ranks_identical": all(s.get("ranks_identical", True) for s in summaries.values())})
-    accelerator.end_training()
+    from geoswc.engine import finish_trackers
+
+    finish_trackers(accelerator)
     return 0
 
 

@@ -239,5 +239,7 @@ def run(args) -> int:
         )
         logger.info("wrote %s", out / WEIGHTS_FILE)
     _write_summary(accelerator, out, "retrieval", summary)
-    accelerator.end_training()
+    from geoswc.engine import finish_trackers
+
+    finish_trackers(accelerator)
     return 0
