@@ -136,11 +136,8 @@ def test_cli_refuses_bad_outputs_before_loading_a_model(tmp_path, capsys):
     assert "not allowed with argument" in capsys.readouterr().err
 
 
-def test_cli_tags_with_a_real_model_folder(tmp_path, capsys, request):
-    try:
-        model_dir = request.getfixturevalue("tiny_model_dir")
-    except pytest.FixtureLookupError:
-        pytest.skip("the tiny model fixture arrives with the Geolocator (geoswc.swc)")
+def test_cli_tags_with_a_real_model_folder(tmp_path, capsys, tiny_model_dir):
+    model_dir = tiny_model_dir
     from geoswc.cli import main
     from geoswc.geolocator import Geolocator
 
