@@ -55,7 +55,10 @@ def read_metadata(path: PathLike) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"metadata file not found: {path}")
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{path}: the file is empty (expected a header IMG_ID,AUTHOR,LAT,LON and one row per photo)") from None
     rename = {}
     for canonical, aliases in _COLUMN_ALIASES.items():
         found = [c for c in aliases if c in frame.columns]

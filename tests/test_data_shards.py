@@ -213,3 +213,10 @@ def test_leakage_ids_use_the_evaluation_rule():
     assert [normalize_photo_id(n) for n in names] == [normalize_image_id(n) for n in names]
     assert normalize_photo_id(names[0]) == "1004463976"
     assert normalize_photo_id(names[1]) != normalize_photo_id(names[2])
+
+
+def test_empty_metadata_file_names_the_file(tmp_path):
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="empty.csv: the file is empty"):
+        read_metadata(empty)
