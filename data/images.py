@@ -1,10 +1,15 @@
-"""Image decoding: any photo to an upright RGB PIL image, fast.
+"""Image decoding and resizing: any photo to an upright RGB image, fast.
 
 Decoding is the first bottleneck when training at GPU speed (paper 4.2 trains on 4.7M MP16 photos). JPEGs go
 through libjpeg-turbo (simplejpeg) with DCT-domain downscaling: when ``target`` is given the decoder skips the
-detail that a later resize to ``target`` would throw away. Everything else (PNG, GIF, CMYK or 12-bit JPEG,
-16-bit TIFF, ...) goes through Pillow with ``Image.draft`` for the same effect on JPEG-like formats. Both paths
-honour the EXIF orientation tag and return RGB.
+detail that a later resize to ``target`` would throw away. Only the 1/1, 1/2, 1/4 and 1/8 scales are used: the
+other M/8 scales run libjpeg-turbo's plain-C inverse DCT and decode *slower* than the full image (measured in
+``docs/performance.md``). Everything else (PNG, GIF, CMYK or 12-bit JPEG, 16-bit TIFF, ...) goes through Pillow
+with ``Image.draft`` for the same effect on JPEG-like formats. Both paths honour the EXIF orientation tag and
+return RGB.
+
+`decode_array` returns an ``(H, W, 3)`` uint8 array, the form the transforms work on; `resize_array` resizes
+one with OpenCV (SIMD), several times faster than Pillow's resampling.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import logging
 import os
 import struct
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import numpy as np
 import simplejpeg
@@ -90,19 +95,37 @@ def _tiff_orientation(tiff: bytes) -> int:
     return 1
 
 
-# Orientation tag -> PIL transpose (as ImageOps.exif_transpose applies it).
-_TRANSPOSE = {
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_270,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_90,
+# Orientation tag -> the array view that makes the photo upright (as ImageOps.exif_transpose applies it).
+_UPRIGHT = {
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.transpose(1, 0, 2),
+    6: lambda a: a.transpose(1, 0, 2)[:, ::-1],
+    7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),
+    8: lambda a: a.transpose(1, 0, 2)[::-1],
 }
 
+# DCT scale denominators with SIMD inverse DCTs in libjpeg-turbo (1/8 keeps the DC term only).
+_FAST_DENOMINATORS = (8, 4, 2)
 
-def _decode_jpeg_turbo(data: bytes, target: Optional[int], max_pixels: int) -> Optional[Image.Image]:
+
+TARGET_SIDES = ("short", "long")
+
+
+def jpeg_scale_denominator(width: int, height: int, target: Optional[int], side: str = "short") -> int:
+    """The largest of 8, 4, 2 (else 1) by which a ``width x height`` JPEG can be decoded keeping its ``side``
+    (short or long) >= ``target``; libjpeg rounds each scaled side up."""
+    if not target:
+        return 1
+    measure = min if side == "short" else max
+    for denominator in _FAST_DENOMINATORS:
+        if measure(-(-width // denominator), -(-height // denominator)) >= target:
+            return denominator
+    return 1
+
+
+def _decode_jpeg_turbo(data: bytes, target: Optional[int], side: str, max_pixels: int) -> Optional[np.ndarray]:
     """libjpeg-turbo path; None when this JPEG needs Pillow (CMYK, 12-bit, arithmetic coding, ...)."""
     try:
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
@@ -112,18 +135,18 @@ def _decode_jpeg_turbo(data: bytes, target: Optional[int], max_pixels: int) -> O
         return None
     if height * width > max_pixels:
         raise ImageDecodeError(f"decompression bomb: {width}x{height} pixels exceed {max_pixels}")
-    # min_height = min_width = target keeps the short side >= target whatever the orientation.
-    side = target or 0
+    # The smallest scale that meets both minimums is exactly 1/denominator (libjpeg offers only M/8 scales).
+    denominator = jpeg_scale_denominator(width, height, target, side)
     try:
         array = simplejpeg.decode_jpeg(
-            data, colorspace="RGB", fastdct=True, fastupsample=True, min_height=side, min_width=side, strict=True
+            data, colorspace="RGB", fastdct=True, fastupsample=True, strict=True,
+            min_height=-(-height // denominator), min_width=-(-width // denominator),
         )
     except ValueError:
         # Damaged or exotic data: Pillow decides whether it is readable and says why not.
         return None
-    image = Image.fromarray(array, "RGB")
-    transpose = _TRANSPOSE.get(_exif_orientation(data))
-    return image.transpose(transpose) if transpose is not None else image
+    upright = _UPRIGHT.get(_exif_orientation(data))
+    return np.ascontiguousarray(upright(array)) if upright is not None else array
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -144,7 +167,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _decode_pillow(data: bytes, target: Optional[int], max_pixels: int) -> Image.Image:
+def _decode_pillow(data: bytes, target: Optional[int], side: str, max_pixels: int) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data))
         width, height = image.size
@@ -152,7 +175,12 @@ def _decode_pillow(data: bytes, target: Optional[int], max_pixels: int) -> Image
             raise ImageDecodeError(f"decompression bomb: {width}x{height} pixels exceed {max_pixels}")
         if target and image.format == "JPEG":
             # draft keeps each side >= the requested size (scales 1/2, 1/4, 1/8); orientation-agnostic.
-            image.draft(image.mode if image.mode != "CMYK" else "RGB", (target, target))
+            if side == "short":
+                request = (target, target)
+            else:
+                longest = max(width, height)
+                request = (-(-target * width // longest), -(-target * height // longest))
+            image.draft(image.mode if image.mode != "CMYK" else "RGB", request)
         image.load()
         image = ImageOps.exif_transpose(image)
         return _to_rgb(image)
@@ -164,26 +192,11 @@ def _decode_pillow(data: bytes, target: Optional[int], max_pixels: int) -> Image
         raise ImageDecodeError(f"unreadable image ({type(err).__name__}: {err})") from None
 
 
-def decode_image(source: Source, *, target: Optional[int] = None, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
-    """Decode a photo to an upright RGB image, downscaled while decoding when ``target`` allows it.
-
-    Args:
-        source: encoded bytes, or a path to the file.
-        target: smallest short side the caller needs (e.g. the training resolution). JPEGs are then decoded at
-            the smallest libjpeg scale (N/8) that keeps *both* sides >= ``target``, so the short side of the
-            result is >= ``target`` (or the full image when it is smaller). The result is not resized further:
-            the exact resize belongs to the transform. None decodes at full size.
-        max_pixels: images with more pixels are refused before decoding (decompression-bomb guard).
-
-    Returns:
-        An RGB ``PIL.Image`` with the EXIF orientation applied.
-
-    Raises:
-        ImageMissingError: the path does not exist (also a ``FileNotFoundError``).
-        ImageDecodeError: the data is not a readable image, or is too large; ``err.reason`` says which.
-    """
+def _decode(source: Source, target: Optional[int], side: str, max_pixels: int) -> Union[np.ndarray, Image.Image]:
     if target is not None and target <= 0:
-        raise ValueError(f"target must be a positive short side in pixels, got {target}")
+        raise ValueError(f"target must be a positive side in pixels, got {target}")
+    if side not in TARGET_SIDES:
+        raise ValueError(f"unknown target_side {side!r}; choose one of: {', '.join(TARGET_SIDES)}")
     path = None
     if isinstance(source, (str, os.PathLike)):
         path = str(source)
@@ -194,12 +207,49 @@ def decode_image(source: Source, *, target: Optional[int] = None, max_pixels: in
         raise ImageDecodeError("empty file", source=path)
     try:
         if data[:2] == b"\xff\xd8":
-            image = _decode_jpeg_turbo(data, target, max_pixels)
-            if image is not None:
-                return image
-        return _decode_pillow(data, target, max_pixels)
+            array = _decode_jpeg_turbo(data, target, side, max_pixels)
+            if array is not None:
+                return array
+        return _decode_pillow(data, target, side, max_pixels)
     except ImageDecodeError as err:
         raise ImageDecodeError(err.reason, source=path) from None
+
+
+def decode_image(
+    source: Source, *, target: Optional[int] = None, target_side: str = "short", max_pixels: int = MAX_IMAGE_PIXELS
+) -> Image.Image:
+    """Decode a photo to an upright RGB image, downscaled while decoding when ``target`` allows it.
+
+    Args:
+        source: encoded bytes, or a path to the file.
+        target: smallest short side the caller needs (e.g. the training resolution). JPEGs are then decoded at
+            the smallest of the scales 1/8, 1/4, 1/2 that keeps *both* sides >= ``target`` (else at full size),
+            so the short side of the result is >= ``target`` (or the full image when it is smaller). The result
+            is not resized further: the exact resize belongs to the transform. None decodes at full size.
+        target_side: ``"short"`` (above) or ``"long"``: keep the long side >= ``target`` instead, enough for
+            the paper's evaluation resize (longest side to ``target``).
+        max_pixels: images with more pixels are refused before decoding (decompression-bomb guard).
+
+    Returns:
+        An RGB ``PIL.Image`` with the EXIF orientation applied.
+
+    Raises:
+        ImageMissingError: the path does not exist (also a ``FileNotFoundError``).
+        ImageDecodeError: the data is not a readable image, or is too large; ``err.reason`` says which.
+    """
+    image = _decode(source, target, target_side, max_pixels)
+    return Image.fromarray(image, "RGB") if isinstance(image, np.ndarray) else image
+
+
+def decode_array(
+    source: Source, *, target: Optional[int] = None, target_side: str = "short", max_pixels: int = MAX_IMAGE_PIXELS
+) -> np.ndarray:
+    """`decode_image` as an ``(H, W, 3)`` uint8 RGB array (C-contiguous), the transforms' input.
+
+    Same arguments, scaling rule and errors as `decode_image`; skips the PIL image for JPEGs.
+    """
+    image = _decode(source, target, target_side, max_pixels)
+    return image if isinstance(image, np.ndarray) else np.asarray(image)
 
 
 def encode_jpeg(image: Union[Image.Image, np.ndarray], *, quality: int = 90) -> bytes:
@@ -211,14 +261,63 @@ def encode_jpeg(image: Union[Image.Image, np.ndarray], *, quality: int = 90) -> 
 
 
 def resize_short_side(image: Image.Image, size: int) -> Image.Image:
-    """Resize so the short side is ``size`` (only ever down: smaller images are returned unchanged)."""
-    width, height = image.size
-    short = min(width, height)
-    if short <= size:
+    """Resize so the short side is ``size`` (only ever down: smaller images are returned unchanged).
+
+    Pillow's antialiased bilinear filter: meant for storage (``data shards --resize``), where quality matters
+    more than speed; the training and evaluation transforms use `resize_array`.
+    """
+    if min(image.size) <= size:
         return image
-    scale = size / short
-    new = (max(1, round(width * scale)), max(1, round(height * scale)))
-    return image.resize(new, Image.Resampling.BILINEAR, reducing_gap=None)
+    return image.resize(short_side_size(*image.size, size), Image.Resampling.BILINEAR, reducing_gap=None)
+
+
+RESIZE_INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+_cv2_module = None
+
+
+def _cv2():
+    """OpenCV with its thread pool off: the images are small, DataLoader workers are the parallelism, and a
+    pool started before a fork deadlocks the forked workers."""
+    global _cv2_module
+    if _cv2_module is None:
+        import cv2
+
+        cv2.setNumThreads(0)
+        _cv2_module = cv2
+    return _cv2_module
+
+
+def resize_array(array: np.ndarray, size: Tuple[int, int], *, interpolation: str = "bilinear") -> np.ndarray:
+    """Resize an ``(H, W, C)`` uint8 image to ``size = (width, height)`` with OpenCV.
+
+    ``interpolation`` (bilinear, bicubic or nearest) is used for enlargements and for reductions down to half
+    size, the range left after DCT-scaled decoding; a stronger reduction on either axis averages pixel areas
+    instead, so that nothing aliases.
+    """
+    if interpolation not in RESIZE_INTERPOLATIONS:
+        raise ValueError(f"unknown interpolation {interpolation!r}; choose one of: {', '.join(RESIZE_INTERPOLATIONS)}")
+    width, height = int(size[0]), int(size[1])
+    if width <= 0 or height <= 0:
+        raise ValueError(f"resize target must be positive, got {width}x{height}")
+    if (array.shape[1], array.shape[0]) == (width, height):
+        return array
+    cv2 = _cv2()
+    if width * 2 < array.shape[1] or height * 2 < array.shape[0]:
+        flag = cv2.INTER_AREA
+    else:
+        flag = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC, "nearest": cv2.INTER_NEAREST}[interpolation]
+    return cv2.resize(array, (width, height), interpolation=flag)
+
+
+def flip_left_right(array: np.ndarray) -> np.ndarray:
+    """A C-contiguous left-right mirror image of an ``(H, W, C)`` uint8 array."""
+    return _cv2().flip(np.ascontiguousarray(array), 1)
+
+
+def short_side_size(width: int, height: int, size: int) -> Tuple[int, int]:
+    """``(width, height)`` scaled so the short side is ``size``, the long side rounded."""
+    scale = size / min(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
 
 
 def image_path(root: Union[str, os.PathLike], img_id: str) -> Path:

@@ -8,8 +8,11 @@ from PIL import Image, ImageOps
 from geoswc.data.images import (
     ImageDecodeError,
     ImageMissingError,
+    decode_array,
     decode_image,
     encode_jpeg,
+    jpeg_scale_denominator,
+    resize_array,
     resize_short_side,
 )
 
@@ -27,6 +30,12 @@ def _photo(width=500, height=375, seed=0):
 def _jpeg(image, **kwargs):
     buffer = io.BytesIO()
     image.save(buffer, "JPEG", quality=92, **kwargs)
+    return buffer.getvalue()
+
+
+def _png(image):
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
     return buffer.getvalue()
 
 
@@ -63,17 +72,71 @@ def test_exif_orientation_with_reduced_decoding():
     assert pixels[5, -5, 0] > 200 and pixels[5, -5, 1] < 60
 
 
-@pytest.mark.parametrize("target", [64, 100, 150, 300, 375])
+@pytest.mark.parametrize("target", [40, 64, 100, 150, 300, 375])
 def test_reduced_decoding_keeps_short_side_at_least_target(target):
     data = _jpeg(_photo())
     ours = decode_image(data, target=target)
     assert min(ours.size) >= target
-    # libjpeg scales by N/8: the next smaller scale would drop below target.
-    scale = ours.size[0] / 500
-    assert scale == pytest.approx(round(scale * 8) / 8, abs=0.01)
-    assert 375 * (round(scale * 8) - 1) / 8 < target or scale == 1
+    # Only the SIMD scales 1, 1/2, 1/4, 1/8 are used, and the next one would drop below target.
+    denominator = round(500 / ours.size[0])
+    assert denominator in (1, 2, 4, 8) and ours.size == (-(-500 // denominator), -(-375 // denominator))
+    assert denominator == 8 or -(-375 // (2 * denominator)) < target
     reference = Image.open(io.BytesIO(data)).convert("RGB").resize(ours.size, Image.Resampling.BOX)
     assert _diff(ours, reference) < 4
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "target", "denominator"),
+    [(500, 375, 300, 1), (500, 375, 188, 2), (500, 375, 189, 1), (500, 375, 94, 4), (500, 375, 47, 8),
+     (375, 500, 94, 4), (4000, 3000, 300, 8), (4000, 3000, None, 1), (100, 80, 300, 1)],
+)
+def test_jpeg_scale_denominator(width, height, target, denominator):
+    # libjpeg rounds scaled sides up: 375 / 2 -> 188, 375 / 4 -> 94, 375 / 8 -> 47.
+    assert jpeg_scale_denominator(width, height, target) == denominator
+
+
+def test_long_side_target_for_the_longest_side_resize():
+    # Longest side 224 from 500 x 375 needs only the 1/2 scale (250 x 188), not the full image.
+    assert jpeg_scale_denominator(500, 375, 224, "long") == 2
+    assert jpeg_scale_denominator(500, 375, 251, "long") == 1
+    assert jpeg_scale_denominator(375, 500, 63, "long") == 8  # 500 / 8 -> 63
+    data = _jpeg(_photo())
+    assert decode_image(data, target=224, target_side="long").size == (250, 188)
+    assert decode_array(data, target=224, target_side="long").shape == (188, 250, 3)
+    cmyk = _jpeg(_photo().convert("CMYK"))  # the Pillow path: draft honours the long side too
+    assert max(decode_image(cmyk, target=224, target_side="long").size) >= 224
+    assert max(decode_image(cmyk, target=100, target_side="long").size) < 500
+    with pytest.raises(ValueError, match="choose one of: short, long"):
+        decode_image(data, target=224, target_side="width")
+
+
+def test_decode_array_is_decode_image_as_an_array():
+    exif = piexif.dump({"0th": {piexif.ImageIFD.Orientation: 6}})
+    for data in (_jpeg(_photo(), exif=exif), _png(_photo(60, 40))):
+        array = decode_array(data, target=100)
+        assert array.dtype == np.uint8 and array.flags.c_contiguous
+        assert np.array_equal(array, np.asarray(decode_image(data, target=100)))
+
+
+def test_resize_array_matches_pillow_antialiased_resize():
+    photo = np.asarray(_photo())
+    # Down to 0.8 (what is left after DCT-scaled decoding of an MP16 photo for 300 px): interpolation.
+    for interpolation, pil in (("bilinear", Image.Resampling.BILINEAR), ("bicubic", Image.Resampling.BICUBIC)):
+        ours = resize_array(photo, (400, 300), interpolation=interpolation)
+        assert ours.shape == (300, 400, 3)
+        assert _diff(ours, Image.fromarray(photo).resize((400, 300), pil)) < 1.5
+    # Below half size, pixel areas are averaged: the result matches a box filter, not a sparse sampling.
+    ours = resize_array(photo, (100, 75))
+    assert _diff(ours, Image.fromarray(photo).resize((100, 75), Image.Resampling.BOX)) < 1.0
+    stripes = np.zeros((64, 64, 3), np.uint8)
+    stripes[:, ::2] = 255
+    assert np.all(np.abs(resize_array(stripes, (16, 16)).astype(int) - 128) <= 1)  # no aliasing into 0 or 255
+    assert resize_array(photo, (500, 375)) is photo
+    assert resize_array(photo, (1000, 750), interpolation="nearest")[::2, ::2].tolist() == photo.tolist()
+    with pytest.raises(ValueError, match="choose one of: bilinear, bicubic, nearest"):
+        resize_array(photo, (10, 10), interpolation="lanczos")
+    with pytest.raises(ValueError, match="positive"):
+        resize_array(photo, (0, 10))
 
 
 def test_modes_become_rgb(tmp_path):
