@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from .images import ImageDecodeError, decode_image
+from .images import ImageDecodeError, decode_array, decode_image
 from .metadata import read_metadata
 from .shards import SUMMARY
 from .transforms import pad_collate
@@ -185,7 +185,8 @@ class ShardStream(IterableDataset):
     def _decode(self, url: str, key: str, parts: Dict[str, bytes]) -> Optional[Dict]:
         try:
             meta = json.loads(parts["json"])
-            image = decode_image(parts["jpg"], target=self.decode_target)
+            side = getattr(self.transform, "decode_side", "short")
+            image = decode_array(parts["jpg"], target=self.decode_target, target_side=side)
         except (KeyError, ValueError, ImageDecodeError) as err:
             logger.warning("%s: skipping sample %s (%s)", url, key, err)
             return None
@@ -311,7 +312,11 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int) -> Dict:
         sample = {"id": self.ids[index], "latlon": tuple(self.latlon[index]), "image": None, "error": ""}
         try:
-            image = decode_image(self.root / self.ids[index], target=self.decode_target)
+            if self.transform is None:
+                image = decode_image(self.root / self.ids[index], target=self.decode_target)
+            else:
+                side = getattr(self.transform, "decode_side", "short")
+                image = decode_array(self.root / self.ids[index], target=self.decode_target, target_side=side)
         except ImageDecodeError as err:
             sample["error"] = err.reason
             return sample

@@ -277,17 +277,19 @@ def read_photo_bytes(path: str) -> bytes:
     return data
 
 
-def load_photo(path: str, *, target: Optional[int] = None):
+def load_photo(path: str, *, target: Optional[int] = None, target_side: str = "short", as_array: bool = False):
     """Read and decode one photo to an upright RGB ``PIL.Image``.
 
     Args:
         path: the file.
         target: smallest short side needed afterwards; JPEGs are decoded at reduced size down to it.
+        target_side: ``"long"`` makes ``target`` the smallest long side instead (a longest-side resize).
+        as_array: return an ``(H, W, 3)`` uint8 array instead (the transforms' input, no PIL copy).
 
     Raises:
         PhotoError: with the reason the photo cannot be used.
     """
-    from geoswc.data.images import ImageDecodeError, decode_image
+    from geoswc.data.images import ImageDecodeError, decode_array, decode_image
 
     data = read_photo_bytes(path)
     kind = sniff(data[:SNIFF_BYTES])
@@ -299,7 +301,7 @@ def load_photo(path: str, *, target: Optional[int] = None):
             raise PhotoError("HEIC/HEIF photo needs pillow-heif: pip install pillow-heif")
         heif.register_heif_opener()
     try:
-        return decode_image(data, target=target)
+        return (decode_array if as_array else decode_image)(data, target=target, target_side=target_side)
     except ImageDecodeError as err:
         raise PhotoError(f"{kind}: {err.reason}") from None
 

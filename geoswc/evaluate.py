@@ -60,10 +60,11 @@ class _PhotoDataset:
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        from geoswc.data.images import decode_image
+        from geoswc.data.images import decode_array
 
         try:
-            image = decode_image(self.paths[i], target=self.target)
+            side = getattr(self.transform, "decode_side", "short")
+            image = decode_array(self.paths[i], target=self.target, target_side=side)
             return i, self.transform(image), None
         except (OSError, ValueError) as err:
             return i, None, str(err) or type(err).__name__

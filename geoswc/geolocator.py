@@ -372,14 +372,15 @@ class Geolocator(nn.Module):
         """A photo (path or PIL image) decoded and transformed to ``(3, H, W)``."""
         from PIL import Image
 
-        if not isinstance(image, Image.Image):
-            from geoswc.data.images import decode_image
+        if isinstance(image, Image.Image):
+            return self.transform(image)
+        from geoswc.data.images import decode_array
 
-            path = Path(image)
-            if not path.is_file():
-                raise FileNotFoundError(f"image not found: {path}")
-            image = decode_image(path, target=self.config.data.image_size)
-        return self.transform(image.convert("RGB"))
+        path = Path(image)
+        if not path.is_file():
+            raise FileNotFoundError(f"image not found: {path}")
+        side = getattr(self.transform, "decode_side", "short")
+        return self.transform(decode_array(path, target=self.config.data.image_size, target_side=side))
 
     def predict(
         self,

@@ -62,13 +62,16 @@ class _PhotoDataset:
 
     def __init__(self, paths: Sequence[str], transform: Callable, target: Optional[int]):
         self.paths, self.transform, self.target = paths, transform, target
+        # geoswc's own transforms take decoded arrays directly; any other (torchvision) transform gets PIL.
+        self.as_array = bool(getattr(transform, "accepts_arrays", False))
+        self.target_side = getattr(transform, "decode_side", "short")
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, index):
         try:
-            image = load_photo(self.paths[index], target=self.target)
+            image = load_photo(self.paths[index], target=self.target, target_side=self.target_side, as_array=self.as_array)
             return index, self.transform(image), None
         except PhotoError as err:
             return index, None, str(err)
@@ -95,9 +98,14 @@ def _worker_init(_):
 
 
 def resize_target(transform) -> Optional[int]:
-    """The short side a torchvision eval transform resizes to (for reduced-size decoding), or None."""
+    """The short side to decode photos at for this eval transform (reduced-size decoding), or None.
+
+    geoswc's transforms say it (``decode_target``); for a torchvision one it is the size of its ``Resize``.
+    """
     from torchvision import transforms as T
 
+    if getattr(transform, "decode_target", None):
+        return int(transform.decode_target)
     steps = getattr(transform, "transforms", [transform])
     for step in steps:
         if isinstance(step, T.Resize):

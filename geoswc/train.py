@@ -98,9 +98,10 @@ class PhotoTable(torch.utils.data.Dataset):
         return sizes
 
     def __getitem__(self, row: int) -> Dict[str, Any]:
-        from geoswc.data.images import decode_image
+        from geoswc.data.images import decode_array
 
-        image = decode_image(self.root / self.ids[row], target=self.size)
+        side = getattr(self.transform, "decode_side", "short")
+        image = decode_array(self.root / self.ids[row], target=self.size, target_side=side)
         return {"image": self.transform(image), "row": int(row)}
 
 

@@ -371,3 +371,7 @@ def test_resize_target_reads_the_eval_transform():
     assert resize_target(MeanColour.transform) == 32
     assert resize_target(T.Compose([T.Resize((300, 400)), T.ToTensor()])) == 300
     assert resize_target(T.ToTensor()) is None
+    from geoswc.data.transforms import build_transform
+
+    ours = {"mean": (0.5,) * 3, "std": (0.5,) * 3}
+    assert resize_target(build_transform(ours, train=False, size=300, eval_resize="longest")) == 300
