@@ -81,18 +81,19 @@ class CSVTracker(GeneralTracker):
 
 
 def use_cpu(cpu: bool = False) -> bool:
-    """Whether this process runs on CPU: asked for (``--cpu``, ``ACCELERATE_USE_CPU``), or one of several launched
-    processes on a machine without a GPU, whose ranks then talk over gloo.
+    """Whether this process runs on CPU: asked for (``--cpu``, ``ACCELERATE_USE_CPU``), or one of several
+    launched processes on a machine without a GPU, whose ranks then talk over gloo.
 
-    Pass the result to every ``PartialState``/``Accelerator``. Without a GPU and without ``cpu=True``, accelerate
-    gives each launched rank a world of its own: every rank trains the whole job alone, draws its own progress
-    bar and writes the same files. ``PartialState`` also ignores ``ACCELERATE_USE_CPU`` (only ``Accelerator``
-    reads it), and the first state created decides for the whole process.
+    Pass the result to every ``PartialState``/``Accelerator``. Without a GPU and without ``cpu=True``,
+    accelerate gives each launched rank a world of its own: every rank trains the whole job alone, draws its
+    own progress bar and writes the same files. ``PartialState`` also ignores ``ACCELERATE_USE_CPU`` (only
+    ``Accelerator`` reads it), and the first state created decides for the whole process.
     """
     from accelerate.utils import parse_flag_from_env
 
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return bool(cpu) or parse_flag_from_env("ACCELERATE_USE_CPU") or (launched and not torch.cuda.is_available())
+    no_gpu = not torch.cuda.is_available()
+    return bool(cpu) or parse_flag_from_env("ACCELERATE_USE_CPU") or (launched and no_gpu)
 
 
 def build_accelerator(

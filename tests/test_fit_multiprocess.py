@@ -11,11 +11,11 @@ from collections import Counter
 import numpy as np
 import pandas as pd
 import pytest
+from test_fit import FAST
 
-from geoswc.data.synth import make_world
+from geoswc.cli import main
 from geoswc.fit import STAGES, read_marker
 from geoswc.geolocator import Geolocator
-from test_fit import FAST
 
 # Every stage, retrieval included, with the small settings of test_fit.py.
 SETTINGS = [*FAST, "retrieval.epochs=1"]
@@ -32,17 +32,19 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_two_cpu_ranks_fit_one_model_and_only_the_main_process_draws_bars(tmp_path):
     world = tmp_path / "world"
-    make_world(world, n_train=240, n_test=30, seed=5, progress=False, workers=1)
+    synth = ["data", "synth", str(world), "--train", "240", "--test", "30", "--seed", "5", "--workers", "1"]
+    assert main(synth) == 0
     model_dir = tmp_path / "model"
-    # No --cpu: ACCELERATE_USE_CPU (what `use_cpu: true` in an accelerate config sets) must be enough to put both
-    # ranks into one gloo group instead of two single-process worlds.
+    # No --cpu: ACCELERATE_USE_CPU (what `use_cpu: true` in an accelerate config sets) must be enough to put
+    # both ranks into one gloo group instead of two single-process worlds.
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(_free_port()),
-           "-m", "geoswc.fit", str(world / "train.csv"), "--images", str(world / "images"), "-o", str(model_dir),
-           "--preset", "tiny", *[arg for s in SETTINGS for arg in ("--set", s)]]
-    result = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+           "-m", "geoswc.fit", str(world / "train.csv"), "--images", str(world / "images"),
+           "-o", str(model_dir), "--preset", "tiny", *[arg for s in SETTINGS for arg in ("--set", s)]]
+    result = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=600,
+                            cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
 
     for stage in STAGES:
