@@ -80,6 +80,22 @@ class CSVTracker(GeneralTracker):
                 writer.writerow([step, name, float(value)])
 
 
+def use_cpu(cpu: bool = False) -> bool:
+    """Whether this process runs on CPU: asked for (``--cpu``, ``ACCELERATE_USE_CPU``), or one of several
+    launched processes on a machine without a GPU, whose ranks then talk over gloo.
+
+    Pass the result to every ``PartialState``/``Accelerator``. Without a GPU and without ``cpu=True``,
+    accelerate gives each launched rank a world of its own: every rank trains the whole job alone, draws its
+    own progress bar and writes the same files. ``PartialState`` also ignores ``ACCELERATE_USE_CPU`` (only
+    ``Accelerator`` reads it), and the first state created decides for the whole process.
+    """
+    from accelerate.utils import parse_flag_from_env
+
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    no_gpu = not torch.cuda.is_available()
+    return bool(cpu) or parse_flag_from_env("ACCELERATE_USE_CPU") or (launched and no_gpu)
+
+
 def build_accelerator(
     train_cfg: Any,
     *,
@@ -94,7 +110,7 @@ def build_accelerator(
 
     Args:
         train_cfg: ``Config.train``.
-        cpu: force CPU even when a GPU is present.
+        cpu: force CPU even when a GPU is present (``use_cpu`` says when CPU is used anyway).
         out_dir: run folder; trackers write under ``<out_dir>/logs``.
         log_with: trackers, any of ``tensorboard``, ``csv``.
         run_name: tracker run name (the stage).
@@ -122,7 +138,7 @@ def build_accelerator(
     if out_dir is not None:
         project = ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(Path(out_dir) / "logs"))
     accelerator = Accelerator(
-        mixed_precision=precision, cpu=cpu, log_with=trackers or None, project_config=project
+        mixed_precision=precision, cpu=use_cpu(cpu), log_with=trackers or None, project_config=project
     )
     if trackers:
         accelerator.init_trackers(run_name)

@@ -332,7 +332,9 @@ STAGE_FUNCTIONS: Dict[str, Callable[[FitRun, Path, bool], Dict[str, Any]]] = {
 def _process_state(cpu: bool):
     from accelerate import PartialState
 
-    return PartialState(cpu=cpu)
+    from geoswc.engine import use_cpu
+
+    return PartialState(cpu=use_cpu(cpu))
 
 
 def _broadcast(state, value: Any) -> Any:
@@ -622,9 +624,7 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
 def run_fit(args: argparse.Namespace) -> int:
     """``geoswc fit``: the whole pipeline, printing one line per stage and a closing summary."""
     cfg = resolve_fit_config(args.preset, args.config, args.set)
-    from accelerate import PartialState
-
-    main_process = PartialState(cpu=args.cpu).is_main_process
+    main_process = _process_state(args.cpu).is_main_process
     run = FitRun(train_csv=args.train_csv, images=args.images, model_dir=args.out, config=cfg,
                  exclude=tuple(args.exclude), cpu=args.cpu, val_csv=args.val_csv, val_images=args.val_images,
                  echo=print if main_process else (lambda message: None))

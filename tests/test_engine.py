@@ -16,6 +16,7 @@ from geoswc.engine import (
     rank_batches,
     save_weights,
     seed_everything,
+    use_cpu,
 )
 
 
@@ -99,6 +100,19 @@ def test_bad_settings_name_the_choices():
         build_accelerator(TrainConfig(mixed_precision="fp8"), cpu=True)
     with pytest.raises(ValueError, match="unknown tracker 'wandb'; choose one of: tensorboard, csv"):
         build_accelerator(TrainConfig(), cpu=True, out_dir=".", log_with=["wandb"])
+
+
+def test_launched_ranks_without_a_gpu_run_on_cpu(monkeypatch):
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert use_cpu(True) and not use_cpu(False)  # one process: accelerate picks the device itself
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert use_cpu(False)  # else every rank would be a world of its own
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert not use_cpu(False) and use_cpu(True)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+    assert use_cpu(False)
 
 
 def test_save_weights_records_fingerprint_and_config(tmp_path):
