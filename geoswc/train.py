@@ -716,7 +716,9 @@ CACHE_LINES = ("ids", "authors")
 def merge_image_parts(parts_dir: Path, out: Path, *, latlon: np.ndarray, labels: np.ndarray,
                       ids: Sequence[str], authors: Sequence[str], part_size: int, dim: int) -> None:
     """Writes the cache files of ``out`` from the parts of `extract_features` (``part_NNNNN.npy``, features of
-    ``part_size`` consecutive rows) and the photo table's coordinates, labels, ids and authors."""
+    ``part_size`` consecutive rows) and the photo table's coordinates, labels, ids and authors. The table's
+    arrays are in memory already and are saved as they are: the coordinates come from pandas in Fortran order,
+    and their file keeps it."""
     n = len(latlon)
     n_parts = max(1, math.ceil(n / part_size))
 
@@ -731,10 +733,10 @@ def merge_image_parts(parts_dir: Path, out: Path, *, latlon: np.ndarray, labels:
                     f"of {dim} features (--part-size {part_size}): a run with other settings left it; "
                     f"remove {parts_dir} and run again"
                 )
-            yield {"features": features, "latlon": latlon[rows], "labels": labels[rows], "ids": ids[rows],
-                   "authors": authors[rows]}
+            yield {"features": features, "ids": ids[rows], "authors": authors[rows]}
 
-    _write_cache(out, blocks(), count=n, dim=dim, label_shape=labels.shape[1:])
+    _write_cache(out, blocks(), count=n, dim=dim, label_shape=labels.shape[1:],
+                 whole={"latlon": latlon, "labels": labels})
 
 
 def merge_shard_parts(parts_dir: Path, out: Path, *, n_parts: int, dim: int) -> int:
@@ -784,22 +786,28 @@ def _npy_writer(path: Path, dtype: Any, shape: Tuple[int, ...]) -> Iterator[IO[b
 
 
 def _write_cache(out: Path, blocks: Iterable[Dict[str, Any]], *, count: int, dim: int,
-                 label_shape: Tuple[int, ...]) -> None:
-    """Streams ``blocks`` (dicts of consecutive rows of every cache file) into ``features.npy``,
+                 label_shape: Tuple[int, ...], whole: Optional[Dict[str, np.ndarray]] = None) -> None:
+    """Streams ``blocks`` (dicts of consecutive rows of the cache files) into ``features.npy``,
     ``latlon.npy``, ``labels.npy``, ``ids.txt`` and ``authors.txt`` of ``out``: the same files an in-memory
-    concatenation would give. See the note above on meta.json and the temporary names."""
+    concatenation would give. Arrays in ``whole`` are complete already: they are saved as they are and left
+    out of the blocks. See the note above on meta.json and the temporary names."""
+    whole = whole or {}
     (out / "meta.json").unlink(missing_ok=True)
     shapes = {"features": (count, dim), "latlon": (count, 2), "labels": (count, *label_shape)}
+    streamed = {name: dtype for name, dtype in CACHE_ARRAYS.items() if name not in whole}
+    for name, array in whole.items():
+        assert array.shape == shapes[name], (name, array.shape, shapes[name])
+        np.save(out / f"{name}.tmp.npy", np.asarray(array, dtype=CACHE_ARRAYS[name]))
     written = 0
     with contextlib.ExitStack() as stack:
         files: Dict[str, IO] = {
             name: stack.enter_context(_npy_writer(out / f"{name}.tmp.npy", dtype, shapes[name]))
-            for name, dtype in CACHE_ARRAYS.items()
+            for name, dtype in streamed.items()
         }
         files.update({name: stack.enter_context(open(out / f"{name}.tmp.txt", "w")) for name in CACHE_LINES})
         for block in blocks:
-            k = len(block["latlon"])
-            for name, dtype in CACHE_ARRAYS.items():
+            k = len(block["ids"])
+            for name, dtype in streamed.items():
                 rows = np.ascontiguousarray(block[name], dtype=dtype)
                 assert rows.shape == (k, *shapes[name][1:]), (name, rows.shape, shapes[name])
                 files[name].write(memoryview(rows))

@@ -25,8 +25,8 @@ def _write_concatenation(out, features, latlon, labels, ids, authors):
     """The cache files as a plain concatenation in memory writes them."""
     out.mkdir()
     np.save(out / "features.npy", np.asarray(features, np.float16))
-    np.save(out / "latlon.npy", np.asarray(latlon, np.float64))
-    np.save(out / "labels.npy", np.asarray(labels, np.int64))
+    np.save(out / "latlon.npy", latlon)
+    np.save(out / "labels.npy", labels)
     (out / "ids.txt").write_text("".join(f"{i}\n" for i in ids))
     (out / "authors.txt").write_text("".join(f"{a}\n" for a in authors))
 
@@ -39,6 +39,7 @@ def _assert_same_files(out, reference):
 
 def _image_parts(tmp_path, n=23, part_size=5):
     table = _rows(np.random.default_rng(0), n)
+    table["latlon"] = np.asfortranarray(table["latlon"])  # as PhotoTable's, from pandas
     parts = tmp_path / "parts"
     parts.mkdir()
     for part, start in enumerate(range(0, n, part_size)):
