@@ -722,7 +722,7 @@ def merge_image_parts(parts_dir: Path, out: Path, *, latlon: np.ndarray, labels:
     n = len(latlon)
     n_parts = max(1, math.ceil(n / part_size))
 
-    def blocks() -> Iterator[Dict[str, Any]]:
+    def blocks() -> Iterator[dict[str, Any]]:
         for part in range(n_parts):
             path = parts_dir / f"part_{part:05d}.npy"
             rows = slice(part * part_size, min(n, (part + 1) * part_size))
@@ -749,7 +749,7 @@ def merge_shard_parts(parts_dir: Path, out: Path, *, n_parts: int, dim: int) -> 
     # an empty shard's labels are (0, 0): the first non-empty part gives the number of granularities
     label_shape = next(((math.prod(shape["labels"]) // k,) for shape, k in zip(shapes, rows) if k), (0,))
 
-    def blocks() -> Iterator[Dict[str, Any]]:
+    def blocks() -> Iterator[dict[str, Any]]:
         for path, k in zip(paths, rows):
             if k:
                 with np.load(path) as part:
@@ -761,7 +761,7 @@ def merge_shard_parts(parts_dir: Path, out: Path, *, n_parts: int, dim: int) -> 
     return sum(rows)
 
 
-def _npz_shapes(path: Path) -> Dict[str, Tuple[int, ...]]:
+def _npz_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Shapes of the arrays of an uncompressed or compressed ``.npz``, from their headers."""
     shapes = {}
     with zipfile.ZipFile(path) as archive:
@@ -775,7 +775,7 @@ def _npz_shapes(path: Path) -> Dict[str, Tuple[int, ...]]:
 
 
 @contextlib.contextmanager
-def _npy_writer(path: Path, dtype: Any, shape: Tuple[int, ...]) -> Iterator[IO[bytes]]:
+def _npy_writer(path: Path, dtype: Any, shape: tuple[int, ...]) -> Iterator[IO[bytes]]:
     """A binary file positioned at the data of a new ``.npy`` of ``shape``, preallocated with the header
     np.save writes. Rows are written through the file, not the map: copied pages then sit in the page cache
     instead of this process's resident memory."""
@@ -785,8 +785,8 @@ def _npy_writer(path: Path, dtype: Any, shape: Tuple[int, ...]) -> Iterator[IO[b
         yield f
 
 
-def _write_cache(out: Path, blocks: Iterable[Dict[str, Any]], *, count: int, dim: int,
-                 label_shape: Tuple[int, ...], whole: Optional[Dict[str, np.ndarray]] = None) -> None:
+def _write_cache(out: Path, blocks: Iterable[dict[str, Any]], *, count: int, dim: int,
+                 label_shape: tuple[int, ...], whole: dict[str, np.ndarray] | None = None) -> None:
     """Streams ``blocks`` (dicts of consecutive rows of the cache files) into ``features.npy``,
     ``latlon.npy``, ``labels.npy``, ``ids.txt`` and ``authors.txt`` of ``out``: the same files an in-memory
     concatenation would give. Arrays in ``whole`` are complete already: they are saved as they are and left
@@ -800,7 +800,7 @@ def _write_cache(out: Path, blocks: Iterable[Dict[str, Any]], *, count: int, dim
         np.save(out / f"{name}.tmp.npy", np.asarray(array, dtype=CACHE_ARRAYS[name]))
     written = 0
     with contextlib.ExitStack() as stack:
-        files: Dict[str, IO] = {
+        files: dict[str, IO] = {
             name: stack.enter_context(_npy_writer(out / f"{name}.tmp.npy", dtype, shapes[name]))
             for name, dtype in streamed.items()
         }
@@ -822,7 +822,7 @@ def _write_cache(out: Path, blocks: Iterable[Dict[str, Any]], *, count: int, dim
         os.replace(out / f"{name}.tmp.txt", out / f"{name}.txt")
 
 
-def _write_meta(out: Path, meta: Dict[str, Any]) -> None:
+def _write_meta(out: Path, meta: dict[str, Any]) -> None:
     """Writes ``meta.json``, the mark of a complete cache, atomically."""
     tmp = out / "meta.tmp.json"
     tmp.write_text(json.dumps(meta, indent=2) + "\n")
