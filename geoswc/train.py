@@ -14,16 +14,19 @@ identical weights.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import json
 import logging
 import math
+import os
 import shutil
 import sys
 import time
+import zipfile
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import IO, Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -637,19 +640,10 @@ def extract_features(accelerator, backbone: nn.Module, table: PhotoTable, out: P
     accelerator.wait_for_everyone()
     dim = int(backbone.num_features)
     if accelerator.is_main_process:
-        features = np.lib.format.open_memmap(out / "features.npy", mode="w+", dtype=np.float16, shape=(n, dim))
-        for part in range(n_parts):
-            block = np.load(parts_dir / f"part_{part:05d}.npy")
-            features[part * part_size : part * part_size + len(block)] = block
-        features.flush()
-        del features
-        np.save(out / "latlon.npy", table.latlon)
-        np.save(out / "labels.npy", table.labels)
-        (out / "ids.txt").write_text("".join(f"{i}\n" for i in table.ids))
-        (out / "authors.txt").write_text("".join(f"{a}\n" for a in table.authors))
-        meta = {"fingerprint": str(fingerprint), "backbone": model_name, "dim": dim, "count": n,
-                "image_size": cfg.data.image_size}
-        (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        merge_image_parts(parts_dir, out, latlon=table.latlon, labels=table.labels, ids=table.ids,
+                          authors=table.authors, part_size=part_size, dim=dim)
+        _write_meta(out, {"fingerprint": str(fingerprint), "backbone": model_name, "dim": dim, "count": n,
+                          "image_size": cfg.data.image_size})
         shutil.rmtree(parts_dir)
     accelerator.wait_for_everyone()
     return {"count": n, "dim": dim, "images_per_s_rank0": images / max(elapsed, 1e-9),
@@ -702,22 +696,138 @@ def extract_shard_features(accelerator, backbone: nn.Module, shards: ShardBatche
     accelerator.wait_for_everyone()
     n = 0
     if accelerator.is_main_process:
-        parts = [np.load(parts_dir / f"part_{part:05d}.npz") for part in range(len(shards.urls))]
-        features = np.concatenate([p["features"] for p in parts]).astype(np.float16)
-        n = len(features)
-        np.save(out / "features.npy", features)
-        np.save(out / "latlon.npy", np.concatenate([p["latlon"] for p in parts]).astype(np.float64))
-        np.save(out / "labels.npy", np.concatenate([p["labels"].reshape(len(p["latlon"]), -1) for p in parts
-                                                    if len(p["latlon"])]).astype(np.int64))
-        (out / "ids.txt").write_text("".join(f"{i}\n" for p in parts for i in p["ids"]))
-        (out / "authors.txt").write_text("".join(f"{a}\n" for p in parts for a in p["authors"]))
-        meta = {"fingerprint": str(fingerprint), "backbone": model_name, "dim": dim, "count": n,
-                "image_size": cfg.data.image_size}
-        (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        n = merge_shard_parts(parts_dir, out, n_parts=len(shards.urls), dim=dim)
+        _write_meta(out, {"fingerprint": str(fingerprint), "backbone": model_name, "dim": dim, "count": n,
+                          "image_size": cfg.data.image_size})
         shutil.rmtree(parts_dir)
     accelerator.wait_for_everyone()
     return {"count": n or len(shards), "dim": dim, "images_per_s_rank0": images / max(elapsed, 1e-9),
             "num_processes": accelerator.num_processes}
+
+
+# ---------------------------------------------------------------------------------- merging the parts
+# The cache is written in parts (one process each, resumable) and merged by rank 0. The merge streams: at MP16
+# scale the features alone are ~17 GB. A folder's meta.json marks a complete cache: the merge removes it first
+# and writes every file under a temporary name, renamed into place once complete; the caller writes meta.json
+# last. A merge killed midway leaves no meta.json and the parts in place, so the next run merges again.
+CACHE_ARRAYS = {"features": np.float16, "latlon": np.float64, "labels": np.int64}
+CACHE_LINES = ("ids", "authors")
+
+
+def merge_image_parts(parts_dir: Path, out: Path, *, latlon: np.ndarray, labels: np.ndarray,
+                      ids: Sequence[str], authors: Sequence[str], part_size: int, dim: int) -> None:
+    """Writes the cache files of ``out`` from the parts of `extract_features` (``part_NNNNN.npy``, features of
+    ``part_size`` consecutive rows) and the photo table's coordinates, labels, ids and authors. The table's
+    arrays are in memory already and are saved as they are: the coordinates come from pandas in Fortran order,
+    and their file keeps it."""
+    n = len(latlon)
+    n_parts = max(1, math.ceil(n / part_size))
+
+    def blocks() -> Iterator[dict[str, Any]]:
+        for part in range(n_parts):
+            path = parts_dir / f"part_{part:05d}.npy"
+            rows = slice(part * part_size, min(n, (part + 1) * part_size))
+            features = np.load(path, mmap_mode="r")
+            if features.shape != (rows.stop - rows.start, dim):
+                raise ValueError(
+                    f"{path} holds features of shape {features.shape}, not rows {rows.start}-{rows.stop} "
+                    f"of {dim} features (--part-size {part_size}): a run with other settings left it; "
+                    f"remove {parts_dir} and run again"
+                )
+            yield {"features": features, "ids": ids[rows], "authors": authors[rows]}
+
+    _write_cache(out, blocks(), count=n, dim=dim, label_shape=labels.shape[1:],
+                 whole={"latlon": latlon, "labels": labels})
+
+
+def merge_shard_parts(parts_dir: Path, out: Path, *, n_parts: int, dim: int) -> int:
+    """Writes the cache files of ``out`` from the parts of `extract_shard_features` (``part_NNNNN.npz``, one
+    per shard, each holding its features, ids, authors, coordinates and labels) in shard order; returns the
+    number of rows. Sizes come from the arrays' headers, so only one part at a time is read."""
+    paths = [parts_dir / f"part_{part:05d}.npz" for part in range(n_parts)]
+    shapes = [_npz_shapes(path) for path in paths]
+    rows = [shape["latlon"][0] for shape in shapes]
+    # an empty shard's labels are (0, 0): the first non-empty part gives the number of granularities
+    label_shape = next(((math.prod(shape["labels"]) // k,) for shape, k in zip(shapes, rows) if k), (0,))
+
+    def blocks() -> Iterator[dict[str, Any]]:
+        for path, k in zip(paths, rows):
+            if k:
+                with np.load(path) as part:
+                    yield {"features": part["features"], "latlon": part["latlon"],
+                           "labels": part["labels"].reshape(k, -1), "ids": part["ids"],
+                           "authors": part["authors"]}
+
+    _write_cache(out, blocks(), count=sum(rows), dim=dim, label_shape=label_shape)
+    return sum(rows)
+
+
+def _npz_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Shapes of the arrays of an uncompressed or compressed ``.npz``, from their headers."""
+    shapes = {}
+    with zipfile.ZipFile(path) as archive:
+        for member in archive.namelist():
+            with archive.open(member) as f:
+                version = np.lib.format.read_magic(f)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shapes[member.removesuffix(".npy")] = read_header(f)[0]
+    return shapes
+
+
+@contextlib.contextmanager
+def _npy_writer(path: Path, dtype: Any, shape: tuple[int, ...]) -> Iterator[IO[bytes]]:
+    """A binary file positioned at the data of a new ``.npy`` of ``shape``, preallocated with the header
+    np.save writes. Rows are written through the file, not the map: copied pages then sit in the page cache
+    instead of this process's resident memory."""
+    offset = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape).offset
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        yield f
+
+
+def _write_cache(out: Path, blocks: Iterable[dict[str, Any]], *, count: int, dim: int,
+                 label_shape: tuple[int, ...], whole: dict[str, np.ndarray] | None = None) -> None:
+    """Streams ``blocks`` (dicts of consecutive rows of the cache files) into ``features.npy``,
+    ``latlon.npy``, ``labels.npy``, ``ids.txt`` and ``authors.txt`` of ``out``: the same files an in-memory
+    concatenation would give. Arrays in ``whole`` are complete already: they are saved as they are and left
+    out of the blocks. See the note above on meta.json and the temporary names."""
+    whole = whole or {}
+    (out / "meta.json").unlink(missing_ok=True)
+    shapes = {"features": (count, dim), "latlon": (count, 2), "labels": (count, *label_shape)}
+    streamed = {name: dtype for name, dtype in CACHE_ARRAYS.items() if name not in whole}
+    for name, array in whole.items():
+        assert array.shape == shapes[name], (name, array.shape, shapes[name])
+        np.save(out / f"{name}.tmp.npy", np.asarray(array, dtype=CACHE_ARRAYS[name]))
+    written = 0
+    with contextlib.ExitStack() as stack:
+        files: dict[str, IO] = {
+            name: stack.enter_context(_npy_writer(out / f"{name}.tmp.npy", dtype, shapes[name]))
+            for name, dtype in streamed.items()
+        }
+        files.update({name: stack.enter_context(open(out / f"{name}.tmp.txt", "w")) for name in CACHE_LINES})
+        for block in blocks:
+            k = len(block["ids"])
+            for name, dtype in streamed.items():
+                rows = np.ascontiguousarray(block[name], dtype=dtype)
+                assert rows.shape == (k, *shapes[name][1:]), (name, rows.shape, shapes[name])
+                files[name].write(memoryview(rows))
+            for name in CACHE_LINES:
+                assert len(block[name]) == k, (name, len(block[name]), k)
+                files[name].writelines(f"{value}\n" for value in block[name])
+            written += k
+    assert written == count, (written, count)
+    for name in CACHE_ARRAYS:
+        os.replace(out / f"{name}.tmp.npy", out / f"{name}.npy")
+    for name in CACHE_LINES:
+        os.replace(out / f"{name}.tmp.txt", out / f"{name}.txt")
+
+
+def _write_meta(out: Path, meta: dict[str, Any]) -> None:
+    """Writes ``meta.json``, the mark of a complete cache, atomically."""
+    tmp = out / "meta.tmp.json"
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp, out / "meta.json")
 
 
 def run_heads(args) -> int:

@@ -70,6 +70,38 @@ def test_feature_extraction_resumes_by_part(world, cache, tmp_path):
     np.testing.assert_array_equal(merged[:100], np.load(cache / "features.npy")[:100])
 
 
+
+class Killed(Exception):
+    """Stands for the process being killed."""
+
+
+CACHE_FILES = ("features.npy", "latlon.npy", "labels.npy", "ids.txt", "authors.txt", "meta.json")
+
+
+def test_feature_merge_killed_midway_is_completed_on_rerun(world, cache, tmp_path, monkeypatch):
+    args = ["features", "--cells", str(world / "cells"), "--csv", str(world / "train.csv"), "--images",
+            str(world / "images"), "--out", str(tmp_path), "--part-size", "100", *COMMON]
+    (tmp_path / "meta.json").write_text((cache / "meta.json").read_text())  # an older cache in the folder
+    load = np.load
+
+    def load_until_second_part(path, *a, **kw):
+        if Path(path).name == "part_00001.npy":
+            raise Killed
+        return load(path, *a, **kw)
+
+    monkeypatch.setattr(np, "load", load_until_second_part)
+    with pytest.raises(Killed):
+        train_main(args)
+    monkeypatch.undo()
+    assert sorted(p.name for p in (tmp_path / "parts").iterdir()) == [f"part_0000{i}.npy" for i in range(3)]
+    assert (tmp_path / "features.tmp.npy").is_file() and not (tmp_path / "meta.json").exists()
+
+    assert train_main(args) == 0
+    for name in CACHE_FILES:
+        assert (tmp_path / name).read_bytes() == (cache / name).read_bytes(), name
+    assert not (tmp_path / "parts").exists() and not list(tmp_path.glob("*.tmp.*"))
+
+
 def test_heads_from_features(world, cache, tmp_path):
     from geoswc.geocells import Geocells
 

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -48,6 +49,34 @@ def test_shard_labels_are_the_geocells_assignment(world, tmp_path):
     assert sorted(rows) == sorted(meta.index)
     for img_id, row in rows.items():
         assert labels[row].tolist() == truth[meta.index.get_loc(img_id)].tolist()
+
+
+
+class Killed(Exception):
+    """Stands for the process being killed."""
+
+
+def test_shard_feature_merge_killed_midway_is_completed_on_rerun(world, tmp_path, monkeypatch):
+    args = ["features", "--cells", str(world / "cells"), "--shards", str(world / "shards"), *COMMON]
+    assert train_main([*args, "--out", str(tmp_path / "ref")]) == 0
+    load = np.load
+
+    def load_until_second_part(path, *a, **kw):
+        if Path(path).name == "part_00001.npz":
+            raise Killed
+        return load(path, *a, **kw)
+
+    monkeypatch.setattr(np, "load", load_until_second_part)
+    with pytest.raises(Killed):
+        train_main([*args, "--out", str(tmp_path / "o")])
+    monkeypatch.undo()
+    assert len(list((tmp_path / "o" / "parts").glob("part_*.npz"))) == 3
+    assert not (tmp_path / "o" / "meta.json").exists() and not (tmp_path / "o" / "features.npy").exists()
+
+    assert train_main([*args, "--out", str(tmp_path / "o")]) == 0
+    for name in ("features.npy", "latlon.npy", "labels.npy", "ids.txt", "authors.txt", "meta.json"):
+        assert (tmp_path / "o" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
+    assert not (tmp_path / "o" / "parts").exists() and not list((tmp_path / "o").glob("*.tmp.*"))
 
 
 @pytest.mark.slow
