@@ -194,7 +194,7 @@ def test_fit_from_shards_trains_every_stage_into_a_model_that_predicts(world, sh
     # from the data stage on.
     assert main([a if a != str(shards / "*.tar") else str(shards) for a in argv]) == 0
     assert capsys.readouterr().out.count("up to date, skipped") == len(STAGES)
-    first = sorted(shards.glob("*.tar"))[0]
+    first = min(shards.glob("*.tar"))
     argv_fewer = [a if a != str(shards / "*.tar") else str(first) for a in argv]
     assert main(argv_fewer + ["--stages", "data"]) == 0
     assert "100 photos in 1 shards" in capsys.readouterr().out
