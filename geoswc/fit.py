@@ -729,7 +729,8 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one setting, e.g. --set backbone.epochs=10 (repeatable)")
     parser.add_argument("--exclude", type=Path, nargs="+", default=[], metavar="BENCH.csv",
-                        help="drop training photos whose author or photo id appears in these benchmark CSVs")
+                        help="drop training photos whose author or photo id appears in these benchmark CSVs "
+                             "(with --shards, which cannot drop photos: stop if the shards hold any)")
     parser.add_argument("--stages", nargs="+", metavar="STAGE",
                         help=f"run only these stages (the earlier ones must be complete): {', '.join(STAGES)}")
     parser.add_argument("--val-csv", type=Path, help="validation metadata: backbone accuracy after every epoch")
