@@ -18,6 +18,7 @@ randomness derives from ``(seed, epoch, rank, worker)``, so a run is reproducibl
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -40,8 +41,8 @@ logger = logging.getLogger(__name__)
 
 
 def expand_urls(urls: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]) -> List[str]:
-    """Shard paths from a shard folder (its ``summary.json`` order), a brace pattern ``a-{000..009}.tar``, or a
-    list of paths."""
+    """Shard paths from a shard folder (its ``summary.json`` order), a brace pattern ``a-{000..009}.tar``, a glob
+    pattern ``shards/*.tar`` (matches in sorted order), or a list of paths."""
     if isinstance(urls, (str, os.PathLike)):
         path = Path(urls)
         if path.is_dir():
@@ -51,7 +52,11 @@ def expand_urls(urls: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
             return sorted(str(p) for p in path.glob("*.tar"))
         import braceexpand
 
-        return list(braceexpand.braceexpand(str(urls)))
+        expanded = []
+        for pattern in braceexpand.braceexpand(str(urls)):
+            is_glob = any(ch in pattern for ch in "*?[")
+            expanded.extend(sorted(glob.glob(pattern)) if is_glob else [pattern])
+        return expanded
     return [str(u) for u in urls]
 
 

@@ -1,9 +1,11 @@
 """Whole-pipeline training (`geoswc fit`) and the one-command quickstart (`geoswc demo`).
 
-``geoswc fit TRAIN.csv --images ROOT -o MODEL_DIR`` runs every stage of the ICMR 2021 system (sections 3 and
-4.2) in order, each in its own folder under ``MODEL_DIR/work/``:
+``geoswc fit TRAIN.csv --images ROOT -o MODEL_DIR`` (photo files) or ``geoswc fit --shards SHARDS -o MODEL_DIR``
+(webdataset shards of ``geoswc data shards``, e.g. MP16 from GeoEstimation's msgpack files) runs every stage of
+the ICMR 2021 system (sections 3 and 4.2) in order, each in its own folder under ``MODEL_DIR/work/``:
 
-    data       the training metadata, minus the photos of benchmark authors (``--exclude``, paper 4.2)
+    data       the training metadata, minus the photos of benchmark authors (``--exclude``, paper 4.2); from
+               shards, the coordinates of their samples (JSON members only), refused if a benchmark leaks in
     cells      three S2 granularities built from the training photos (paper 3.1)
     backbone   EfficientNet + CE over the finest cells, end to end (``geoswc train backbone``)
     features   pooled backbone features of the training photos (``geoswc train features``)
@@ -16,6 +18,9 @@ A stage writes ``stage.json`` last, holding a key computed from the configuratio
 inputs and the markers of the stages before it. A stage whose marker holds the current key is skipped, so a
 failed run resumes where it stopped; a changed setting changes the key of its stage and of every later one,
 which then run again. ``--stages`` runs a subset (the stages before it must be complete).
+
+From shards, the backbone and feature stages read the shards and label every sample from its coordinates
+with the cells built here (``--relabel``): labels stored in shards written for another partition are ignored.
 
 Started with ``accelerate launch -m geoswc.fit ...`` the training stages run on every process; the others run
 on the main process while the rest wait at a barrier.
@@ -60,16 +65,23 @@ DISTRIBUTED_STAGES = ("backbone", "features", "heads", "retrieval")
 # ------------------------------------------------------------------------------------------- run state
 @dataclass
 class FitRun:
-    """Everything one ``geoswc fit`` needs: where the data is, where the work goes, the resolved config."""
+    """Everything one ``geoswc fit`` needs: where the data is, where the work goes, the resolved config.
 
-    train_csv: Path
-    images: Path
+    The training photos are either ``train_csv`` with ``images`` or ``shards`` (a shard folder, brace or glob
+    pattern); validation photos, optional, ``val_csv`` (with ``val_images``, default ``images``) or
+    ``val_shards``.
+    """
+
     model_dir: Path
     config: Config
+    train_csv: Optional[Path] = None
+    images: Optional[Path] = None
+    shards: Optional[str] = None
     exclude: Tuple[Path, ...] = ()
     cpu: bool = False
     val_csv: Optional[Path] = None
     val_images: Optional[Path] = None
+    val_shards: Optional[str] = None
     echo: Callable[[str], None] = logger.info
     timings: Dict[str, float] = field(default_factory=dict)
 
@@ -84,6 +96,65 @@ class FitRun:
     def stage_dir(self, stage: str) -> Path:
         return self.work / stage
 
+    def check_inputs(self) -> None:
+        """Raise on a missing or contradictory input before any stage runs.
+
+        Raises:
+            ValueError: neither or both of ``train_csv`` and ``shards``, ``images`` missing for ``train_csv`` or
+                given with ``shards``, both ``val_csv`` and ``val_shards``.
+            FileNotFoundError: naming the first missing file, folder or shard.
+        """
+        if (self.train_csv is None) == (self.shards is None):
+            raise ValueError("give the training photos either as TRAIN.csv with --images or as --shards "
+                             f"DIR_OR_PATTERN ({'both' if self.shards is not None else 'neither'} given)")
+        if self.shards is not None:
+            if self.images is not None:
+                raise ValueError("--images goes with TRAIN.csv; with --shards the photos are read from the shards "
+                                 "(a --val-csv's image root is --val-images)")
+            _check_shards(self.shards, "--shards")
+        else:
+            if self.images is None:
+                raise ValueError(f"{self.train_csv} needs --images (the image root its IMG_IDs are relative to)")
+            if not self.train_csv.is_file():
+                raise FileNotFoundError(f"training metadata not found: {self.train_csv}")
+            if not self.images.is_dir():
+                raise FileNotFoundError(f"image folder not found: {self.images}")
+        if self.val_csv is not None and self.val_shards is not None:
+            raise ValueError("give validation photos either as --val-csv or as --val-shards, not both")
+        if self.val_csv is not None and (self.val_images or self.images) is None:
+            raise ValueError("--val-csv needs --val-images (the image root of its IMG_IDs)")
+        if self.val_shards is not None:
+            _check_shards(self.val_shards, "--val-shards")
+        for path in self.exclude:
+            if not path.is_file():
+                raise FileNotFoundError(f"--exclude file not found: {path}")
+
+
+def _check_shards(pattern: str, flag: str) -> List[str]:
+    """The shard files of ``pattern``, which must all exist."""
+    from geoswc.data.loading import expand_urls
+
+    urls = expand_urls(pattern)
+    if not urls:
+        raise FileNotFoundError(f"{flag} {pattern!r}: no shards (*.tar) found")
+    absent = [u for u in urls if not Path(u).is_file()]
+    if absent:
+        raise FileNotFoundError(f"{flag} {pattern!r}: shard not found: {absent[0]} "
+                                f"({len(absent)} of {len(urls)} missing)")
+    return urls
+
+
+def _shard_identity(pattern: str) -> Dict[str, Any]:
+    """What identifies a shard set without reading it: every shard's resolved path and size, and the digest of
+    the ``summary.json`` beside them (``geoswc data shards`` records counts, skips and settings there). The
+    pattern itself is left out, so ``shards/`` and ``shards/*.tar`` naming the same files are the same input."""
+    urls = _check_shards(pattern, "shards")
+    summaries = sorted({Path(u).parent / "summary.json" for u in urls})
+    return {
+        "files": [[str(Path(u).resolve()), Path(u).stat().st_size] for u in urls],
+        "summaries": {str(p.resolve()): _file_digest(p) for p in summaries if p.is_file()},
+    }
+
 
 def _file_digest(path: Path) -> str:
     digest = hashlib.sha256()
@@ -96,15 +167,23 @@ def _file_digest(path: Path) -> str:
 def _stage_inputs(run: FitRun, stage: str) -> Dict[str, Any]:
     """What a stage reads from outside the work folder (beside the configuration)."""
     if stage == "data":
+        exclude = {str(p.resolve()): _file_digest(p) for p in run.exclude}
+        if run.shards is not None:
+            return {"shards": _shard_identity(run.shards), "exclude": exclude}
         return {
             "train_csv": str(run.train_csv.resolve()),
             "train_csv_sha256": _file_digest(run.train_csv),
-            "exclude": {str(p.resolve()): _file_digest(p) for p in run.exclude},
+            "exclude": exclude,
         }
     if stage in ("backbone", "features"):
-        inputs = {"images": str(run.images.resolve())}
+        if run.shards is not None:
+            inputs = {"shards": _shard_identity(run.shards)}
+        else:
+            inputs = {"images": str(run.images.resolve())}
         if stage == "backbone" and run.val_csv is not None:
             inputs["val_csv"] = str(run.val_csv.resolve())
+        if stage == "backbone" and run.val_shards is not None:
+            inputs["val_shards"] = _shard_identity(run.val_shards)
         return inputs
     return {}
 
@@ -185,6 +264,8 @@ def _stage_data(run: FitRun, out: Path, resume: bool) -> Dict[str, Any]:
     from geoswc.data.images import image_path
     from geoswc.data.metadata import Exclusions, read_metadata
 
+    if run.shards is not None:
+        return _shard_data(run, out)
     frame = read_metadata(run.train_csv)
     n_read = len(frame)
     by_author = by_id = 0
@@ -207,6 +288,36 @@ def _stage_data(run: FitRun, out: Path, resume: bool) -> Dict[str, Any]:
     return {"photos": len(frame), "excluded_by_author": by_author, "excluded_by_id": by_id}
 
 
+def _shard_data(run: FitRun, out: Path) -> Dict[str, Any]:
+    """The coordinates of the shards' samples (their JSON members; images are not read), for the cells.
+
+    Photos cannot be dropped from shards here, so ``--exclude`` checks instead: a benchmark author or photo in
+    the shards stops the run, pointing at ``geoswc data shards --exclude``.
+    """
+    from geoswc.data.metadata import Exclusions
+    from geoswc.data.shards import read_shard_metadata
+
+    urls = _check_shards(run.shards, "--shards")
+    frame = read_shard_metadata(urls, progress=True)
+    if frame.empty:
+        raise ValueError(f"--shards {run.shards!r}: the {len(urls)} shards hold no samples")
+    if run.exclude:
+        author_mask, id_mask = Exclusions.from_files(run.exclude).masks(frame)
+        leaked = (author_mask | id_mask).nonzero()[0]
+        if len(leaked):
+            example = frame.iloc[int(leaked[0])]
+            raise ValueError(
+                f"the shards hold {int(author_mask.sum())} photos by authors and {int(id_mask.sum())} photos of "
+                f"the --exclude benchmarks (e.g. {example['IMG_ID']} by {example['AUTHOR']}); fit cannot drop "
+                "photos from shards: write them again with geoswc data shards ... --exclude "
+                + " ".join(str(p) for p in run.exclude)
+            )
+    frame.to_csv(out / "train.csv", index=False)
+    run.echo(f"  {len(frame)} photos in {len(urls)} shards"
+             + (", none by a benchmark author or of a benchmark (--exclude)" if run.exclude else ""))
+    return {"photos": len(frame), "shards": len(urls), "excluded_by_author": 0, "excluded_by_id": 0}
+
+
 def _stage_cells(run: FitRun, out: Path, resume: bool) -> Dict[str, Any]:
     """S2 cells at every granularity of ``cells.max_images`` from the training photos (paper 3.1)."""
     import pandas as pd
@@ -224,18 +335,26 @@ def _stage_cells(run: FitRun, out: Path, resume: bool) -> Dict[str, Any]:
     return {"cells": sizes, "fingerprint": str(geocells.fingerprint)}
 
 
+def _photo_args(run: FitRun, csv_flag: str) -> List[str]:
+    """Where a training stage reads the training photos: the shards, labelled with this run's cells from each
+    sample's coordinates (``--relabel``), or the data stage's CSV under ``--images``."""
+    if run.shards is not None:
+        return ["--shards", str(run.shards), "--relabel"]
+    return [csv_flag, str(run.stage_dir("data") / "train.csv"), "--images", str(run.images)]
+
+
 def _stage_backbone(run: FitRun, out: Path, resume: bool) -> Dict[str, Any]:
-    argv = ["backbone", *_common_train_args(run, "backbone", resume=resume),
-            "--train-csv", str(run.stage_dir("data") / "train.csv"), "--images", str(run.images)]
+    argv = ["backbone", *_common_train_args(run, "backbone", resume=resume), *_photo_args(run, "--train-csv")]
     if run.val_csv is not None:
         argv += ["--val-csv", str(run.val_csv), "--val-images", str(run.val_images or run.images)]
+    if run.val_shards is not None:
+        argv += ["--val-shards", str(run.val_shards)]
     _run_train(argv)
     return _summary(out / "train_backbone.json")
 
 
 def _stage_features(run: FitRun, out: Path, resume: bool) -> Dict[str, Any]:
-    _run_train(["features", *_common_train_args(run, "features", resume=False),
-                "--csv", str(run.stage_dir("data") / "train.csv"), "--images", str(run.images),
+    _run_train(["features", *_common_train_args(run, "features", resume=False), *_photo_args(run, "--csv"),
                 "--model", str(run.stage_dir("backbone"))])
     return _summary(out / "train_features.json")
 
@@ -366,13 +485,7 @@ def run_pipeline(run: FitRun, stages: Optional[Sequence[str]] = None) -> Dict[st
         if name not in STAGES:
             raise ValueError(f"unknown stage {name!r}; choose from: {', '.join(STAGES)}")
     wanted = [s for s in STAGES if s in wanted]
-    if not run.train_csv.is_file():
-        raise FileNotFoundError(f"training metadata not found: {run.train_csv}")
-    if not run.images.is_dir():
-        raise FileNotFoundError(f"image folder not found: {run.images}")
-    for path in run.exclude:
-        if not path.is_file():
-            raise FileNotFoundError(f"--exclude file not found: {path}")
+    run.check_inputs()
 
     state = _process_state(run.cpu)
     if state.is_main_process:
@@ -604,8 +717,13 @@ def run_demo(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------- CLI
 def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("train_csv", type=Path, help="training metadata CSV (IMG_ID,AUTHOR,LAT,LON; MP16 format)")
-    parser.add_argument("--images", type=Path, required=True, help="image root the IMG_IDs are relative to")
+    parser.add_argument("train_csv", type=Path, nargs="?", metavar="TRAIN.csv",
+                        help="training metadata CSV (IMG_ID,AUTHOR,LAT,LON; MP16 format), with --images")
+    parser.add_argument("--images", type=Path, help="image root the IMG_IDs of TRAIN.csv are relative to")
+    parser.add_argument("--shards", metavar="DIR_OR_PATTERN",
+                        help="instead of TRAIN.csv and --images: webdataset shards of the training photos "
+                             "(geoswc data shards, with or without --cells), a folder, a brace pattern or a "
+                             "quoted glob ('shards/*.tar')")
     parser.add_argument("-o", "--out", type=Path, required=True,
                         help="model folder; intermediate results go to OUT/work/<stage>/")
     parser.add_argument("--preset", default="paper", help="configuration preset: paper (default) or tiny")
@@ -613,11 +731,14 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one setting, e.g. --set backbone.epochs=10 (repeatable)")
     parser.add_argument("--exclude", type=Path, nargs="+", default=[], metavar="BENCH.csv",
-                        help="drop training photos whose author or photo id appears in these benchmark CSVs")
+                        help="drop training photos whose author or photo id appears in these benchmark CSVs "
+                             "(with --shards, which cannot drop photos: stop if the shards hold any)")
     parser.add_argument("--stages", nargs="+", metavar="STAGE",
                         help=f"run only these stages (the earlier ones must be complete): {', '.join(STAGES)}")
     parser.add_argument("--val-csv", type=Path, help="validation metadata: backbone accuracy after every epoch")
     parser.add_argument("--val-images", type=Path, help="image root of --val-csv (default: --images)")
+    parser.add_argument("--val-shards", metavar="DIR_OR_PATTERN",
+                        help="validation shards instead of --val-csv: backbone accuracy after every epoch")
     parser.add_argument("--cpu", action="store_true", help="run on CPU even when a GPU is available")
 
 
@@ -625,9 +746,9 @@ def run_fit(args: argparse.Namespace) -> int:
     """``geoswc fit``: the whole pipeline, printing one line per stage and a closing summary."""
     cfg = resolve_fit_config(args.preset, args.config, args.set)
     main_process = _process_state(args.cpu).is_main_process
-    run = FitRun(train_csv=args.train_csv, images=args.images, model_dir=args.out, config=cfg,
+    run = FitRun(train_csv=args.train_csv, images=args.images, shards=args.shards, model_dir=args.out, config=cfg,
                  exclude=tuple(args.exclude), cpu=args.cpu, val_csv=args.val_csv, val_images=args.val_images,
-                 echo=print if main_process else (lambda message: None))
+                 val_shards=args.val_shards, echo=print if main_process else (lambda message: None))
     started = time.perf_counter()
     run_pipeline(run, args.stages)
     if main_process:
@@ -637,7 +758,7 @@ def run_fit(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    fit = subparsers.add_parser("fit", help="train the whole pipeline from a metadata CSV to a model folder",
+    fit = subparsers.add_parser("fit", help="train the whole pipeline from a CSV or shards to a model folder",
                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_fit_arguments(fit)
     fit.set_defaults(func=run_fit)
@@ -658,7 +779,7 @@ def register(subparsers) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``accelerate launch -m geoswc.fit TRAIN.csv --images ROOT -o MODEL_DIR ...``."""
+    """``accelerate launch -m geoswc.fit TRAIN.csv --images ROOT -o MODEL_DIR ...`` (or ``--shards SHARDS``)."""
     parser = argparse.ArgumentParser(prog="geoswc.fit", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="count", default=0)

@@ -257,11 +257,12 @@ class ShardBatches:
 
     Training reads a resampled stream of ``len // (batch_size * ranks)`` batches per rank (every rank takes the
     same number of DDP steps); evaluation reads each sample exactly once (`geoswc.data.loading.shard_loader`).
-    Every shard's first sample must carry the fingerprint of ``geocells``.
+    Every shard's first sample must carry the fingerprint of ``geocells``, unless ``relabel``: then every
+    sample's labels are assigned from its coordinates by ``geocells`` and the stored ones are ignored.
     """
 
     def __init__(self, shards: str, geocells: Any, transform: Callable, *, size: int, shuffle_buffer: int = 0,
-                 num_workers: int = 0, channels_last: bool = False):
+                 num_workers: int = 0, channels_last: bool = False, relabel: bool = False):
         from geoswc.data.loading import expand_urls, shard_sample_count
 
         self.urls = expand_urls(shards)
@@ -271,18 +272,20 @@ class ShardBatches:
         if absent:
             raise FileNotFoundError(f"shard not found: {absent[0]} ({len(absent)} of {len(self.urls)} missing)")
         self.counts = [shard_sample_count(u) for u in self.urls]
+        self.relabel_with = geocells if relabel else None
         expected = str(geocells.fingerprint)
-        for url in self.urls:
-            meta = _first_shard_meta(url)
-            if meta is None:
-                continue
-            if "labels" not in meta:
-                raise ValueError(f"shard {url} has no cell labels; write the shards with: geoswc data shards "
-                                 "--cells CELLS_DIR")
-            if str(meta.get("fingerprint")) != expected:
-                raise ValueError(f"shard {url} was labelled with partition {meta.get('fingerprint')!r} but the "
-                                 f"given cells have fingerprint {expected!r}; rewrite the shards with these cells "
-                                 "or pass the cells they were written with")
+        if not relabel:
+            for url in self.urls:
+                meta = _first_shard_meta(url)
+                if meta is None:
+                    continue
+                if "labels" not in meta:
+                    raise ValueError(f"shard {url} has no cell labels; write the shards with: geoswc data shards "
+                                     "--cells CELLS_DIR")
+                if str(meta.get("fingerprint")) != expected:
+                    raise ValueError(f"shard {url} was labelled with partition {meta.get('fingerprint')!r} but "
+                                     f"the given cells have fingerprint {expected!r}; rewrite the shards with these "
+                                     "cells, pass the cells they were written with, or --relabel")
         self.transform, self.size = transform, size
         self.shuffle_buffer, self.num_workers, self.channels_last = shuffle_buffer, num_workers, channels_last
 
@@ -297,7 +300,7 @@ class ShardBatches:
         """The DataLoader of this rank (``whole``: of all of ``urls``, for per-shard extraction)."""
         from geoswc.data.loading import shard_loader
 
-        return shard_loader(
+        loader = shard_loader(
             list(urls or self.urls), transform=self.transform, batch_size=batch_size,
             num_workers=self.num_workers, rank=0 if whole else accelerator.process_index,
             world_size=1 if whole else accelerator.num_processes,
@@ -305,6 +308,14 @@ class ShardBatches:
             shuffle_buffer=self.shuffle_buffer if train else 0, seed=seed, epoch=epoch, decode_target=self.size,
             pin_memory=accelerator.device.type == "cuda",
         )
+        return loader if self.relabel_with is None else self._relabelled(loader)
+
+    def _relabelled(self, loader) -> Iterator[Dict[str, Any]]:
+        for batch in loader:
+            latlon = batch["latlon"].numpy()
+            labels = self.relabel_with.assign(latlon[:, 0], latlon[:, 1])
+            batch["labels"] = torch.from_numpy(np.asarray(labels, dtype=np.int64).reshape(len(latlon), -1))
+            yield batch
 
     @staticmethod
     def by_shape(batch: Dict[str, Any]) -> Iterator[Tuple[np.ndarray, Dict[str, Any]]]:
@@ -521,14 +532,14 @@ def _image_sources(args, cells, backbone: nn.Module, cfg: Config):
     if args.shards:
         train = ShardBatches(args.shards, cells, build_image_transform(backbone, dc, train=True),
                              size=dc.image_size, shuffle_buffer=dc.shuffle_buffer, num_workers=workers,
-                             channels_last=cl)
+                             channels_last=cl, relabel=args.relabel)
     else:
         train = Batches(photo_table(args.train_csv, args.images, cells, backbone, dc, train=True),
                         num_workers=workers, channels_last=cl)
     val = None
     if getattr(args, "val_shards", None):
         val = ShardBatches(args.val_shards, cells, build_image_transform(backbone, dc, train=False),
-                           size=dc.image_size, num_workers=workers, channels_last=cl)
+                           size=dc.image_size, num_workers=workers, channels_last=cl, relabel=args.relabel)
     elif args.val_csv:
         if not (args.val_images or args.images):
             raise ValueError("--val-csv needs --val-images or --images")
@@ -593,7 +604,7 @@ def run_features(args) -> int:
     if args.shards:
         shards = ShardBatches(args.shards, cells, build_image_transform(backbone, cfg.data, train=False),
                               size=cfg.data.image_size, num_workers=cfg.data.num_workers,
-                              channels_last=cfg.train.channels_last)
+                              channels_last=cfg.train.channels_last, relabel=args.relabel)
         summary = extract_shard_features(accelerator, backbone, shards, out, cfg=cfg, model_name=model_name,
                                          fingerprint=cells.fingerprint, batch_size=batch_size)
     else:
@@ -934,10 +945,17 @@ def _images(parser: argparse.ArgumentParser) -> None:
                         help="training shards (geoswc data shards --cells): a folder of *.tar or a brace pattern; "
                              "instead of --train-csv/--images")
     parser.add_argument("--val-shards", metavar="DIR_OR_PATTERN", help="validation shards (instead of --val-csv)")
+    _relabel(parser)
     parser.add_argument("--train-csv", help="training metadata (IMG_ID, AUTHOR, LAT, LON)")
     parser.add_argument("--images", help="image root the IMG_IDs are relative to")
     parser.add_argument("--val-csv", help="validation metadata: accuracy at 1/25/200/750/2500 km each epoch")
     parser.add_argument("--val-images", help="image root of --val-csv (default: --images)")
+
+
+def _relabel(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--relabel", action="store_true",
+                        help="label shard samples from their lat/lon with --cells, ignoring the labels stored in "
+                             "the shards (shards written without --cells or with another partition)")
 
 
 def add_stage_parsers(stages) -> None:
@@ -953,6 +971,7 @@ def add_stage_parsers(stages) -> None:
     p.add_argument("--images", help="image root the IMG_IDs are relative to")
     p.add_argument("--shards", metavar="DIR_OR_PATTERN",
                    help="shards to embed (geoswc data shards --cells) instead of --csv/--images")
+    _relabel(p)
     p.add_argument("--model", help="backbone stage output folder (default: the configured timm backbone)")
     p.add_argument("--backbone-weights", help="local ImageNet weights when --model is not given")
     p.add_argument("--part-size", type=int, default=4096, help="rows per resumable part")

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from geoswc.data.loading import ImageDataset, ShardStream, shard_loader
+from geoswc.data.loading import ImageDataset, ShardStream, expand_urls, shard_loader
 from geoswc.data.metadata import read_metadata
 from geoswc.data.shards import write_shards
 from geoswc.data.synth import make_world
@@ -29,6 +29,15 @@ def shards(tmp_path_factory):
 
 def _ids(loader):
     return [i for batch in loader for i in batch["id"]]
+
+
+def test_a_folder_a_brace_pattern_and_a_glob_name_the_same_shards(shards):
+    folder = expand_urls(shards / "shards")
+    assert len(folder) == 7
+    assert expand_urls(str(shards / "shards" / "*.tar")) == folder
+    assert expand_urls(str(shards / "shards" / "00000{0..6}-000.tar")) == folder
+    assert expand_urls(str(shards / "shards" / "{000000,000001}-*.tar")) == folder[:2]
+    assert expand_urls(str(shards / "nowhere" / "*.tar")) == []
 
 
 def test_batches_have_the_documented_shapes(shards):

@@ -114,7 +114,7 @@ def test_backbone_trains_from_shards_and_resumes(world, tmp_path):
     assert changed
 
 
-def test_shards_of_other_cells_are_refused(world, tmp_path):
+def test_shards_of_other_cells_are_refused_unless_relabelled(world, tmp_path):
     from geoswc.geocells import S2Partitioner
 
     from geoswc.data.metadata import read_metadata
@@ -126,6 +126,16 @@ def test_shards_of_other_cells_are_refused(world, tmp_path):
     rc = train_main(["features", "--cells", str(tmp_path / "cells"), "--shards", str(world / "shards"),
                      "--out", str(tmp_path / "o"), *COMMON])
     assert rc == 2
+
+    # --relabel: the stored labels are ignored and every sample is labelled from its coordinates.
+    rc = train_main(["features", "--cells", str(tmp_path / "cells"), "--shards", str(world / "shards"),
+                     "--relabel", "--out", str(tmp_path / "r"), *COMMON])
+    assert rc == 0
+    rows, _, labels = _cache(tmp_path / "r")
+    meta = meta.set_index("IMG_ID")
+    ids = sorted(rows, key=rows.get)
+    truth = other.assign(meta.loc[ids, "LAT"].to_numpy(), meta.loc[ids, "LON"].to_numpy())
+    np.testing.assert_array_equal(labels, truth)
 
 
 def test_longest_resize_batches_by_shape_equal_single_photos(world, tmp_path):
