@@ -363,6 +363,20 @@ def gather_by_row(accelerator: Accelerator, rows: torch.Tensor, values: torch.Te
     return rows[order], values[order]
 
 
+def sync_buffers(accelerator: Accelerator, module: nn.Module) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics) to every rank.
+
+    DDP keeps parameters identical but each rank's last forward updates its own running statistics; syncing
+    them at the end of an epoch makes validation, checkpoints and the saved model the same on every rank.
+    """
+    if accelerator.num_processes == 1:
+        return
+    import torch.distributed as dist
+
+    for buffer in accelerator.unwrap_model(module).buffers():
+        dist.broadcast(buffer.data, src=0)
+
+
 def ranks_agree(accelerator: Accelerator, module: nn.Module) -> bool:
     """Whether every rank holds the same weights (a float64 checksum per tensor, compared across ranks)."""
     module = accelerator.unwrap_model(module)

@@ -412,7 +412,9 @@ def fit(
     Returns:
         A summary: per-epoch loss, validation accuracy and images/s, and whether all ranks agree on the weights.
     """
-    from geoswc.engine import Checkpointer, EpochProgress, TrainPosition, current_lr, ranks_agree, rank_batches
+    from geoswc.engine import (
+        Checkpointer, EpochProgress, TrainPosition, current_lr, rank_batches, ranks_agree, sync_buffers,
+    )
 
     ckpt = Checkpointer(accelerator, out_dir / "checkpoints" / name, every_steps=checkpoint_every, meta=meta)
     position = ckpt.restore() if resume and ckpt.exists() else TrainPosition()
@@ -462,6 +464,7 @@ def fit(
             scheduler.step()
         mean_loss = float(accelerator.reduce(loss_sum / max(seen, 1), reduction="mean")) if seen else float("nan")
         record = {"epoch": epoch + 1, "loss": mean_loss, "lr": current_lr(optimizer), "images_per_s": bar.images_per_s}
+        sync_buffers(accelerator, model)
         record.update(validate(accelerator, model, val, batch_size))
         history.append(record)
         accelerator.log({k: v for k, v in record.items() if k != "epoch"}, step=epoch + 1)

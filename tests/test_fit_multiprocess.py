@@ -1,9 +1,9 @@
 """`geoswc fit` on two real CPU ranks under `accelerate launch`: one process group for every stage, a model
 folder that works, and progress bars from the main process only."""
 
+import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from collections import Counter
@@ -16,17 +16,12 @@ from test_fit import FAST
 from geoswc.cli import main
 from geoswc.fit import STAGES, read_marker
 from geoswc.geolocator import Geolocator
+from conftest import free_port
 
 # Every stage, retrieval included, with the small settings of test_fit.py.
 SETTINGS = [*FAST, "retrieval.epochs=1"]
 # Bars the training stages draw, by description; each starts at 0% once per process that draws it.
 BARS = ["backbone 1/1", "features", "ce 1/1", "hc 1/1", "mvmf 1/1", "retrieval 1/1"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -40,7 +35,7 @@ def test_two_cpu_ranks_fit_one_model_and_only_the_main_process_draws_bars(tmp_pa
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()),
+           "--main_process_port", str(free_port()),
            "-m", "geoswc.fit", str(world / "train.csv"), "--images", str(world / "images"),
            "-o", str(model_dir), "--preset", "tiny", *[arg for s in SETTINGS for arg in ("--set", s)]]
     result = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=600,
@@ -50,6 +45,9 @@ def test_two_cpu_ranks_fit_one_model_and_only_the_main_process_draws_bars(tmp_pa
     for stage in STAGES:
         marker = read_marker(model_dir / "work" / stage)
         assert marker is not None and marker["num_processes"] == 2, (stage, marker)
+    # BatchNorm running statistics are synced from rank 0 each epoch: both ranks end with the same backbone.
+    backbone = json.loads((model_dir / "work" / "backbone" / "train_backbone.json").read_text())
+    assert backbone["ranks_identical"] is True and "different weights" not in result.stderr
 
     model = Geolocator.from_pretrained(model_dir, device="cpu")
     photos = [str(world / "images" / i) for i in pd.read_csv(world / "test.csv")["IMG_ID"][:4]]
