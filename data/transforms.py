@@ -150,7 +150,10 @@ class ToNormalizedTensor:
         self._shift = (mean / std).float().view(3, 1, 1)
 
     def __call__(self, image: ImageLike) -> torch.Tensor:
-        pixels = torch.from_numpy(np.ascontiguousarray(as_array(image))).permute(2, 0, 1)
+        array = np.ascontiguousarray(as_array(image))
+        if not array.flags.writeable:  # arrays viewing a PIL image's buffer; torch wants writable memory
+            array = array.copy()
+        pixels = torch.from_numpy(array).permute(2, 0, 1)
         out = torch.empty(pixels.shape, dtype=torch.float32)
         out.copy_(pixels)
         return out.mul_(self._scale).sub_(self._shift)
