@@ -12,6 +12,16 @@ TEST_DATA = Path(__file__).resolve().parent / "data"
 SHARED = Path(os.environ.get("GEOSWC_SHARED", REPO_ROOT.parent / "shared"))
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on, for ``accelerate launch --main_process_port`` (parallel tests would all
+    take the default 29500)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
 def test_data() -> Path:
     return TEST_DATA

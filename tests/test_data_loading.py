@@ -12,6 +12,7 @@ from geoswc.data.metadata import read_metadata
 from geoswc.data.shards import write_shards
 from geoswc.data.synth import make_world
 from geoswc.data.transforms import build_transform, pad_collate
+from conftest import free_port
 
 CONFIG = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "interpolation": "bicubic"}
 
@@ -182,7 +183,8 @@ def test_two_real_ranks_see_every_sample_exactly_once(shards, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
     result = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(shards / "shards"), str(tmp_path)],
+         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), str(script),
+         str(shards / "shards"), str(tmp_path)],
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -13,6 +13,7 @@ from geoswc.config import RetrievalConfig, TrainConfig
 from geoswc.retrieval import ResidualRetrievalModule
 from geoswc.train_retrieval import same_cell_precision, train_retrieval
 from retrieval_fixture import cell_features
+from conftest import free_port
 
 FAST = RetrievalConfig(hidden_dim=64, memory_size=128, epochs=60, batch_size=10, lr=3e-3)
 
@@ -189,6 +190,8 @@ def test_two_process_training_with_accelerate_launch(tmp_path):
         "no",
         "--dynamo_backend",
         "no",
+        "--main_process_port",
+        str(free_port()),
         "-m",
         "geoswc.train",
         "retrieval",

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from geoswc.tag_output import read_rows
+from conftest import free_port
 
 TESTS = Path(__file__).resolve().parent
 
@@ -110,7 +111,7 @@ def test_two_ranks_split_the_photos_and_merge_one_output(tmp_path):
     launch = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-        "29517", str(script), str(out),
+        str(free_port()), str(script), str(out),
     ]
     done = subprocess.run(launch, check=True, timeout=240, capture_output=True, text=True)
     assert "rank 0 of 2 tagged 7" in done.stdout and "rank 1 of 2 tagged 7" in done.stdout

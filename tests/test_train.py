@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from geoswc.classifiers import load_head
 from geoswc.cli import main as geoswc_main
 from geoswc.train import accuracy_at, main as train_main
+from conftest import free_port
 
 
 @pytest.fixture(scope="module")
@@ -185,8 +186,9 @@ def test_accuracy_at_hand_computed():
 def test_two_cpu_ranks_train_identical_heads(world, cache, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "geoswc.train",
-           "heads", "--cells", str(world / "cells"), "--features", str(cache), "--val-features", str(cache),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(free_port()), "-m", "geoswc.train", "heads", "--cells", str(world / "cells"),
+           "--features", str(cache), "--val-features", str(cache),
            "--out", str(tmp_path), "--kinds", "hc", *COMMON, "--set", "heads.epochs=2"]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
