@@ -137,8 +137,11 @@ def build_accelerator(
     project = None
     if out_dir is not None:
         project = ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(Path(out_dir) / "logs"))
+    # Schedules are counted in each rank's own steps and epochs, so the scheduler steps once per call; by default
+    # accelerate would step it once per process, ending a 2-rank cosine schedule halfway through training.
     accelerator = Accelerator(
-        mixed_precision=precision, cpu=use_cpu(cpu), log_with=trackers or None, project_config=project
+        mixed_precision=precision, cpu=use_cpu(cpu), log_with=trackers or None, project_config=project,
+        step_scheduler_with_optimizer=False,
     )
     if trackers:
         accelerator.init_trackers(run_name)

@@ -195,3 +195,9 @@ def test_two_cpu_ranks_train_identical_heads(world, cache, tmp_path):
     summary = json.loads((tmp_path / "train_heads.json").read_text())["heads"]["hc"]
     assert summary["num_processes"] == 2 and summary["ranks_identical"] is True
     assert len(summary["history"]) == 2 and "acc_2500km" in summary["history"][0]
+    # The cosine schedule spans both epochs on each rank: half the base rate after the first, ~0 after the last.
+    from geoswc.config import Config
+
+    base = Config.load(tmp_path / "config.yaml").heads.lr
+    assert summary["history"][0]["lr"] == pytest.approx(base / 2, rel=0.15)
+    assert summary["history"][1]["lr"] < base * 0.02
