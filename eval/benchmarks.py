@@ -21,7 +21,7 @@ from typing import NamedTuple, Optional, Union
 import numpy as np
 import pandas as pd
 
-from geoswc.data.metadata import FLICKR_NAME_RE, IMAGE_EXTENSION_RE, IMAGE_EXTENSIONS, normalize_photo_id
+from geoswc.data.metadata import FLICKR_NAME_RE, IMAGE_EXTENSION_RE, normalize_photo_id
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,6 @@ import logging
 import time
 from pathlib import Path
 
-import numpy as np
 
 logger = logging.getLogger(__name__)
 

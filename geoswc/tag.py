@@ -20,7 +20,7 @@ import logging
 import os
 import sys
 import time
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from geoswc.archive import PRECISION_DECIMALS, Discovery, PhotoError, discover, load_photo, round_latlon, write_gps_exif
 from geoswc.tag_output import (

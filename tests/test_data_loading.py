@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from geoswc.data.loading import ImageDataset, ShardStream, expand_urls, shard_loader
+from geoswc.data.loading import ImageDataset, expand_urls, shard_loader
 from geoswc.data.metadata import read_metadata
 from geoswc.data.shards import write_shards
 from geoswc.data.synth import make_world

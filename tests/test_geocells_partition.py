@@ -1,10 +1,7 @@
 """Partitions, the partitioner and the Geocells container, checked against s2geometry and hand-built cases."""
 
-import json
-from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import s2geometry as s2
 

@@ -85,8 +85,8 @@ def test_html_is_self_contained(report):
 
 
 def _table_rows(markdown):
-    lines = [l for l in markdown.splitlines() if l.startswith("| ")]
-    return {cells[0]: cells[1:] for cells in ([c.strip() for c in l.strip("|").split("|")] for l in lines)}
+    lines = [line for line in markdown.splitlines() if line.startswith("| ")]
+    return {cells[0]: cells[1:] for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines)}
 
 
 def test_table_numbers_match_the_results(report, evaluation):

@@ -34,7 +34,6 @@ def _reference_loss(q, p, labels, mem, mem_labels, tau, symmetric=True):
     for i in anchors:
         a, cell = batch[i]
         partner = (i + n) % (2 * n)
-        dot = lambda u, v: sum(x * y for x, y in zip(u, v))
         pos = math.exp(_dot(a, batch[partner][0]) / tau)
         neg = sum(math.exp(_dot(a, k) / tau) for k, c in keys if c != cell)
         total += -math.log(pos / (pos + neg))

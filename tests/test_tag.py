@@ -17,7 +17,6 @@ from pathlib import Path
 
 import piexif
 import pytest
-import torch
 from PIL import Image
 from torchvision import transforms as T
 
