@@ -26,17 +26,18 @@ import torch
 
 
 class BackbonePredictor:
-    """A randomly initialised timm backbone with its own eval transform; features become a position."""
+    """A randomly initialised timm backbone with geoswc's eval transform (short side to ``size``, centre
+    square: one tensor shape, as timm evaluates); features become a position."""
 
     def __init__(self, name: str, size: int):
         import timm
-        from timm.data import create_transform, resolve_model_data_config
+        from timm.data import resolve_model_data_config
+
+        from geoswc.data.transforms import build_transform
 
         self.model = timm.create_model(name, pretrained=False, num_classes=0).eval()
         config = resolve_model_data_config(self.model)
-        config["input_size"] = (3, size, size)
-        config["crop_pct"] = 1.0
-        self.transform = create_transform(**config, is_training=False)
+        self.transform = build_transform(config, train=False, size=size, eval_resize="fixed")
 
     @torch.inference_mode()
     def forward(self, pixels):
@@ -99,7 +100,7 @@ def main() -> None:
         folder.mkdir()
         make_photos(folder, args.photos, args.width, args.height)
         paths = sorted(str(p) for p in folder.iterdir())
-        pixels = torch.stack([predictor.transform(load_photo(p, target=target)) for p in paths])
+        pixels = torch.stack([predictor.transform(load_photo(p, target=target, as_array=True)) for p in paths])
         batches = list(torch.split(pixels, args.batch_size))
         forward(batches[0][:2])  # warm-up: allocator, kernels
 
