@@ -626,9 +626,12 @@ def extract_features(accelerator, backbone: nn.Module, table: PhotoTable, out: P
     on disk are skipped, so an interrupted extraction resumes where it stopped."""
     from geoswc.engine import prepare_for_speed
 
+    key = {"photos": _digest(table.ids, table.latlon), "images": str(table.root), "backbone": model_name,
+           "weights": _weights_digest(backbone), "image_size": cfg.data.image_size,
+           "eval_resize": cfg.data.eval_resize, "part_size": part_size}
     model = prepare_for_speed(backbone, cfg.train, accelerator).eval()
     parts_dir = out / "parts"
-    parts_dir.mkdir(parents=True, exist_ok=True)
+    _claim_parts(accelerator, parts_dir, key)
     n = len(table)
     n_parts = max(1, math.ceil(n / part_size))
     reader = Batches(table, num_workers=cfg.data.num_workers, channels_last=cfg.train.channels_last)
@@ -672,9 +675,12 @@ def extract_shard_features(accelerator, backbone: nn.Module, shards: ShardBatche
 
     from geoswc.engine import prepare_for_speed
 
+    key = {"shards": [[url, _file_size(url)] for url in shards.urls], "relabel": shards.relabel_with is not None,
+           "cells": str(fingerprint), "backbone": model_name, "weights": _weights_digest(backbone),
+           "image_size": cfg.data.image_size, "eval_resize": cfg.data.eval_resize}
     model = prepare_for_speed(backbone, cfg.train, accelerator).eval()
     parts_dir = out / "parts"
-    parts_dir.mkdir(parents=True, exist_ok=True)
+    _claim_parts(accelerator, parts_dir, key)
     dim = int(backbone.num_features)
     start, images = time.perf_counter(), 0
     mine = list(range(accelerator.process_index, len(shards.urls), accelerator.num_processes))
@@ -717,6 +723,49 @@ def extract_shard_features(accelerator, backbone: nn.Module, shards: ShardBatche
     accelerator.wait_for_everyone()
     return {"count": n or len(shards), "dim": dim, "images_per_s_rank0": images / max(elapsed, 1e-9),
             "num_processes": accelerator.num_processes}
+
+
+def _digest(*arrays: Any) -> str:
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=16)
+    for array in arrays:
+        if isinstance(array, np.ndarray) and array.dtype != object:
+            digest.update(np.ascontiguousarray(array).tobytes())
+        else:
+            digest.update("\n".join(map(str, array)).encode())
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def _weights_digest(module: nn.Module) -> str:
+    """A digest of a module's weights (about 0.1 s for EfficientNet-B4)."""
+    return _digest(*(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()
+                     for t in module.state_dict().values()))
+
+
+def _file_size(path: str) -> int:
+    return os.path.getsize(path) if os.path.exists(path) else -1
+
+
+def _claim_parts(accelerator, parts_dir: Path, key: Dict[str, Any]) -> None:
+    """Make ``parts_dir`` hold only parts made with ``key`` (inputs, weights, sizes): parts left by a run with
+    other inputs or another backbone would otherwise be merged into this cache as if they were its own."""
+    if accelerator.is_main_process:
+        key_file = parts_dir / "key.json"
+        if parts_dir.is_dir() and any(parts_dir.iterdir()):
+            previous = json.loads(key_file.read_text()) if key_file.is_file() else None
+            if previous != key:
+                changed = sorted(k for k in key if previous is None or previous.get(k) != key[k])
+                logger.warning("%s holds parts of a run with other %s: starting the features over", parts_dir,
+                               ", ".join(changed) or "settings")
+                shutil.rmtree(parts_dir)
+        parts_dir.mkdir(parents=True, exist_ok=True)
+        if not key_file.is_file():
+            tmp = parts_dir / "key.tmp.json"
+            tmp.write_text(json.dumps(key, indent=2) + "\n")
+            os.replace(tmp, key_file)
+    accelerator.wait_for_everyone()
 
 
 # ---------------------------------------------------------------------------------- merging the parts

@@ -58,18 +58,50 @@ def test_feature_cache_layout(world, cache):
     assert not (cache / "parts").exists()
 
 
-def test_feature_extraction_resumes_by_part(world, cache, tmp_path):
-    # A part already on disk is kept, not recomputed: plant one and check it lands in the merged cache.
-    (tmp_path / "parts").mkdir()
+def _interrupted_features(args, monkeypatch):
+    """Run ``args`` until the merge starts (every part written), as if the process were killed there."""
+    load = np.load
+
+    def load_until_second_part(path, *a, **kw):
+        if Path(path).name == "part_00001.npy":
+            raise Killed
+        return load(path, *a, **kw)
+
+    monkeypatch.setattr(np, "load", load_until_second_part)
+    with pytest.raises(Killed):
+        train_main(args)
+    monkeypatch.undo()
+
+
+def test_feature_extraction_resumes_by_part(world, cache, tmp_path, monkeypatch, caplog):
+    args = ["features", "--cells", str(world / "cells"), "--csv", str(world / "train.csv"), "--images",
+            str(world / "images"), "--out", str(tmp_path), "--part-size", "100", *COMMON]
+    _interrupted_features(args, monkeypatch)
+    # A part already on disk is kept, not recomputed: replace one and check it lands in the merged cache.
     planted = np.full((100, 1280), 7, np.float16)
     np.save(tmp_path / "parts" / "part_00001.npy", planted)
-    assert train_main(["features", "--cells", str(world / "cells"), "--csv", str(world / "train.csv"),
-                       "--images", str(world / "images"), "--out", str(tmp_path), "--part-size", "100",
-                       *COMMON]) == 0
+    assert train_main(args) == 0
     merged = np.load(tmp_path / "features.npy")
     np.testing.assert_array_equal(merged[100:200], planted)
     np.testing.assert_array_equal(merged[:100], np.load(cache / "features.npy")[:100])
 
+    # Parts made with other settings (here another input size) are not merged into this cache.
+    _interrupted_features(args, monkeypatch)
+    np.save(tmp_path / "parts" / "part_00001.npy", planted)
+    with caplog.at_level("WARNING", logger="geoswc.train"):
+        assert train_main([*args, "--set", "data.image_size=48"]) == 0
+    assert "other image_size: starting the features over" in caplog.text
+    assert not (np.load(tmp_path / "features.npy")[100:200] == 7).all()
+
+
+def test_parts_without_a_key_are_not_trusted(world, cache, tmp_path):
+    # Parts from an unknown run (no key.json) are discarded: the cache equals a clean extraction.
+    (tmp_path / "parts").mkdir()
+    np.save(tmp_path / "parts" / "part_00001.npy", np.full((100, 1280), 7, np.float16))
+    assert train_main(["features", "--cells", str(world / "cells"), "--csv", str(world / "train.csv"),
+                       "--images", str(world / "images"), "--out", str(tmp_path), "--part-size", "100",
+                       *COMMON]) == 0
+    assert (tmp_path / "features.npy").read_bytes() == (cache / "features.npy").read_bytes()
 
 
 class Killed(Exception):
@@ -94,7 +126,7 @@ def test_feature_merge_killed_midway_is_completed_on_rerun(world, cache, tmp_pat
     with pytest.raises(Killed):
         train_main(args)
     monkeypatch.undo()
-    assert sorted(p.name for p in (tmp_path / "parts").iterdir()) == [f"part_0000{i}.npy" for i in range(3)]
+    assert sorted(p.name for p in (tmp_path / "parts").glob("part_*")) == [f"part_0000{i}.npy" for i in range(3)]
     assert (tmp_path / "features.tmp.npy").is_file() and not (tmp_path / "meta.json").exists()
 
     assert train_main(args) == 0
