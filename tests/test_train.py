@@ -115,17 +115,7 @@ def test_feature_merge_killed_midway_is_completed_on_rerun(world, cache, tmp_pat
     args = ["features", "--cells", str(world / "cells"), "--csv", str(world / "train.csv"), "--images",
             str(world / "images"), "--out", str(tmp_path), "--part-size", "100", *COMMON]
     (tmp_path / "meta.json").write_text((cache / "meta.json").read_text())  # an older cache in the folder
-    load = np.load
-
-    def load_until_second_part(path, *a, **kw):
-        if Path(path).name == "part_00001.npy":
-            raise Killed
-        return load(path, *a, **kw)
-
-    monkeypatch.setattr(np, "load", load_until_second_part)
-    with pytest.raises(Killed):
-        train_main(args)
-    monkeypatch.undo()
+    _interrupted_features(args, monkeypatch)
     assert sorted(p.name for p in (tmp_path / "parts").glob("part_*")) == [f"part_0000{i}.npy" for i in range(3)]
     assert (tmp_path / "features.tmp.npy").is_file() and not (tmp_path / "meta.json").exists()
 
