@@ -42,6 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def close_process_group() -> None:
+    """Tear down the ranks' process group at the end of a command (a no-op without one). A rank that exits with
+    the group open can abort at interpreter shutdown ('terminate called without an active exception') while the
+    backend's threads still run. Commands create the group through accelerate; nothing is imported here."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -58,6 +67,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # Bad user input: one clear line, no traceback.
         print(f"geoswc {args.command}: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        close_process_group()
 
 
 if __name__ == "__main__":

@@ -1071,6 +1071,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"geoswc train {args.stage}: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        from geoswc.cli import close_process_group
+
+        close_process_group()
 
 
 if __name__ == "__main__":
