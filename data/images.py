@@ -188,6 +188,9 @@ def _decode_pillow(data: bytes, target: Optional[int], side: str, max_pixels: in
         raise
     except Image.DecompressionBombError as err:
         raise ImageDecodeError(f"decompression bomb: {err}") from None
+    except Image.UnidentifiedImageError:
+        # Pillow's own message names only the in-memory buffer it was given.
+        raise ImageDecodeError("unreadable image (not a format Pillow recognises)") from None
     except (OSError, SyntaxError, ValueError, struct.error, EOFError, Image.UnidentifiedImageError) as err:
         raise ImageDecodeError(f"unreadable image ({type(err).__name__}: {err})") from None
 

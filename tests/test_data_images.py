@@ -174,8 +174,9 @@ def test_errors_name_the_reason(tmp_path):
     assert isinstance(missing.value, FileNotFoundError) and "nope.jpg" in str(missing.value)
     with pytest.raises(ImageDecodeError, match="empty"):
         decode_image(b"")
-    with pytest.raises(ImageDecodeError, match="unreadable"):
+    with pytest.raises(ImageDecodeError, match="unreadable") as unknown:
         decode_image(b"this is not an image at all")
+    assert "BytesIO" not in str(unknown.value)
     data = _jpeg(_photo())
     with pytest.raises(ImageDecodeError, match="unreadable"):
         decode_image(data[: len(data) // 2])
