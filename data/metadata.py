@@ -5,6 +5,10 @@ relative path like ``45/77/3228511372.jpg``); evaluation sets use the same heade
 (``1000269685_e60e9cdfb4_1125_78841376@N00.jpg``) or bare ids (``10201275523.jpg``). Images come either as files
 under a root folder or inside GeoEstimation's msgpack shards (records ``{"image": JPEG bytes, "id": IMG_ID}``).
 
+This module owns every table of photo positions - training metadata, benchmark ground truth, predictions: one
+set of column aliases (`COLUMN_ALIASES`, any case) and one validator (`standardize_locations`, behind
+`read_locations` and `read_metadata`) whose errors name the file, the line and the column.
+
 Paper 4.2 trains "after removing all the images of the users that appeared in the evaluation sets"; the
 exclusion helpers drop photos whose author or photo id appears in a benchmark, comparing photo ids in one
 normal form (`normalize_photo_id`).
@@ -18,7 +22,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, List, Sequence, Set, Tuple, Union
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 import pandas as pd
@@ -27,69 +31,15 @@ logger = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
 
-# Accepted spellings of each column, first = canonical.
-_COLUMN_ALIASES = {
-    "IMG_ID": ("IMG_ID", "img_id", "image_id", "id", "ID"),
-    "AUTHOR": ("AUTHOR", "author", "owner", "OWNER"),
-    "LAT": ("LAT", "lat", "latitude", "LATITUDE"),
-    "LON": ("LON", "lon", "lng", "long", "longitude", "LONGITUDE"),
+# Accepted names of each column, matched case-insensitively; the first is the canonical name.
+COLUMN_ALIASES: Dict[str, Tuple[str, ...]] = {
+    "IMG_ID": ("IMG_ID", "image_id", "id"),
+    "AUTHOR": ("AUTHOR", "owner"),
+    "LAT": ("LAT", "latitude"),
+    "LON": ("LON", "long", "lng", "longitude"),
 }
-
-
-def read_metadata(path: PathLike) -> pd.DataFrame:
-    """Read and validate a metadata CSV.
-
-    Args:
-        path: CSV with at least an image id, latitude and longitude column (``IMG_ID,LAT,LON``; common lowercase
-            spellings are accepted). ``AUTHOR`` and any further columns are kept.
-
-    Returns:
-        DataFrame whose first columns are ``IMG_ID`` (str), ``AUTHOR`` (str, if present), ``LAT``, ``LON``
-        (float64 degrees), followed by the file's other columns.
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: a required column is missing, an id is empty or repeated, or a coordinate is missing or out
-            of range; the message names the file, the line and the column.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"metadata file not found: {path}")
-    try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except pd.errors.EmptyDataError:
-        raise ValueError(f"{path}: the file is empty (expected a header IMG_ID,AUTHOR,LAT,LON and one row per photo)") from None
-    rename = {}
-    for canonical, aliases in _COLUMN_ALIASES.items():
-        found = [c for c in aliases if c in frame.columns]
-        if found:
-            rename[found[0]] = canonical
-        elif canonical != "AUTHOR":
-            raise ValueError(
-                f"{path}: no {canonical} column (accepted: {', '.join(aliases)}); found columns: "
-                f"{', '.join(frame.columns)}"
-            )
-    frame = frame.rename(columns=rename)
-    ids = frame["IMG_ID"].str.strip()
-    empty = np.flatnonzero((ids == "").to_numpy())
-    if len(empty):
-        raise ValueError(f"{path}: line {empty[0] + 2}, column IMG_ID: empty image id")
-    duplicated = np.flatnonzero(ids.duplicated().to_numpy())
-    if len(duplicated):
-        raise ValueError(f"{path}: line {duplicated[0] + 2}, column IMG_ID: repeated id {ids.iloc[duplicated[0]]!r}")
-    frame["IMG_ID"] = ids
-    for column, limit in (("LAT", 90.0), ("LON", 180.0)):
-        values = pd.to_numeric(frame[column].str.strip(), errors="coerce").to_numpy(dtype=np.float64)
-        bad = np.flatnonzero(~np.isfinite(values) | (np.abs(values) > limit))
-        if len(bad):
-            raise ValueError(
-                f"{path}: line {bad[0] + 2}, column {column}: {frame[column].iloc[bad[0]]!r} is not a number "
-                f"in [-{limit:g}, {limit:g}]"
-            )
-        frame[column] = values
-    first = [c for c in ("IMG_ID", "AUTHOR", "LAT", "LON") if c in frame.columns]
-    return frame[first + [c for c in frame.columns if c not in first]].reset_index(drop=True)
-
+COORDINATE_LIMITS = {"LAT": 90.0, "LON": 180.0}
+_UNIQUE_CHOICES = ("photo", "id")
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "heic", "heif")
 IMAGE_EXTENSION_RE = r"\.(?:" + "|".join(IMAGE_EXTENSIONS) + r")$"
@@ -114,6 +64,209 @@ def normalize_photo_id(img_id: str) -> str:
     stem = _EXTENSION_PATTERN.sub("", name)
     flickr = _FLICKR_PATTERN.search(stem)
     return flickr.group(1) if flickr else stem
+
+
+def normalize_photo_ids(img_ids: Iterable) -> List[str]:
+    """`normalize_photo_id` of every id, vectorised with pandas string methods."""
+    ids = pd.Series(list(img_ids), dtype=object).astype(str).str.strip()
+    names = ids.str.replace("\\", "/", regex=False).str.rsplit("/", n=1).str[-1]
+    stems = names.str.replace(IMAGE_EXTENSION_RE, "", regex=True, flags=re.IGNORECASE)
+    flickr_ids = stems.str.extract(FLICKR_NAME_RE, expand=False)
+    return flickr_ids.fillna(stems).tolist()
+
+
+def resolve_columns(
+    columns: Iterable, *, source: str, required: Sequence[str] = ("IMG_ID", "LAT", "LON")
+) -> Dict[str, str]:
+    """Find the table's own name of each canonical column in `COLUMN_ALIASES`, matching case-insensitively.
+
+    Args:
+        columns: the table's column names.
+        source: how errors name the table (a file path, or e.g. ``"predictions"``).
+        required: canonical columns that must be present.
+
+    Returns:
+        ``{canonical name: the table's column}`` for every canonical column found.
+
+    Raises:
+        ValueError: a required column is missing; the message lists the accepted names and the columns found.
+    """
+    columns = list(columns)
+    by_lower: Dict[str, object] = {}
+    for column in columns:
+        by_lower.setdefault(str(column).strip().lower(), column)
+    found = {}
+    for canonical, aliases in COLUMN_ALIASES.items():
+        match = next((by_lower[a.lower()] for a in aliases if a.lower() in by_lower), None)
+        if match is not None:
+            found[canonical] = match
+    missing = [c for c in required if c not in found]
+    if missing:
+        accepted = "; ".join(f"{c}: {', '.join(COLUMN_ALIASES[c])}" for c in missing)
+        raise ValueError(
+            f"{source}: missing column {', '.join(missing)} (accepted names, any case: {accepted}); "
+            f"found columns: {', '.join(map(str, columns)) or 'none'}"
+        )
+    return found
+
+
+def standardize_locations(
+    df: pd.DataFrame,
+    *,
+    source: str,
+    lines: Optional[np.ndarray] = None,
+    allow_empty: bool = False,
+    keep_columns: bool = False,
+    unique: str = "photo",
+) -> pd.DataFrame:
+    """Validate a table of photo positions and return it as ``IMG_ID, (AUTHOR,) LAT, LON``.
+
+    Args:
+        df: the table; column names matched case-insensitively against `COLUMN_ALIASES`.
+        source: how errors name the table (a file path, or e.g. ``"predictions"``).
+        lines: the 1-based line number in the file of each row; without it errors name the 1-based row.
+        allow_empty: accept a table without rows.
+        keep_columns: keep the table's other columns, after the standard ones; by default they are dropped.
+        unique: ``"photo"`` rejects two rows for one photo (the same ID, or two IDs with the same
+            `normalize_photo_id` key); ``"id"`` rejects only repeated IDs.
+
+    Returns:
+        A new DataFrame with ``IMG_ID`` (stripped str), ``AUTHOR`` when the table has it, ``LAT`` and ``LON``
+        (float64 degrees), then the other columns when ``keep_columns``; the index runs from 0.
+
+    Raises:
+        ValueError: missing columns, an empty or non-numeric value, a coordinate out of range, a repeated
+            photo, or no rows without ``allow_empty``; the message names the source, the line (or row) and
+            the table's own column name.
+    """
+    if not isinstance(df, pd.DataFrame):
+        raise ValueError(f"{source}: expected a pandas DataFrame, got {type(df).__name__}")
+    if unique not in _UNIQUE_CHOICES:
+        raise ValueError(f"unknown unique {unique!r}; choose one of: {', '.join(_UNIQUE_CHOICES)}")
+    cols = resolve_columns(df.columns, source=source)
+    df = df.reset_index(drop=True)
+    where = "line" if lines is not None else "row"
+    lines = np.arange(1, len(df) + 1) if lines is None else np.asarray(lines)
+    if len(df) == 0 and not allow_empty:
+        raise ValueError(f"{source}: no rows (empty file or header only)")
+
+    def fail(i: int, canonical: str, message: str):
+        raise ValueError(f"{source}: {where} {lines[i]}, column {cols[canonical]}: {message}")
+
+    raw_ids = df[cols["IMG_ID"]]
+    ids = raw_ids.astype(str).str.strip()
+    bad = raw_ids.isna().to_numpy() | (ids == "").to_numpy()
+    if bad.any():
+        fail(int(np.argmax(bad)), "IMG_ID", "empty image ID")
+
+    out = pd.DataFrame({"IMG_ID": ids})
+    if "AUTHOR" in cols:
+        out["AUTHOR"] = df[cols["AUTHOR"]]
+    for canonical, limit in COORDINATE_LIMITS.items():
+        raw = df[cols[canonical]]
+        values = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=np.float64)
+        if np.isnan(values).any():
+            i = int(np.argmax(np.isnan(values)))
+            text = "" if pd.isna(raw.iloc[i]) else str(raw.iloc[i]).strip()
+            fail(i, canonical, f"non-numeric value {text!r}" if text else "empty value")
+        out_of_range = ~(np.abs(values) <= limit)
+        if out_of_range.any():
+            i = int(np.argmax(out_of_range))
+            fail(i, canonical, f"value {float(values[i])!r} out of range [-{limit:g}, {limit:g}] degrees")
+        out[canonical] = values
+
+    keys = pd.Series(normalize_photo_ids(out["IMG_ID"]) if unique == "photo" else out["IMG_ID"])
+    dup = keys.duplicated(keep=False).to_numpy()
+    if dup.any():
+        i = int(np.argmax(dup))
+        j = int(np.flatnonzero(dup & (keys == keys[i]).to_numpy())[1])
+        what = (
+            f"duplicate image ID {out['IMG_ID'][j]!r} (also on {where} {lines[i]})"
+            if out["IMG_ID"][i] == out["IMG_ID"][j]
+            else f"image ID {out['IMG_ID'][j]!r} names the same photo {keys[i]!r} as {out['IMG_ID'][i]!r} "
+            f"on {where} {lines[i]}"
+        )
+        fail(j, "IMG_ID", what)
+    if keep_columns:
+        used = set(cols.values())
+        for column in df.columns:
+            if column not in used and column not in out.columns:
+                out[column] = df[column]
+    return out
+
+
+def read_locations(
+    path: PathLike, *, allow_empty: bool = False, keep_columns: bool = False, unique: str = "photo"
+) -> pd.DataFrame:
+    """Read and validate a CSV of photo positions: ground truth, predictions or training metadata.
+
+    Values are read as text, so IDs keep their exact spelling and errors quote the bad value; blank lines are
+    skipped but counted, so errors name the line in the file (the header is line 1).
+
+    Args:
+        path: a CSV with a header holding ``IMG_ID, LAT, LON`` (any case, or an alias in `COLUMN_ALIASES`).
+        allow_empty: accept a header without rows.
+        keep_columns: keep columns other than ``IMG_ID, AUTHOR, LAT, LON`` (as text) after those.
+        unique: what counts as a repeated photo, see `standardize_locations`.
+
+    Returns:
+        DataFrame ``IMG_ID, (AUTHOR,) LAT, LON`` as `standardize_locations` returns it.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: an empty or unreadable file, or a table that fails `standardize_locations`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    try:
+        frame = pd.read_csv(
+            path, dtype=str, keep_default_na=False, skip_blank_lines=False, encoding="utf-8-sig"
+        )
+    except pd.errors.EmptyDataError:
+        raise ValueError(
+            f"{path}: empty file (expected a header IMG_ID,LAT,LON and one row per photo)"
+        ) from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not a readable CSV file ({err})") from None
+    lines = np.arange(2, len(frame) + 2)
+    if len(frame.columns):
+        # A blank line reads as a row whose first field is empty; only those rows need the full check.
+        candidates = np.flatnonzero((frame.iloc[:, 0].str.strip() == "").to_numpy())
+        if len(candidates):
+            rest = frame.iloc[candidates].apply(lambda col: col.str.strip())
+            blank = np.zeros(len(frame), dtype=bool)
+            blank[candidates] = (rest == "").all(axis=1).to_numpy()
+            if blank.any():
+                frame, lines = frame[~blank].reset_index(drop=True), lines[~blank]
+    return standardize_locations(
+        frame,
+        source=str(path),
+        lines=lines,
+        allow_empty=allow_empty,
+        keep_columns=keep_columns,
+        unique=unique,
+    )
+
+
+def read_metadata(path: PathLike) -> pd.DataFrame:
+    """Read and validate a metadata CSV (``IMG_ID,AUTHOR,LAT,LON,...``), keeping every column.
+
+    Args:
+        path: CSV with at least an image id, latitude and longitude column (``IMG_ID,LAT,LON``; the aliases of
+            `COLUMN_ALIASES` are accepted in any case). ``AUTHOR`` and any further columns are kept.
+
+    Returns:
+        DataFrame whose first columns are ``IMG_ID`` (str), ``AUTHOR`` (str, if present), ``LAT``, ``LON``
+        (float64 degrees), followed by the file's other columns as text. A header without rows gives an empty
+        frame.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: a required column is missing, an id is empty or repeated, or a coordinate is missing or
+            out of range; the message names the file, the line and the column.
+    """
+    return read_locations(path, allow_empty=True, keep_columns=True, unique="id")
 
 
 @dataclass

@@ -40,10 +40,10 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from .images import encode_jpeg
+from .sphere import EARTH_RADIUS_KM
 
 logger = logging.getLogger(__name__)
 
-EARTH_RADIUS_KM = 6371.0
 DEFAULT_IMAGE_SIZE = 128  # long side; photos are 4:3 landscape, 128 x 96
 _N_PARAMS = 10  # regional appearance parameters, see _render_background
 _N_WAVES = 6

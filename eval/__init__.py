@@ -11,14 +11,24 @@ from geoswc.eval.benchmarks import (
     read_locations,
     read_peer_predictions,
 )
-from geoswc.eval.metrics import EARTH_RADIUS_KM, RADII_KM, format_table, haversine_km, score_predictions
+from geoswc.eval.metrics import (
+    EARTH_RADIUS_KM,
+    RADII_KM,
+    VALIDATION_RADII_KM,
+    accuracy_at,
+    format_table,
+    haversine_km,
+    score_predictions,
+)
 
 __all__ = [
     "EARTH_RADIUS_KM",
     "RADII_KM",
+    "VALIDATION_RADII_KM",
     "BENCHMARKS",
     "haversine_km",
     "score_predictions",
+    "accuracy_at",
     "format_table",
     "load_benchmark",
     "normalize_image_id",

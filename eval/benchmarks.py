@@ -2,7 +2,8 @@
 
 Every reader returns a DataFrame ``IMG_ID, LAT, LON`` (plus ``AUTHOR`` when the file has it), coordinates in
 degrees as float64. Bad input raises ``ValueError`` naming the file, the line (1-based, the header is line 1)
-and the column.
+and the column. The column aliases and the validation are those of :mod:`geoswc.data.metadata`, which owns
+every table of photo positions; ``read_locations`` and ``standardize_locations`` are its functions.
 
 Photos are matched between files by :func:`normalize_image_id`, because the same photo appears in the wild as
 ``1000269685_e60e9cdfb4_1125_78841376@N00.jpg`` (Im2GPS3k), ``Athens_00016_516320955_2f7c0642b4_212_...jpg``
@@ -13,15 +14,20 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, Optional, Union
+from typing import NamedTuple, Union
 
 import numpy as np
 import pandas as pd
 
-from geoswc.data.metadata import FLICKR_NAME_RE, IMAGE_EXTENSION_RE, normalize_photo_id
+from geoswc.data.metadata import (
+    COLUMN_ALIASES,
+    normalize_photo_id,
+    normalize_photo_ids,
+    read_locations,
+    standardize_locations,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -34,18 +40,8 @@ __all__ = [
     "load_benchmark",
     "PeerPredictions",
     "read_peer_predictions",
+    "COLUMN_ALIASES",
 ]
-
-_EXTENSION_RE = IMAGE_EXTENSION_RE
-_FLICKR_RE = FLICKR_NAME_RE
-
-COLUMN_ALIASES = {
-    "IMG_ID": ("img_id", "image_id", "id"),
-    "LAT": ("lat", "latitude"),
-    "LON": ("lon", "long", "lng", "longitude"),
-    "AUTHOR": ("author",),
-}
-_RANGES = {"LAT": 90.0, "LON": 180.0}
 
 
 @dataclass(frozen=True)
@@ -94,133 +90,7 @@ def normalize_image_id(image_id) -> str:
 
 def normalize_image_ids(image_ids) -> list[str]:
     """:func:`normalize_image_id` for a sequence, vectorised with pandas string methods."""
-    ids = pd.Series(image_ids, dtype=object).astype(str).str.strip()
-    names = ids.str.replace("\\", "/", regex=False).str.rsplit("/", n=1).str[-1]
-    stems = names.str.replace(_EXTENSION_RE, "", regex=True, flags=re.IGNORECASE)
-    flickr_ids = stems.str.extract(_FLICKR_RE, expand=False)
-    return flickr_ids.fillna(stems).tolist()
-
-
-def _resolve_columns(columns, source: str, required=("IMG_ID", "LAT", "LON")) -> dict[str, str]:
-    """Maps canonical names to the frame's own column names, matching case-insensitively."""
-    lower = {}
-    for col in columns:
-        lower.setdefault(str(col).strip().lower(), col)
-    found = {}
-    for canon, aliases in COLUMN_ALIASES.items():
-        for name in (canon.lower(),) + aliases:
-            if name in lower:
-                found[canon] = lower[name]
-                break
-    missing = [c for c in required if c not in found]
-    if missing:
-        accepted = "; ".join(f"{c}: {', '.join((c,) + COLUMN_ALIASES[c])}" for c in missing)
-        raise ValueError(
-            f"{source}: missing column {', '.join(missing)} (accepted names, any case: {accepted}); "
-            f"found columns: {', '.join(map(str, columns)) or 'none'}"
-        )
-    return found
-
-
-def standardize_locations(
-    df: pd.DataFrame,
-    *,
-    source: str,
-    lines: Optional[np.ndarray] = None,
-    allow_empty: bool = False,
-) -> pd.DataFrame:
-    """Validates a table of photo positions and returns it as ``IMG_ID, LAT, LON (, AUTHOR)``.
-
-    Args:
-        df: the table; column names matched case-insensitively (see ``COLUMN_ALIASES``).
-        source: how errors name the table (a file path, or e.g. ``"predictions"``).
-        lines: the 1-based line number in the file of each row; without it errors name the 1-based row.
-        allow_empty: accept a table without rows.
-
-    Raises:
-        ValueError: missing columns, an empty or non-numeric value, a coordinate out of range, or two rows
-            for the same photo (the same ID, or two IDs with the same :func:`normalize_image_id` key).
-    """
-    if not isinstance(df, pd.DataFrame):
-        raise ValueError(f"{source}: expected a pandas DataFrame, got {type(df).__name__}")
-    cols = _resolve_columns(df.columns, source)
-    where = "line" if lines is not None else "row"
-    if lines is None:
-        lines = np.arange(1, len(df) + 1)
-    lines = np.asarray(lines)
-    if len(df) == 0 and not allow_empty:
-        raise ValueError(f"{source}: no rows (empty file or header only)")
-
-    def fail(i, canon, message):
-        raise ValueError(f"{source}: {where} {lines[i]}, column {cols[canon]}: {message}")
-
-    raw_ids = df[cols["IMG_ID"]]
-    ids = raw_ids.astype(str).str.strip()
-    bad = raw_ids.isna().to_numpy() | (ids == "").to_numpy()
-    if bad.any():
-        fail(int(np.argmax(bad)), "IMG_ID", "empty image ID")
-
-    out = pd.DataFrame({"IMG_ID": ids.to_numpy()})
-    if "AUTHOR" in cols:
-        out["AUTHOR"] = df[cols["AUTHOR"]].to_numpy()
-    for canon, limit in _RANGES.items():
-        raw = df[cols[canon]]
-        values = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=np.float64)
-        if np.isnan(values).any():
-            i = int(np.argmax(np.isnan(values)))
-            text = "" if pd.isna(raw.iloc[i]) else str(raw.iloc[i]).strip()
-            fail(i, canon, f"non-numeric value {text!r}" if text else "empty value")
-        out_of_range = ~(np.abs(values) <= limit)
-        if out_of_range.any():
-            i = int(np.argmax(out_of_range))
-            fail(i, canon, f"value {float(values[i])!r} out of range [-{limit:g}, {limit:g}] degrees")
-        out[canon] = values
-
-    keys = pd.Series(normalize_image_ids(out["IMG_ID"]))
-    dup = keys.duplicated(keep=False).to_numpy()
-    if dup.any():
-        i = int(np.argmax(dup))
-        j = int(np.flatnonzero(dup & (keys == keys[i]).to_numpy())[1])
-        same = out["IMG_ID"][i] == out["IMG_ID"][j]
-        what = (
-            f"duplicate image ID {out['IMG_ID'][j]!r} (also on {where} {lines[i]})"
-            if same
-            else f"image ID {out['IMG_ID'][j]!r} names the same photo {keys[i]!r} as {out['IMG_ID'][i]!r} "
-            f"on {where} {lines[i]}"
-        )
-        fail(j, "IMG_ID", what)
-    columns = ["IMG_ID"] + (["AUTHOR"] if "AUTHOR" in cols else []) + ["LAT", "LON"]
-    return out[columns]
-
-
-def read_locations(path: Union[str, os.PathLike], *, allow_empty: bool = False) -> pd.DataFrame:
-    """Reads and validates a CSV of photo positions (predictions or ground truth).
-
-    Args:
-        path: a CSV with a header holding ``IMG_ID, LAT, LON`` (any case, common aliases); other columns
-            besides ``AUTHOR`` are dropped.
-        allow_empty: accept a header without rows.
-
-    Returns:
-        DataFrame ``IMG_ID, LAT, LON`` (plus ``AUTHOR`` when present).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such file: {path}")
-    try:
-        # Strings throughout, so IDs keep their exact text and errors can quote the bad value.
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, skip_blank_lines=False, encoding="utf-8-sig")
-    except pd.errors.EmptyDataError:
-        raise ValueError(
-            f"{path}: empty file (expected a header IMG_ID,LAT,LON and one row per photo)"
-        ) from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not a readable CSV file ({err})") from None
-    lines = np.arange(2, len(df) + 2)
-    blank = (df.apply(lambda col: col.str.strip()) == "").all(axis=1).to_numpy()
-    if blank.any():
-        df, lines = df[~blank].reset_index(drop=True), lines[~blank]
-    return standardize_locations(df, source=str(path), lines=lines, allow_empty=allow_empty)
+    return normalize_photo_ids(image_ids)
 
 
 def load_benchmark(

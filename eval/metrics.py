@@ -8,24 +8,38 @@ Accuracy is reported at 0.1, 1, 5, 10, 25, 200, 750 and 2500 km (the paper's tab
 usual street/city/region/country/continent scales). The denominator is always the number of ground-truth
 photos: a photo without a prediction is counted in ``n_missing`` and is wrong at every radius. Median and mean
 error are taken over the photos that have a prediction (``n_scored``); with none scored they are ``None``.
+
+Training validates at the five usual scales only (`VALIDATION_RADII_KM`, `accuracy_at`), on aligned arrays of
+predicted and true positions, as fractions.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Mapping, Sequence
+from typing import Dict, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
-from geoswc.eval.benchmarks import normalize_image_ids, standardize_locations
+from geoswc.data.metadata import normalize_photo_ids, standardize_locations
+from geoswc.data.sphere import EARTH_RADIUS_KM
 
 logger = logging.getLogger(__name__)
 
-EARTH_RADIUS_KM = 6371.0
 RADII_KM = (0.1, 1, 5, 10, 25, 200, 750, 2500)
+# Street, city, region, country and continent: the radii of the validation metrics during training.
+VALIDATION_RADII_KM = (1, 25, 200, 750, 2500)
 
-__all__ = ["EARTH_RADIUS_KM", "RADII_KM", "haversine_km", "score_predictions", "radius_key", "format_table"]
+__all__ = [
+    "EARTH_RADIUS_KM",
+    "RADII_KM",
+    "VALIDATION_RADII_KM",
+    "haversine_km",
+    "score_predictions",
+    "accuracy_at",
+    "radius_key",
+    "format_table",
+]
 
 
 def haversine_km(lat1, lon1, lat2, lon2, *, radius_km: float = EARTH_RADIUS_KM) -> np.ndarray:
@@ -64,6 +78,46 @@ def radius_key(radius_km: float) -> str:
     return f"{float(radius_km):g}"
 
 
+def _checked_radii(radii_km: Sequence[float]) -> list:
+    radii = [float(r) for r in radii_km]
+    if not radii or any(not np.isfinite(r) or r < 0 for r in radii):
+        raise ValueError(f"radii must be non-negative finite numbers in km, got {list(radii_km)}")
+    return radii
+
+
+def accuracy_at(pred_deg, true_deg, radii_km: Sequence[float] = VALIDATION_RADII_KM) -> Dict[str, float]:
+    """Share of photos within each radius of their true position, and the median error.
+
+    The validation metric of training: rows of two aligned arrays are compared one to one (no ID matching,
+    no missing photos), distances by `haversine_km`, and a photo exactly at distance r is correct at r.
+
+    Args:
+        pred_deg: ``(N, 2)`` predicted ``(lat, lon)`` in degrees.
+        true_deg: ``(N, 2)`` true ``(lat, lon)`` in degrees, row ``i`` the same photo as in ``pred_deg``.
+        radii_km: the radii in km.
+
+    Returns:
+        ``{"acc_1km": fraction, "acc_25km": ..., "median_km": km}``: one ``acc_<r>km`` key per radius in the
+        given order (``r`` written by `radius_key`), fractions in [0, 1], then the median error. Every value
+        is NaN when N is 0.
+
+    Raises:
+        ValueError: the arrays are not both ``(N, 2)`` with the same N, or a radius is negative or not finite.
+    """
+    radii = _checked_radii(radii_km)
+    pred, true = np.asarray(pred_deg, dtype=np.float64), np.asarray(true_deg, dtype=np.float64)
+    if pred.ndim != 2 or pred.shape[1] != 2 or pred.shape != true.shape:
+        raise ValueError(
+            f"pred_deg and true_deg must both be (N, 2) (lat, lon) arrays, got {pred.shape} and {true.shape}"
+        )
+    keys = [f"acc_{radius_key(r)}km" for r in radii] + ["median_km"]
+    if len(pred) == 0:
+        return dict.fromkeys(keys, float("nan"))
+    dist_km = haversine_km(pred[:, 0], pred[:, 1], true[:, 0], true[:, 1])
+    values = [float(np.mean(dist_km <= r)) for r in radii] + [float(np.median(dist_km))]
+    return dict(zip(keys, values))
+
+
 def score_predictions(
     pred_df: pd.DataFrame,
     truth_df: pd.DataFrame,
@@ -90,15 +144,13 @@ def score_predictions(
     Raises:
         ValueError: on missing columns, bad coordinates, duplicate IDs, an empty ground truth or bad radii.
     """
-    radii = [float(r) for r in radii]
-    if not radii or any(not np.isfinite(r) or r < 0 for r in radii):
-        raise ValueError(f"radii must be non-negative finite numbers in km, got {list(radii)}")
+    radii = _checked_radii(radii)
     truth = standardize_locations(truth_df, source="ground truth")
     pred = standardize_locations(pred_df, source="predictions", allow_empty=True)
     if len(truth) == 0:
         raise ValueError("ground truth is empty: nothing to score against")
-    truth_keys = normalize_image_ids(truth["IMG_ID"])
-    pred_keys = normalize_image_ids(pred["IMG_ID"])
+    truth_keys = normalize_photo_ids(truth["IMG_ID"])
+    pred_keys = normalize_photo_ids(pred["IMG_ID"])
 
     truth_pos = pd.DataFrame(
         {"LAT": truth["LAT"].to_numpy(), "LON": truth["LON"].to_numpy()}, index=truth_keys

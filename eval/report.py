@@ -395,7 +395,7 @@ def _draw_curves(results, distances):
     ax.set_ylim(0, 100)
     ax.set_xlabel("distance r (km, log scale)")
     ax.set_ylabel("photos within r (%)")
-    ax.set_title("Accuracy versus distance (R = 6371 km, correct when <= r)")
+    ax.set_title(f"Accuracy versus distance (R = {EARTH_RADIUS_KM:g} km, correct when <= r)")
     ax.legend(fontsize=8, loc="upper left")
     return fig
 

@@ -1,4 +1,8 @@
-"""Reading photo coordinates from CSV files, with errors that name file, row and column."""
+"""Reading photo coordinates from CSV files, with errors that name file, row and column.
+
+The coordinate columns are found by the one set of aliases every position table shares
+(`geoswc.data.metadata.COLUMN_ALIASES`, any case); other columns are kept as they are.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,10 @@ from typing import Optional, Tuple, Union
 import numpy as np
 import pandas as pd
 
-LAT_COLUMNS = ("LAT", "lat", "latitude", "Latitude", "LATITUDE")
-LON_COLUMNS = ("LON", "lon", "longitude", "Longitude", "LONGITUDE", "lng", "LNG")
+from geoswc.data.metadata import COLUMN_ALIASES
+
+LAT_COLUMNS = COLUMN_ALIASES["LAT"]
+LON_COLUMNS = COLUMN_ALIASES["LON"]
 
 
 def _pick_column(path: Path, columns, requested: Optional[str], candidates, what: str) -> str:
@@ -17,9 +23,10 @@ def _pick_column(path: Path, columns, requested: Optional[str], candidates, what
         if requested not in columns:
             raise ValueError(f"{path}: no {what} column {requested!r}; columns are: {', '.join(columns)}")
         return requested
+    by_case = {c.casefold(): c for c in reversed(columns)}
     for name in candidates:
-        if name in columns:
-            return name
+        if name.casefold() in by_case:
+            return by_case[name.casefold()]
     raise ValueError(
         f"{path}: no {what} column found; expected one of {', '.join(candidates)} (or pass the name explicitly); "
         f"columns are: {', '.join(columns)}"
@@ -51,8 +58,8 @@ def read_coordinates(
 
     Args:
         path: CSV file with a header.
-        lat_col: Latitude column; by default the first of `LAT_COLUMNS` present.
-        lon_col: Longitude column; by default the first of `LON_COLUMNS` present.
+        lat_col: Latitude column; by default the first of `LAT_COLUMNS` present, in any case.
+        lon_col: Longitude column; by default the first of `LON_COLUMNS` present, in any case.
 
     Returns:
         The table as read (all columns kept), and float64 latitude and longitude arrays in degrees.

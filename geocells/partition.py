@@ -334,8 +334,10 @@ class Geocells:
 
         directory = Path(directory)
         meta_path = directory / "geocells.json"
+        if not directory.is_dir():
+            raise FileNotFoundError(f"cells folder not found: {directory} (build one with: geoswc cells build)")
         if not meta_path.is_file():
-            raise FileNotFoundError(f"geocells.json not found in {directory}")
+            raise FileNotFoundError(f"geocells.json not found in {directory} (build cells with: geoswc cells build)")
         meta = json.loads(meta_path.read_text())
         partitions = []
         for entry in meta["partitions"]:

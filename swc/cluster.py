@@ -14,7 +14,7 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-EARTH_RADIUS_KM = 6371.0
+from geoswc.data.sphere import EARTH_RADIUS_KM
 
 # Rows per block: (rows, K, K) float64 work arrays stay around 100 MB for K = 10.
 _BLOCK_ROWS = 65536
@@ -42,7 +42,7 @@ def pairwise_haversine_km(latlon_deg: np.ndarray) -> np.ndarray:
         latlon_deg: ``(Q, K, 2)`` latitude/longitude in degrees.
 
     Returns:
-        ``(Q, K, K)`` distances in km on a sphere of radius 6371 km.
+        ``(Q, K, K)`` distances in km on a sphere of radius ``EARTH_RADIUS_KM``.
     """
     lat_rad = np.radians(latlon_deg[..., 0])
     lon_rad = np.radians(latlon_deg[..., 1])

@@ -1,9 +1,18 @@
+import json
+
 import pytest
 import timm
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
-from geoswc.classifiers import create_backbone, load_backbone_weights, lite0_weights_path
+from geoswc.classifiers import (
+    create_backbone,
+    lite0_weights_path,
+    load_backbone,
+    load_backbone_weights,
+    save_backbone,
+)
 from geoswc.classifiers.backbone import read_state_dict
 
 
@@ -51,3 +60,67 @@ def test_missing_or_unsupported_weights_file(tmp_path):
     (tmp_path / "w.npz").write_bytes(b"x")
     with pytest.raises(ValueError, match="choose one of: .safetensors, .pth"):
         load_backbone_weights(timm.create_model("resnet10t", num_classes=0), tmp_path / "w.npz")
+
+
+class _Config:
+    def to_dict(self):
+        return {"backbone": {"model": "test_efficientnet"}, "seed": 3}
+
+
+def _trained_backbone():
+    torch.manual_seed(0)
+    backbone = create_backbone("test_efficientnet", pretrained=False)
+    # Non-default BatchNorm statistics, so a load that skipped buffers would show.
+    backbone.train()
+    with torch.no_grad():
+        backbone(torch.randn(4, 3, 64, 64))
+    return backbone.eval()
+
+
+def test_backbone_folder_round_trip(tmp_path):
+    backbone = _trained_backbone()
+    folder = save_backbone(backbone, tmp_path / "bb", name="test_efficientnet", fingerprint="abc123",
+                           config=_Config())
+    assert folder == tmp_path / "bb"
+    spec = json.loads((folder / "backbone.json").read_text())
+    assert spec == {
+        "model": "test_efficientnet",
+        "num_features": 256,
+        "data_config": {k: list(v) if isinstance(v, tuple) else v
+                        for k, v in timm.data.resolve_model_data_config(backbone).items()},
+    }
+    with safe_open(str(folder / "backbone.safetensors"), framework="pt") as handle:
+        meta = handle.metadata()
+    assert (meta["kind"], meta["model"], meta["fingerprint"]) == ("backbone", "test_efficientnet", "abc123")
+    assert json.loads(meta["config"]) == _Config().to_dict()
+
+    loaded, info = load_backbone(folder, expected_fingerprint="abc123")
+    assert info["model"] == "test_efficientnet" and info["num_features"] == 256
+    assert info["fingerprint"] == "abc123" and info["config"] == _Config().to_dict()
+    assert info["data_config"] == spec["data_config"]
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(images), backbone(images), rtol=0, atol=0)
+
+
+def test_backbone_folder_takes_a_config_dict_or_none(tmp_path):
+    backbone = _trained_backbone()
+    save_backbone(backbone, tmp_path / "a", name="test_efficientnet", fingerprint="f", config={"seed": 1})
+    assert load_backbone(tmp_path / "a")[1]["config"] == {"seed": 1}
+    save_backbone(backbone, tmp_path / "b", name="test_efficientnet", fingerprint="f")
+    assert load_backbone(tmp_path / "b")[1]["config"] is None
+
+
+def test_backbone_folder_missing_file_names_folder_file_and_command(tmp_path):
+    save_backbone(_trained_backbone(), tmp_path / "bb", name="test_efficientnet", fingerprint="f")
+    (tmp_path / "bb" / "backbone.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"bb has no backbone.safetensors.*geoswc train backbone"):
+        load_backbone(tmp_path / "bb")
+    with pytest.raises(FileNotFoundError, match=r"nowhere has no backbone.json.*geoswc train backbone"):
+        load_backbone(tmp_path / "nowhere")
+
+
+def test_backbone_folder_of_another_partition_is_refused(tmp_path):
+    save_backbone(_trained_backbone(), tmp_path / "bb", name="test_efficientnet", fingerprint="cells-a")
+    with pytest.raises(ValueError, match=r"partition 'cells-a' but the expected fingerprint is 'cells-b'"):
+        load_backbone(tmp_path / "bb", expected_fingerprint="cells-b")

@@ -79,6 +79,15 @@ def test_read_locations_errors_name_file_line_and_column(tmp_path, text, message
     assert str(f) in str(err.value)
 
 
+def test_positions_tables_have_one_reader():
+    from geoswc.data import metadata
+    from geoswc.eval import benchmarks
+
+    assert read_locations is metadata.read_locations
+    assert benchmarks.standardize_locations is metadata.standardize_locations
+    assert benchmarks.COLUMN_ALIASES is metadata.COLUMN_ALIASES
+
+
 def test_read_locations_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.csv"):
         read_locations(tmp_path / "nope.csv")

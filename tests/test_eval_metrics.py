@@ -5,14 +5,58 @@ import pandas as pd
 import pytest
 from haversine import Unit, haversine
 
-from geoswc.eval import EARTH_RADIUS_KM, RADII_KM, format_table, haversine_km, score_predictions
+from geoswc.eval import (
+    EARTH_RADIUS_KM,
+    RADII_KM,
+    VALIDATION_RADII_KM,
+    accuracy_at,
+    format_table,
+    haversine_km,
+    score_predictions,
+)
 
 KM_PER_DEG = math.pi * 6371.0 / 180.0  # 111.19 km per degree of latitude on R = 6371 km
 
 
 def test_constants_are_the_protocol():
+    from geoswc.data import sphere
+    from geoswc.swc import cluster
+
     assert EARTH_RADIUS_KM == 6371.0
+    # One radius for every component: the data folder owns it, the others import it.
+    assert EARTH_RADIUS_KM is sphere.EARTH_RADIUS_KM is cluster.EARTH_RADIUS_KM
     assert RADII_KM == (0.1, 1, 5, 10, 25, 200, 750, 2500)
+    assert VALIDATION_RADII_KM == (1, 25, 200, 750, 2500)
+
+
+def test_accuracy_at_against_hand_computed_distances():
+    # True positions on the equator; predictions moved north along the meridian by 0, 1, 111.19 (1 degree),
+    # 500, 1000 and 3000 km (distance / 111.19 km per degree).
+    true = np.array([[0.0, 10.0]] * 6)
+    dist_km = np.array([0.0, 1.0, KM_PER_DEG, 500.0, 1000.0, 3000.0])
+    pred = np.stack([dist_km / KM_PER_DEG, np.full(6, 10.0)], axis=1)
+    res = accuracy_at(pred, true)
+    assert list(res) == ["acc_1km", "acc_25km", "acc_200km", "acc_750km", "acc_2500km", "median_km"]
+    # 1.0 km counts at 1 km (<= r); fractions of all 6 photos.
+    assert res["acc_1km"] == pytest.approx(2 / 6)
+    assert res["acc_25km"] == pytest.approx(2 / 6)
+    assert res["acc_200km"] == pytest.approx(3 / 6)
+    assert res["acc_750km"] == pytest.approx(4 / 6)
+    assert res["acc_2500km"] == pytest.approx(5 / 6)
+    assert res["median_km"] == pytest.approx((111.19 + 500.0) / 2, abs=0.01)
+
+
+def test_accuracy_at_other_radii_and_bad_input():
+    res = accuracy_at([[1.0, 0.0]], [[0.0, 0.0]], radii_km=(0.1, 111, 112.0))
+    expected = {"acc_0.1km": 0.0, "acc_111km": 0.0, "acc_112km": 1.0, "median_km": 111.19}
+    assert res == pytest.approx(expected, abs=0.005)
+    empty = accuracy_at(np.zeros((0, 2)), np.zeros((0, 2)))
+    assert list(empty) == [f"acc_{r}km" for r in VALIDATION_RADII_KM] + ["median_km"]
+    assert all(math.isnan(v) for v in empty.values())
+    with pytest.raises(ValueError, match=r"\(N, 2\).*\(2, 2\) and \(1, 2\)"):
+        accuracy_at(np.zeros((2, 2)), np.zeros((1, 2)))
+    with pytest.raises(ValueError, match="radii"):
+        accuracy_at(np.zeros((1, 2)), np.zeros((1, 2)), radii_km=(-1,))
 
 
 def test_one_degree_of_latitude():
