@@ -1,4 +1,4 @@
-"""Loading: a webdataset shard stream for training and a map-style dataset for evaluation folders.
+"""Loading: a webdataset shard stream for training (photo files are read by `geoswc.data.photos`).
 
 **Splitting (exactly once per epoch).** Every rank and every DataLoader worker of the stream is a *consumer*.
 The shards (in an order shuffled by ``seed`` and ``epoch``, the same on every consumer) form one sequence of N
@@ -23,17 +23,14 @@ import json
 import logging
 import os
 import tarfile
-from functools import partial
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
-import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .images import ImageDecodeError, decode_array, decode_image
-from .metadata import read_metadata
+from .images import ImageDecodeError, decode_array
 from .shards import SUMMARY
 from .transforms import pad_collate
 
@@ -286,59 +283,3 @@ def shard_loader(
         decode_target=decode_target, canvas=canvas,
     )
     return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory)
-
-
-class ImageDataset(Dataset):
-    """Map-style dataset over a photo folder and its metadata CSV, for evaluation sets.
-
-    A missing or unreadable photo is not skipped: its sample has ``image`` None and ``error`` naming the reason
-    (`pad_collate` turns it into a zero image), so an evaluation counts every photo of the benchmark.
-    """
-
-    def __init__(
-        self,
-        root: Union[str, os.PathLike],
-        metadata: Union[str, os.PathLike, pd.DataFrame],
-        *,
-        transform: Optional[Callable] = None,
-        decode_target: Optional[int] = None,
-    ):
-        self.root = Path(root)
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"image folder not found: {root}")
-        self.metadata = metadata if isinstance(metadata, pd.DataFrame) else read_metadata(metadata)
-        self.ids = self.metadata["IMG_ID"].astype(str).tolist()
-        self.latlon = self.metadata[["LAT", "LON"]].to_numpy(np.float64)
-        self.transform, self.decode_target = transform, decode_target
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, index: int) -> Dict:
-        sample = {"id": self.ids[index], "latlon": tuple(self.latlon[index]), "image": None, "error": ""}
-        try:
-            if self.transform is None:
-                image = decode_image(self.root / self.ids[index], target=self.decode_target)
-            else:
-                side = getattr(self.transform, "decode_side", "short")
-                image = decode_array(self.root / self.ids[index], target=self.decode_target, target_side=side)
-        except ImageDecodeError as err:
-            sample["error"] = err.reason
-            return sample
-        sample["image"] = self.transform(image) if self.transform is not None else image
-        return sample
-
-    def missing_or_unreadable(self) -> List[Tuple[str, str]]:
-        """``(IMG_ID, reason)`` of every photo that cannot be decoded (reads every file)."""
-        problems = []
-        for img_id in self.ids:
-            try:
-                decode_image(self.root / img_id, target=16)
-            except ImageDecodeError as err:
-                problems.append((img_id, err.reason))
-        return problems
-
-    def loader(self, *, batch_size: int, num_workers: int = 0, canvas: Optional[int] = None) -> DataLoader:
-        """In-order batches (`pad_collate`), errors kept in ``batch["error"]``."""
-        return DataLoader(self, batch_size=batch_size, num_workers=num_workers, shuffle=False,
-                          collate_fn=partial(pad_collate, canvas=canvas))

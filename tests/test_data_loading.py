@@ -7,7 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from geoswc.data.loading import ImageDataset, expand_urls, shard_loader
+from geoswc.data.images import image_path
+from geoswc.data.loading import expand_urls, shard_loader
+from geoswc.data.photos import PhotoDataset, photo_batches
 from geoswc.data.metadata import read_metadata
 from geoswc.data.shards import write_shards
 from geoswc.data.synth import make_world
@@ -92,25 +94,22 @@ def test_epoch_length_gives_exact_batches_per_rank(shards):
         assert len(batches) == 13 and all(len(b["id"]) == 16 for b in batches)  # 208 > 79 per rank: resampled
 
 
-def test_image_dataset_reports_missing_and_unreadable(shards, tmp_path):
+def test_photo_dataset_of_an_evaluation_folder_reports_missing_and_unreadable(shards, tmp_path):
     meta = read_metadata(shards / "world" / "test.csv")
     meta.loc[len(meta)] = ["00/00/404.jpg", "x@N00", 0.0, 0.0]
     (shards / "world" / "images" / "00" / "01").mkdir(parents=True, exist_ok=True)
     (shards / "world" / "images" / "00" / "01" / "500.jpg").write_bytes(b"broken")
     meta.loc[len(meta)] = ["00/01/500.jpg", "y@N00", 0.0, 0.0]
-    dataset = ImageDataset(shards / "world" / "images", meta,
-                           transform=build_transform(CONFIG, train=False, size=64, eval_resize="longest"))
+    dataset = PhotoDataset([image_path(shards / "world" / "images", i) for i in meta["IMG_ID"]],
+                           build_transform(CONFIG, train=False, size=64, eval_resize="longest"))
     assert len(dataset) == 14
-    problems = dict(dataset.missing_or_unreadable())
-    assert problems.keys() == {"00/00/404.jpg", "00/01/500.jpg"}
-    assert problems["00/00/404.jpg"] == "file not found" and "unreadable" in problems["00/01/500.jpg"]
-    batches = list(dataset.loader(batch_size=5, canvas=64))
-    errors = [e for b in batches for e in b["error"]]
-    assert errors[:12] == [""] * 12 and errors[12] == "file not found"
-    last = batches[-1]
-    assert last["image"].shape == (4, 3, 64, 64)
-    assert torch.all(last["image"][-1] == 0) and last["image_size"][-1].tolist() == [0, 0]
-    assert last["image_size"][0].tolist() == [48, 64]  # 128x96 photo, longest side 64
+    batches = list(photo_batches(dataset, batch_size=5))
+    errors = {i: e for b in batches for i, e in b.errors.items()}
+    assert errors.keys() == {12, 13}
+    assert errors[12] == "file not found" and "not a recognised image" in errors[13]
+    placed = [b for b in batches if len(b)]
+    assert sorted(i for b in placed for i in b.indices.tolist()) == list(range(12))
+    assert {tuple(b.pixels.shape[1:]) for b in placed} == {(3, 48, 64)}  # 128x96 photos, longest side 64
 
 
 def test_transforms_follow_the_paper_and_timm_config():

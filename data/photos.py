@@ -1,0 +1,231 @@
+"""One photo path: photos read, made upright, transformed for a model and batched by shape.
+
+The paper's evaluation transform resizes the longest side to 300 px (section 4.2), so a landscape photo, a
+portrait and a panorama come out with different shapes. A batch stacks photos of one shape only: padding
+would change the pooled features, so the same photo would get another position in another batch. Training,
+feature extraction, ``geoswc evaluate``, ``geoswc tag`` and ``Geolocator.predict`` all read photos here:
+
+    dataset = PhotoDataset(paths, transform)             # index -> (index, pixels or None, error or None)
+    for batch in photo_batches(dataset, batch_size=32, workers=4):
+        batch.indices, batch.pixels                      # one shape, at most 32 photos
+        batch.errors                                     # {index: reason} of photos that cannot be read
+
+A photo that cannot be read (missing, corrupt, not an image, HEIC without pillow-heif, ...) is an entry of
+``errors`` with a one-line reason, never an exception, so one bad file cannot stop a run over millions.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from .images import PhotoError, load_photo
+
+logger = logging.getLogger(__name__)
+
+PhotoSource = Union[str, os.PathLike, Image.Image, np.ndarray]
+Item = Tuple[int, Optional[torch.Tensor], Optional[str]]
+
+
+class PhotoDataset(Dataset):
+    """Photos (paths, PIL images or ``(H, W, 3)`` uint8 arrays) through one transform.
+
+    Items are ``(index, pixels, error)``: ``pixels`` the transformed ``(3, H, W)`` tensor, or None with
+    ``error`` the reason the photo cannot be used.
+
+    Args:
+        sources: the photos; paths are read with `geoswc.data.images.load_photo` (format sniffed from the
+            content, EXIF orientation applied, JPEGs decoded at reduced size).
+        transform: image -> ``(3, H, W)`` tensor. geoswc's transforms (`build_transform`) take decoded arrays
+            and say what size to decode at (``decode_target``, ``decode_side``); any other transform (e.g.
+            torchvision's) gets a PIL image.
+        target: the side JPEGs are decoded down to; default the transform's ``decode_target``.
+    """
+
+    def __init__(self, sources: Sequence[PhotoSource], transform: Callable, *, target: Optional[int] = None):
+        self.sources = sources
+        self.transform = transform
+        self.target = target if target is not None else getattr(transform, "decode_target", None)
+        self.target_side = getattr(transform, "decode_side", "short")
+        self.as_array = bool(getattr(transform, "accepts_arrays", False))
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def read(self, index: int):
+        """The decoded photo ``index``, as the transform takes it.
+
+        Raises:
+            PhotoError: with the reason the photo cannot be used.
+        """
+        source = self.sources[index]
+        if isinstance(source, Image.Image):
+            image = source.convert("RGB") if source.mode != "RGB" else source
+            return np.asarray(image) if self.as_array else image
+        if isinstance(source, np.ndarray):
+            if source.ndim != 3 or source.shape[2] != 3 or source.dtype != np.uint8:
+                raise PhotoError(f"an image array must be (H, W, 3) uint8, got {source.shape} {source.dtype}")
+            return source if self.as_array else Image.fromarray(source, "RGB")
+        return load_photo(os.fspath(source), target=self.target, target_side=self.target_side,
+                          as_array=self.as_array)
+
+    def __getitem__(self, index: int) -> Item:
+        try:
+            return index, self.transform(self.read(index)), None
+        except PhotoError as err:
+            return index, None, str(err)
+        except Exception as err:  # a transform failing on an odd image is still one photo's problem
+            logger.debug("unexpected failure on photo %d", index, exc_info=True)
+            return index, None, f"unexpected error ({type(err).__name__}: {err})"
+
+    def describe(self, index: int) -> str:
+        """How photo ``index`` is named in an error message."""
+        source = self.sources[index]
+        return os.fspath(source) if isinstance(source, (str, os.PathLike)) else f"photo {index}"
+
+
+@dataclass
+class PhotoBatch:
+    """Photos of one transformed shape, and the photos read since the last batch that could not be used.
+
+    Attributes:
+        indices: ``(B,)`` dataset indices of ``pixels``' rows; empty when the batch only carries errors.
+        pixels: ``(B, 3, H, W)``, or None when ``indices`` is empty.
+        errors: ``{index: reason}``.
+    """
+
+    indices: np.ndarray
+    pixels: Optional[torch.Tensor]
+    errors: Dict[int, str] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def group_by_shape(items: List[Item]) -> Tuple[List[Tuple[np.ndarray, torch.Tensor]], Dict[int, str]]:
+    """A DataLoader batch of items as ``[(indices, stacked pixels)]``, one entry per shape (first seen first),
+    and the errors. Runs in the loader's workers, so the stacking is done there."""
+    groups: Dict[Tuple[int, ...], List[Tuple[int, torch.Tensor]]] = {}
+    errors: Dict[int, str] = {}
+    for index, pixels, error in items:
+        if pixels is None:
+            errors[index] = error or "unreadable"
+        else:
+            groups.setdefault(tuple(pixels.shape), []).append((index, pixels))
+    stacked = [(np.array([i for i, _ in group], dtype=np.int64), torch.stack([p for _, p in group]))
+               for group in groups.values()]
+    return stacked, errors
+
+
+def batch_by_shape(
+    groups: Iterable[Tuple[List[Tuple[np.ndarray, torch.Tensor]], Dict[int, str]]],
+    batch_size: int,
+    *,
+    max_pending: Optional[int] = None,
+) -> Iterator[PhotoBatch]:
+    """Regroup per-shape chunks (`group_by_shape` output) into batches of one shape and at most
+    ``batch_size`` photos.
+
+    Photos of a shape wait until ``batch_size`` of them are there, so a batch is full whenever the photos
+    allow; when more than ``max_pending`` (default ``4 * batch_size``) photos wait, the largest group goes
+    out early, which bounds memory when many shapes occur. Every photo comes out exactly once.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    max_pending = 4 * batch_size if max_pending is None else max_pending
+    pending: Dict[Tuple[int, ...], List[Tuple[np.ndarray, torch.Tensor]]] = {}
+    waiting = 0
+
+    def take(shape: Tuple[int, ...], count: int) -> PhotoBatch:
+        nonlocal waiting
+        chunks = pending.pop(shape)
+        indices = np.concatenate([i for i, _ in chunks])
+        pixels = chunks[0][1] if len(chunks) == 1 else torch.cat([p for _, p in chunks])
+        if count < len(indices):
+            pending[shape] = [(indices[count:], pixels[count:])]
+            indices, pixels = indices[:count], pixels[:count]
+        waiting -= len(indices)
+        return PhotoBatch(indices, pixels)
+
+    for chunks, errors in groups:
+        if errors:
+            yield PhotoBatch(np.zeros(0, dtype=np.int64), None, dict(errors))
+        for indices, pixels in chunks:
+            shape = tuple(pixels.shape[1:])
+            pending.setdefault(shape, []).append((indices, pixels))
+            waiting += len(indices)
+            while sum(len(i) for i, _ in pending.get(shape, ())) >= batch_size:
+                yield take(shape, batch_size)
+        while waiting > max_pending:
+            largest = max(pending, key=lambda s: sum(len(i) for i, _ in pending[s]))
+            yield take(largest, batch_size)
+    for shape in list(pending):
+        while shape in pending:
+            yield take(shape, batch_size)
+
+
+def _worker_init(_: int) -> None:
+    # Workers decode; one thread each keeps them from fighting the model's threads for the cores.
+    torch.set_num_threads(1)
+
+
+def photo_loader(
+    dataset: PhotoDataset,
+    *,
+    batch_size: int,
+    workers: int = 0,
+    indices: Optional[Sequence[int]] = None,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """A DataLoader reading ``dataset`` (or the given ``indices`` of it, in that order) in batches of
+    ``batch_size`` photos, each collated by `group_by_shape` in the worker that decoded it."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0, got {workers}")
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=list(range(len(dataset))) if indices is None else [int(i) for i in indices],
+        num_workers=workers,
+        collate_fn=group_by_shape,
+        worker_init_fn=_worker_init if workers else None,
+        prefetch_factor=4 if workers else None,
+        persistent_workers=False,
+        pin_memory=pin_memory,
+    )
+
+
+def photo_batches(
+    dataset: PhotoDataset,
+    *,
+    batch_size: int,
+    workers: int = 0,
+    indices: Optional[Sequence[int]] = None,
+    pin_memory: bool = False,
+    max_pending: Optional[int] = None,
+) -> Iterator[PhotoBatch]:
+    """Batches of one shape over ``dataset`` (all of it, or ``indices``), decoded by ``workers`` processes;
+    see `batch_by_shape`. Photos that cannot be read arrive as ``errors``."""
+    loader = photo_loader(dataset, batch_size=batch_size, workers=workers, indices=indices, pin_memory=pin_memory)
+    return batch_by_shape(loader, batch_size, max_pending=max_pending)
+
+
+def photo_paths(root: Union[str, os.PathLike], ids: Iterable[str]) -> List[Path]:
+    """The files of photo ids (relative paths such as ``45/77/3228511372.jpg``) under an image root.
+
+    Raises:
+        FileNotFoundError: the root is not a folder.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder not found: {root}")
+    return [root / str(i) for i in ids]
