@@ -1,35 +1,29 @@
-"""Shared training utilities: the pieces every training loop of geoswc uses around ``accelerate``.
+"""The training loop of geoswc and what it is made of, around ``accelerate``.
 
 One loop runs on a laptop CPU, on one GPU and on N GPUs (``accelerate launch``). This module holds what is not
 specific to a stage: building the ``Accelerator`` from ``TrainConfig``, seeding, per-rank batches over
 in-memory arrays, a per-epoch progress bar (loss, learning rate, images/s), checkpoints that resume exactly
 (``accelerate.save_state`` for model/optimizer/scheduler/RNG plus ``position.json`` for the epoch and step
-within the data stream), final weights as safetensors with the partition fingerprint and resolved config,
-metric gathering across ranks, optional trackers (TensorBoard, CSV) and GPU speed settings (channels_last,
-``torch.compile``).
+within the data stream), metric gathering across ranks, optional trackers (TensorBoard, CSV) and GPU speed
+settings (channels_last, ``torch.compile``).
 
-Typical loop::
+`train_loop` is the one loop every stage runs (the classifier stages and the retrieval module): a stage
+gives it the batches of an epoch and the loss of a batch; the loop owns the backward pass, the optimizer and
+scheduler steps, the loss averaged across processes, the progress bar, validation, the history file, the
+trackers and the checkpoints that resume exactly::
 
-    accelerator = build_accelerator(cfg.train, cpu=args.cpu, out_dir=out, log_with=args.log_with)
-    seed_everything(cfg.train.seed)
-    model = prepare_for_speed(model, cfg.train, accelerator)
+    accelerator = build_accelerator(cfg.train, cpu=cpu, out_dir=out, log_with=log_with, run_name="heads")
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    ckpt = Checkpointer(accelerator, out / "checkpoints")
-    position = ckpt.restore() if args.resume else TrainPosition()
-    for epoch in range(position.epoch, epochs):
-        batches = rank_batches(n, batch_size, epoch=epoch, seed=cfg.train.seed, accelerator=accelerator)
-        bar = EpochProgress(accelerator, len(batches), epoch=epoch, epochs=epochs)
-        for step, idx in enumerate(batches):
-            if step < position.step: continue          # resumed inside this epoch
-            ... loss ...; accelerator.backward(loss); optimizer.step(); scheduler.step()
-            position.advance(); bar.update(len(idx), loss=..., lr=...)
-            if ckpt.due(position): ckpt.save(position)
-        bar.close(); position.next_epoch(); ckpt.save(position)
+    summary = train_loop(accelerator, model, optimizer, scheduler, name="ce", out_dir=out, epochs=5,
+                         batches=lambda epoch, skip: (n_batches, iterator_after(skip)),
+                         loss=lambda batch: (head.loss(model(batch.x), batch.y, batch.latlon), len(batch.x)),
+                         resume=resume, meta={"fingerprint": cells.fingerprint})
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import os
@@ -37,7 +31,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -323,31 +317,6 @@ class Checkpointer:
         return TrainPosition(**json.loads((self.last / "position.json").read_text()))
 
 
-def save_weights(
-    module: nn.Module,
-    path: Union[str, Path],
-    *,
-    fingerprint: str,
-    config: Any = None,
-    metadata: Optional[Mapping[str, str]] = None,
-) -> Path:
-    """Unwrapped module weights as safetensors with the partition fingerprint and resolved config in the
-    metadata; the config is also written beside it as ``config.yaml`` when it is a ``Config``."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    module = getattr(module, "_orig_mod", module)
-    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-    meta = {"fingerprint": str(fingerprint), **{k: str(v) for k, v in (metadata or {}).items()}}
-    if config is not None:
-        meta["config"] = json.dumps(config.to_dict() if hasattr(config, "to_dict") else config, default=str)
-        if hasattr(config, "save"):
-            config.save(path.parent / "config.yaml")
-    save_file(state, str(path), metadata=meta)
-    return path
-
-
 def gather_rows(accelerator: Accelerator, tensors: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Concatenate per-rank rows of every tensor across ranks (``gather_for_metrics``: the samples that
     padding duplicated for the last batch are dropped)."""
@@ -391,3 +360,123 @@ def ranks_agree(accelerator: Accelerator, module: nn.Module) -> bool:
 
 def current_lr(optimizer: torch.optim.Optimizer) -> float:
     return float(optimizer.param_groups[0]["lr"])
+
+
+# The batches of one epoch: ``(batches in the epoch, iterator over those after the first skip)``.
+EpochBatches = Callable[[int, int], Tuple[int, Iterable[Any]]]
+# The loss of one batch and the number of images (or embeddings) it covered on this process.
+BatchLoss = Callable[[Any], Tuple[torch.Tensor, int]]
+
+
+def train_loop(
+    accelerator: Accelerator,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    *,
+    name: str,
+    out_dir: Union[str, Path],
+    epochs: int,
+    batches: EpochBatches,
+    loss: BatchLoss,
+    schedule_per: str = "step",
+    validate: Optional[Callable[[], Dict[str, float]]] = None,
+    resume: bool = False,
+    max_steps: Optional[int] = None,
+    checkpoint_every: int = 0,
+    checkpoint_epochs: int = 1,
+    meta: Optional[Mapping[str, Any]] = None,
+) -> Optional[Dict[str, Any]]:
+    """Train ``model`` (already ``prepare``d) for ``epochs``, resumable; the one loop of every stage.
+
+    Args:
+        accelerator: the run's accelerator.
+        model, optimizer, scheduler: prepared by ``accelerator``; anything else that is training state (a
+            loss's memory) is registered with ``accelerator.register_for_checkpointing`` by the caller.
+        name: the run's name: progress bar, ``history_<name>.json``, ``checkpoints/<name>``.
+        out_dir: where history and checkpoints go.
+        epochs: epochs in all (a resumed run continues to the same count).
+        batches: ``batches(epoch, skip)`` -> ``(n, iterator)``: the epoch's n batches of this process, the
+            iterator starting after the first ``skip`` (done before a resume).
+        loss: ``loss(batch)`` -> ``(loss tensor, images)``, the forward pass under ``accelerator.autocast``.
+        schedule_per: ``step`` or ``epoch``: when the scheduler steps.
+        validate: called on every process after each epoch (with the model in eval mode); its metrics join
+            the epoch's record.
+        resume: continue from ``out_dir/checkpoints/<name>`` when it holds a checkpoint.
+        max_steps: stop with a checkpoint after this many optimizer steps in all.
+        checkpoint_every: also checkpoint every this many optimizer steps (0: epoch ends only).
+        checkpoint_epochs: checkpoint at the end of every this many epochs (and of the last).
+        meta: facts stored with the checkpoints and checked on resume (e.g. the partition fingerprint).
+
+    Returns:
+        ``{"history": [per-epoch loss (mean over processes), lr, images/s, validation metrics],
+        "ranks_identical": bool, "num_processes": int}``, or None when ``max_steps`` stopped the run.
+    """
+    if schedule_per not in ("step", "epoch"):
+        raise ValueError(f"unknown schedule_per {schedule_per!r}; choose one of: step, epoch")
+    out_dir = Path(out_dir)
+    ckpt = Checkpointer(accelerator, out_dir / "checkpoints" / name, every_steps=checkpoint_every, meta=meta)
+    position = ckpt.restore() if resume and ckpt.exists() else TrainPosition()
+    if position.global_step:
+        logger.info("resuming %s at epoch %d step %d", name, position.epoch, position.step)
+    history: List[Dict[str, float]] = []
+    history_file = out_dir / f"history_{name}.json"
+    if position.global_step and history_file.is_file():
+        history = json.loads(history_file.read_text())
+    model.train()
+    for epoch in range(position.epoch, epochs):
+        n_batches, items = batches(epoch, position.step)
+        bar = EpochProgress(accelerator, n_batches, epoch=epoch, epochs=epochs, desc=name)
+        bar.bar.update(position.step)
+        loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+        seen = 0
+        for batch in items:
+            value, images = loss(batch)
+            accelerator.backward(value)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if schedule_per == "step":
+                scheduler.step()
+            position.advance()
+            loss_sum += value.detach().double()
+            seen += 1
+            bar.update(images, loss=value.item(), lr=current_lr(optimizer))
+            if ckpt.due(position):
+                ckpt.save(position)
+            if max_steps is not None and position.global_step >= max_steps:
+                bar.close()
+                ckpt.save(position)
+                return None
+        bar.close()
+        if schedule_per == "epoch":
+            scheduler.step()
+        mean_loss = loss_sum / max(seen, 1) if seen else torch.full_like(loss_sum, float("nan"))
+        record = {"epoch": epoch + 1, "loss": float(accelerator.reduce(mean_loss, reduction="mean")),
+                  "lr": current_lr(optimizer), "images_per_s": bar.images_per_s}
+        sync_buffers(accelerator, model)
+        if validate is not None:
+            model.eval()
+            record.update(validate())
+            model.train()
+        history.append(record)
+        accelerator.log({k: v for k, v in record.items() if k != "epoch"}, step=epoch + 1)
+        if accelerator.is_main_process:
+            bar.bar.write(f"{name} epoch {epoch + 1}/{epochs}: " + ", ".join(
+                f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"))
+            history_file.parent.mkdir(parents=True, exist_ok=True)
+            history_file.write_text(json.dumps(history, indent=2) + "\n")
+        position.next_epoch()
+        if epoch + 1 == epochs or (checkpoint_epochs and (epoch + 1) % checkpoint_epochs == 0):
+            ckpt.save(position)
+    return {"history": history, "ranks_identical": ranks_agree(accelerator, model),
+            "num_processes": accelerator.num_processes}
+
+
+def weights_digest(module: nn.Module) -> str:
+    """A digest of a module's weights (about 0.1 s for EfficientNet-B4): what identifies a trained model in
+    the key of work derived from it."""
+    digest = hashlib.blake2b(digest_size=16)
+    for tensor in module.state_dict().values():
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(b"\0")
+    return digest.hexdigest()

@@ -14,9 +14,14 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Union
 
 import numpy as np
+import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from geoswc.classifiers import load_head
+from geoswc.data.features import FeatureCache
+from geoswc.data.metadata import Exclusions
+from geoswc.geocells import Geocells
 from geoswc.retrieval.index import INDEX_DTYPES, BackgroundIndex
 from geoswc.retrieval.model import ResidualRetrievalModule
 
@@ -25,21 +30,8 @@ logger = logging.getLogger(__name__)
 PathLike = Union[str, Path]
 
 
-def _read_lines(path: Path, n: int, *, default: str = "") -> np.ndarray:
-    if not path.is_file():
-        return np.full(n, default, dtype=object)
-    lines = path.read_text().splitlines()
-    if len(lines) != n:
-        raise ValueError(f"{path} has {len(lines)} lines but the feature cache holds {n} rows")
-    return np.asarray(lines, dtype=object)
-
-
 def excluded_rows(ids: np.ndarray, authors: np.ndarray, exclude: Sequence[PathLike]):
     """Masks ``(by_author, by_id)`` of rows whose author or photo id appears in the evaluation CSVs."""
-    import pandas as pd
-
-    from geoswc.data.metadata import Exclusions
-
     if not exclude:
         return np.zeros(len(ids), bool), np.zeros(len(ids), bool)
     frame = pd.DataFrame({"IMG_ID": ids.astype(str), "AUTHOR": authors.astype(str)})
@@ -52,7 +44,7 @@ def build_background(
     *,
     head_path: PathLike,
     retrieval_path: PathLike,
-    cells_dir: PathLike,
+    cells: Union[Geocells, PathLike],
     out_dir: PathLike,
     exclude: Sequence[PathLike] = (),
     dtype: str = "float16",
@@ -62,34 +54,24 @@ def build_background(
 ) -> Dict[str, Any]:
     """Select the placeable photos of a feature cache, embed them and write the index to ``out_dir``.
 
+    ``cells`` is the `Geocells` the cache, the head and the retrieval module were made with, or its folder.
+
     Returns:
         A report: ``total``, ``kept``, the dropped counts ``no_label``, ``excluded_author``, ``excluded_id`` and
         ``wrong_cell``, the head kind and the index folder (also written as ``out_dir/build_report.json``).
     """
-    from geoswc.classifiers import load_head
-    from geoswc.geocells import Geocells
-
     if dtype not in INDEX_DTYPES:
         raise ValueError(f"unknown index dtype {dtype!r}; choose one of: {', '.join(INDEX_DTYPES)}")
-    features_dir, cells_dir, out_dir = Path(features_dir), Path(cells_dir), Path(out_dir)
-    if not (features_dir / "meta.json").is_file():
-        raise FileNotFoundError(f"no feature cache in {features_dir} (write one with: geoswc train features)")
-    if not cells_dir.is_dir():
-        raise FileNotFoundError(f"cells folder not found: {cells_dir}")
-    cells = Geocells.load(cells_dir)
+    out_dir = Path(out_dir)
+    cells = cells if isinstance(cells, Geocells) else Geocells.load(cells)
     fingerprint = str(cells.fingerprint)
-    meta = json.loads((features_dir / "meta.json").read_text())
-    if meta.get("fingerprint") != fingerprint:
-        raise ValueError(
-            f"feature cache {features_dir} was labelled with partition {meta.get('fingerprint')!r} but the cells "
-            f"have fingerprint {fingerprint!r}; use the same cells"
-        )
-    features = np.load(features_dir / "features.npy", mmap_mode="r")
+    cache = FeatureCache(features_dir).check(cells)
+    features = cache.features
     n, dim = features.shape
-    fine = np.load(features_dir / "labels.npy")[:, -1]
-    latlon = np.load(features_dir / "latlon.npy")
-    ids = _read_lines(features_dir / "ids.txt", n)
-    authors = _read_lines(features_dir / "authors.txt", n)
+    fine = cache.labels[:, -1]
+    latlon = cache.latlon
+    ids = cache.lines("ids")
+    authors = cache.lines("authors")
 
     head = load_head(head_path, geocells=cells)
     module = ResidualRetrievalModule.load(retrieval_path, fingerprint=fingerprint)

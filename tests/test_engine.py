@@ -14,8 +14,8 @@ from geoswc.engine import (
     current_lr,
     gather_rows,
     rank_batches,
-    save_weights,
     seed_everything,
+    train_loop,
     use_cpu,
 )
 
@@ -115,12 +115,40 @@ def test_launched_ranks_without_a_gpu_run_on_cpu(monkeypatch):
     assert use_cpu(False)
 
 
-def test_save_weights_records_fingerprint_and_config(tmp_path):
-    from safetensors import safe_open
+def test_train_loop_resumed_mid_epoch_ends_with_the_weights_of_an_uninterrupted_run(tmp_path):
+    x = torch.arange(24.0).reshape(8, 3) / 10
+    y = x.sum(dim=1, keepdim=True)
 
-    from geoswc.config import Config
+    def run(out, *, max_steps=None, resume=False):
+        accelerator = build_accelerator(TrainConfig(), cpu=True)
+        seed_everything(0)
+        model = nn.Linear(3, 1)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
-    path = save_weights(nn.Linear(3, 2), tmp_path / "m.safetensors", fingerprint="fp1", config=Config())
-    with safe_open(str(path), framework="pt") as f:
-        assert f.metadata()["fingerprint"] == "fp1" and set(f.keys()) == {"weight", "bias"}
-    assert Config.load(tmp_path / "config.yaml") == Config()
+        def batches(epoch, skip):
+            rows = rank_batches(8, 2, epoch=epoch, seed=0)
+            return len(rows), iter(rows[skip:])
+
+        def loss(rows):
+            rows = torch.from_numpy(rows)
+            return ((model(x[rows]) - y[rows]) ** 2).mean(), len(rows)
+
+        summary = train_loop(accelerator, model, optimizer, scheduler, name="lin", out_dir=out, epochs=3,
+                             batches=batches, loss=loss, schedule_per="epoch", resume=resume,
+                             max_steps=max_steps)
+        return summary, accelerator.unwrap_model(model)
+
+    full, whole = run(tmp_path / "a")
+    stopped, _ = run(tmp_path / "b", max_steps=6)  # 4 steps per epoch: stopped in epoch 2
+    assert stopped is None
+    resumed, pieced = run(tmp_path / "b", resume=True)
+    torch.testing.assert_close(pieced.weight, whole.weight, rtol=0, atol=0)
+    assert [r["epoch"] for r in resumed["history"]] == [1, 2, 3]
+    # StepLR(0.5) stepped once per epoch: the rate after each epoch.
+    assert [r["lr"] for r in full["history"]] == [0.05, 0.025, 0.0125]
+    losses = [r["loss"] for r in full["history"]]
+    assert losses == sorted(losses, reverse=True) and resumed["history"][0]["loss"] == losses[0]
+    assert full["ranks_identical"] and full["num_processes"] == 1
+    assert (tmp_path / "b" / "history_lin.json").is_file()

@@ -11,7 +11,7 @@ import torch
 
 from geoswc.config import RetrievalConfig, TrainConfig
 from geoswc.retrieval import ResidualRetrievalModule
-from geoswc.train_retrieval import same_cell_precision, train_retrieval
+from geoswc.train.retrieval import fit_retrieval_module, same_cell_precision
 from retrieval_fixture import cell_features
 from conftest import free_port
 
@@ -48,7 +48,7 @@ def test_training_raises_same_cell_precision(tmp_path, one_thread):
     val_feats = val_feats + 0.3 * np.random.default_rng(9).normal(size=val_feats.shape).astype(np.float32)
     untrained = ResidualRetrievalModule(feats.shape[1], FAST.hidden_dim)
     before = same_cell_precision(untrained.embed(val_feats), val_labels, 5)
-    module, summary = train_retrieval(
+    module, summary = fit_retrieval_module(
         _accelerator(tmp_path),
         feats.astype(np.float16),
         labels,
@@ -72,7 +72,7 @@ def test_resume_continues_exactly(tmp_path, one_thread):
     feats, labels = cell_features(n_cells=12, per_cell=4, dim=8, seed=1)
     cfg = replace(FAST, hidden_dim=16, memory_size=20, epochs=3, batch_size=5)
     torch.manual_seed(0)
-    full, _ = train_retrieval(
+    full, _ = fit_retrieval_module(
         _accelerator(tmp_path / "a"),
         feats,
         labels,
@@ -82,7 +82,7 @@ def test_resume_continues_exactly(tmp_path, one_thread):
         fingerprint="f",
     )
     torch.manual_seed(0)
-    _, stopped = train_retrieval(
+    _, stopped = fit_retrieval_module(
         _accelerator(tmp_path / "b"),
         feats,
         labels,
@@ -94,7 +94,7 @@ def test_resume_continues_exactly(tmp_path, one_thread):
     )
     assert stopped is None
     torch.manual_seed(123)  # the restored checkpoint, not this seed, decides the weights
-    resumed, summary = train_retrieval(
+    resumed, summary = fit_retrieval_module(
         _accelerator(tmp_path / "b"),
         feats,
         labels,
@@ -108,7 +108,7 @@ def test_resume_continues_exactly(tmp_path, one_thread):
     for key, value in full.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[key], value, msg=key)
     with pytest.raises(ValueError, match="fingerprint"):
-        train_retrieval(
+        fit_retrieval_module(
             _accelerator(tmp_path / "b"),
             feats,
             labels,

@@ -11,8 +11,13 @@ from safetensors.torch import load_file
 
 from geoswc.classifiers import load_head
 from geoswc.cli import main as geoswc_main
-from geoswc.train import accuracy_at, main as train_main
+from geoswc.eval import accuracy_at
+
 from conftest import free_port
+
+
+def train_main(argv):
+    return geoswc_main(["train", *argv])
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from geoswc.train import FeatureCache, merge_image_parts, merge_shard_parts
+from geoswc.data.features import FeatureCache, merge_image_parts, merge_shard_parts
 
 FILES = ("features.npy", "latlon.npy", "labels.npy", "ids.txt", "authors.txt")
 DIM = 6

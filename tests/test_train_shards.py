@@ -6,7 +6,12 @@ import pytest
 from PIL import Image
 from safetensors.torch import load_file
 
-from geoswc.train import main as train_main
+from geoswc.cli import main as cli_main
+
+
+def train_main(argv):
+    return cli_main(["train", *argv])
+
 
 COMMON = ["--preset", "tiny", "--cpu", "--set", "data.image_size=32", "--set", "backbone.weights=null",
           "--set", "backbone.pretrained=false", "--set", "train.seed=3"]
@@ -146,7 +151,7 @@ def test_longest_resize_batches_by_shape_equal_single_photos(world, tmp_path):
     from geoswc.classifiers import create_backbone
     from geoswc.config import resolve_config
     from geoswc.geocells import Geocells
-    from geoswc.train import Batches, build_image_transform, photo_table
+    from geoswc.train.sources import Batches, PhotoTable, build_image_transform
 
     images = tmp_path / "images"
     images.mkdir()
@@ -159,19 +164,20 @@ def test_longest_resize_batches_by_shape_equal_single_photos(world, tmp_path):
     cfg = resolve_config("tiny", None, ["data.image_size=32", "data.eval_resize=longest"])
     torch.manual_seed(0)
     backbone = create_backbone("tf_efficientnet_lite0", pretrained=False).eval()
-    table = photo_table(str(tmp_path / "m.csv"), str(images), Geocells.load(world / "cells"), backbone, cfg.data,
-                        train=False)
-    sizes = table.output_sizes()
-    assert sizes.tolist() == [[24, 32], [32, 24], [32, 32], [24, 32], [32, 24], [24, 32], [32, 32]]
-    reader = Batches(table)
-    batches = reader.eval_batches(np.arange(len(shapes)), 2)
-    assert [b.tolist() for b in batches] == [[0, 3], [5], [1, 4], [2, 6]]
     transform = build_image_transform(backbone, cfg.data, train=False)
+    table = PhotoTable(tmp_path / "m.csv", images, Geocells.load(world / "cells"), transform)
+    reader = Batches(table)
     with torch.no_grad():
-        batched = {}
-        for row, inputs, _, _ in reader.iterate(batches, torch.device("cpu")):
+        batched, groups = {}, []
+        for row, inputs, _, _ in reader.iterate_eval(np.arange(len(shapes)), 2, torch.device("cpu")):
+            groups.append((row.tolist(), tuple(inputs.shape[2:])))
             for r, f in zip(row.tolist(), backbone(inputs)):
                 batched[r] = f
+    # Batches of at most two photos of one shape; every photo once.
+    assert sorted(r for rows, _ in groups for r in rows) == list(range(len(shapes)))
+    resized = {(40, 30): (24, 32), (30, 40): (32, 24), (36, 36): (32, 32)}  # (h, w), longest side 32
+    assert all(len(rows) <= 2 and {resized[shapes[r]] for r in rows} == {shape} for rows, shape in groups)
+    with torch.no_grad():
         for i in range(len(shapes)):
             alone = backbone(transform(Image.open(images / f"{i}.png").convert("RGB"))[None])[0]
             torch.testing.assert_close(batched[i], alone, rtol=1e-4, atol=1e-5)

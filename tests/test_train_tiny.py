@@ -3,7 +3,13 @@ import json
 import numpy as np
 import pytest
 
-from geoswc.train import accuracy_at, main as train_main
+from geoswc.cli import main as cli_main
+from geoswc.eval import accuracy_at
+
+
+def train_main(argv):
+    return cli_main(["train", *argv])
+
 
 
 @pytest.mark.slow

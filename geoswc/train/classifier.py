@@ -1,0 +1,234 @@
+"""The classification module's training stages (ICMR 2021 sections 3.2 and 4.2).
+
+- `train_backbone`: EfficientNet + a CE layer over the finest partition, end to end on images
+  (SGD lr 0.01, momentum 0.9, x0.5 every 5 epochs).
+- `train_heads`: CE, HC and MvMF heads on the frozen backbone, from cached features by default (AdamW 1e-5,
+  cosine, 5 epochs); the MvMF mixture layer starts from the trained CE layer.
+
+Both run through `geoswc.engine.train_loop`, on one process or under ``accelerate launch`` on N.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from geoswc.classifiers import HEADS, CellClassifier, create_backbone, create_head, load_backbone, load_head
+from geoswc.classifiers import save_backbone, save_head
+from geoswc.config import Config
+from geoswc.data.features import FeatureCache
+from geoswc.engine import prepare_for_speed, train_loop
+from geoswc.train.common import PathLike, StageResult, finish_stage, start_stage, unwrapped
+from geoswc.train.sources import Batches, Photos, Source, epoch_batches, head_of, open_photos, validate
+
+logger = logging.getLogger(__name__)
+
+
+def _train_classifier(accelerator: Accelerator, model: nn.Module, optimizer, scheduler, *, train: Source,
+                      val: Optional[Source], batch_size: int, epochs: int, seed: int, out: Path, name: str,
+                      schedule_per: str, resume: bool, max_steps: Optional[int], checkpoint_every: int,
+                      meta: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """`train_loop` with the loss of the model's own head."""
+    head = head_of(accelerator, model)
+
+    def loss(batch):
+        _, inputs, labels, latlon = batch
+        with accelerator.autocast():
+            outputs = model(inputs)
+        return head.loss(outputs, labels, latlon), len(labels)
+
+    return train_loop(
+        accelerator, model, optimizer, scheduler, name=name, out_dir=out, epochs=epochs,
+        batches=epoch_batches(train, accelerator, batch_size=batch_size, seed=seed), loss=loss,
+        schedule_per=schedule_per,
+        validate=(lambda: validate(accelerator, model, val, batch_size)) if val is not None else None,
+        resume=resume, max_steps=max_steps, checkpoint_every=checkpoint_every, meta=meta,
+    )
+
+
+def train_backbone(
+    config: Config,
+    *,
+    cells: Any,
+    photos: Photos,
+    out: PathLike,
+    val: Optional[Photos] = None,
+    weights: Optional[str] = None,
+    cpu: bool = False,
+    resume: bool = False,
+    max_steps: Optional[int] = None,
+    checkpoint_every: int = 0,
+    log_with: Sequence[str] = (),
+) -> StageResult:
+    """Stage 1: the backbone with a CE layer over the finest partition, end to end on images (paper 4.2).
+
+    Args:
+        config: the resolved configuration (``backbone``, ``data``, ``train`` sections).
+        cells: the `Geocells` the labels come from.
+        photos: the training photos.
+        out: the stage folder: ``backbone.safetensors``/``backbone.json``, ``heads/ce.safetensors``,
+            ``cells/``, ``config.yaml``, checkpoints and history.
+        val: validation photos: accuracy at 1/25/200/750/2500 km after every epoch.
+        weights: local ImageNet weights to start from (default ``backbone.weights``).
+        cpu: run on CPU even when a GPU is there.
+        resume: continue from the last checkpoint in ``out``.
+        max_steps: stop with a checkpoint after this many optimizer steps.
+        checkpoint_every: also checkpoint every this many steps.
+        log_with: metric trackers (``tensorboard``, ``csv``).
+    """
+    out = Path(out)
+    accelerator = start_stage(config, out, stage="backbone", cpu=cpu, log_with=log_with)
+    bc = config.backbone
+    weights = weights or bc.weights
+    backbone = create_backbone(bc.model, pretrained=bc.pretrained and weights is None, weights=weights)
+    model = CellClassifier(backbone, create_head("ce", in_features=backbone.num_features, geocells=cells))
+    train = open_photos(photos, cells, backbone, config, train=True)
+    val_source = open_photos(val, cells, backbone, config, train=False) if val is not None else None
+    model = prepare_for_speed(model, config.train, accelerator)
+    optimizer = torch.optim.SGD(model.parameters(), lr=bc.lr, momentum=bc.momentum, weight_decay=bc.weight_decay)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=bc.lr_step_epochs, gamma=bc.lr_gamma)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    summary = _train_classifier(
+        accelerator, model, optimizer, scheduler, train=train, val=val_source, batch_size=bc.batch_size,
+        epochs=bc.epochs, seed=config.train.seed, out=out, name="backbone", schedule_per="epoch", resume=resume,
+        max_steps=max_steps, checkpoint_every=checkpoint_every,
+        meta={"fingerprint": cells.fingerprint, "model": bc.model},
+    )
+    if summary is None:
+        return StageResult("backbone", out, complete=False)
+    accelerator.wait_for_everyone()
+    files = {"backbone": out, "ce": out / "heads" / "ce.safetensors", "cells": out / "cells"}
+    if accelerator.is_main_process:
+        trained = unwrapped(accelerator, model)
+        save_backbone(trained.backbone, out, name=bc.model, fingerprint=str(cells.fingerprint), config=config)
+        save_head(trained.head, files["ce"], config=config)
+        cells.save(files["cells"])
+    accelerator.wait_for_everyone()
+    finish_stage(accelerator, out, "backbone", summary)
+    return StageResult("backbone", out, files, summary)
+
+
+def _head_kinds(kinds: Optional[Sequence[str]], config: Config) -> list:
+    kinds = list(kinds or config.heads.kinds)
+    for kind in kinds:
+        if kind not in HEADS:
+            raise ValueError(f"unknown head {kind!r}; choose one of: {', '.join(HEADS)}")
+    if "mvmf" in kinds and "ce" in kinds:
+        kinds = ["ce"] + [k for k in kinds if k != "ce"]  # the MvMF layer starts from the trained CE layer
+    return kinds
+
+
+def train_heads(
+    config: Config,
+    *,
+    cells: Any,
+    out: PathLike,
+    features: Optional[PathLike] = None,
+    val_features: Optional[PathLike] = None,
+    kinds: Optional[Sequence[str]] = None,
+    backbone: Optional[PathLike] = None,
+    train_ce: bool = False,
+    photos: Optional[Photos] = None,
+    val: Optional[Photos] = None,
+    cpu: bool = False,
+    resume: bool = False,
+    max_steps: Optional[int] = None,
+    checkpoint_every: int = 0,
+    log_with: Sequence[str] = (),
+) -> StageResult:
+    """Stage 3: heads on the frozen backbone (paper 4.2: AdamW, cosine, 5 epochs), MvMF initialised from CE.
+
+    By default (``heads.from_features``) the heads train on a feature cache; with ``photos`` (or
+    ``heads.from_features: false``) they train end to end on augmented images through the frozen ``backbone``.
+
+    Args:
+        config: the resolved configuration (``heads``, ``train`` sections; ``data`` on images).
+        cells: the `Geocells` the labels come from.
+        out: the stage folder: ``heads/<kind>.safetensors``, ``cells/``, ``config.yaml``, history.
+        features: the training photos' feature cache.
+        val_features: a validation feature cache: accuracy after every epoch.
+        kinds: heads to train (default ``heads.kinds``).
+        backbone: a backbone stage folder; its CE layer is the ``ce`` head (copied, or fine-tuned with
+            ``train_ce``), and on images its backbone is the frozen feature extractor.
+        photos, val: training and validation photos, to train on images.
+        cpu, resume, max_steps, checkpoint_every, log_with: as `train_backbone`.
+    """
+    out = Path(out)
+    backbone_dir = Path(backbone) if backbone is not None else None
+    kinds = _head_kinds(kinds, config)
+    hc = config.heads
+    on_images = photos is not None or not hc.from_features
+    if not on_images and features is None:
+        raise ValueError("heads from cached features need a feature cache (or the training photos, to train "
+                         "on images)")
+    if on_images and (backbone_dir is None or photos is None):
+        raise ValueError("heads on images need a backbone stage folder and the training photos")
+    accelerator = start_stage(config, out, stage="heads", cpu=cpu, log_with=log_with)
+    frozen = None
+    if on_images:
+        frozen, _ = load_backbone(backbone_dir)
+        in_features = int(frozen.num_features)
+        train = open_photos(photos, cells, frozen, config, train=True)
+        val_source = open_photos(val, cells, frozen, config, train=False) if val is not None else None
+    else:
+        cache = FeatureCache(features).check(cells)
+        train = Batches(cache)
+        val_source = Batches(FeatureCache(val_features).check(cells)) if val_features is not None else None
+        in_features = cache.dim
+    reuse = backbone_dir / "heads" / "ce.safetensors" if backbone_dir is not None else None
+    summaries: Dict[str, Any] = {}
+    files: Dict[str, Path] = {"cells": out / "cells"}
+    ce_head = None
+    for kind in kinds:
+        files[kind] = out / "heads" / f"{kind}.safetensors"
+        if kind == "ce" and reuse is not None and reuse.is_file() and not train_ce:
+            ce_head = load_head(reuse, geocells=cells)
+            if accelerator.is_main_process:
+                save_head(ce_head, files[kind], config=config)
+            summaries["ce"] = {"reused": str(reuse)}
+            if val_source is not None:
+                model = ce_head if frozen is None else CellClassifier(frozen, ce_head, freeze_backbone=True)
+                summaries["ce"]["val"] = validate(accelerator, model.to(accelerator.device), val_source,
+                                                  hc.batch_size)
+            continue
+        head = create_head(kind, in_features=in_features, geocells=cells)
+        if kind == "ce" and reuse is not None and reuse.is_file():
+            head = load_head(reuse, geocells=cells)  # fine-tune the backbone's CE layer
+        if kind == "mvmf" and ce_head is not None:
+            head.init_from_classifier(ce_head)
+        if frozen is None:
+            model = head.to(accelerator.device)
+        else:
+            model = prepare_for_speed(CellClassifier(frozen, head, freeze_backbone=True), config.train, accelerator)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=hc.lr, weight_decay=hc.weight_decay)
+        steps = hc.epochs * max(1, len(train) // (hc.batch_size * accelerator.num_processes))
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+        summary = _train_classifier(
+            accelerator, model, optimizer, scheduler, train=train, val=val_source, batch_size=hc.batch_size,
+            epochs=hc.epochs, seed=config.train.seed, out=out, name=kind, schedule_per="step", resume=resume,
+            max_steps=max_steps, checkpoint_every=checkpoint_every,
+            meta={"fingerprint": cells.fingerprint, "kind": kind},
+        )
+        if summary is None:
+            return StageResult("heads", out, files, {"heads": summaries}, complete=False)
+        trained = head_of(accelerator, model)
+        if kind == "ce":
+            ce_head = trained
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            save_head(trained, files[kind], config=config)
+        summaries[kind] = summary
+    if accelerator.is_main_process:
+        cells.save(files["cells"])
+    accelerator.wait_for_everyone()
+    summary = {"heads": summaries,
+               "ranks_identical": all(s.get("ranks_identical", True) for s in summaries.values())}
+    finish_stage(accelerator, out, "heads", summary)
+    return StageResult("heads", out, files, summary)
