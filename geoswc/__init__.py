@@ -4,18 +4,32 @@ The pipeline reads left to right through the subpackages::
 
     geoswc.data -> geoswc.geocells -> geoswc.classifiers -> geoswc.retrieval -> geoswc.swc -> geoswc.eval
 
-`geoswc.Geolocator` composes the trained parts into one model folder.
+The Python API mirrors the command line:
+
+- `fit_model(train_csv, images=, out=, preset=, overrides=, exclude=)` trains every stage (``geoswc fit``);
+- `evaluate_model(model, meta_csv, images=, out=, modes=)` scores every Table 1 mode (``geoswc evaluate``);
+- `tag_photos(paths, model=, out=, ...)` geotags a photo archive (``geoswc tag``);
+- `Geolocator.from_pretrained(folder).predict(photos)` places photos in memory;
+- `geoswc.train` holds the training stages as functions.
 """
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "Geolocator"]
+# Public name -> the module that defines it. They load on first use: `import geoswc` (and `geoswc --help`)
+# stays light, without torch.
+_API = {
+    "Geolocator": "geoswc.geolocator",
+    "fit_model": "geoswc.fit",
+    "evaluate_model": "geoswc.evaluate",
+    "tag_photos": "geoswc.tag",
+}
+
+__all__ = ["__version__", *_API]
 
 
 def __getattr__(name):
-    # The Geolocator pulls in torch and timm; keep `import geoswc` (and `geoswc --help`) light.
-    if name == "Geolocator":
-        from geoswc.geolocator import Geolocator
-
-        return Geolocator
+    if name in _API:
+        return getattr(importlib.import_module(_API[name]), name)
     raise AttributeError(f"module 'geoswc' has no attribute {name!r}")

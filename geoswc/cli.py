@@ -1,8 +1,10 @@
 """The `geoswc` command line: one console script, one subcommand per job.
 
-Every subcommand lives next to the code it drives and exposes ``register(subparsers)``, which adds its
-parser and sets ``func`` to a callable taking the parsed arguments and returning an exit code. `main`
-takes an argument list so tests can call ``main([...])`` directly.
+Each subcommand is a module of `geoswc.commands` with ``register(subparsers)``, which adds its parser and sets
+``func`` to a callable taking the parsed arguments and returning an exit code; the handlers only turn flags
+into the arguments of library functions. Only the module of the command being run is imported, so
+``geoswc --help`` lists every command without loading torch. `main` takes an argument list so tests (and
+``python -m`` entry points) can call ``main([...])`` directly.
 """
 
 from __future__ import annotations
@@ -11,24 +13,32 @@ import argparse
 import importlib
 import logging
 import sys
-from typing import Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 from geoswc import __version__
 
-# Modules that contribute subcommands, in the order `geoswc --help` lists them.
-COMMAND_MODULES = (
-    "geoswc.geocells.cli",  # cells build | assign
-    "geoswc.data.cli",  # data synth | shards | check-leaks
-    "geoswc.train",  # train
-    "geoswc.retrieval.cli",  # index build
-    "geoswc.eval.cli",  # score
-    "geoswc.evaluate",  # evaluate
-    "geoswc.tag",  # tag
-    "geoswc.fit",  # fit | demo
-)
+# command -> (module that registers it, one-line help), in the order `geoswc --help` lists them.
+COMMANDS: Dict[str, Tuple[str, str]] = {
+    "cells": ("geoswc.commands.cells", "build S2 geocells and assign coordinates to them"),
+    "data": ("geoswc.commands.data", "synthetic world, webdataset shards, leakage checks"),
+    "train": ("geoswc.commands.train", "train one stage: backbone, features, heads or retrieval"),
+    "index": ("geoswc.commands.index", "build the background index for Search within Cell"),
+    "score": ("geoswc.commands.score", "accuracy at 0.1-2500 km of predicted positions against ground truth"),
+    "evaluate": ("geoswc.commands.evaluate", "the paper's Table 1 for a model folder: classification, "
+                 "retrieval and Search within Cell"),
+    "tag": ("geoswc.commands.tag", "geotag photo archives (one row per photo; resumable)"),
+    "fit": ("geoswc.commands.fit", "train the whole pipeline from a CSV or shards to a model folder"),
+    "demo": ("geoswc.commands.demo", "synthetic world -> fit (tiny preset) -> evaluate -> tag, in minutes on a CPU"),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _wanted(argv: Sequence[str]) -> Optional[str]:
+    """The command named in ``argv`` (the first word that is one), or None."""
+    return next((word for word in argv if word in COMMANDS), None)
+
+
+def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
+    """The parser with every command's full options, or only ``command``'s (the others listed by name)."""
     parser = argparse.ArgumentParser(
         prog="geoswc",
         description="Global-scale image geolocation: geocells, classification heads, retrieval and "
@@ -37,22 +47,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"geoswc {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module_name in COMMAND_MODULES:
-        importlib.import_module(module_name).register(subparsers)
+    for name, (module, help_text) in COMMANDS.items():
+        if command is None or name == command:
+            importlib.import_module(module).register(subparsers)
+        else:
+            subparsers.add_parser(name, help=help_text)
     return parser
 
 
 def close_process_group() -> None:
     """Tear down the ranks' process group at the end of a command (a no-op without one). A rank that exits with
     the group open can abort at interpreter shutdown ('terminate called without an active exception') while the
-    backend's threads still run. Commands create the group through accelerate; nothing is imported here."""
+    backend's threads still run."""
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(_wanted(argv) or "")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.WARNING - 10 * min(args.verbose, 2),

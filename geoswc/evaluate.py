@@ -1,4 +1,5 @@
-"""`geoswc evaluate`: every run of the paper's Table 1 (ICMR 2021, section 5) from one backbone pass.
+"""Evaluation: every run of the paper's Table 1 (ICMR 2021, section 5) from one backbone pass
+(`evaluate_model`, ``geoswc evaluate``).
 
 The backbone runs once over the test photos; its features feed each mode the model supports:
 
@@ -12,13 +13,22 @@ radius), never a crash. Outputs: ``predictions_<mode>.csv``, ``results.json`` an
 
 from __future__ import annotations
 
-import argparse
 import logging
 import shlex
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from geoswc.data.images import image_path
+from geoswc.data.photos import PhotoDataset, photo_batches
+from geoswc.eval import load_benchmark, score_predictions
+from geoswc.eval.report import write_report, write_results_json
+from geoswc.geolocator import Geolocator
 
 logger = logging.getLogger(__name__)
 
@@ -50,32 +60,8 @@ def parse_mode(mode: str) -> Tuple[Optional[str], str]:
     return mode, "cell"
 
 
-class _PhotoDataset:
-    """Decoded, transformed test photos; a photo that cannot be read yields its error instead."""
-
-    def __init__(self, paths: Sequence[Path], transform, target: int):
-        self.paths, self.transform, self.target = list(paths), transform, target
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int):
-        from geoswc.data.images import decode_array
-
-        try:
-            side = getattr(self.transform, "decode_side", "short")
-            image = decode_array(self.paths[i], target=self.target, target_side=side)
-            return i, self.transform(image), None
-        except (OSError, ValueError) as err:
-            return i, None, str(err) or type(err).__name__
-
-
-def _collate(samples):
-    return samples
-
-
 def extract_features(model, paths: Sequence[Path], *, batch_size: int, workers: int):
-    """Backbone features of every readable photo, in one pass.
+    """Backbone features of every readable photo, in one pass over the photos.
 
     Photos are grouped by transformed size (the paper resizes the longest side only, so sizes differ) and each
     group is run unpadded, so a photo's features do not depend on its batch.
@@ -83,42 +69,18 @@ def extract_features(model, paths: Sequence[Path], *, batch_size: int, workers: 
     Returns:
         ``(features (N, D) float32 tensor with NaN rows for unreadable photos, errors {i: message})``.
     """
-    import torch
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
-
-    dataset = _PhotoDataset(paths, model.transform, model.config.data.image_size)
-    loader = DataLoader(
-        dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
-        persistent_workers=False, prefetch_factor=4 if workers > 0 else None,
-    )
+    dataset = PhotoDataset(paths, model.transform)
     features: Dict[int, torch.Tensor] = {}
     errors: Dict[int, str] = {}
-    pending: Dict[tuple, List[Tuple[int, torch.Tensor]]] = {}
-
-    def run(shape: tuple) -> None:
-        group = pending.pop(shape)
-        out = model.features(torch.stack([p for _, p in group])).cpu()
-        for (i, _), row in zip(group, out):
-            features[i] = row
-
-    for batch in tqdm(loader, desc="backbone", unit="batch"):
-        for i, pixels, error in batch:
-            if pixels is None:
-                errors[i] = error
-                continue
-            group = pending.setdefault(tuple(pixels.shape), [])
-            group.append((i, pixels))
-            if len(group) >= batch_size:
-                run(tuple(pixels.shape))
-        # Bound memory when many sizes occur: run the biggest group once enough photos wait.
-        while sum(len(g) for g in pending.values()) > 4 * batch_size:
-            run(max(pending, key=lambda s: len(pending[s])))
-    for shape in list(pending):
-        run(shape)
-
+    with tqdm(total=len(dataset), desc="backbone", unit="img") as bar:
+        for batch in photo_batches(dataset, batch_size=batch_size, workers=workers):
+            errors.update(batch.errors)
+            if len(batch):
+                for i, row in zip(batch.indices.tolist(), model.features(batch.pixels).cpu()):
+                    features[i] = row
+            bar.update(len(batch) + len(batch.errors))
     dim = next(iter(features.values())).shape[0] if features else 0
-    out = torch.full((len(paths), dim), float("nan"))
+    out = torch.full((len(dataset), dim), float("nan"))
     for i, row in features.items():
         out[i] = row
     return out, errors
@@ -126,8 +88,6 @@ def extract_features(model, paths: Sequence[Path], *, batch_size: int, workers: 
 
 def evaluate_features(model, features, *, modes: Sequence[str], swc_options: Optional[dict] = None):
     """Predictions ``{mode: (N, 2) degrees}`` and method counts ``{mode: {method: n}}`` for every mode."""
-    import torch
-
     swc_options = dict(swc_options or {})
     embeddings = None
     if any(parse_mode(m)[1] in ("swc", "rrm") for m in modes):
@@ -156,65 +116,95 @@ def evaluate_features(model, features, *, modes: Sequence[str], swc_options: Opt
     return latlon, methods
 
 
-def _command(args: argparse.Namespace) -> str:
-    parts = ["geoswc", "evaluate", "--model", str(args.model)]
-    if args.benchmark:
-        parts += ["--benchmark", args.benchmark]
-    if args.meta:
-        parts += ["--meta", str(args.meta)]
-    parts += ["--images", str(args.images), "-o", str(args.output), "--batch-size", str(args.batch_size),
-              "--workers", str(args.workers)]
-    if args.modes:
-        parts += ["--modes", *args.modes]
-    for flag, value in (("--k", args.k), ("--eps-km", args.eps_km), ("--top-cells", args.top_cells),
-                        ("--device", args.device)):
+@dataclass
+class Evaluation:
+    """What `run_evaluation` did: the scores and where everything went.
+
+    Attributes:
+        results: ``{mode: scores}``, the content of ``results.json``.
+        ids: the test photos, in metadata order; ``errors`` ``{row: reason}`` those that could not be read.
+        written: the report files by kind (``markdown``, ``html``, figures).
+        model: the evaluated `Geolocator`.
+    """
+
+    results: Dict[str, Dict[str, Any]]
+    ids: List[str]
+    errors: Dict[int, str]
+    out: Path
+    written: Dict[str, Path] = field(default_factory=dict)
+    model: Any = None
+
+
+def evaluate_command(model: Any, meta_csv: Any, *, images: Any, out: Any, benchmark: Optional[str] = None,
+                     batch_size: int = 32, workers: int = 4, modes: Optional[Sequence[str]] = None,
+                     k: Optional[int] = None, eps_km: Optional[float] = None, top_cells: Optional[int] = None,
+                     device: Optional[str] = None) -> str:
+    """The ``geoswc evaluate`` command line equivalent to these arguments (the report's provenance)."""
+    parts = ["geoswc", "evaluate", "--model", str(model)]
+    if benchmark:
+        parts += ["--benchmark", benchmark]
+    if meta_csv:
+        parts += ["--meta", str(meta_csv)]
+    parts += ["--images", str(images), "-o", str(out), "--batch-size", str(batch_size), "--workers", str(workers)]
+    if modes:
+        parts += ["--modes", *modes]
+    for flag, value in (("--k", k), ("--eps-km", eps_km), ("--top-cells", top_cells), ("--device", device)):
         if value is not None:
             parts += [flag, str(value)]
     return shlex.join(parts)
 
 
-def run(args: argparse.Namespace) -> int:
-    import pandas as pd
-
-    from geoswc.eval import load_benchmark, score_predictions
-    from geoswc.eval.metrics import format_table
-    from geoswc.eval.report import write_report, write_results_json
-    from geoswc.geolocator import Geolocator
-
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.workers < 0:
-        raise ValueError(f"--workers must be >= 0, got {args.workers}")
-    if args.benchmark:
-        if not args.meta:
-            # load_benchmark explains where the ground-truth file comes from.
-            load_benchmark(args.benchmark)
-        truth = load_benchmark(args.benchmark, args.meta)
-    elif args.meta:
-        truth = load_benchmark(args.meta)
+def run_evaluation(
+    model: Union[str, Path, Geolocator],
+    meta_csv: Optional[Union[str, Path]],
+    *,
+    images: Union[str, Path],
+    out: Union[str, Path],
+    modes: Optional[Sequence[str]] = None,
+    benchmark: Optional[str] = None,
+    batch_size: int = 32,
+    workers: int = 4,
+    device: Optional[str] = None,
+    k: Optional[int] = None,
+    eps_km: Optional[float] = None,
+    top_cells: Optional[int] = None,
+    commands: Optional[Sequence[str]] = None,
+    title: Optional[str] = None,
+) -> Evaluation:
+    """Evaluate a model on a test set and write ``predictions_<mode>.csv``, ``missing.csv``, ``results.json``
+    and ``report.md``/``report.html`` into ``out``; see `evaluate_model`."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0, got {workers}")
+    if benchmark:
+        if not meta_csv:
+            load_benchmark(benchmark)  # explains where the ground-truth file comes from
+        truth = load_benchmark(benchmark, meta_csv)
+    elif meta_csv:
+        truth = load_benchmark(meta_csv)
     else:
         raise ValueError("give the test metadata with --meta TEST.csv (and --benchmark NAME for a named set)")
-    images = Path(args.images)
+    images = Path(images)
     if not images.is_dir():
         raise FileNotFoundError(f"image folder not found: {images}")
-
-    model = Geolocator.from_pretrained(args.model, device=args.device)
-    supported = available_modes(model)
-    modes = list(args.modes or supported)
+    geolocator = model if isinstance(model, Geolocator) else Geolocator.from_pretrained(model, device=device)
+    supported = available_modes(geolocator)
+    modes = list(modes or supported)
     for mode in modes:
         parse_mode(mode)
         if mode not in supported:
             raise ValueError(f"mode {mode!r} needs parts this model lacks; it supports: {', '.join(supported)}")
-    swc_options = {k: v for k, v in (("k", args.k), ("eps_km", args.eps_km), ("top_cells", args.top_cells))
-                   if v is not None}
+    swc_options = {key: value for key, value in (("k", k), ("eps_km", eps_km), ("top_cells", top_cells))
+                   if value is not None}
 
     ids = truth["IMG_ID"].astype(str).tolist()
-    paths = [images / img_id for img_id in ids]
-    features, errors = extract_features(model, paths, batch_size=args.batch_size, workers=args.workers)
+    features, errors = extract_features(geolocator, [image_path(images, i) for i in ids], batch_size=batch_size,
+                                        workers=workers)
     ok = np.array([i not in errors for i in range(len(ids))], dtype=bool)
-    latlon, methods = evaluate_features(model, features[ok], modes=modes, swc_options=swc_options)
+    latlon, methods = evaluate_features(geolocator, features[ok], modes=modes, swc_options=swc_options)
 
-    out = Path(args.output)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ok_ids = [img_id for img_id, good in zip(ids, ok) if good]
     predictions, results = {}, {}
@@ -229,50 +219,43 @@ def run(args: argparse.Namespace) -> int:
         {"IMG_ID": [ids[i] for i in sorted(errors)], "ERROR": [errors[i] for i in sorted(errors)]}
     ).to_csv(out / "missing.csv", index=False)
     write_results_json(out / "results.json", results)
-    command = _command(args)
+    if commands is None:
+        commands = [evaluate_command(model if not isinstance(model, Geolocator) else "MODEL", meta_csv,
+                                     images=images, out=out, benchmark=benchmark, batch_size=batch_size,
+                                     workers=workers, modes=modes if modes != supported else None, k=k,
+                                     eps_km=eps_km, top_cells=top_cells, device=device)]
     written = write_report(
-        out, results, predictions=predictions, truth=truth, geocells=model.geocells, commands=[command],
-        config=model.config.to_dict(), title=f"geoswc evaluation: {args.benchmark or Path(args.meta).name}",
+        out, results, predictions=predictions, truth=truth, geocells=geolocator.geocells, commands=list(commands),
+        config=geolocator.config.to_dict(),
+        title=title or f"geoswc evaluation: {benchmark or Path(meta_csv).name}",
     )
-
-    print(f"model: {args.model} (heads: {', '.join(model.head_names) or 'none'}; "
-          f"background index: {len(model.index) if model.index is not None else 0} photos)")
-    print(f"photos: {len(ids)} in metadata, {int(ok.sum())} evaluated, {len(errors)} missing or unreadable"
-          + (f" (listed in {out / 'missing.csv'})" if errors else ""))
-    for i in sorted(errors)[:5]:
-        print(f"  {ids[i]}: {errors[i]}")
-    print()
-    print(format_table(results))
-    print()
-    for mode in modes:
-        if "fallback" in methods[mode]:
-            print(f"{mode}: {methods[mode]['fallback']} photos fell back to the head's prediction "
-                  f"(no background photo in their cell)")
-    print(f"wrote {out / 'results.json'}, {written['markdown']}, {written['html']} and "
-          f"predictions_<mode>.csv for {len(modes)} modes")
-    return 0
+    return Evaluation(results=results, ids=ids, errors=errors, out=out, written=written, model=geolocator)
 
 
-def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "evaluate",
-        help="the paper's Table 1 for a model folder: classification, retrieval and Search within Cell",
-        description="Run the backbone once over the test photos, then every mode of the paper's Table 1 the "
-        "model supports (ce, hc, mvmf, rrm, ce+rrm, hc+rrm, mvmf+rrm). Accuracy at 0.1/1/5/10/25/200/750/2500 km "
-        "by haversine on R = 6371 km (correct when distance <= r); missing photos count as wrong.",
-    )
-    parser.add_argument("--model", required=True, metavar="DIR", help="model folder (Geolocator.save_pretrained)")
-    parser.add_argument("--meta", metavar="TEST.csv", help="test metadata with IMG_ID, LAT, LON")
-    parser.add_argument("--benchmark", choices=BENCHMARK_NAMES,
-                        help="named evaluation set; --meta gives its ground-truth file")
-    parser.add_argument("--images", required=True, metavar="ROOT", help="folder holding the photos (IMG_ID paths)")
-    parser.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=4, help="image decoding processes (0 = in the main one)")
-    parser.add_argument("--modes", nargs="+", metavar="MODE",
-                        help=f"subset of: {' '.join(TABLE_MODES)} (default: all the model supports)")
-    parser.add_argument("--k", type=int, help="Search within Cell neighbours (default: the model's config, 10)")
-    parser.add_argument("--eps-km", type=float, help="DBSCAN radius in km (default: the model's config, 1)")
-    parser.add_argument("--top-cells", type=int, help="cells searched per photo (default: the model's config, 1)")
-    parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
-    parser.set_defaults(func=run)
+def evaluate_model(
+    model: Union[str, Path, Geolocator],
+    meta_csv: Optional[Union[str, Path]],
+    *,
+    images: Union[str, Path],
+    out: Union[str, Path],
+    modes: Optional[Sequence[str]] = None,
+    **options: Any,
+) -> Dict[str, Dict[str, Any]]:
+    """Every Table 1 mode of a model on a test set, from one backbone pass (``geoswc evaluate``).
+
+    Args:
+        model: a model folder (`Geolocator.save_pretrained`) or a loaded `Geolocator`.
+        meta_csv: the test metadata (``IMG_ID, LAT, LON``).
+        images: the folder the IMG_IDs are relative to.
+        out: the output folder: ``predictions_<mode>.csv``, ``missing.csv``, ``results.json``,
+            ``report.md``, ``report.html``.
+        modes: a subset of ``ce hc mvmf rrm ce+rrm hc+rrm mvmf+rrm`` (default: all the model supports).
+        **options: ``benchmark`` (a named set), ``batch_size`` (32), ``workers`` (4 decoding processes),
+            ``device``, the Search within Cell settings ``k``, ``eps_km``, ``top_cells`` (default: the
+            model's config), and the report's ``commands`` and ``title``.
+
+    Returns:
+        ``{mode: scores}``, the content of ``results.json`` (accuracy in % at 0.1 to 2500 km, median error,
+        photo counts; photos that could not be read count as missing, wrong at every radius).
+    """
+    return run_evaluation(model, meta_csv, images=images, out=out, modes=modes, **options).results

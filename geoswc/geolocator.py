@@ -20,11 +20,24 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
+import timm
 import torch
+from PIL import Image
+from sklearn.neighbors import BallTree
 from torch import nn
+from tqdm.auto import tqdm
 
 from geoswc import __version__
+from geoswc.classifiers import load_backbone, load_head, save_backbone, save_head
+from geoswc.classifiers.heads import read_head_metadata
 from geoswc.config import Config
+from geoswc.data.photos import PhotoDataset, photo_batches
+from geoswc.data.sphere import EARTH_RADIUS_KM
+from geoswc.data.transforms import build_transform
+from geoswc.geocells import Geocells
+from geoswc.retrieval.index import BackgroundIndex
+from geoswc.retrieval.model import ResidualRetrievalModule, read_metadata
+from geoswc.swc import nearest_background, search_within_cell
 
 logger = logging.getLogger(__name__)
 
@@ -32,10 +45,9 @@ MODES = ("swc", "cell", "rrm")
 # Preferred head when the caller names none.
 HEAD_PREFERENCE = ("hc", "mvmf", "ce")
 CONFIDENCE_RADIUS_KM = 25.0
-EARTH_RADIUS_KM = 6371.0
 FORMAT_VERSION = 1
 
-ImageInput = Union[str, Path, "PIL.Image.Image"]  # noqa: F821
+ImageInput = Union[str, Path, Image.Image, np.ndarray]
 
 
 @dataclass
@@ -153,8 +165,6 @@ class Geolocator(nn.Module):
         self.config = config if config is not None else Config()
         self.backbone_name = backbone_name or getattr(backbone, "default_cfg", {}).get("architecture", "")
         if data_config is None:
-            import timm
-
             data_config = timm.data.resolve_model_data_config(backbone)
         self.data_config = dict(data_config)
         self._transform = None
@@ -204,8 +214,6 @@ class Geolocator(nn.Module):
     def transform(self):
         """The evaluation transform (PIL image -> normalised tensor) from the backbone's data config."""
         if self._transform is None:
-            from geoswc.data.transforms import build_transform
-
             self._transform = build_transform(
                 self.data_config,
                 train=False,
@@ -241,8 +249,6 @@ class Geolocator(nn.Module):
     def density_neighbours(self) -> torch.Tensor:
         """``(n_fine, M)`` fine cells whose centres lie within 25 km of each fine cell's centre, -1 padded."""
         if self._density_neighbours is None:
-            from sklearn.neighbors import BallTree
-
             centers_rad = np.radians(np.asarray(self.geocells.fine.centers_deg, dtype=np.float64))
             tree = BallTree(centers_rad, metric="haversine")
             lists = tree.query_radius(centers_rad, r=CONFIDENCE_RADIUS_KM / EARTH_RADIUS_KM)
@@ -330,8 +336,6 @@ class Geolocator(nn.Module):
             if self.index is None:
                 raise ValueError(f"mode {mode!r} needs a background index; this model has none, use mode='cell'")
             emb = self.embed(features) if embeddings is None else embeddings
-            from geoswc.swc import nearest_background, search_within_cell
-
             if mode == "swc":
                 cells = cls["top_cells"][:, :top_cells]
                 res = search_within_cell(emb, cells, self.index, k=k, eps_km=eps_km, min_samples=min_samples)
@@ -369,85 +373,74 @@ class Geolocator(nn.Module):
         return self.predict_from_features(self.features(pixels), **options)
 
     def load_pixels(self, image: ImageInput) -> torch.Tensor:
-        """A photo (path or PIL image) decoded and transformed to ``(3, H, W)``."""
-        from PIL import Image
+        """A photo (path, PIL image or ``(H, W, 3)`` uint8 array) decoded and transformed to ``(3, H, W)``.
 
-        if isinstance(image, Image.Image):
-            return self.transform(image)
-        from geoswc.data.images import decode_array
+        Raises:
+            FileNotFoundError: a path does not exist.
+            ValueError: the photo cannot be read (the reason is in the message).
+        """
+        return self._dataset([image])[0][1]
 
-        path = Path(image)
-        if not path.is_file():
-            raise FileNotFoundError(f"image not found: {path}")
-        side = getattr(self.transform, "decode_side", "short")
-        return self.transform(decode_array(path, target=self.config.data.image_size, target_side=side))
+    def _dataset(self, images: Sequence[ImageInput]) -> PhotoDataset:
+        for image in images:
+            if isinstance(image, (str, Path)) and not Path(image).is_file():
+                raise FileNotFoundError(f"image not found: {image}")
+        return PhotoDataset(list(images), self.transform)
 
     def predict(
         self,
-        images: Sequence[ImageInput],
+        images: Union[ImageInput, Sequence[ImageInput]],
         *,
         head: Optional[str] = None,
         mode: str = "swc",
         batch_size: int = 32,
+        workers: int = 0,
         progress: bool = False,
         **options: Any,
     ) -> List[Dict[str, Any]]:
-        """Locate photos given as paths or PIL images; one dict per photo, in input order.
+        """Locate photos given as paths, PIL images or ``(H, W, 3)`` uint8 arrays; one dict per photo, in input
+        order (`Predictions.to_records`).
 
-        Photos whose transformed sizes differ (the paper resizes the longest side only) are batched by size.
+        Photos whose transformed sizes differ (the paper resizes the longest side only) are batched by shape
+        (`geoswc.data.photos`), so a photo's prediction does not depend on the other photos of the call.
+
+        Args:
+            images: the photos (one, or a sequence).
+            head, mode, **options: as `locate`.
+            batch_size: photos per forward pass.
+            workers: decoding processes (0: decode in this process).
+            progress: show a progress bar.
 
         Raises:
             FileNotFoundError: a path does not exist.
-            ValueError: a file is not a readable image (`geoswc.data.images.ImageDecodeError`), or a bad
-                head/mode.
+            ValueError: a file is not a readable image (its reason named), or a bad head/mode.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if isinstance(images, (str, Path)) or not isinstance(images, Sequence):
+        if isinstance(images, (str, Path, Image.Image, np.ndarray)) or not isinstance(images, Sequence):
             images = [images]
-        results: List[Optional[Dict[str, Any]]] = [None] * len(images)
-        pending: Dict[tuple, List[tuple]] = {}
-
-        def flush(shape: tuple) -> None:
-            group = pending.pop(shape)
-            pixels = torch.stack([p for _, p in group])
-            for (i, _), record in zip(group, self.predict_batch(pixels, head=head, mode=mode, **options)):
-                results[i] = record
-
-        iterator = range(len(images))
-        if progress:
-            from tqdm.auto import tqdm
-
-            iterator = tqdm(iterator, desc="predict", unit="img")
-        for i in iterator:
-            pixels = self.load_pixels(images[i])
-            group = pending.setdefault(tuple(pixels.shape), [])
-            group.append((i, pixels))
-            if len(group) == batch_size:
-                flush(tuple(pixels.shape))
-        for shape in list(pending):
-            flush(shape)
+        dataset = self._dataset(images)
+        results: List[Optional[Dict[str, Any]]] = [None] * len(dataset)
+        with tqdm(total=len(dataset), desc="predict", unit="img", disable=not progress) as bar:
+            for batch in photo_batches(dataset, batch_size=batch_size, workers=workers):
+                if batch.errors:
+                    first = min(batch.errors)
+                    raise ValueError(f"{dataset.describe(first)}: {batch.errors[first]}")
+                records = self.predict_batch(batch.pixels, head=head, mode=mode, **options)
+                for i, record in zip(batch.indices.tolist(), records):
+                    results[i] = record
+                bar.update(len(batch))
         return results  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ model folder
     def save_pretrained(self, directory: Union[str, Path]) -> Path:
         """Write the model folder (layout in docs/architecture.md)."""
-        from safetensors.torch import save_file
-
-        from geoswc.classifiers import save_head
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.config.save(directory / "config.yaml")
         self.geocells.save(directory / "cells")
-        state = {k: v.detach().cpu().contiguous() for k, v in self.backbone.state_dict().items()}
-        save_file(
-            state,
-            str(directory / "backbone.safetensors"),
-            metadata={"kind": "backbone", "model": self.backbone_name, "fingerprint": self.fingerprint},
-        )
-        backbone_json = {"model": self.backbone_name, "data_config": _jsonable(self.data_config)}
-        (directory / "backbone.json").write_text(json.dumps(backbone_json, indent=2) + "\n")
+        save_backbone(self.backbone, directory, name=self.backbone_name, fingerprint=self.fingerprint,
+                      data_config=_jsonable(self.data_config))
         for kind, head in self.heads.items():
             save_head(head, directory / "heads" / f"{kind}.safetensors", config=self.config)
         if self.retrieval is not None:
@@ -481,13 +474,6 @@ class Geolocator(nn.Module):
             FileNotFoundError: the folder or one of its required files is missing.
             ValueError: a part was built on another partition than ``cells/`` (both fingerprints named).
         """
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        from geoswc.classifiers import create_backbone, load_head
-        from geoswc.classifiers.heads import read_head_metadata
-        from geoswc.geocells import Geocells
-
         directory = Path(directory)
         meta_path = directory / "geolocator.json"
         if not meta_path.is_file():
@@ -498,16 +484,7 @@ class Geolocator(nn.Module):
         fingerprint = str(geocells.fingerprint)
         _check_part(meta.get("fingerprint"), fingerprint, meta_path)
 
-        backbone_json = directory / "backbone.json"
-        backbone_file = directory / "backbone.safetensors"
-        for path in (backbone_json, backbone_file):
-            if not path.is_file():
-                raise FileNotFoundError(f"model folder {directory} lacks {path.name}")
-        backbone_info = json.loads(backbone_json.read_text())
-        with safe_open(str(backbone_file), framework="pt") as handle:
-            _check_part((handle.metadata() or {}).get("fingerprint"), fingerprint, backbone_file)
-        backbone = create_backbone(backbone_info["model"], pretrained=False)
-        backbone.load_state_dict(load_file(str(backbone_file)))
+        backbone, backbone_info = load_backbone(directory, expected_fingerprint=fingerprint)
 
         heads = {}
         for path in sorted((directory / "heads").glob("*.safetensors")):
@@ -517,15 +494,11 @@ class Geolocator(nn.Module):
         retrieval = None
         retrieval_file = directory / "retrieval.safetensors"
         if retrieval_file.is_file():
-            from geoswc.retrieval.model import ResidualRetrievalModule, read_metadata
-
             _check_part(read_metadata(retrieval_file).get("fingerprint"), fingerprint, retrieval_file)
             retrieval = ResidualRetrievalModule.load(retrieval_file, fingerprint=fingerprint)
 
         index = None
         if (directory / "index").is_dir():
-            from geoswc.retrieval.index import BackgroundIndex
-
             index = BackgroundIndex.load(directory / "index")
             _check_part(getattr(index, "fingerprint", None), fingerprint, directory / "index")
 

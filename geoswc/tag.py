@@ -1,28 +1,37 @@
-"""`geoswc tag`: geotag photo archives in batch (issue 6; the model is the paper's Search within Cell, 3.4).
-
-    geoswc tag PATH... --model DIR -o OUT.csv|.jsonl|.geojson|.parquet
+"""Geotagging photo archives in batch (`tag_photos`, ``geoswc tag``; the model is the paper's Search within
+Cell, section 3.4).
 
 Every photo gets exactly one row (``ok`` with its position, or ``error`` with the reason). Photos are decoded
-at reduced size in DataLoader worker processes while the main process runs the model on the previous batch;
-rows are flushed after every batch, and ``--resume`` completes an interrupted run. Under
-``accelerate launch -m geoswc.tag ...`` the photos are split by rank and rank 0 merges one output.
+at reduced size in DataLoader worker processes (`geoswc.data.photos`, batched by shape) while the main process
+runs the model on the previous batch; rows are flushed after every batch, and ``resume`` completes an
+interrupted run. Under ``accelerate launch -m geoswc.tag ...`` the photos are split by rank and rank 0 merges
+one output.
 
-`tag_photos` is the library entry point; it takes any predictor with ``transform`` (PIL image -> (3, H, W)
+`tag_photos` takes a model folder, a `Geolocator`, or any predictor with ``transform`` (image -> (3, H, W)
 tensor) and ``predict_batch(pixels) -> list of dicts`` (``lat``, ``lon``, ``method``, ``cell_token``,
-``cell_probability``, ``confidence``), which the `Geolocator` provides.
+``cell_probability``, ``confidence``).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import os
 import sys
 import time
-from typing import Callable, Optional, Sequence
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
 
-from geoswc.archive import PRECISION_DECIMALS, Discovery, PhotoError, discover, load_photo, round_latlon, write_gps_exif
+import torch
+from accelerate import PartialState
+from torchvision import transforms as T
+from tqdm.auto import tqdm
+
+from geoswc.archive import PRECISION_DECIMALS, round_latlon, write_gps_exif
+from geoswc.data.images import Discovery, PhotoError, discover
+from geoswc.data.photos import PhotoDataset, photo_batches
+from geoswc.cli import main as cli_main
+from geoswc.geolocator import Geolocator
 from geoswc.tag_output import (
     RowWriter,
     journal_path,
@@ -30,6 +39,7 @@ from geoswc.tag_output import (
     make_row,
     merge,
     output_format,
+    pyarrow_parquet,
     read_appendable,
     read_rows,
 )
@@ -57,53 +67,11 @@ class TagSummary:
     seconds: float = 0.0
 
 
-class _PhotoDataset:
-    """Map-style dataset: index -> (index, pixels or None, error or None); decoding errors never raise."""
-
-    def __init__(self, paths: Sequence[str], transform: Callable, target: Optional[int]):
-        self.paths, self.transform, self.target = paths, transform, target
-        # geoswc's own transforms take decoded arrays directly; any other (torchvision) transform gets PIL.
-        self.as_array = bool(getattr(transform, "accepts_arrays", False))
-        self.target_side = getattr(transform, "decode_side", "short")
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, index):
-        try:
-            image = load_photo(self.paths[index], target=self.target, target_side=self.target_side, as_array=self.as_array)
-            return index, self.transform(image), None
-        except PhotoError as err:
-            return index, None, str(err)
-        except Exception as err:  # a transform failing on an odd image is still one photo's problem
-            logger.debug("unexpected failure on %s", self.paths[index], exc_info=True)
-            return index, None, f"unexpected error ({type(err).__name__}: {err})"
-
-
-def _collate(items):
-    import torch
-
-    indices = [index for index, _, _ in items]
-    good = [(index, pixels) for index, pixels, _ in items if pixels is not None]
-    errors = {index: error for index, _, error in items if error is not None}
-    pixels = torch.stack([p for _, p in good]) if good else None
-    return indices, [index for index, _ in good], pixels, errors
-
-
-def _worker_init(_):
-    import torch
-
-    # Workers decode; one thread each keeps them from fighting the model's threads for the cores.
-    torch.set_num_threads(1)
-
-
 def resize_target(transform) -> Optional[int]:
     """The short side to decode photos at for this eval transform (reduced-size decoding), or None.
 
     geoswc's transforms say it (``decode_target``); for a torchvision one it is the size of its ``Resize``.
     """
-    from torchvision import transforms as T
-
     if getattr(transform, "decode_target", None):
         return int(transform.decode_target)
     steps = getattr(transform, "transforms", [transform])
@@ -114,15 +82,12 @@ def resize_target(transform) -> Optional[int]:
     return None
 
 
-class _Ranks:
+class Ranks:
     """Rank, world size and barrier; a single process when not launched by accelerate."""
 
     def __init__(self):
         self.state = None
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            import torch
-            from accelerate import PartialState
-
             # Without GPUs the ranks are CPU processes talking over gloo.
             self.state = PartialState(cpu=not torch.cuda.is_available())
         self.rank = self.state.process_index if self.state else 0
@@ -153,51 +118,89 @@ def _check_output(output: str, fmt: str, *, resume: bool, overwrite: bool, rank:
         )
 
 
+def load_predictor(model: Union[str, Path, Any], *, head: Optional[str] = None, device=None):
+    """The predictor of a model folder (a `Geolocator`, its head checked), or ``model`` itself when it is one.
+
+    Raises:
+        FileNotFoundError: the model folder does not exist.
+        ValueError: ``head`` is not one of the model's heads.
+    """
+    if not isinstance(model, (str, os.PathLike)):
+        if isinstance(model, Geolocator):
+            model.resolve_head(head)
+        return model
+    if not os.path.isdir(model):
+        raise FileNotFoundError(f"model folder {os.fspath(model)!r} does not exist")
+    geolocator = Geolocator.from_pretrained(model, device=device)
+    geolocator.resolve_head(head)  # an unknown head fails before any photo is read
+    return geolocator
+
+
+def _ok_row(photo, prediction: dict, *, precision: str, write_exif: Optional[str], summary: TagSummary) -> dict:
+    """The row of a placed photo, its position rounded to ``precision``; with ``write_exif`` its EXIF copy is
+    written first, so a row on disk means its copy is complete."""
+    prediction = dict(prediction)
+    prediction["lat"], prediction["lon"] = round_latlon(prediction["lat"], prediction["lon"], precision)
+    if write_exif:
+        try:
+            write_gps_exif(photo.path, os.path.join(write_exif, photo.rel), prediction["lat"], prediction["lon"],
+                           precision=precision)
+            summary.exif_written += 1
+        except PhotoError as err:
+            logger.debug("no EXIF copy of %s: %s", photo.path, err)
+            summary.exif_skipped += 1
+    return make_row(photo.path, prediction=prediction)
+
+
 def tag_photos(
-    inputs: Sequence[str],
-    predictor,
-    output: str,
+    paths: Sequence[str],
     *,
+    model: Union[str, Path, Any],
+    out: Union[str, Path],
     batch_size: int = 32,
     workers: Optional[int] = None,
     resume: bool = False,
     overwrite: bool = False,
     write_exif: Optional[str] = None,
     precision: str = "exact",
+    head: Optional[str] = None,
     target: Optional[int] = None,
     progress: bool = False,
     predict_options: Optional[dict] = None,
-    ranks: Optional[_Ranks] = None,
-) -> TagSummary:
-    """Geotag every photo under ``inputs`` into ``output``.
+    ranks: Optional[Ranks] = None,
+) -> dict:
+    """Geotag every photo under ``paths`` into ``out``, one row per photo.
 
     Args:
-        inputs: files, folders, globs and ``@list.txt`` files (see `geoswc.archive.discover`).
-        predictor: has ``transform`` and ``predict_batch`` (a `Geolocator`).
-        output: ``.csv``, ``.jsonl``, ``.geojson`` or ``.parquet`` file.
-        batch_size: photos per model call.
+        paths: files, folders, globs and ``@list.txt`` files (see `geoswc.data.images.discover`).
+        model: a model folder, a `Geolocator`, or any predictor with ``transform`` and ``predict_batch``.
+        out: ``.csv``, ``.jsonl``, ``.geojson`` or ``.parquet`` file.
+        batch_size: photos per model call (photos of one transformed shape each).
         workers: decoding processes (0 decodes in the main process); default: the CPU count minus one, at most 8.
         resume: complete an existing output, skipping the photos it already holds.
         overwrite: replace an existing output.
         write_exif: folder for JPEG copies with the GPS position in their EXIF, laid out like the inputs.
         precision: ``exact``, ``city`` (2 decimals), ``region`` (1) or ``country`` (0); applies to the output
             and the EXIF copies.
-        target: short side the transform resizes to; JPEGs are decoded at reduced size down to it.
+        head: the classification head (default: the model's own).
+        target: short side the transform resizes to; JPEGs are decoded at reduced size down to it (default:
+            what the transform says).
         progress: show a progress bar (images/s) on stderr.
-        predict_options: keyword arguments of every ``predictor.predict_batch`` call (e.g. ``head``).
-        ranks: the process group under accelerate; None for one process.
+        predict_options: more keyword arguments of every ``predict_batch`` call (e.g. ``mode``).
+        ranks: the process group under accelerate; default: found from the environment.
 
     Returns:
-        The counts of the output's rows, on rank 0 after the merge; other ranks count their own share.
+        The run summary (`TagSummary` as a dict): the counts of ``ok`` and ``error`` rows of the whole output
+        (on rank 0 after the merge; other ranks count their own share), photos tagged by this run and resumed
+        from an earlier one, EXIF copies, entries skipped while walking folders, and seconds.
 
     Raises:
-        ValueError: bad format, precision or batch size.
-        FileExistsError: ``output`` exists and neither ``resume`` nor ``overwrite`` is set.
+        ValueError: bad format, precision or batch size, or an unknown head.
+        FileExistsError: ``out`` exists and neither ``resume`` nor ``overwrite`` is set.
+        FileNotFoundError: the model folder or an input does not exist.
     """
-    import torch
-    from torch.utils.data import DataLoader
-
     start = time.perf_counter()
+    output = os.fspath(out)
     fmt = output_format(output)
     if precision not in PRECISION_DECIMALS:
         raise ValueError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISION_DECIMALS)}")
@@ -206,14 +209,16 @@ def tag_photos(
     if resume and overwrite:
         raise ValueError("--resume and --overwrite exclude each other")
     if fmt == "parquet":
-        from geoswc.tag_output import _pyarrow_parquet
-
-        _pyarrow_parquet()
-    ranks = ranks or _Ranks()
+        pyarrow_parquet()
+    ranks = ranks or Ranks()
+    predictor = load_predictor(model, head=head, device=ranks.device)
+    options = dict(predict_options or {})
+    if head is not None:
+        options["head"] = head
     if workers is None:
         workers = max(0, min(8, (os.cpu_count() or 1) - 1))
 
-    found: Discovery = discover(inputs)
+    found: Discovery = discover(paths)
     summary = TagSummary(
         output=output,
         skipped_not_photo=found.skipped_not_photo,
@@ -253,53 +258,35 @@ def tag_photos(
     if direct:
         for row in done_rows:
             counts[row["status"]] += 1
-    dataset = _PhotoDataset([photo.path for photo in share], predictor.transform, target)
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        num_workers=workers,
-        collate_fn=_collate,
-        worker_init_fn=_worker_init if workers else None,
-        prefetch_factor=4 if workers else None,
-        persistent_workers=False,
-        pin_memory=torch.cuda.is_available(),
-    )
+    dataset = PhotoDataset([photo.path for photo in share], predictor.transform,
+                           target=target or resize_target(predictor.transform))
     delay = float(os.environ.get(BATCH_DELAY_ENV, "0") or 0)
     device = ranks.device
     bar = None
     if progress and ranks.rank == 0:
-        from tqdm import tqdm
-
         bar = tqdm(total=len(share), unit="img", desc="tag", dynamic_ncols=True, smoothing=0.1)
     writer = RowWriter(sink, sink_fmt)
+    # Batches come by shape, not in order; rows are written in the photos' order as soon as all the rows
+    # before them are there, so every output lists the photos as they were found.
+    ready: dict = {}
+    written = 0
     try:
-        for indices, good, pixels, errors in loader:
+        for batch in photo_batches(dataset, batch_size=batch_size, workers=workers,
+                                   pin_memory=torch.cuda.is_available()):
             predictions = {}
-            if pixels is not None:
-                if device is not None:
-                    pixels = pixels.to(device, non_blocking=True)
+            if len(batch):
+                pixels = batch.pixels if device is None else batch.pixels.to(device, non_blocking=True)
                 with torch.inference_mode():
-                    predictions = dict(zip(good, predictor.predict_batch(pixels, **(predict_options or {}))))
+                    predictions = dict(zip(batch.indices.tolist(), predictor.predict_batch(pixels, **options)))
+            for index, error in batch.errors.items():
+                ready[index] = make_row(share[index].path, error=error)
+            for index, prediction in predictions.items():
+                ready[index] = _ok_row(share[index], prediction, precision=precision, write_exif=write_exif,
+                                       summary=summary)
             rows = []
-            for index in indices:
-                photo = share[index]
-                if index in errors:
-                    rows.append(make_row(photo.path, error=errors[index]))
-                    continue
-                prediction = dict(predictions[index])
-                prediction["lat"], prediction["lon"] = round_latlon(prediction["lat"], prediction["lon"], precision)
-                if write_exif:
-                    # The copy is written before its row, so a row on disk means its copy is complete.
-                    try:
-                        write_gps_exif(
-                            photo.path, os.path.join(write_exif, photo.rel), prediction["lat"],
-                            prediction["lon"], precision=precision,
-                        )
-                        summary.exif_written += 1
-                    except PhotoError as err:
-                        logger.debug("no EXIF copy of %s: %s", photo.path, err)
-                        summary.exif_skipped += 1
-                rows.append(make_row(photo.path, prediction=prediction))
+            while written in ready:
+                rows.append(ready.pop(written))
+                written += 1
             writer.write(rows)
             for row in rows:
                 counts[row["status"]] += 1
@@ -322,106 +309,35 @@ def tag_photos(
     ranks.barrier()
     summary.ok, summary.error = counts["ok"], counts["error"]
     summary.seconds = time.perf_counter() - start
-    return summary
+    return dataclasses.asdict(summary)
 
 
-# --------------------------------------------------------------------------------------------- command line
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("paths", nargs="+", metavar="PATH", help="photo files, folders, globs or @list.txt files")
-    parser.add_argument("--model", required=True, metavar="DIR", help="model folder (Geolocator.save_pretrained)")
-    parser.add_argument(
-        "-o", "--output", required=True, metavar="OUT", help="result file: .csv, .jsonl, .geojson or .parquet"
-    )
-    parser.add_argument("--batch-size", type=int, default=32, help="photos per model call (default 32)")
-    parser.add_argument(
-        "--workers", type=int, default=None, help="decoding processes (default: CPU count - 1, at most 8)"
-    )
-    existing = parser.add_mutually_exclusive_group()
-    existing.add_argument("--resume", action="store_true", help="complete an interrupted run's output")
-    existing.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    parser.add_argument(
-        "--write-exif", metavar="DIR", help="write JPEG copies with GPS EXIF under DIR (originals are never touched)"
-    )
-    parser.add_argument(
-        "--precision", choices=list(PRECISION_DECIMALS), default="exact",
-        help="round published positions: city = 2 decimals (~1 km), region = 1 (~11 km), country = 0 (~111 km)",
-    )
-    parser.add_argument("--head", default=None, help="classification head to use (default: the model's own)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def _load_predictor(model_dir: str, head: Optional[str], device):
-    if not os.path.isdir(model_dir):
-        raise FileNotFoundError(f"model folder {model_dir!r} does not exist")
-    from geoswc.geolocator import Geolocator
-
-    model = Geolocator.from_pretrained(model_dir, device=device)
-    model.resolve_head(head)  # an unknown head fails before any photo is read
-    return model
-
-
-def run(args: argparse.Namespace) -> int:
-    """Run `geoswc tag` from parsed arguments; prints the closing summary and returns the exit code."""
-    ranks = _Ranks()
-    output_format(args.output)  # a bad output name fails before the model loads
-    predictor = _load_predictor(args.model, args.head, ranks.device)
-    summary = tag_photos(
-        args.paths,
-        predictor,
-        args.output,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        resume=args.resume,
-        overwrite=args.overwrite,
-        write_exif=args.write_exif,
-        precision=args.precision,
-        target=resize_target(predictor.transform),
-        progress=not args.no_progress and (sys.stderr.isatty() or os.environ.get("GEOSWC_PROGRESS") == "1"),
-        predict_options={"head": args.head} if args.head else None,
-        ranks=ranks,
-    )
-    if ranks.rank == 0:
-        _print_summary(summary)
-    return 0
-
-
-def _print_summary(summary: TagSummary) -> None:
-    rate = summary.tagged / summary.seconds if summary.seconds else 0.0
+def summary_lines(summary: dict) -> list:
+    """The closing lines ``geoswc tag`` prints for a run summary."""
+    lines = []
+    rate = summary["tagged"] / summary["seconds"] if summary["seconds"] else 0.0
     skipped = []
-    if summary.skipped_not_photo:
-        skipped.append(f"{summary.skipped_not_photo} non-photo files")
-    if summary.skipped_hidden:
-        skipped.append(f"{summary.skipped_hidden} hidden entries")
-    if summary.unreadable_folders:
-        skipped.append(f"{summary.unreadable_folders} unreadable folders")
+    if summary["skipped_not_photo"]:
+        skipped.append(f"{summary['skipped_not_photo']} non-photo files")
+    if summary["skipped_hidden"]:
+        skipped.append(f"{summary['skipped_hidden']} hidden entries")
+    if summary["unreadable_folders"]:
+        skipped.append(f"{summary['unreadable_folders']} unreadable folders")
     if skipped:
-        print(f"skipped {', '.join(skipped)} found in folders")
-    if summary.exif_written or summary.exif_skipped:
-        print(f"wrote {summary.exif_written} EXIF copies ({summary.exif_skipped} non-JPEG photos have none)")
-    resumed = f", {summary.resumed} from the earlier run" if summary.resumed else ""
-    print(
-        f"tagged {summary.tagged} photos in {summary.seconds:.1f} s ({rate:.1f} images/s){resumed}: "
-        f"{summary.ok} ok, {summary.error} error rows in {summary.output}"
+        lines.append(f"skipped {', '.join(skipped)} found in folders")
+    if summary["exif_written"] or summary["exif_skipped"]:
+        lines.append(f"wrote {summary['exif_written']} EXIF copies ({summary['exif_skipped']} non-JPEG photos "
+                     "have none)")
+    resumed = f", {summary['resumed']} from the earlier run" if summary["resumed"] else ""
+    lines.append(
+        f"tagged {summary['tagged']} photos in {summary['seconds']:.1f} s ({rate:.1f} images/s){resumed}: "
+        f"{summary['ok']} ok, {summary['error']} error rows in {summary['output']}"
     )
-
-
-def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "tag",
-        help="geotag photo archives (one row per photo; resumable)",
-        description="Geotag photos into a CSV, JSONL, GeoJSON or Parquet file, one row per photo. "
-        "Run under `accelerate launch -m geoswc.tag ...` to split the photos over several GPUs or nodes.",
-    )
-    add_arguments(parser)
-    parser.set_defaults(func=run)
+    return lines
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``accelerate launch -m geoswc.tag ...`` (the same arguments as ``geoswc tag``)."""
-    from geoswc.cli import main as cli_main
-
     return cli_main(["tag", *(sys.argv[1:] if argv is None else argv)])
 
 

@@ -156,7 +156,7 @@ def read_rows(path: str, fmt: str) -> List[Row]:
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path} is not valid GeoJSON ({err.msg}); use --overwrite to replace it") from None
         return [dict(feature["properties"]) for feature in collection.get("features", [])]
-    pq = _pyarrow_parquet()
+    pq = pyarrow_parquet()
     return pq.read_table(path).to_pylist()
 
 
@@ -202,7 +202,7 @@ class RowWriter:
         self.close()
 
 
-def _pyarrow_parquet():
+def pyarrow_parquet():
     try:
         import pyarrow.parquet as pq
     except ImportError:
@@ -239,7 +239,7 @@ def write_rows(path: str, fmt: str, rows: Sequence[Row]) -> None:
         else:
             import pyarrow as pa
 
-            pq = _pyarrow_parquet()
+            pq = pyarrow_parquet()
             schema = pa.schema(
                 [(key, pa.float64() if key in FLOAT_COLUMNS else pa.string()) for key in COLUMNS]
             )

@@ -10,7 +10,8 @@ import pytest
 
 from geoswc.cli import main
 from geoswc.data.synth import make_world
-from geoswc.fit import STAGES, FitRun, read_marker, resolve_fit_config, run_pipeline
+from geoswc.config import resolve_config
+from geoswc.fit import STAGES, FitRun, read_marker, run_pipeline
 
 TRAINING_STAGES = ["data", "cells", "backbone", "features", "heads"]
 # A randomly initialised small timm model at 64 px: the test checks the plumbing, not accuracy.
@@ -29,7 +30,7 @@ def world(tmp_path_factory):
 
 
 def _run(world, model_dir, sets=(), stages=TRAINING_STAGES, exclude=()):
-    cfg = resolve_fit_config("tiny", None, list(FAST) + list(sets))
+    cfg = resolve_config("tiny", None, list(FAST) + list(sets))
     run = FitRun(train_csv=world / "train.csv", images=world / "images", model_dir=model_dir, config=cfg,
                  exclude=tuple(exclude), cpu=True)
     return run, run_pipeline(run, stages)
@@ -131,7 +132,7 @@ def test_missing_images_are_reported_with_an_example(world, tmp_path):
     frame.loc[3, "IMG_ID"] = "zz/zz/missing.jpg"
     csv = tmp_path / "train.csv"
     frame.to_csv(csv, index=False)
-    cfg = resolve_fit_config("tiny", None, FAST)
+    cfg = resolve_config("tiny", None, FAST)
     run = FitRun(train_csv=csv, images=world / "images", model_dir=tmp_path / "m", config=cfg, cpu=True)
     with pytest.raises(FileNotFoundError, match="1 of 240 photos .* e.g. .*zz/zz/missing.jpg"):
         run_pipeline(run, ["data"])
@@ -225,7 +226,7 @@ def test_fit_refuses_shards_that_hold_benchmark_photos(world, shards, tmp_path):
     bench = tmp_path / "bench.csv"
     author = pd.read_csv(world / "train.csv")["AUTHOR"].iloc[5]
     pd.DataFrame({"IMG_ID": ["x.jpg"], "AUTHOR": [author], "LAT": [0.0], "LON": [0.0]}).to_csv(bench, index=False)
-    cfg = resolve_fit_config("tiny", None, FAST)
+    cfg = resolve_config("tiny", None, FAST)
     run = FitRun(shards=str(shards), model_dir=tmp_path / "m", config=cfg, exclude=(bench,), cpu=True)
     with pytest.raises(ValueError, match=r"photos by authors .* geoswc data shards \.\.\. --exclude"):
         run_pipeline(run, ["data"])

@@ -20,7 +20,8 @@ import pytest
 from PIL import Image
 from torchvision import transforms as T
 
-from geoswc.archive import dms_to_degrees, discover, load_photo, PhotoError, round_latlon, sniff
+from geoswc.archive import dms_to_degrees, round_latlon
+from geoswc.data.images import discover, load_photo, PhotoError, sniff
 from geoswc.tag import resize_target, tag_photos
 from geoswc.tag_output import COLUMNS, make_row, read_appendable, read_rows, RowWriter
 
@@ -185,7 +186,7 @@ def test_unreadable_file_is_an_error_row(tmp_path):
             "PIL.Image.init()\n"
             # Drop privileges once the interpreter's own files are loaded (they live under root's home).
             "if os.geteuid() == 0: os.setgid(65534); os.setuid(65534)\n"
-            f"s = tag_photos([{str(folder)!r}], MeanColour(), '/dev/stdout', workers=0)\n"
+            f"s = tag_photos([{str(folder)!r}], model=MeanColour(), out='/dev/stdout', workers=0)\n"
         )
         # '/dev/stdout' has no known extension; write to a file the unprivileged user may create instead.
         out = folder / "out"
@@ -226,10 +227,10 @@ def test_every_photo_gets_one_row_with_the_predictors_position(archive, tmp_path
     root, colours = archive
     before = sha256_tree(root)
     out = tmp_path / "tags.csv"
-    summary = tag_photos([str(root)], MeanColour(), str(out), batch_size=3, workers=2, target=32)
+    summary = tag_photos([str(root)], model=MeanColour(), out=str(out), batch_size=3, workers=2, target=32)
     rows = read_rows(str(out), "csv")
     assert len(rows) == len({r["path"] for r in rows}) == 10
-    assert (summary.ok, summary.error, summary.skipped_not_photo) == (8, 2, 1)
+    assert (summary["ok"], summary["error"], summary["skipped_not_photo"]) == (8, 2, 1)
     found = by_path(rows)
     for path, rgb in colours.items():
         lat, lon = expected_latlon(rgb)
@@ -248,7 +249,7 @@ def test_outputs_hold_the_same_rows_in_every_format(archive, tmp_path):
     tables = {}
     for ext in ("csv", "jsonl", "geojson", "parquet"):
         out = tmp_path / f"tags.{ext}"
-        tag_photos([str(root)], MeanColour(), str(out), batch_size=4, workers=0)
+        tag_photos([str(root)], model=MeanColour(), out=str(out), batch_size=4, workers=0)
         tables[ext] = read_rows(str(out), ext)
         assert not list(tmp_path.glob(f"tags.{ext}.journal-*"))  # journals are merged away
     reference = tables["jsonl"]
@@ -269,20 +270,20 @@ def test_outputs_hold_the_same_rows_in_every_format(archive, tmp_path):
 def test_existing_output_needs_resume_or_overwrite(archive, tmp_path):
     root, _ = archive
     out = tmp_path / "tags.jsonl"
-    tag_photos([str(root)], MeanColour(), str(out), workers=0)
+    tag_photos([str(root)], model=MeanColour(), out=str(out), workers=0)
     first = out.read_bytes()
     with pytest.raises(FileExistsError, match="--resume.*--overwrite"):
-        tag_photos([str(root)], MeanColour(), str(out), workers=0)
+        tag_photos([str(root)], model=MeanColour(), out=str(out), workers=0)
     assert out.read_bytes() == first  # nothing lost
-    summary = tag_photos([str(root)], MeanColour(), str(out), workers=0, resume=True)
-    assert (summary.tagged, summary.resumed) == (0, 10)
+    summary = tag_photos([str(root)], model=MeanColour(), out=str(out), workers=0, resume=True)
+    assert (summary["tagged"], summary["resumed"]) == (0, 10)
     assert out.read_bytes() == first
-    tag_photos([str(root)], MeanColour(), str(out), workers=0, overwrite=True)
+    tag_photos([str(root)], model=MeanColour(), out=str(out), workers=0, overwrite=True)
     assert out.read_bytes() == first
     with pytest.raises(ValueError, match="choose one of: .csv, .jsonl, .geojson, .parquet"):
-        tag_photos([str(root)], MeanColour(), str(tmp_path / "tags.xlsx"))
+        tag_photos([str(root)], model=MeanColour(), out=str(tmp_path / "tags.xlsx"))
     with pytest.raises(ValueError, match="precision 'street'"):
-        tag_photos([str(root)], MeanColour(), str(tmp_path / "t.csv"), precision="street")
+        tag_photos([str(root)], model=MeanColour(), out=str(tmp_path / "t.csv"), precision="street")
 
 
 @pytest.mark.parametrize("fmt", ["csv", "jsonl"])
@@ -293,7 +294,7 @@ def test_resume_cuts_a_partial_row_and_completes(tmp_path, fmt):
     # A file name with a newline and a quote: a CSV row spanning two lines must not be mistaken for a cut.
     save(root / 'p2b\nodd "x".png', rgb=(250, 250, 250), fmt="PNG")
     reference = tmp_path / f"ref.{fmt}"
-    tag_photos([str(root)], MeanColour(), str(reference), workers=0, batch_size=2)
+    tag_photos([str(root)], model=MeanColour(), out=str(reference), workers=0, batch_size=2)
     assert len(read_rows(str(reference), fmt)) == 7
     # A run killed after 3 rows, part-way through writing the 4th (the odd name's row), just past its newline.
     out = tmp_path / f"tags.{fmt}"
@@ -304,8 +305,8 @@ def test_resume_cuts_a_partial_row_and_completes(tmp_path, fmt):
     assert data.startswith(done)
     name = b"p2b\nodd" if fmt == "csv" else b"p2b\\nodd"
     out.write_bytes(data[: data.index(name, len(done)) + len(name)])
-    summary = tag_photos([str(root)], MeanColour(), str(out), workers=0, resume=True, batch_size=2)
-    assert (summary.resumed, summary.tagged, summary.ok) == (3, 4, 7)
+    summary = tag_photos([str(root)], model=MeanColour(), out=str(out), workers=0, resume=True, batch_size=2)
+    assert (summary["resumed"], summary["tagged"], summary["ok"]) == (3, 4, 7)
     assert out.read_bytes() == reference.read_bytes()
 
 
@@ -323,9 +324,11 @@ def test_precision_rounding_and_exif_copies(tmp_path):
     assert str(round_latlon(-0.4, -0.3, "country")[0]) == "0.0"  # no "-0.0"
     assert round_latlon(48.858370, 2.294481, "exact") == (48.858370, 2.294481)
 
-    exact = by_path(read_rows(str(tag_photos([str(root)], MeanColour(), str(tmp_path / "e.csv"), workers=0).output), "csv"))
+    exact = tag_photos([str(root)], model=MeanColour(), out=str(tmp_path / "e.csv"), workers=0)
+    exact = by_path(read_rows(exact["output"], "csv"))
     out = tmp_path / "tags.csv"
-    tag_photos([str(root)], MeanColour(), str(out), workers=0, precision="city", write_exif=str(tmp_path / "exif"))
+    tag_photos([str(root)], model=MeanColour(), out=str(out), workers=0, precision="city",
+               write_exif=str(tmp_path / "exif"))
     rows = by_path(read_rows(str(out), "csv"))
     for path, row in rows.items():
         assert (row["lat"], row["lon"]) == round_latlon(exact[path]["lat"], exact[path]["lon"], "city")
@@ -344,7 +347,7 @@ def test_precision_rounding_and_exif_copies(tmp_path):
     sw = piexif.load(str(tmp_path / "exif" / "sw" / "a.jpg"))["GPS"]
     assert (sw[piexif.GPSIFD.GPSLatitudeRef], sw[piexif.GPSIFD.GPSLongitudeRef]) == (b"S", b"W")
     with pytest.raises(ValueError, match="replace the originals"):
-        tag_photos([str(root)], MeanColour(), str(tmp_path / "x.csv"), write_exif=str(root))
+        tag_photos([str(root)], model=MeanColour(), out=str(tmp_path / "x.csv"), write_exif=str(root))
 
 
 def test_dms_rationals_hand_computed(tmp_path):

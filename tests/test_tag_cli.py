@@ -19,9 +19,11 @@ RUNNER = """
 import sys
 sys.path.insert(0, {tests!r})
 from test_tag import MeanColour
-from geoswc.tag import _print_summary, tag_photos
+from geoswc.tag import summary_lines, tag_photos
 resume = "--resume" in sys.argv
-_print_summary(tag_photos([{root!r}], MeanColour(), sys.argv[1], batch_size=2, workers=1, resume=resume))
+summary = tag_photos([{root!r}], model=MeanColour(), out=sys.argv[1], batch_size=2, workers=1, resume=resume)
+for line in summary_lines(summary):
+    print(line)
 """
 
 
@@ -92,10 +94,10 @@ TWO_RANKS = """
 import sys
 sys.path.insert(0, {tests!r})
 from test_tag import MeanColour
-from geoswc.tag import _Ranks, tag_photos
-ranks = _Ranks()
-summary = tag_photos([{root!r}], MeanColour(), sys.argv[1], batch_size=3, workers=0, ranks=ranks)
-print(f"rank {{ranks.rank}} of {{ranks.world}} tagged {{summary.tagged}}", flush=True)
+from geoswc.tag import Ranks, tag_photos
+ranks = Ranks()
+summary = tag_photos([{root!r}], model=MeanColour(), out=sys.argv[1], batch_size=3, workers=0, ranks=ranks)
+print(f"rank {{ranks.rank}} of {{ranks.world}} tagged {{summary['tagged']}}", flush=True)
 """
 
 

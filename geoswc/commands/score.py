@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import json
 
+from geoswc.data.sphere import EARTH_RADIUS_KM
+from geoswc.eval.benchmarks import read_locations
+from geoswc.eval.metrics import format_table, score_predictions
+
 PROTOCOL = (
-    "Great-circle distance by haversine on a sphere of R = 6371 km; a photo is correct at radius r when its "
-    "distance is <= r. Accuracy is in percent of all ground-truth photos: photos without a prediction count "
-    "as wrong. Median and mean error are over the photos with a prediction."
+    f"Great-circle distance by haversine on a sphere of R = {EARTH_RADIUS_KM:g} km; a photo is correct at "
+    "radius r when its distance is <= r. Accuracy is in percent of all ground-truth photos: photos without a "
+    "prediction count as wrong. Median and mean error are over the photos with a prediction."
 )
 
 
 def _score(args) -> int:
-    from geoswc.eval.benchmarks import read_locations
-    from geoswc.eval.metrics import format_table, score_predictions
-
     truth = read_locations(args.truth)
     predictions = read_locations(args.predictions)
     result = score_predictions(predictions, truth)

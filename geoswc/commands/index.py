@@ -5,26 +5,18 @@ from __future__ import annotations
 import argparse
 import json
 
+from geoswc.config import resolve_config
+from geoswc.geocells import Geocells
+from geoswc.train import build_index
+
 
 def _build(args: argparse.Namespace) -> int:
-    from geoswc.config import resolve_config
-    from geoswc.retrieval.background import build_background
-
     cfg = resolve_config(args.preset, args.config, args.set or [])
-    dtype = args.dtype or cfg.retrieval.index_dtype
-    report = build_background(
-        args.features,
-        head_path=args.head,
-        retrieval_path=args.retrieval,
-        cells_dir=args.cells,
-        out_dir=args.out,
-        exclude=args.exclude or (),
-        dtype=dtype,
-        batch_size=args.batch_size,
+    report = build_index(
+        cfg, cells=Geocells.load(args.cells), features=args.features, head=args.head, retrieval=args.retrieval,
+        out=args.out, exclude=args.exclude or (), dtype=args.dtype, batch_size=args.batch_size,
         device=args.device,
-        config=cfg.to_dict(),
-    )
-    cfg.save(f"{args.out}/config.yaml")
+    ).summary
     dropped = report["total"] - report["kept"]
     print(
         f"kept {report['kept']} of {report['total']} photos in {report['cells_with_background']} of "

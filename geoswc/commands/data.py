@@ -7,10 +7,13 @@ import json
 import os
 from pathlib import Path
 
+from geoswc.data.metadata import Exclusions, expand_globs, find_leaks, read_metadata
+from geoswc.data.shards import write_shards
+from geoswc.data.synth import make_world
+from geoswc.geocells import Geocells
+
 
 def _synth(args: argparse.Namespace) -> int:
-    from .synth import make_world
-
     spec = make_world(
         args.out, n_train=args.train, n_test=args.test, seed=args.seed, image_size=args.size, workers=args.workers,
     )
@@ -22,16 +25,11 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _shards(args: argparse.Namespace) -> int:
-    from .metadata import Exclusions, expand_globs, read_metadata
-    from .shards import write_shards
-
     if (args.images is None) == (args.msgpack is None):
         raise ValueError("give exactly one of --images ROOT or --msgpack GLOB")
     metadata = read_metadata(args.metadata)
     labeler = fingerprint = None
     if args.cells is not None:
-        from geoswc.geocells import Geocells
-
         geocells = Geocells.load(args.cells)
         labeler, fingerprint = geocells.assign, geocells.fingerprint
     summary = write_shards(
@@ -54,8 +52,6 @@ def _shards(args: argparse.Namespace) -> int:
 
 
 def _check_leaks(args: argparse.Namespace) -> int:
-    from .metadata import find_leaks
-
     report = find_leaks(args.train, args.benchmarks)
     if args.json:
         print(json.dumps(report, indent=2))

@@ -7,14 +7,13 @@ import logging
 import time
 from pathlib import Path
 
+from geoswc.geocells.io import read_coordinates
+from geoswc.geocells.partition import Partition, S2Partitioner
 
 logger = logging.getLogger(__name__)
 
 
 def _build(args: argparse.Namespace) -> int:
-    from geoswc.geocells.io import read_coordinates
-    from geoswc.geocells.partition import S2Partitioner
-
     _, lat, lon = read_coordinates(args.coords, lat_col=args.lat_col, lon_col=args.lon_col)
     started = time.perf_counter()
     partitioner = S2Partitioner(
@@ -46,9 +45,6 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _assign(args: argparse.Namespace) -> int:
-    from geoswc.geocells.io import read_coordinates
-    from geoswc.geocells.partition import Partition
-
     partition = Partition.load_csv(args.cells)
     df, lat, lon = read_coordinates(args.coords, lat_col=args.lat_col, lon_col=args.lon_col)
     labels = partition.assign(lat, lon, nearest=args.nearest)
