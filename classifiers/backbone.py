@@ -20,6 +20,9 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import timm
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from timm.data import resolve_model_data_config
 from torch import nn
 
 logger = logging.getLogger(__name__)
@@ -80,8 +83,6 @@ def read_state_dict(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"backbone weights file not found: {path}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         return load_file(str(path))
     if path.suffix not in (".pth", ".pt", ".bin"):
         raise ValueError(f"unsupported weights file {path.name!r}; choose one of: .safetensors, .pth, .pt, .bin")
@@ -165,9 +166,6 @@ def save_backbone(
     Returns:
         The folder.
     """
-    from safetensors.torch import save_file
-    from timm.data import resolve_model_data_config
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     backbone = getattr(backbone, "_orig_mod", backbone)
@@ -210,9 +208,6 @@ def load_backbone(
         ValueError: the weights were trained on another partition than ``expected_fingerprint`` (both named),
             are not a backbone's, or do not fit the model ``backbone.json`` names.
     """
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     weights_file, spec_file = folder / BACKBONE_WEIGHTS_FILE, folder / BACKBONE_JSON_FILE
     for path in (spec_file, weights_file):

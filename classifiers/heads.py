@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Union
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from geoswc.classifiers.base import GeoHead, masked_cross_entropy
@@ -99,8 +101,6 @@ def create_head(kind: str, *, in_features: int, geocells: Any, **options: Any) -
 
 def save_head(head: GeoHead, path: Union[str, Path], *, config: Any = None) -> Path:
     """Write the head's weights as safetensors; metadata holds kind, options, fingerprint and config."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if config is not None and hasattr(config, "to_dict"):
@@ -118,8 +118,6 @@ def save_head(head: GeoHead, path: Union[str, Path], *, config: Any = None) -> P
 
 
 def read_head_metadata(path: Union[str, Path]) -> Dict[str, str]:
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"head weights file not found: {path}")
@@ -133,8 +131,6 @@ def load_head(path: Union[str, Path], *, geocells: Any) -> GeoHead:
     Raises:
         ValueError: when the head was trained on a partition with another fingerprint.
     """
-    from safetensors.torch import load_file
-
     meta = read_head_metadata(path)
     if "kind" not in meta or "fingerprint" not in meta:
         raise ValueError(f"{path} is not a geoswc head file (no kind/fingerprint metadata)")

@@ -30,6 +30,7 @@ import struct
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
+import cv2
 import numpy as np
 import simplejpeg
 from PIL import Image, ImageOps
@@ -284,19 +285,9 @@ def resize_short_side(image: Image.Image, size: int) -> Image.Image:
 
 
 RESIZE_INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
-_cv2_module = None
-
-
-def _cv2():
-    """OpenCV with its thread pool off: the images are small, DataLoader workers are the parallelism, and a
-    pool started before a fork deadlocks the forked workers."""
-    global _cv2_module
-    if _cv2_module is None:
-        import cv2
-
-        cv2.setNumThreads(0)
-        _cv2_module = cv2
-    return _cv2_module
+# OpenCV's thread pool stays off: the images are small, DataLoader workers are the parallelism, and a pool
+# started before a fork deadlocks the forked workers.
+cv2.setNumThreads(0)
 
 
 def resize_array(array: np.ndarray, size: Tuple[int, int], *, interpolation: str = "bilinear") -> np.ndarray:
@@ -313,7 +304,6 @@ def resize_array(array: np.ndarray, size: Tuple[int, int], *, interpolation: str
         raise ValueError(f"resize target must be positive, got {width}x{height}")
     if (array.shape[1], array.shape[0]) == (width, height):
         return array
-    cv2 = _cv2()
     if width * 2 < array.shape[1] or height * 2 < array.shape[0]:
         flag = cv2.INTER_AREA
     else:
@@ -323,7 +313,7 @@ def resize_array(array: np.ndarray, size: Tuple[int, int], *, interpolation: str
 
 def flip_left_right(array: np.ndarray) -> np.ndarray:
     """A C-contiguous left-right mirror image of an ``(H, W, C)`` uint8 array."""
-    return _cv2().flip(np.ascontiguousarray(array), 1)
+    return cv2.flip(np.ascontiguousarray(array), 1)
 
 
 def short_side_size(width: int, height: int, size: int) -> Tuple[int, int]:

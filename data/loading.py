@@ -26,6 +26,7 @@ import tarfile
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
+import braceexpand
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -47,8 +48,6 @@ def expand_urls(urls: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
             if summary.is_file():
                 return [str(path / s["name"]) for s in json.loads(summary.read_text())["shards"]]
             return sorted(str(p) for p in path.glob("*.tar"))
-        import braceexpand
-
         expanded = []
         for pattern in braceexpand.braceexpand(str(urls)):
             is_glob = any(ch in pattern for ch in "*?[")

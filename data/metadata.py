@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
+import msgpack
 import numpy as np
 import pandas as pd
 
@@ -349,8 +350,6 @@ def iter_msgpack_records(paths: Sequence[PathLike]) -> Iterator[Tuple[str, bytes
 
     A truncated shard ends its own iteration with a warning instead of stopping the job.
     """
-    import msgpack
-
     for path in paths:
         with open(path, "rb") as f:
             unpacker = msgpack.Unpacker(f, raw=False, max_buffer_size=1 << 30)

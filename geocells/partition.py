@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import json
 import logging
 from pathlib import Path
 from typing import Optional, Sequence, Tuple, Union
@@ -298,8 +299,6 @@ class Geocells:
 
     def save(self, directory: Union[str, Path]) -> Path:
         """Write ``<name>.csv`` per granularity, ``hierarchy.csv`` and ``geocells.json`` into ``directory``."""
-        import json
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         entries = []
@@ -330,8 +329,6 @@ class Geocells:
     @classmethod
     def load(cls, directory: Union[str, Path]) -> "Geocells":
         """Read a folder written by `save`, checking every file against the fingerprints in geocells.json."""
-        import json
-
         directory = Path(directory)
         meta_path = directory / "geocells.json"
         if not directory.is_dir():

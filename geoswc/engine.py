@@ -35,10 +35,12 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import ProjectConfiguration, parse_flag_from_env, set_seed
 from torch import nn
+from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 
@@ -83,8 +85,6 @@ def use_cpu(cpu: bool = False) -> bool:
     own progress bar and writes the same files. ``PartialState`` also ignores ``ACCELERATE_USE_CPU`` (only
     ``Accelerator`` reads it), and the first state created decides for the whole process.
     """
-    from accelerate.utils import parse_flag_from_env
-
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
     no_gpu = not torch.cuda.is_available()
     return bool(cpu) or parse_flag_from_env("ACCELERATE_USE_CPU") or (launched and no_gpu)
@@ -205,8 +205,6 @@ class EpochProgress:
     """
 
     def __init__(self, accelerator: Accelerator, total: int, *, epoch: int, epochs: int, desc: str = "train"):
-        from tqdm.auto import tqdm
-
         self.world = accelerator.num_processes
         self.images = 0
         self.start = time.perf_counter()
@@ -343,8 +341,6 @@ def sync_buffers(accelerator: Accelerator, module: nn.Module) -> None:
     """
     if accelerator.num_processes == 1:
         return
-    import torch.distributed as dist
-
     for buffer in accelerator.unwrap_model(module).buffers():
         dist.broadcast(buffer.data, src=0)
 

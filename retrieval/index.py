@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
@@ -253,8 +254,6 @@ class BackgroundIndex:
 
     def to(self, device) -> "BackgroundIndex":
         """Keep a copy of the embeddings on a torch device, used when queries arrive on that device."""
-        import torch
-
         self._check_built()
         device = torch.device(device)
         if device.type != "cpu":
@@ -350,8 +349,6 @@ class BackgroundIndex:
         return sims, rows
 
     def _search_groups_torch(self, queries, query_of, flat_cells, k):
-        import torch
-
         device = queries.device
         n = len(flat_cells)
         sims = torch.full((n, k), float("-inf"), device=device)
@@ -501,8 +498,6 @@ def _default_pq_m(dim: int) -> int:
 def _merge_topk(sims, rows, k):
     """Top-k of each row of candidate lists (Q, C) -> (Q, k), best first; works on numpy and torch."""
     if _is_torch(sims):
-        import torch
-
         top_sims, pos = torch.topk(sims, k, dim=1)
         return top_sims, torch.gather(rows, 1, pos)
     pos = np.argsort(-sims, axis=1, kind="stable")[:, :k]

@@ -19,8 +19,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, Optional, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 RESIDUAL_INPUTS = ("normalized", "raw")
@@ -68,8 +71,6 @@ class ResidualRetrievalModule(nn.Module):
 
         Reads ``features`` slice by slice, so a memory-mapped cache larger than RAM works.
         """
-        import numpy as np
-
         device = torch.device(device) if device is not None else next(self.parameters()).device
         was_training = self.training
         self.eval()
@@ -89,8 +90,6 @@ class ResidualRetrievalModule(nn.Module):
         self, path: Union[str, Path], *, fingerprint: str, extra: Optional[Dict[str, str]] = None
     ) -> None:
         """Write the weights as safetensors with ``dim``, ``hidden_dim`` and the partition fingerprint."""
-        from safetensors.torch import save_file
-
         metadata = {
             "kind": "retrieval",
             "dim": str(self.dim),
@@ -107,8 +106,6 @@ class ResidualRetrievalModule(nn.Module):
         cls, path: Union[str, Path], *, fingerprint: Optional[str] = None, map_location: str = "cpu"
     ) -> ResidualRetrievalModule:
         """Load a module saved with `save`; raises when ``fingerprint`` is given and differs from the file's."""
-        from safetensors.torch import load_file
-
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"retrieval module weights not found: {path}")
@@ -132,7 +129,5 @@ class ResidualRetrievalModule(nn.Module):
 
 def read_metadata(path: Union[str, Path]) -> Dict[str, str]:
     """The safetensors metadata of a weights file (``dim``, ``hidden_dim``, ``fingerprint``, …)."""
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as handle:
         return dict(handle.metadata() or {})
