@@ -76,9 +76,15 @@ def main() -> None:
     size = args.size
     config = {"mean": MEAN, "std": STD, "interpolation": "bicubic"}
     pil_normalise = [T.ToTensor(), T.Normalize(MEAN, STD)]
-    pil_train = T.Compose([T.RandomResizedCrop(size, scale=(0.7, 1.0), ratio=(3 / 4, 4 / 3),
-                                               interpolation=T.InterpolationMode.BICUBIC),
-                           T.RandomHorizontalFlip()] + pil_normalise)
+    pil_train = T.Compose(
+        [
+            T.RandomResizedCrop(
+                size, scale=(0.7, 1.0), ratio=(3 / 4, 4 / 3), interpolation=T.InterpolationMode.BICUBIC
+            ),
+            T.RandomHorizontalFlip(),
+        ]
+        + pil_normalise
+    )
     pil_eval = T.Compose([ResizeLongestPIL(size)] + pil_normalise)
     our_train = build_transform(config, train=True, size=size)
     our_eval = build_transform(config, train=False, size=size, eval_resize="longest")

@@ -26,7 +26,10 @@ from geoswc.geocells import S2Partitioner, latlng_to_cell_id  # noqa: E402
 from geoswc.geocells.io import read_coordinates  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED_SAMPLE = Path(os.environ.get("GEOSWC_SHARED", ROOT.parent / "shared")) / "reference/coordinates/mp16_sample_100k.csv"
+SHARED_SAMPLE = (
+    Path(os.environ.get("GEOSWC_SHARED", ROOT.parent / "shared"))
+    / "reference/coordinates/mp16_sample_100k.csv"
+)
 BUNDLED_SAMPLE = ROOT / "tests/data/mp16_sample_3k.csv"
 
 
@@ -61,7 +64,9 @@ def main():
     source = SHARED_SAMPLE if SHARED_SAMPLE.is_file() else BUNDLED_SAMPLE
     _, lat0, lon0 = read_coordinates(source)
     lat, lon = resample(lat0, lon0, args.points, args.jitter_deg)
-    print(f"points: {len(lat):,} resampled from {source.name} ({len(lat0):,}) with {args.jitter_deg} deg jitter")
+    print(
+        f"points: {len(lat):,} resampled from {source.name} ({len(lat0):,}) with {args.jitter_deg} deg jitter"
+    )
 
     t = time.perf_counter()
     ids = latlng_to_cell_id(lat, lon)
@@ -86,14 +91,22 @@ def main():
 
     rows = [
         ("S2 leaf ids (vectorised)", t_ids, f"{len(lat) / t_ids / 1e6:.2f} M points/s"),
-        ("fit: ids + sort + 3 granularities", t_fit, ", ".join(f"{p.name}: {len(p)}" for p in geocells.partitions)),
+        (
+            "fit: ids + sort + 3 granularities",
+            t_fit,
+            ", ".join(f"{p.name}: {len(p)}" for p in geocells.partitions),
+        ),
         (f"s2sphere per-point ids (from {n_base:,})", t_base, f"{len(lat) / t_base / 1e3:.1f} k points/s"),
     ]
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores visible, 1 thread used; python {platform.python_version()}")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores visible, 1 thread used; python {platform.python_version()}"
+    )
     print(f"{'step':<38} {'seconds':>9}  notes")
     for name, sec, note in rows:
         print(f"{name:<38} {sec:>9.2f}  {note}")
-    print(f"peak memory: {traced_peak / 2**30:.2f} GiB traced in fit; process max RSS {max_rss_kib / 2**20:.2f} GiB")
+    print(
+        f"peak memory: {traced_peak / 2**30:.2f} GiB traced in fit; process max RSS {max_rss_kib / 2**20:.2f} GiB"
+    )
     print(f"ratio s2sphere ids / vectorised ids: {t_base / t_ids:.0f}x")
     print(f"ratio s2sphere ids alone / whole vectorised fit: {t_base / t_fit:.0f}x")
 

@@ -75,16 +75,27 @@ def timed(fn, *args, **kwargs):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--n", type=int, default=4_700_000)
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--queries", type=int, default=20000)
     parser.add_argument("--batch", type=int, default=4096, help="queries per search_cells call")
     parser.add_argument("--k", type=int, default=10)
-    parser.add_argument("--filtered-queries", type=int, default=50, help="queries for the IDSelectorBatch baseline")
-    parser.add_argument("--global-queries", type=int, default=256, help="queries for the exact global baseline")
-    parser.add_argument("--recall-n", type=int, default=200_000, help="background size of the compact-mode table")
-    parser.add_argument("--shared", default=os.environ.get("GEOSWC_SHARED", str(Path(__file__).resolve().parents[1].parent / "shared")))
+    parser.add_argument(
+        "--filtered-queries", type=int, default=50, help="queries for the IDSelectorBatch baseline"
+    )
+    parser.add_argument(
+        "--global-queries", type=int, default=256, help="queries for the exact global baseline"
+    )
+    parser.add_argument(
+        "--recall-n", type=int, default=200_000, help="background size of the compact-mode table"
+    )
+    parser.add_argument(
+        "--shared",
+        default=os.environ.get("GEOSWC_SHARED", str(Path(__file__).resolve().parents[1].parent / "shared")),
+    )
     parser.add_argument("--workdir", help="where the memory-mapped index is written (default: a temp folder)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -95,12 +106,21 @@ def main() -> None:
     sizes, source = cell_sizes(args.n, Path(args.shared), rng)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_index_"))
     work.mkdir(parents=True, exist_ok=True)
-    print(f"background: {sizes.sum():,} x {args.dim} float16 over {len(sizes):,} cells ({source}); "
-          f"median cell {int(np.median(sizes))}, max {sizes.max()}, empty {(sizes == 0).sum()}")
+    print(
+        f"background: {sizes.sum():,} x {args.dim} float16 over {len(sizes):,} cells ({source}); "
+        f"median cell {int(np.median(sizes))}, max {sizes.max()}, empty {(sizes == 0).sum()}"
+    )
     (emb, cell_idx, centres), t_gen = timed(make_embeddings, work / "source.npy", sizes, args.dim, args.seed)
     index, t_build = timed(
-        BackgroundIndex(chunk_size=1 << 18).build, emb, cell_idx=cell_idx, latlon=np.zeros((len(cell_idx), 2)),
-        ids=np.arange(len(cell_idx)), n_cells=len(sizes), fingerprint="bench", directory=work / "index")
+        BackgroundIndex(chunk_size=1 << 18).build,
+        emb,
+        cell_idx=cell_idx,
+        latlon=np.zeros((len(cell_idx), 2)),
+        ids=np.arange(len(cell_idx)),
+        n_cells=len(sizes),
+        fingerprint="bench",
+        directory=work / "index",
+    )
     index = BackgroundIndex.load(work / "index")  # memory-mapped, as in production
     print(f"generated in {t_gen:.1f} s, built + saved (streaming) in {t_build:.1f} s")
 
@@ -125,31 +145,43 @@ def main() -> None:
         d, r = flat.search(queries[i : i + 1], args.k, params=params)
         agree += np.allclose(d[0][r[0] >= 0], ref_sims[i][ref_rows[i] >= 0], atol=1e-4)
     filtered_qps = fq / (time.perf_counter() - start)
-    print(f"faiss IDSelectorBatch filtered flat search: {filtered_qps:,.1f} queries/s ({fq} queries; "
-          f"same top-{args.k} similarities for {agree}/{fq})")
+    print(
+        f"faiss IDSelectorBatch filtered flat search: {filtered_qps:,.1f} queries/s ({fq} queries; "
+        f"same top-{args.k} similarities for {agree}/{fq})"
+    )
     gq = args.global_queries
     _, t_global = timed(flat.search, queries[:gq], args.k)
     global_qps = gq / t_global
     print(f"faiss exact global flat search (batch of {gq}): {global_qps:,.1f} queries/s")
-    print(f"ratio search_cells / IDSelectorBatch: {swc_qps / filtered_qps:,.0f}x; "
-          f"search_cells / exact global: {swc_qps / global_qps:,.0f}x")
+    print(
+        f"ratio search_cells / IDSelectorBatch: {swc_qps / filtered_qps:,.0f}x; "
+        f"search_cells / exact global: {swc_qps / global_qps:,.0f}x"
+    )
     del flat
 
     # Compact global-search modes on a subset: recall@10 against exact search, bytes per photo.
     rn = min(args.recall_n, len(index))
     sub_sizes, _ = cell_sizes(rn, Path(args.shared), np.random.default_rng(args.seed))
     sub_emb, sub_cells, sub_centres = make_embeddings(work / "subset.npy", sub_sizes, args.dim, args.seed + 7)
-    sub = BackgroundIndex().build(sub_emb, cell_idx=sub_cells, latlon=np.zeros((rn, 2)), ids=np.arange(rn),
-                                  n_cells=len(sub_sizes), fingerprint="bench")
+    sub = BackgroundIndex().build(
+        sub_emb,
+        cell_idx=sub_cells,
+        latlon=np.zeros((rn, 2)),
+        ids=np.arange(rn),
+        n_cells=len(sub_sizes),
+        fingerprint="bench",
+    )
     rq, _ = make_queries(sub_centres, sub_sizes, 1000, args.seed + 7)
     _, exact = sub.search(rq, 10, mode="flat")
     d = args.dim
-    rows = [("flat float16 (exact)", {"mode": "flat"}, 2 * d),
-            ("sq8", {"mode": "sq8"}, d),
-            (f"pq m={d // 8}", {"mode": "pq", "pq_m": d // 8, "train_size": 10000}, d // 8),
-            (f"pq m={d // 4}", {"mode": "pq", "pq_m": d // 4, "train_size": 10000}, d // 4),
-            ("binary (1 bit/dim)", {"mode": "binary"}, d // 8),
-            ("ivf flat nprobe=16", {"mode": "ivf", "nprobe": 16}, 4 * d)]
+    rows = [
+        ("flat float16 (exact)", {"mode": "flat"}, 2 * d),
+        ("sq8", {"mode": "sq8"}, d),
+        (f"pq m={d // 8}", {"mode": "pq", "pq_m": d // 8, "train_size": 10000}, d // 8),
+        (f"pq m={d // 4}", {"mode": "pq", "pq_m": d // 4, "train_size": 10000}, d // 4),
+        ("binary (1 bit/dim)", {"mode": "binary"}, d // 8),
+        ("ivf flat nprobe=16", {"mode": "ivf", "nprobe": 16}, 4 * d),
+    ]
     print(f"\ncompact modes on {rn:,} x {d} (1,000 queries), recall@10 vs exact:")
     print("| mode | bytes/photo | recall@10 | build s | queries/s |")
     print("|---|---|---|---|---|")

@@ -99,7 +99,11 @@ def bench_search_within_cell(args: argparse.Namespace) -> None:
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     latlon = neighbour_coordinates(n_rows, 1)[:, 0]
     index = BackgroundIndex().build(
-        emb, cell_idx=cell_idx, latlon=latlon, ids=[str(i) for i in range(n_rows)], n_cells=n_cells,
+        emb,
+        cell_idx=cell_idx,
+        latlon=latlon,
+        ids=[str(i) for i in range(n_rows)],
+        n_cells=n_cells,
         fingerprint="bench",
     )
     queries = torch.from_numpy(rng.normal(size=(args.queries, args.dim)).astype(np.float32))
@@ -136,7 +140,9 @@ def main() -> None:
     parser.add_argument("--cells", type=int, default=0, help="use the first N cells only (0 = all)")
     parser.add_argument("--skip-search", action="store_true", help="only the clustering benchmark")
     args = parser.parse_args()
-    print(f"machine: {platform.processor() or platform.machine()}, {platform.system()}, numpy {np.__version__}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {platform.system()}, numpy {np.__version__}"
+    )
     bench_clustering(args)
     if not args.skip_search:
         bench_search_within_cell(args)

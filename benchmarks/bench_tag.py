@@ -49,7 +49,14 @@ class BackbonePredictor:
         lat = torch.tanh(features[:, 0]) * 90
         lon = torch.tanh(features[:, 1]) * 180
         return [
-            {"lat": a, "lon": b, "method": "cell", "cell_token": None, "cell_probability": None, "confidence": None}
+            {
+                "lat": a,
+                "lon": b,
+                "method": "cell",
+                "cell_token": None,
+                "cell_probability": None,
+                "confidence": None,
+            }
             for a, b in zip(lat.tolist(), lon.tolist())
         ]
 
@@ -68,7 +75,9 @@ def make_photos(folder: Path, count: int, width: int, height: int, seed: int = 0
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--photos", type=int, default=128)
     parser.add_argument("--width", type=int, default=1600)
     parser.add_argument("--height", type=int, default=1200)
@@ -100,7 +109,9 @@ def main() -> None:
         folder.mkdir()
         make_photos(folder, args.photos, args.width, args.height)
         paths = sorted(str(p) for p in folder.iterdir())
-        pixels = torch.stack([predictor.transform(load_photo(p, target=target, as_array=True)) for p in paths])
+        pixels = torch.stack(
+            [predictor.transform(load_photo(p, target=target, as_array=True)) for p in paths]
+        )
         batches = list(torch.split(pixels, args.batch_size))
         forward(batches[0][:2])  # warm-up: allocator, kernels
 
@@ -114,16 +125,25 @@ def main() -> None:
             out = Path(tmp) / f"tags{repeat}.csv"
             start = time.perf_counter()
             summary = tag_photos(
-                [str(folder)], predictor, str(out), batch_size=args.batch_size, workers=args.workers, target=target
+                [str(folder)],
+                predictor,
+                str(out),
+                batch_size=args.batch_size,
+                workers=args.workers,
+                target=target,
             )
             e2e_s.append(time.perf_counter() - start)
             assert summary.ok == args.photos, summary
 
     backbone, e2e = min(backbone_s), min(e2e_s)
     workers = args.workers if args.workers is not None else max(0, min(8, (os.cpu_count() or 1) - 1))
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads "
-          f"{torch.get_num_threads()}, CUDA {'yes' if torch.cuda.is_available() else 'no'}")
-    print(f"{label}; {args.photos} JPEGs {args.width}x{args.height}; batch {args.batch_size}; {workers} decoding workers")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads "
+        f"{torch.get_num_threads()}, CUDA {'yes' if torch.cuda.is_available() else 'no'}"
+    )
+    print(
+        f"{label}; {args.photos} JPEGs {args.width}x{args.height}; batch {args.batch_size}; {workers} decoding workers"
+    )
     print(f"backbone forward on preloaded tensors: {backbone:.2f} s ({args.photos / backbone:.1f} images/s)")
     print(f"end-to-end geoswc tag:                 {e2e:.2f} s ({args.photos / e2e:.1f} images/s)")
     print(f"pipeline overhead: {100 * (e2e / backbone - 1):+.1f} % (target <= 10 %)")

@@ -54,7 +54,9 @@ def variant(model_name: str, *, channels_last: bool, compiled: bool, size: int, 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="tf_efficientnet_lite0")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--batch", type=int, default=32)
@@ -62,8 +64,10 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=1000)
     parser.add_argument("--no-compile", action="store_true")
     args = parser.parse_args()
-    print(f"{args.model} at {args.size}px, batch {args.batch}, {args.steps} steps, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, device cpu")
+    print(
+        f"{args.model} at {args.size}px, batch {args.batch}, {args.steps} steps, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, device cpu"
+    )
     variants = [("eager", False, False), ("channels_last", True, False)]
     if not args.no_compile:
         variants.append(("compiled+channels_last", True, True))
@@ -71,8 +75,14 @@ def main() -> None:
     print(f"{'variant':<24}{'train img/s':>12}{'ratio':>8}{'extract img/s':>15}{'ratio':>8}")
     for name, cl, comp in variants:
         try:
-            train_step, extract_step = variant(args.model, channels_last=cl, compiled=comp, size=args.size,
-                                               batch=args.batch, classes=args.classes)
+            train_step, extract_step = variant(
+                args.model,
+                channels_last=cl,
+                compiled=comp,
+                size=args.size,
+                batch=args.batch,
+                classes=args.classes,
+            )
             train = measure(train_step, args.steps, args.batch)
             extract = measure(extract_step, args.steps, args.batch)
         except Exception as err:  # torch.compile needs a working C++ toolchain; report instead of failing

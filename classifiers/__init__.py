@@ -13,7 +13,20 @@ from geoswc.classifiers.mvmf import MvMFHead, vmf_log_density, vmf_log_normalize
 from geoswc.classifiers.model import CellClassifier
 
 __all__ = [
-    "create_backbone", "load_backbone", "load_backbone_weights", "lite0_weights_path", "save_backbone",
-    "GeoHead", "HEADS", "CEHead", "HCHead", "MvMFHead", "CellClassifier", "create_head", "load_head",
-    "save_head", "vmf_log_density", "vmf_log_normalizer",
+    "create_backbone",
+    "load_backbone",
+    "load_backbone_weights",
+    "lite0_weights_path",
+    "save_backbone",
+    "GeoHead",
+    "HEADS",
+    "CEHead",
+    "HCHead",
+    "MvMFHead",
+    "CellClassifier",
+    "create_head",
+    "load_head",
+    "save_head",
+    "vmf_log_density",
+    "vmf_log_normalizer",
 ]

@@ -85,7 +85,9 @@ def read_state_dict(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         return load_file(str(path))
     if path.suffix not in (".pth", ".pt", ".bin"):
-        raise ValueError(f"unsupported weights file {path.name!r}; choose one of: .safetensors, .pth, .pt, .bin")
+        raise ValueError(
+            f"unsupported weights file {path.name!r}; choose one of: .safetensors, .pth, .pt, .bin"
+        )
     state = torch.load(str(path), map_location="cpu", weights_only=True)
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):

@@ -18,7 +18,11 @@ def latlon_to_unit(latlon_deg: torch.Tensor) -> torch.Tensor:
     """(..., 2) degrees -> (..., 3) unit vectors on the sphere."""
     lat_rad, lon_rad = torch.deg2rad(latlon_deg).unbind(-1)
     return torch.stack(
-        (torch.cos(lat_rad) * torch.cos(lon_rad), torch.cos(lat_rad) * torch.sin(lon_rad), torch.sin(lat_rad)),
+        (
+            torch.cos(lat_rad) * torch.cos(lon_rad),
+            torch.cos(lat_rad) * torch.sin(lon_rad),
+            torch.sin(lat_rad),
+        ),
         dim=-1,
     )
 
@@ -58,7 +62,9 @@ class GeoHead(nn.Module):
         self.register_buffer("centers_deg", torch.from_numpy(centers.copy()), persistent=False)
         self.options: Dict[str, Any] = {}
 
-    def loss(self, outputs: Dict[str, torch.Tensor], labels: torch.Tensor, latlon: torch.Tensor) -> torch.Tensor:
+    def loss(
+        self, outputs: Dict[str, torch.Tensor], labels: torch.Tensor, latlon: torch.Tensor
+    ) -> torch.Tensor:
         raise NotImplementedError
 
     def fine_log_probs(self, outputs: Dict[str, torch.Tensor]) -> torch.Tensor:

@@ -92,8 +92,14 @@ class MvMFHead(GeoHead):
 
     kind = "mvmf"
 
-    def __init__(self, in_features: int, geocells: Any, *, train_means: bool = False,
-                 init_kappa: Optional[float] = None):
+    def __init__(
+        self,
+        in_features: int,
+        geocells: Any,
+        *,
+        train_means: bool = False,
+        init_kappa: Optional[float] = None,
+    ):
         super().__init__(in_features, geocells)
         if init_kappa is not None and not init_kappa > 0:
             raise ValueError(f"init_kappa must be > 0, got {init_kappa!r}")

@@ -34,8 +34,17 @@ CACHE_ARRAYS = {"features": np.float16, "latlon": np.float64, "labels": np.int64
 CACHE_LINES = ("ids", "authors")
 
 
-def merge_image_parts(parts_dir: Path, out: Path, *, latlon: np.ndarray, labels: np.ndarray,
-                      ids: Sequence[str], authors: Sequence[str], part_size: int, dim: int) -> None:
+def merge_image_parts(
+    parts_dir: Path,
+    out: Path,
+    *,
+    latlon: np.ndarray,
+    labels: np.ndarray,
+    ids: Sequence[str],
+    authors: Sequence[str],
+    part_size: int,
+    dim: int,
+) -> None:
     """Writes the cache files of ``out`` from the parts of `extract_features` (``part_NNNNN.npy``, features of
     ``part_size`` consecutive rows) and the photo table's coordinates, labels, ids and authors. The table's
     arrays are in memory already and are saved as they are: the coordinates come from pandas in Fortran order,
@@ -56,8 +65,14 @@ def merge_image_parts(parts_dir: Path, out: Path, *, latlon: np.ndarray, labels:
                 )
             yield {"features": features, "ids": ids[rows], "authors": authors[rows]}
 
-    _write_cache(out, blocks(), count=n, dim=dim, label_shape=labels.shape[1:],
-                 whole={"latlon": latlon, "labels": labels})
+    _write_cache(
+        out,
+        blocks(),
+        count=n,
+        dim=dim,
+        label_shape=labels.shape[1:],
+        whole={"latlon": latlon, "labels": labels},
+    )
 
 
 def merge_shard_parts(parts_dir: Path, out: Path, *, n_parts: int, dim: int) -> int:
@@ -74,9 +89,13 @@ def merge_shard_parts(parts_dir: Path, out: Path, *, n_parts: int, dim: int) -> 
         for path, k in zip(paths, rows):
             if k:
                 with np.load(path) as part:
-                    yield {"features": part["features"], "latlon": part["latlon"],
-                           "labels": part["labels"].reshape(k, -1), "ids": part["ids"],
-                           "authors": part["authors"]}
+                    yield {
+                        "features": part["features"],
+                        "latlon": part["latlon"],
+                        "labels": part["labels"].reshape(k, -1),
+                        "ids": part["ids"],
+                        "authors": part["authors"],
+                    }
 
     _write_cache(out, blocks(), count=sum(rows), dim=dim, label_shape=label_shape)
     return sum(rows)
@@ -89,8 +108,11 @@ def _npz_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         for member in archive.namelist():
             with archive.open(member) as f:
                 version = np.lib.format.read_magic(f)
-                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                               else np.lib.format.read_array_header_2_0)
+                read_header = (
+                    np.lib.format.read_array_header_1_0
+                    if version == (1, 0)
+                    else np.lib.format.read_array_header_2_0
+                )
                 shapes[member.removesuffix(".npy")] = read_header(f)[0]
     return shapes
 
@@ -106,8 +128,15 @@ def _npy_writer(path: Path, dtype: Any, shape: tuple[int, ...]) -> Iterator[IO[b
         yield f
 
 
-def _write_cache(out: Path, blocks: Iterable[dict[str, Any]], *, count: int, dim: int,
-                 label_shape: tuple[int, ...], whole: dict[str, np.ndarray] | None = None) -> None:
+def _write_cache(
+    out: Path,
+    blocks: Iterable[dict[str, Any]],
+    *,
+    count: int,
+    dim: int,
+    label_shape: tuple[int, ...],
+    whole: dict[str, np.ndarray] | None = None,
+) -> None:
     """Streams ``blocks`` (dicts of consecutive rows of the cache files) into ``features.npy``,
     ``latlon.npy``, ``labels.npy``, ``ids.txt`` and ``authors.txt`` of ``out``: the same files an in-memory
     concatenation would give. Arrays in ``whole`` are complete already: they are saved as they are and left

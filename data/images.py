@@ -135,7 +135,9 @@ def jpeg_scale_denominator(width: int, height: int, target: Optional[int], side:
     return 1
 
 
-def _decode_jpeg_turbo(data: bytes, target: Optional[int], side: str, max_pixels: int) -> Optional[np.ndarray]:
+def _decode_jpeg_turbo(
+    data: bytes, target: Optional[int], side: str, max_pixels: int
+) -> Optional[np.ndarray]:
     """libjpeg-turbo path; None when this JPEG needs Pillow (CMYK, 12-bit, arithmetic coding, ...)."""
     try:
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
@@ -149,8 +151,13 @@ def _decode_jpeg_turbo(data: bytes, target: Optional[int], side: str, max_pixels
     denominator = jpeg_scale_denominator(width, height, target, side)
     try:
         array = simplejpeg.decode_jpeg(
-            data, colorspace="RGB", fastdct=True, fastupsample=True, strict=True,
-            min_height=-(-height // denominator), min_width=-(-width // denominator),
+            data,
+            colorspace="RGB",
+            fastdct=True,
+            fastupsample=True,
+            strict=True,
+            min_height=-(-height // denominator),
+            min_width=-(-width // denominator),
         )
     except ValueError:
         # Damaged or exotic data: Pillow decides whether it is readable and says why not.
@@ -205,7 +212,9 @@ def _decode_pillow(data: bytes, target: Optional[int], side: str, max_pixels: in
         raise ImageDecodeError(f"unreadable image ({type(err).__name__}: {err})") from None
 
 
-def _decode(source: Source, target: Optional[int], side: str, max_pixels: int) -> Union[np.ndarray, Image.Image]:
+def _decode(
+    source: Source, target: Optional[int], side: str, max_pixels: int
+) -> Union[np.ndarray, Image.Image]:
     if target is not None and target <= 0:
         raise ValueError(f"target must be a positive side in pixels, got {target}")
     if side not in TARGET_SIDES:
@@ -229,7 +238,11 @@ def _decode(source: Source, target: Optional[int], side: str, max_pixels: int) -
 
 
 def decode_image(
-    source: Source, *, target: Optional[int] = None, target_side: str = "short", max_pixels: int = MAX_IMAGE_PIXELS
+    source: Source,
+    *,
+    target: Optional[int] = None,
+    target_side: str = "short",
+    max_pixels: int = MAX_IMAGE_PIXELS,
 ) -> Image.Image:
     """Decode a photo to an upright RGB image, downscaled while decoding when ``target`` allows it.
 
@@ -255,7 +268,11 @@ def decode_image(
 
 
 def decode_array(
-    source: Source, *, target: Optional[int] = None, target_side: str = "short", max_pixels: int = MAX_IMAGE_PIXELS
+    source: Source,
+    *,
+    target: Optional[int] = None,
+    target_side: str = "short",
+    max_pixels: int = MAX_IMAGE_PIXELS,
 ) -> np.ndarray:
     """`decode_image` as an ``(H, W, 3)`` uint8 RGB array (C-contiguous), the transforms' input.
 
@@ -298,7 +315,9 @@ def resize_array(array: np.ndarray, size: Tuple[int, int], *, interpolation: str
     instead, so that nothing aliases.
     """
     if interpolation not in RESIZE_INTERPOLATIONS:
-        raise ValueError(f"unknown interpolation {interpolation!r}; choose one of: {', '.join(RESIZE_INTERPOLATIONS)}")
+        raise ValueError(
+            f"unknown interpolation {interpolation!r}; choose one of: {', '.join(RESIZE_INTERPOLATIONS)}"
+        )
     width, height = int(size[0]), int(size[1])
     if width <= 0 or height <= 0:
         raise ValueError(f"resize target must be positive, got {width}x{height}")
@@ -307,7 +326,9 @@ def resize_array(array: np.ndarray, size: Tuple[int, int], *, interpolation: str
     if width * 2 < array.shape[1] or height * 2 < array.shape[0]:
         flag = cv2.INTER_AREA
     else:
-        flag = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC, "nearest": cv2.INTER_NEAREST}[interpolation]
+        flag = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC, "nearest": cv2.INTER_NEAREST}[
+            interpolation
+        ]
     return cv2.resize(array, (width, height), interpolation=flag)
 
 
@@ -333,9 +354,10 @@ def image_path(root: Union[str, os.PathLike], img_id: str) -> Path:
 PHOTO_EXTENSIONS = frozenset(
     ".jpg .jpeg .jpe .jfif .png .webp .bmp .dib .tif .tiff .gif .heic .heif .hif".split()
 )
-HEIF_BRANDS = frozenset([b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1"])
+HEIF_BRANDS = frozenset(
+    [b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1"]
+)
 SNIFF_BYTES = 32
-
 
 
 class PhotoError(Exception):
@@ -542,7 +564,9 @@ def discover(inputs: Sequence[str]) -> Discovery:
     if walker.found:
         common = os.path.commonpath([os.path.abspath(root) for _, root, _ in walker.found])
         for path, _, explicit in walker.found:
-            photos.append(PhotoFile(path=path, rel=os.path.relpath(os.path.abspath(path), common), explicit=explicit))
+            photos.append(
+                PhotoFile(path=path, rel=os.path.relpath(os.path.abspath(path), common), explicit=explicit)
+            )
         walker.result.root = common
     walker.result.photos = photos
     return walker.result
@@ -577,7 +601,9 @@ def read_photo_bytes(path: str) -> bytes:
     return data
 
 
-def load_photo(path: str, *, target: Optional[int] = None, target_side: str = "short", as_array: bool = False):
+def load_photo(
+    path: str, *, target: Optional[int] = None, target_side: str = "short", as_array: bool = False
+):
     """Read and decode one photo to an upright RGB ``PIL.Image``.
 
     Args:

@@ -129,7 +129,9 @@ class ShardStream(IterableDataset):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if epoch_length is not None and epoch_length < 1:
-            raise ValueError(f"epoch_length must be a positive number of batches per rank, got {epoch_length}")
+            raise ValueError(
+                f"epoch_length must be a positive number of batches per rank, got {epoch_length}"
+            )
         self.urls = list(urls)
         self.counts = [shard_sample_count(u) for u in self.urls]
         self.transform, self.batch_size = transform, batch_size
@@ -160,7 +162,9 @@ class ShardStream(IterableDataset):
         for position, shard in enumerate(order):
             start, stop = max(lo, offsets[position]), min(hi, offsets[position + 1])
             if start < stop:
-                pieces.append((self.urls[shard], int(start - offsets[position]), int(stop - offsets[position])))
+                pieces.append(
+                    (self.urls[shard], int(start - offsets[position]), int(stop - offsets[position]))
+                )
         return pieces
 
     def _samples(self, worker: int, workers: int, pass_: int) -> Iterator[Dict]:
@@ -277,8 +281,16 @@ def shard_loader(
         pin_memory: passed to the DataLoader.
     """
     stream = ShardStream(
-        expand_urls(urls), transform=transform, batch_size=batch_size, rank=rank, world_size=world_size,
-        epoch_length=epoch_length, shuffle_buffer=shuffle_buffer, seed=seed, epoch=epoch,
-        decode_target=decode_target, canvas=canvas,
+        expand_urls(urls),
+        transform=transform,
+        batch_size=batch_size,
+        rank=rank,
+        world_size=world_size,
+        epoch_length=epoch_length,
+        shuffle_buffer=shuffle_buffer,
+        seed=seed,
+        epoch=epoch,
+        decode_target=decode_target,
+        canvas=canvas,
     )
     return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory)

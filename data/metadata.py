@@ -312,16 +312,17 @@ def find_leaks(train: PathLike, benchmarks: Sequence[PathLike]) -> Dict[str, obj
     """
     train_frame = read_metadata(train)
     train_ids = train_frame["IMG_ID"].map(normalize_photo_id)
-    train_authors = (
-        train_frame["AUTHOR"].astype(str).str.strip() if "AUTHOR" in train_frame.columns else None
-    )
+    train_authors = train_frame["AUTHOR"].astype(str).str.strip() if "AUTHOR" in train_frame.columns else None
     report: Dict[str, object] = {"train": str(train), "train_rows": len(train_frame), "benchmarks": {}}
     for path in benchmarks:
         bench = read_metadata(path)
         bench_ids = set(bench["IMG_ID"].map(normalize_photo_id))
         shared_ids = sorted(set(train_ids) & bench_ids)
-        entry: Dict[str, object] = {"rows": len(bench), "shared_photo_ids": len(shared_ids),
-                                    "examples_photo_ids": shared_ids[:20]}
+        entry: Dict[str, object] = {
+            "rows": len(bench),
+            "shared_photo_ids": len(shared_ids),
+            "examples_photo_ids": shared_ids[:20],
+        }
         if train_authors is not None and "AUTHOR" in bench.columns:
             shared_authors = sorted(set(train_authors) & set(bench["AUTHOR"].astype(str).str.strip()) - {""})
             entry["shared_authors"] = len(shared_authors)

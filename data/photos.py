@@ -74,8 +74,9 @@ class PhotoDataset(Dataset):
             if source.ndim != 3 or source.shape[2] != 3 or source.dtype != np.uint8:
                 raise PhotoError(f"an image array must be (H, W, 3) uint8, got {source.shape} {source.dtype}")
             return source if self.as_array else Image.fromarray(source, "RGB")
-        return load_photo(os.fspath(source), target=self.target, target_side=self.target_side,
-                          as_array=self.as_array)
+        return load_photo(
+            os.fspath(source), target=self.target, target_side=self.target_side, as_array=self.as_array
+        )
 
     def __getitem__(self, index: int) -> Item:
         try:
@@ -120,8 +121,10 @@ def group_by_shape(items: List[Item]) -> Tuple[List[Tuple[np.ndarray, torch.Tens
             errors[index] = error or "unreadable"
         else:
             groups.setdefault(tuple(pixels.shape), []).append((index, pixels))
-    stacked = [(np.array([i for i, _ in group], dtype=np.int64), torch.stack([p for _, p in group]))
-               for group in groups.values()]
+    stacked = [
+        (np.array([i for i, _ in group], dtype=np.int64), torch.stack([p for _, p in group]))
+        for group in groups.values()
+    ]
     return stacked, errors
 
 
@@ -215,7 +218,9 @@ def photo_batches(
 ) -> Iterator[PhotoBatch]:
     """Batches of one shape over ``dataset`` (all of it, or ``indices``), decoded by ``workers`` processes;
     see `batch_by_shape`. Photos that cannot be read arrive as ``errors``."""
-    loader = photo_loader(dataset, batch_size=batch_size, workers=workers, indices=indices, pin_memory=pin_memory)
+    loader = photo_loader(
+        dataset, batch_size=batch_size, workers=workers, indices=indices, pin_memory=pin_memory
+    )
     return batch_by_shape(loader, batch_size, max_pending=max_pending)
 
 

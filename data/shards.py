@@ -28,7 +28,14 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .images import ImageDecodeError, ImageMissingError, decode_image, encode_jpeg, read_bytes, resize_short_side
+from .images import (
+    ImageDecodeError,
+    ImageMissingError,
+    decode_image,
+    encode_jpeg,
+    read_bytes,
+    resize_short_side,
+)
 from .metadata import Exclusions, iter_msgpack_records
 
 logger = logging.getLogger(__name__)
@@ -105,8 +112,12 @@ class _ShardSink:
 
 
 def _meta(row: int, job: _Job) -> dict:
-    meta = {"id": _TABLE["ids"][row], "author": _TABLE["authors"][row], "lat": float(_TABLE["lat"][row]),
-            "lon": float(_TABLE["lon"][row])}
+    meta = {
+        "id": _TABLE["ids"][row],
+        "author": _TABLE["authors"][row],
+        "lat": float(_TABLE["lat"][row]),
+        "lon": float(_TABLE["lon"][row]),
+    }
     labels = _TABLE.get("labels")
     if labels is not None:
         meta["labels"] = [int(v) for v in labels[row]]
@@ -115,7 +126,13 @@ def _meta(row: int, job: _Job) -> dict:
 
 
 def _finish_unit(job: _Job, unit: str, shards: List[dict], skipped: List[dict], extra: dict) -> dict:
-    record = {"unit": unit, "shards": shards, "written": sum(s["count"] for s in shards), "skipped": skipped, **extra}
+    record = {
+        "unit": unit,
+        "shards": shards,
+        "written": sum(s["count"] for s in shards),
+        "skipped": skipped,
+        **extra,
+    }
     marker = Path(job.out_dir) / PROGRESS_DIR / f"{unit}.json"
     tmp = marker.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(record))
@@ -251,15 +268,23 @@ def write_shards(
         if labels.ndim != 2 or labels.shape[0] != n:
             raise ValueError(f"labeler returned shape {labels.shape}; expected ({n}, n_granularities)")
         _TABLE["labels"] = labels
-    settings = {"source": "folder" if images_root is not None else "msgpack", "rows": n,
-                "samples_per_shard": samples_per_shard, "resize": resize, "quality": quality,
-                "fingerprint": fingerprint, "excluded": int((~keep).sum())}
+    settings = {
+        "source": "folder" if images_root is not None else "msgpack",
+        "rows": n,
+        "samples_per_shard": samples_per_shard,
+        "resize": resize,
+        "quality": quality,
+        "fingerprint": fingerprint,
+        "excluded": int((~keep).sum()),
+    }
     _check_settings(out, settings)
 
     if images_root is not None:
         rows = np.flatnonzero(keep)
-        units = [(f"{i:06d}", (job, i, rows[s : s + samples_per_shard]))
-                 for i, s in enumerate(range(0, len(rows), samples_per_shard))]
+        units = [
+            (f"{i:06d}", (job, i, rows[s : s + samples_per_shard]))
+            for i, s in enumerate(range(0, len(rows), samples_per_shard))
+        ]
         func, total = _folder_unit, len(rows)
     else:
         paths = [str(p) for p in msgpack_paths]
@@ -277,12 +302,18 @@ def write_shards(
             todo.append((name, args))
     if records:
         logger.info("resuming: %d of %d units already written", len(records), len(units))
+
     def size(args) -> int:
         return len(args[2]) if images_root is not None else 1
 
     done_before = sum(size(args) for name, args in units if name in records)
-    bar = tqdm(total=total, initial=done_before, desc="shards", unit="img" if images_root is not None else "file",
-               disable=not progress)
+    bar = tqdm(
+        total=total,
+        initial=done_before,
+        desc="shards",
+        unit="img" if images_root is not None else "file",
+        disable=not progress,
+    )
     if workers > 1 and len(todo) > 1:
         context = multiprocessing.get_context("fork")
         with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
@@ -309,8 +340,10 @@ def write_shards(
         for r in ordered:
             seen[r["seen_rows"]] = True
         never = np.flatnonzero(~seen & keep)
-        skipped += [{"id": _TABLE["ids"][row], "reason": "missing", "detail": "not in any msgpack shard"}
-                    for row in never]
+        skipped += [
+            {"id": _TABLE["ids"][row], "reason": "missing", "detail": "not in any msgpack shard"}
+            for row in never
+        ]
         summary["skipped_missing"] = len(never)
         summary["skipped_unlisted"] = sum(r["unlisted"] for r in ordered)
         # Excluded photos count only when the shards actually hold them.
@@ -369,10 +402,18 @@ def read_shard_metadata(urls: Sequence[os.PathLike], *, progress: bool = False) 
                         lat.append(float(meta["lat"]))
                         lon.append(float(meta["lon"]))
                     except (KeyError, TypeError, ValueError) as err:
-                        raise ValueError(f"shard {url}: {member.name} is not a sample's metadata "
-                                         f"({{'id', 'lat', 'lon', ...}}): {err!r}") from None
+                        raise ValueError(
+                            f"shard {url}: {member.name} is not a sample's metadata "
+                            f"({{'id', 'lat', 'lon', ...}}): {err!r}"
+                        ) from None
                     authors.append(str(meta.get("author", "")))
         except tarfile.ReadError as err:
             raise ValueError(f"shard {url} is not a tar archive ({err})") from None
-    return pd.DataFrame({"IMG_ID": ids, "AUTHOR": authors, "LAT": np.asarray(lat, np.float64),
-                         "LON": np.asarray(lon, np.float64)})
+    return pd.DataFrame(
+        {
+            "IMG_ID": ids,
+            "AUTHOR": authors,
+            "LAT": np.asarray(lat, np.float64),
+            "LON": np.asarray(lon, np.float64),
+        }
+    )

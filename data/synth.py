@@ -90,7 +90,9 @@ class RegionalField:
     amplitudes: np.ndarray  # (n_params, n_waves)
 
     @classmethod
-    def random(cls, rng: np.random.Generator, n_params: int = _N_PARAMS, n_waves: int = _N_WAVES) -> "RegionalField":
+    def random(
+        cls, rng: np.random.Generator, n_params: int = _N_PARAMS, n_waves: int = _N_WAVES
+    ) -> "RegionalField":
         directions = rng.normal(size=(n_params, n_waves, 3))
         directions /= np.linalg.norm(directions, axis=-1, keepdims=True)
         norms = rng.uniform(4.0, 12.0, size=(n_params, n_waves, 1))
@@ -148,7 +150,9 @@ class _PhotoSpec:
     path: str
 
 
-def _render_background(rng: np.random.Generator, params: np.ndarray, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+def _render_background(
+    rng: np.random.Generator, params: np.ndarray, yy: np.ndarray, xx: np.ndarray
+) -> np.ndarray:
     """Sky over textured ground; every colour and shape parameter comes from the regional field."""
     p = np.clip(params + rng.normal(0, 0.02, size=params.shape), 0, 1).astype(np.float32)
     sky = 0.12 + 0.76 * p[0:3]
@@ -188,7 +192,9 @@ def _paste_landmark(
     image[inside] = texture[vi[inside], ui[inside]] * light
 
 
-def _render_photo(spec: _PhotoSpec, seed: int, grid: Tuple[np.ndarray, np.ndarray], texture: Optional[np.ndarray]) -> np.ndarray:
+def _render_photo(
+    spec: _PhotoSpec, seed: int, grid: Tuple[np.ndarray, np.ndarray], texture: Optional[np.ndarray]
+) -> np.ndarray:
     rng = np.random.default_rng([seed, spec.split, spec.index])
     ys, xs = grid
     height, width = ys.shape
@@ -312,7 +318,9 @@ def make_world(
         latlon = coords[rng.integers(0, len(coords), size=n)]
         latlon = _offset_latlon(latlon, np.abs(rng.normal(0, 3.0, size=n)), rng.uniform(0, 2 * np.pi, size=n))
         radius = landmark_radius_km * np.sqrt(rng.random(n_shown))
-        latlon[shows] = _offset_latlon(landmark_latlon[landmark[shows]], radius, rng.uniform(0, 2 * np.pi, n_shown))
+        latlon[shows] = _offset_latlon(
+            landmark_latlon[landmark[shows]], radius, rng.uniform(0, 2 * np.pi, n_shown)
+        )
         return latlon, landmark
 
     train_latlon, train_landmark = place(n_train, 0)
@@ -330,8 +338,15 @@ def make_world(
         img_ids = [_img_id(p) for p in ids]
         authors = [pool[i] for i in rng.integers(0, len(pool), size=n)]
         frames.append(
-            pd.DataFrame({"IMG_ID": img_ids, "AUTHOR": authors, "LAT": latlon[:, 0], "LON": latlon[:, 1],
-                          "LANDMARK": landmark})
+            pd.DataFrame(
+                {
+                    "IMG_ID": img_ids,
+                    "AUTHOR": authors,
+                    "LAT": latlon[:, 0],
+                    "LON": latlon[:, 1],
+                    "LANDMARK": landmark,
+                }
+            )
         )
         params = field(latlon)
         specs += [
@@ -361,9 +376,17 @@ def make_world(
         [f.assign(SPLIT=s)[["SPLIT", "IMG_ID", "LANDMARK"]] for s, f in zip(("train", "test"), frames)]
     ).to_csv(out / "photo_landmarks.csv", index=False)
     spec = WorldSpec(
-        seed=seed, n_train=n_train, n_test=n_test, n_landmarks=n_landmarks, landmark_fraction=landmark_fraction,
-        landmark_radius_km=landmark_radius_km, image_width=width, image_height=height,
+        seed=seed,
+        n_train=n_train,
+        n_test=n_test,
+        n_landmarks=n_landmarks,
+        landmark_fraction=landmark_fraction,
+        landmark_radius_km=landmark_radius_km,
+        image_width=width,
+        image_height=height,
     )
     (out / "world.json").write_text(json.dumps(asdict(spec), indent=2) + "\n")
-    logger.info("synthetic world: %d train, %d test photos, %d landmarks in %s", n_train, n_test, n_landmarks, out)
+    logger.info(
+        "synthetic world: %d train, %d test photos, %d landmarks in %s", n_train, n_test, n_landmarks, out
+    )
     return spec

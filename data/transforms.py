@@ -39,7 +39,9 @@ def as_array(image: ImageLike) -> np.ndarray:
         return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
     array = np.asarray(image)
     if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
-        raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {array.dtype} array of shape {array.shape}")
+        raise ValueError(
+            f"expected an (H, W, 3) uint8 RGB image, got {array.dtype} array of shape {array.shape}"
+        )
     return array
 
 
@@ -47,13 +49,24 @@ class RandomResizedCrop:
     """Crop a random area fraction in ``scale`` with aspect ratio (width / height) log-uniform in ``ratio``, then
     resize it to ``size x size`` (Inception-style; ten draws, then the largest central crop within ``ratio``)."""
 
-    def __init__(self, size: int, *, scale: Tuple[float, float] = (0.7, 1.0),
-                 ratio: Tuple[float, float] = (3 / 4, 4 / 3), interpolation: str = "bicubic"):
+    def __init__(
+        self,
+        size: int,
+        *,
+        scale: Tuple[float, float] = (0.7, 1.0),
+        ratio: Tuple[float, float] = (3 / 4, 4 / 3),
+        interpolation: str = "bicubic",
+    ):
         if not (0 < scale[0] <= scale[1] <= 1):
             raise ValueError(f"crop scale must satisfy 0 < min <= max <= 1, got {scale}")
         if not (0 < ratio[0] <= ratio[1]):
             raise ValueError(f"crop ratio must satisfy 0 < min <= max, got {ratio}")
-        self.size, self.scale, self.ratio, self.interpolation = size, tuple(scale), tuple(ratio), interpolation
+        self.size, self.scale, self.ratio, self.interpolation = (
+            size,
+            tuple(scale),
+            tuple(ratio),
+            interpolation,
+        )
 
     def params(self, height: int, width: int) -> Tuple[int, int, int, int]:
         """``(top, left, crop_height, crop_width)`` drawn with torch's generator (seeded per DataLoader worker)."""
@@ -144,7 +157,9 @@ class ToNormalizedTensor:
     def __init__(self, mean: Sequence[float], std: Sequence[float]):
         mean, std = torch.tensor(mean, dtype=torch.float64), torch.tensor(std, dtype=torch.float64)
         if mean.shape != (3,) or std.shape != (3,) or bool((std <= 0).any()):
-            raise ValueError(f"mean and std need 3 values each and std > 0; got mean={mean.tolist()}, std={std.tolist()}")
+            raise ValueError(
+                f"mean and std need 3 values each and std > 0; got mean={mean.tolist()}, std={std.tolist()}"
+            )
         self.mean, self.std = mean.tolist(), std.tolist()
         self._scale = (1.0 / (255.0 * std)).float().view(3, 1, 1)
         self._shift = (mean / std).float().view(3, 1, 1)
@@ -201,14 +216,20 @@ def build_transform(
         hflip: probability of a horizontal flip.
     """
     if eval_resize not in EVAL_RESIZE_MODES:
-        raise ValueError(f"unknown eval_resize {eval_resize!r}; choose one of: {', '.join(EVAL_RESIZE_MODES)}")
+        raise ValueError(
+            f"unknown eval_resize {eval_resize!r}; choose one of: {', '.join(EVAL_RESIZE_MODES)}"
+        )
     if "mean" not in data_config or "std" not in data_config:
-        raise ValueError(f"data_config needs 'mean' and 'std' (timm.data.resolve_model_data_config); got {dict(data_config)}")
+        raise ValueError(
+            f"data_config needs 'mean' and 'std' (timm.data.resolve_model_data_config); got {dict(data_config)}"
+        )
     interpolation = str(data_config.get("interpolation", "bicubic"))
     if interpolation not in INTERPOLATIONS:
         interpolation = "bicubic"
     if train:
-        steps: List[Callable] = [RandomResizedCrop(size, scale=crop_scale, ratio=crop_ratio, interpolation=interpolation)]
+        steps: List[Callable] = [
+            RandomResizedCrop(size, scale=crop_scale, ratio=crop_ratio, interpolation=interpolation)
+        ]
         if hflip > 0:
             steps.append(RandomHorizontalFlip(hflip))
     elif eval_resize == "longest":
@@ -220,7 +241,9 @@ def build_transform(
     return ImageTransform(steps + [normalise], decode_target=size, decode_side=side)
 
 
-def pad_to_canvas(images: Sequence[torch.Tensor], canvas: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
+def pad_to_canvas(
+    images: Sequence[torch.Tensor], canvas: Tuple[int, int]
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Stack ``(3, h, w)`` tensors into ``(B, 3, H, W)``, each at the top-left of a zero canvas.
 
     Returns:
@@ -264,7 +287,9 @@ def pad_collate(samples: List[Dict], canvas: Optional[int] = None) -> Dict[str, 
     out: Dict[str, object] = {"image": batch, "image_size": sizes}
     out["latlon"] = torch.tensor([s["latlon"] for s in samples], dtype=torch.float64).reshape(len(samples), 2)
     if "labels" in samples[0]:
-        out["labels"] = torch.tensor([list(s["labels"]) for s in samples], dtype=torch.int64).reshape(len(samples), -1)
+        out["labels"] = torch.tensor([list(s["labels"]) for s in samples], dtype=torch.int64).reshape(
+            len(samples), -1
+        )
     for key in samples[0]:
         if key not in out:
             out[key] = [s[key] for s in samples]

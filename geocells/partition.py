@@ -67,7 +67,9 @@ class Partition:
         num_images: Number of photos the partition was built from (including dropped ones).
     """
 
-    def __init__(self, cell_ids, *, counts, centers_deg, name: str = "cells", num_images: Optional[int] = None):
+    def __init__(
+        self, cell_ids, *, counts, centers_deg, name: str = "cells", num_images: Optional[int] = None
+    ):
         self.cell_ids = np.asarray(cell_ids, dtype=np.uint64).reshape(-1)
         self.counts = np.asarray(counts, dtype=np.int64).reshape(-1)
         self.centers_deg = np.asarray(centers_deg, dtype=np.float64).reshape(-1, 2)
@@ -195,17 +197,23 @@ class Partition:
         try:
             num_images = int(first.split(":", 1)[1])
         except ValueError:
-            raise ValueError(f"{path}: line 1: num_images {first.split(':', 1)[1].strip()!r} is not an integer")
+            raise ValueError(
+                f"{path}: line 1: num_images {first.split(':', 1)[1].strip()!r} is not an integer"
+            )
         df = pd.read_csv(path, skiprows=2, dtype={"hex_id": str})
         missing = [c for c in CSV_COLUMNS if c not in df.columns]
         if missing:
-            raise ValueError(f"{path}: missing column(s) {missing}; expected the header {','.join(CSV_COLUMNS)}")
+            raise ValueError(
+                f"{path}: missing column(s) {missing}; expected the header {','.join(CSV_COLUMNS)}"
+            )
         for col in ("class_label", "imgs_per_cell", "latitude_mean", "longitude_mean"):
             values = pd.to_numeric(df[col], errors="coerce")
             bad = values.isna().to_numpy()
             if bad.any():
                 row = int(np.flatnonzero(bad)[0])
-                raise ValueError(f"{path}: row {row + 1} (line {row + 4}), column {col!r}: {df[col].iloc[row]!r} is not a number")
+                raise ValueError(
+                    f"{path}: row {row + 1} (line {row + 4}), column {col!r}: {df[col].iloc[row]!r} is not a number"
+                )
         labels = df["class_label"].to_numpy(dtype=np.int64)
         order = np.argsort(labels, kind="stable")
         if not np.array_equal(labels[order], np.arange(len(df))):
@@ -236,7 +244,9 @@ class Geocells:
 
     FALLBACKS = ("none", "nearest")
 
-    def __init__(self, partitions: Sequence[Partition], *, fallback: str = "none", settings: Optional[dict] = None):
+    def __init__(
+        self, partitions: Sequence[Partition], *, fallback: str = "none", settings: Optional[dict] = None
+    ):
         self.partitions = list(partitions)
         if not self.partitions:
             raise ValueError("Geocells needs at least one partition")
@@ -244,7 +254,9 @@ class Geocells:
         if len(set(names)) != len(names):
             raise ValueError(f"partition names must be unique, got {names}")
         if fallback not in self.FALLBACKS:
-            raise ValueError(f"unknown hierarchy fallback {fallback!r}; choose one of: {', '.join(self.FALLBACKS)}")
+            raise ValueError(
+                f"unknown hierarchy fallback {fallback!r}; choose one of: {', '.join(self.FALLBACKS)}"
+            )
         self.fallback = fallback
         self.settings = dict(settings or {})
         self.hierarchy = self._build_hierarchy()
@@ -276,7 +288,12 @@ class Geocells:
             parent = part.lookup(fine.cell_ids)
             missing = parent < 0
             if missing.any():
-                logger.info("%d of %d fine cells have no containing cell in %s", int(missing.sum()), len(fine), part.name)
+                logger.info(
+                    "%d of %d fine cells have no containing cell in %s",
+                    int(missing.sum()),
+                    len(fine),
+                    part.name,
+                )
                 if self.fallback == "nearest":
                     parent[missing] = _nearest_rows(fine.centers_xyz[missing], part.centers_xyz)
             columns.append(parent)
@@ -332,9 +349,13 @@ class Geocells:
         directory = Path(directory)
         meta_path = directory / "geocells.json"
         if not directory.is_dir():
-            raise FileNotFoundError(f"cells folder not found: {directory} (build one with: geoswc cells build)")
+            raise FileNotFoundError(
+                f"cells folder not found: {directory} (build one with: geoswc cells build)"
+            )
         if not meta_path.is_file():
-            raise FileNotFoundError(f"geocells.json not found in {directory} (build cells with: geoswc cells build)")
+            raise FileNotFoundError(
+                f"geocells.json not found in {directory} (build cells with: geoswc cells build)"
+            )
         meta = json.loads(meta_path.read_text())
         partitions = []
         for entry in meta["partitions"]:
@@ -356,8 +377,12 @@ class Geocells:
         if not hierarchy_path.is_file():
             raise FileNotFoundError(f"hierarchy file not found: {hierarchy_path}")
         stored = pd.read_csv(hierarchy_path)
-        if list(stored.columns) != geocells.names or not np.array_equal(stored.to_numpy(), geocells.hierarchy):
-            raise ValueError(f"{hierarchy_path} does not match the hierarchy of the partitions in {directory}")
+        if list(stored.columns) != geocells.names or not np.array_equal(
+            stored.to_numpy(), geocells.hierarchy
+        ):
+            raise ValueError(
+                f"{hierarchy_path} does not match the hierarchy of the partitions in {directory}"
+            )
         return geocells
 
     @classmethod
@@ -409,15 +434,19 @@ class S2Partitioner:
         min_images = int(self.min_images)
         if min_images < 0:
             raise ValueError(f"min_images must be >= 0, got {self.min_images!r}")
-        max_values = () if self.max_images is None else (
-            (self.max_images,) if np.isscalar(self.max_images) else tuple(self.max_images)
+        max_values = (
+            ()
+            if self.max_images is None
+            else ((self.max_images,) if np.isscalar(self.max_images) else tuple(self.max_images))
         )
         max_values = tuple(int(m) for m in max_values)
         for m in max_values:
             if m <= min_images:
                 raise ValueError(f"max_images {m} must be larger than min_images {min_images}")
-        targets = () if self.target_cells is None else (
-            (self.target_cells,) if np.isscalar(self.target_cells) else tuple(self.target_cells)
+        targets = (
+            ()
+            if self.target_cells is None
+            else ((self.target_cells,) if np.isscalar(self.target_cells) else tuple(self.target_cells))
         )
         targets = tuple(int(t) for t in targets)
         for t in targets:
@@ -469,8 +498,12 @@ class S2Partitioner:
                 raise ValueError(
                     f"{name}: no cell holds more than min_images={min_images} of the {lat.size} photos"
                 )
-            partitions.append(_partition_from_cells(name, cells, sorted_leaves, prefix_xyz, num_images=lat.size))
-            logger.info("%s: %d cells, %d of %d photos", name, len(cells), partitions[-1].counts.sum(), lat.size)
+            partitions.append(
+                _partition_from_cells(name, cells, sorted_leaves, prefix_xyz, num_images=lat.size)
+            )
+            logger.info(
+                "%s: %d cells, %d of %d photos", name, len(cells), partitions[-1].counts.sum(), lat.size
+            )
         partitions.sort(key=len)
         settings = {
             "min_images": min_images,
@@ -498,7 +531,9 @@ def _count(sorted_leaves: np.ndarray, cells: np.ndarray) -> np.ndarray:
     return np.searchsorted(sorted_leaves, hi, side="right") - np.searchsorted(sorted_leaves, lo, side="left")
 
 
-def _split_by_max(sorted_leaves: np.ndarray, start: np.ndarray, *, min_images: int, max_images: int) -> np.ndarray:
+def _split_by_max(
+    sorted_leaves: np.ndarray, start: np.ndarray, *, min_images: int, max_images: int
+) -> np.ndarray:
     """GeoEstimation rule, level by level. A cell with <= min_images is never split (min < max), so
     dropping small cells at every level equals dropping them before and after the splitting."""
     final = []
@@ -515,7 +550,9 @@ def _split_by_max(sorted_leaves: np.ndarray, start: np.ndarray, *, min_images: i
     return np.sort(np.concatenate(final)) if final else np.empty(0, dtype=np.uint64)
 
 
-def _split_to_target(sorted_leaves: np.ndarray, start: np.ndarray, *, min_images: int, target_cells: int) -> np.ndarray:
+def _split_to_target(
+    sorted_leaves: np.ndarray, start: np.ndarray, *, min_images: int, target_cells: int
+) -> np.ndarray:
     """PlaNet rule: split the most populated cell until ``target_cells`` cells exist.
 
     Children with <= min_images photos are deleted. A cell none of whose children would survive (or a leaf
@@ -546,7 +583,9 @@ def _split_to_target(sorted_leaves: np.ndarray, start: np.ndarray, *, min_images
             heapq.heappush(heap, (-n, c))
         n_cells += len(survivors) - 1
     if n_cells < target_cells:
-        logger.warning("only %d cells can be made with min_images=%d (target %d)", n_cells, min_images, target_cells)
+        logger.warning(
+            "only %d cells can be made with min_images=%d (target %d)", n_cells, min_images, target_cells
+        )
     cells = np.array([c for _, c in heap] + done, dtype=np.uint64)
     return np.sort(cells)
 
@@ -559,4 +598,6 @@ def _partition_from_cells(
     first = np.searchsorted(sorted_leaves, lo, side="left")
     end = np.searchsorted(sorted_leaves, hi, side="right")
     sums = prefix_xyz[end] - prefix_xyz[first]
-    return Partition(cells, counts=end - first, centers_deg=xyz_to_latlng_deg(sums), name=name, num_images=num_images)
+    return Partition(
+        cells, counts=end - first, centers_deg=xyz_to_latlng_deg(sums), name=name, num_images=num_images
+    )

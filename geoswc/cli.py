@@ -24,11 +24,16 @@ COMMANDS: Dict[str, Tuple[str, str]] = {
     "train": ("geoswc.commands.train", "train one stage: backbone, features, heads or retrieval"),
     "index": ("geoswc.commands.index", "build the background index for Search within Cell"),
     "score": ("geoswc.commands.score", "accuracy at 0.1-2500 km of predicted positions against ground truth"),
-    "evaluate": ("geoswc.commands.evaluate", "the paper's Table 1 for a model folder: classification, "
-                 "retrieval and Search within Cell"),
+    "evaluate": (
+        "geoswc.commands.evaluate",
+        "the paper's Table 1 for a model folder: classification, retrieval and Search within Cell",
+    ),
     "tag": ("geoswc.commands.tag", "geotag photo archives (one row per photo; resumable)"),
     "fit": ("geoswc.commands.fit", "train the whole pipeline from a CSV or shards to a model folder"),
-    "demo": ("geoswc.commands.demo", "synthetic world -> fit (tiny preset) -> evaluate -> tag, in minutes on a CPU"),
+    "demo": (
+        "geoswc.commands.demo",
+        "synthetic world -> fit (tiny preset) -> evaluate -> tag, in minutes on a CPU",
+    ),
 }
 
 

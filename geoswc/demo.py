@@ -61,12 +61,16 @@ def paper_effect(results: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
     heads = {m: results[m] for m in HEAD_MODES if m in results}
     swc = {m: results[m] for m in SWC_MODES if m in results}
     if not heads or not swc:
-        raise ValueError(f"the comparison needs head and Search-within-Cell results, got: {', '.join(results)}")
+        raise ValueError(
+            f"the comparison needs head and Search-within-Cell results, got: {', '.join(results)}"
+        )
     best_head = max(heads, key=lambda m: heads[m]["accuracy"]["1"])
     best_swc = max(swc, key=lambda m: swc[m]["accuracy"]["1"])
     return {
-        "head": best_head, "head_1km": heads[best_head]["accuracy"]["1"],
-        "swc": best_swc, "swc_1km": swc[best_swc]["accuracy"]["1"],
+        "head": best_head,
+        "head_1km": heads[best_head]["accuracy"]["1"],
+        "swc": best_swc,
+        "swc_1km": swc[best_swc]["accuracy"]["1"],
         "heads_750km": {m: r["accuracy"]["750"] for m, r in heads.items()},
         "heads_2500km": {m: r["accuracy"]["2500"] for m, r in heads.items()},
     }
@@ -103,13 +107,20 @@ def run_demo(
     user_flags = "".join(f" --set {s}" for s in overrides)
     evaluate_options = {"batch_size": 32, "workers": 0, "device": "cpu" if cpu else None}
     commands = [
-        f"geoswc demo -o {out}" + (f" --train {n_train} --test {n_test} --seed {seed}"
-                                   if (n_train, n_test, seed) != (DEMO_TRAIN, DEMO_TEST, 0) else "") + user_flags,
+        f"geoswc demo -o {out}"
+        + (
+            f" --train {n_train} --test {n_test} --seed {seed}"
+            if (n_train, n_test, seed) != (DEMO_TRAIN, DEMO_TEST, 0)
+            else ""
+        )
+        + user_flags,
         "# which runs the equivalent of:",
         f"geoswc data synth {world} --train {n_train} --test {n_test} --seed {seed}",
         f"geoswc fit {world / 'train.csv'} --images {world / 'images'} -o {model_dir} --preset tiny"
         + "".join(f" --set {s}" for s in sets),
-        evaluate_command(model_dir, world / "test.csv", images=world / "images", out=eval_dir, **evaluate_options),
+        evaluate_command(
+            model_dir, world / "test.csv", images=world / "images", out=eval_dir, **evaluate_options
+        ),
         f"geoswc tag {photos} --model {model_dir} -o {tags} --overwrite --workers 0",
     ]
 
@@ -121,15 +132,28 @@ def run_demo(
 
     echo(f"[demo 2/4] geoswc fit --preset tiny -> {model_dir}")
     t = time.perf_counter()
-    fit_model(world / "train.csv", images=world / "images", out=model_dir, preset="tiny", overrides=sets, cpu=cpu,
-              echo=lambda message: echo("  " + message))
+    fit_model(
+        world / "train.csv",
+        images=world / "images",
+        out=model_dir,
+        preset="tiny",
+        overrides=sets,
+        cpu=cpu,
+        echo=lambda message: echo("  " + message),
+    )
     timings["fit"] = time.perf_counter() - t
 
     echo(f"[demo 3/4] geoswc evaluate on the {n_test} test photos -> {eval_dir}")
     t = time.perf_counter()
-    evaluation = run_evaluation(model_dir, world / "test.csv", images=world / "images", out=eval_dir,
-                                commands=commands, title=f"geoswc demo: synthetic world, {n_test} test photos",
-                                **evaluate_options)
+    evaluation = run_evaluation(
+        model_dir,
+        world / "test.csv",
+        images=world / "images",
+        out=eval_dir,
+        commands=commands,
+        title=f"geoswc demo: synthetic world, {n_test} test photos",
+        **evaluate_options,
+    )
     timings["evaluate"] = time.perf_counter() - t
 
     echo(f"[demo 4/4] geoswc tag on a folder of {DEMO_TAG_PHOTOS} test photos -> {tags}")
@@ -146,18 +170,24 @@ def run_demo(
     echo(f"Table 1 on the synthetic test split ({n_test} photos; accuracy in % within each distance):")
     echo(format_table(results))
     echo("")
-    echo(f"Search within Cell ({effect['swc']}) places {effect['swc_1km']:.1f}% of the photos within 1 km, "
-         f"the best head alone ({effect['head']}) {effect['head_1km']:.1f}% ({margin:+.1f} points); "
-         "the heads place " + ", ".join(f"{m} {v:.1f}%" for m, v in effect["heads_2500km"].items())
-         + " within 2500 km.")
+    echo(
+        f"Search within Cell ({effect['swc']}) places {effect['swc_1km']:.1f}% of the photos within 1 km, "
+        f"the best head alone ({effect['head']}) {effect['head_1km']:.1f}% ({margin:+.1f} points); "
+        "the heads place "
+        + ", ".join(f"{m} {v:.1f}%" for m, v in effect["heads_2500km"].items())
+        + " within 2500 km."
+    )
     echo("")
     echo(f"model folder:  {model_dir}  (Geolocator.from_pretrained; stages and logs in {model_dir / 'work'})")
     echo(f"report:        {written['markdown']}")
     echo(f"               {written['html']}  (self-contained, opens offline)")
     echo(f"predictions:   {eval_dir}/predictions_<mode>.csv, {eval_dir / 'results.json'}")
     echo(f"tags:          {tags}  ({DEMO_TAG_PHOTOS} photos from {photos})")
-    echo("time:          " + ", ".join(f"{k} {duration(v)}" for k, v in timings.items())
-         + f"; total {duration(total)}")
+    echo(
+        "time:          "
+        + ", ".join(f"{k} {duration(v)}" for k, v in timings.items())
+        + f"; total {duration(total)}"
+    )
     summary = {"effect": effect, "timings": timings, "total_s": total, "commands": commands}
     (out / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

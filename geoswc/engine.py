@@ -111,7 +111,9 @@ def build_accelerator(
     """
     precision = train_cfg.mixed_precision
     if precision not in MIXED_PRECISION:
-        raise ValueError(f"unknown mixed_precision {precision!r}; choose one of: {', '.join(MIXED_PRECISION)}")
+        raise ValueError(
+            f"unknown mixed_precision {precision!r}; choose one of: {', '.join(MIXED_PRECISION)}"
+        )
     if "ACCELERATE_MIXED_PRECISION" in os.environ:
         precision = None
     trackers: List[Any] = []
@@ -134,7 +136,10 @@ def build_accelerator(
     # Schedules are counted in each rank's own steps and epochs, so the scheduler steps once per call; by default
     # accelerate would step it once per process, ending a 2-rank cosine schedule halfway through training.
     accelerator = Accelerator(
-        mixed_precision=precision, cpu=use_cpu(cpu), log_with=trackers or None, project_config=project,
+        mixed_precision=precision,
+        cpu=use_cpu(cpu),
+        log_with=trackers or None,
+        project_config=project,
         step_scheduler_with_optimizer=False,
     )
     if trackers:
@@ -209,8 +214,11 @@ class EpochProgress:
         self.images = 0
         self.start = time.perf_counter()
         self.bar = tqdm(
-            total=total, desc=f"{desc} {epoch + 1}/{epochs}", disable=not accelerator.is_main_process,
-            dynamic_ncols=True, leave=True,
+            total=total,
+            desc=f"{desc} {epoch + 1}/{epochs}",
+            disable=not accelerator.is_main_process,
+            dynamic_ncols=True,
+            leave=True,
         )
 
     @property
@@ -219,7 +227,9 @@ class EpochProgress:
 
     def update(self, batch_images: int, *, loss: float, lr: float) -> None:
         self.images += batch_images * self.world
-        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{self.images_per_s:.1f}", refresh=False)
+        self.bar.set_postfix(
+            loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{self.images_per_s:.1f}", refresh=False
+        )
         self.bar.update(1)
 
     def close(self) -> None:
@@ -257,8 +267,14 @@ class Checkpointer:
         meta: JSON-able facts stored with each checkpoint and checked on restore (e.g. the fingerprint).
     """
 
-    def __init__(self, accelerator: Accelerator, folder: Union[str, Path], *, every_steps: int = 0,
-                 meta: Optional[Mapping[str, Any]] = None):
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        folder: Union[str, Path],
+        *,
+        every_steps: int = 0,
+        meta: Optional[Mapping[str, Any]] = None,
+    ):
         self.accelerator = accelerator
         self.folder = Path(folder)
         self.every_steps = int(every_steps)
@@ -321,7 +337,9 @@ def gather_rows(accelerator: Accelerator, tensors: Mapping[str, torch.Tensor]) -
     return {k: accelerator.gather_for_metrics(v.contiguous()) for k, v in tensors.items()}
 
 
-def gather_by_row(accelerator: Accelerator, rows: torch.Tensor, values: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def gather_by_row(
+    accelerator: Accelerator, rows: torch.Tensor, values: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Gather per-rank results of unequal length (e.g. an evaluation split by ``rank_batches`` without
     dropping rows): returns every rank's ``(rows, values)`` concatenated and sorted by row."""
     rows = accelerator.pad_across_processes(rows.to(accelerator.device), dim=0, pad_index=-1)
@@ -348,8 +366,9 @@ def sync_buffers(accelerator: Accelerator, module: nn.Module) -> None:
 def ranks_agree(accelerator: Accelerator, module: nn.Module) -> bool:
     """Whether every rank holds the same weights (a float64 checksum per tensor, compared across ranks)."""
     module = accelerator.unwrap_model(module)
-    sums = torch.stack([p.detach().double().sum() for p in module.state_dict().values()
-                        if p.is_floating_point()]).to(accelerator.device)
+    sums = torch.stack(
+        [p.detach().double().sum() for p in module.state_dict().values() if p.is_floating_point()]
+    ).to(accelerator.device)
     everyone = accelerator.gather(sums[None]).reshape(accelerator.num_processes, -1)
     return bool((everyone == everyone[0]).all())
 
@@ -447,8 +466,12 @@ def train_loop(
         if schedule_per == "epoch":
             scheduler.step()
         mean_loss = loss_sum / max(seen, 1) if seen else torch.full_like(loss_sum, float("nan"))
-        record = {"epoch": epoch + 1, "loss": float(accelerator.reduce(mean_loss, reduction="mean")),
-                  "lr": current_lr(optimizer), "images_per_s": bar.images_per_s}
+        record = {
+            "epoch": epoch + 1,
+            "loss": float(accelerator.reduce(mean_loss, reduction="mean")),
+            "lr": current_lr(optimizer),
+            "images_per_s": bar.images_per_s,
+        }
         sync_buffers(accelerator, model)
         if validate is not None:
             model.eval()
@@ -457,15 +480,20 @@ def train_loop(
         history.append(record)
         accelerator.log({k: v for k, v in record.items() if k != "epoch"}, step=epoch + 1)
         if accelerator.is_main_process:
-            bar.bar.write(f"{name} epoch {epoch + 1}/{epochs}: " + ", ".join(
-                f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"))
+            bar.bar.write(
+                f"{name} epoch {epoch + 1}/{epochs}: "
+                + ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch")
+            )
             history_file.parent.mkdir(parents=True, exist_ok=True)
             history_file.write_text(json.dumps(history, indent=2) + "\n")
         position.next_epoch()
         if epoch + 1 == epochs or (checkpoint_epochs and (epoch + 1) % checkpoint_epochs == 0):
             ckpt.save(position)
-    return {"history": history, "ranks_identical": ranks_agree(accelerator, model),
-            "num_processes": accelerator.num_processes}
+    return {
+        "history": history,
+        "ranks_identical": ranks_agree(accelerator, model),
+        "num_processes": accelerator.num_processes,
+    }
 
 
 def weights_digest(module: nn.Module) -> str:

@@ -91,9 +91,16 @@ def evaluate_features(model, features, *, modes: Sequence[str], swc_options: Opt
     swc_options = dict(swc_options or {})
     embeddings = None
     if any(parse_mode(m)[1] in ("swc", "rrm") for m in modes):
-        embeddings = torch.cat(
-            [model.embed(features[s : s + _LOCATE_CHUNK]).cpu() for s in range(0, len(features), _LOCATE_CHUNK)]
-        ) if len(features) else None
+        embeddings = (
+            torch.cat(
+                [
+                    model.embed(features[s : s + _LOCATE_CHUNK]).cpu()
+                    for s in range(0, len(features), _LOCATE_CHUNK)
+                ]
+            )
+            if len(features)
+            else None
+        )
     latlon, methods = {}, {}
     for mode in modes:
         head, how = parse_mode(mode)
@@ -135,17 +142,37 @@ class Evaluation:
     model: Any = None
 
 
-def evaluate_command(model: Any, meta_csv: Any, *, images: Any, out: Any, benchmark: Optional[str] = None,
-                     batch_size: int = 32, workers: int = 4, modes: Optional[Sequence[str]] = None,
-                     k: Optional[int] = None, eps_km: Optional[float] = None, top_cells: Optional[int] = None,
-                     device: Optional[str] = None) -> str:
+def evaluate_command(
+    model: Any,
+    meta_csv: Any,
+    *,
+    images: Any,
+    out: Any,
+    benchmark: Optional[str] = None,
+    batch_size: int = 32,
+    workers: int = 4,
+    modes: Optional[Sequence[str]] = None,
+    k: Optional[int] = None,
+    eps_km: Optional[float] = None,
+    top_cells: Optional[int] = None,
+    device: Optional[str] = None,
+) -> str:
     """The ``geoswc evaluate`` command line equivalent to these arguments (the report's provenance)."""
     parts = ["geoswc", "evaluate", "--model", str(model)]
     if benchmark:
         parts += ["--benchmark", benchmark]
     if meta_csv:
         parts += ["--meta", str(meta_csv)]
-    parts += ["--images", str(images), "-o", str(out), "--batch-size", str(batch_size), "--workers", str(workers)]
+    parts += [
+        "--images",
+        str(images),
+        "-o",
+        str(out),
+        "--batch-size",
+        str(batch_size),
+        "--workers",
+        str(workers),
+    ]
     if modes:
         parts += ["--modes", *modes]
     for flag, value in (("--k", k), ("--eps-km", eps_km), ("--top-cells", top_cells), ("--device", device)):
@@ -194,13 +221,19 @@ def run_evaluation(
     for mode in modes:
         parse_mode(mode)
         if mode not in supported:
-            raise ValueError(f"mode {mode!r} needs parts this model lacks; it supports: {', '.join(supported)}")
-    swc_options = {key: value for key, value in (("k", k), ("eps_km", eps_km), ("top_cells", top_cells))
-                   if value is not None}
+            raise ValueError(
+                f"mode {mode!r} needs parts this model lacks; it supports: {', '.join(supported)}"
+            )
+    swc_options = {
+        key: value
+        for key, value in (("k", k), ("eps_km", eps_km), ("top_cells", top_cells))
+        if value is not None
+    }
 
     ids = truth["IMG_ID"].astype(str).tolist()
-    features, errors = extract_features(geolocator, [image_path(images, i) for i in ids], batch_size=batch_size,
-                                        workers=workers)
+    features, errors = extract_features(
+        geolocator, [image_path(images, i) for i in ids], batch_size=batch_size, workers=workers
+    )
     ok = np.array([i not in errors for i in range(len(ids))], dtype=bool)
     latlon, methods = evaluate_features(geolocator, features[ok], modes=modes, swc_options=swc_options)
 
@@ -220,12 +253,29 @@ def run_evaluation(
     ).to_csv(out / "missing.csv", index=False)
     write_results_json(out / "results.json", results)
     if commands is None:
-        commands = [evaluate_command(model if not isinstance(model, Geolocator) else "MODEL", meta_csv,
-                                     images=images, out=out, benchmark=benchmark, batch_size=batch_size,
-                                     workers=workers, modes=modes if modes != supported else None, k=k,
-                                     eps_km=eps_km, top_cells=top_cells, device=device)]
+        commands = [
+            evaluate_command(
+                model if not isinstance(model, Geolocator) else "MODEL",
+                meta_csv,
+                images=images,
+                out=out,
+                benchmark=benchmark,
+                batch_size=batch_size,
+                workers=workers,
+                modes=modes if modes != supported else None,
+                k=k,
+                eps_km=eps_km,
+                top_cells=top_cells,
+                device=device,
+            )
+        ]
     written = write_report(
-        out, results, predictions=predictions, truth=truth, geocells=geolocator.geocells, commands=list(commands),
+        out,
+        results,
+        predictions=predictions,
+        truth=truth,
+        geocells=geolocator.geocells,
+        commands=list(commands),
         config=geolocator.config.to_dict(),
         title=title or f"geoswc evaluation: {benchmark or Path(meta_csv).name}",
     )

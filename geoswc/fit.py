@@ -119,16 +119,22 @@ class FitRun:
             FileNotFoundError: naming the first missing file, folder or shard.
         """
         if (self.train_csv is None) == (self.shards is None):
-            raise ValueError("give the training photos either as TRAIN.csv with --images or as --shards "
-                             f"DIR_OR_PATTERN ({'both' if self.shards is not None else 'neither'} given)")
+            raise ValueError(
+                "give the training photos either as TRAIN.csv with --images or as --shards "
+                f"DIR_OR_PATTERN ({'both' if self.shards is not None else 'neither'} given)"
+            )
         if self.shards is not None:
             if self.images is not None:
-                raise ValueError("--images goes with TRAIN.csv; with --shards the photos are read from the shards "
-                                 "(a --val-csv's image root is --val-images)")
+                raise ValueError(
+                    "--images goes with TRAIN.csv; with --shards the photos are read from the shards "
+                    "(a --val-csv's image root is --val-images)"
+                )
             shard_files(self.shards, "--shards")
         else:
             if self.images is None:
-                raise ValueError(f"{self.train_csv} needs --images (the image root its IMG_IDs are relative to)")
+                raise ValueError(
+                    f"{self.train_csv} needs --images (the image root its IMG_IDs are relative to)"
+                )
             if not self.train_csv.is_file():
                 raise FileNotFoundError(f"training metadata not found: {self.train_csv}")
             if not self.images.is_dir():
@@ -277,8 +283,10 @@ def _stage_data(run: FitRun, out: Path, resume: bool) -> Dict[str, Any]:
         )
     columns = [c for c in ("IMG_ID", "AUTHOR", "LAT", "LON") if c in frame.columns]
     frame[columns].to_csv(out / "train.csv", index=False)
-    run.echo(f"  {n_read} photos read, {by_author} dropped by author and {by_id} by photo id (--exclude), "
-             f"{len(frame)} kept")
+    run.echo(
+        f"  {n_read} photos read, {by_author} dropped by author and {by_id} by photo id (--exclude), "
+        f"{len(frame)} kept"
+    )
     return {"photos": len(frame), "excluded_by_author": by_author, "excluded_by_id": by_id}
 
 
@@ -304,8 +312,10 @@ def _shard_data(run: FitRun, out: Path) -> Dict[str, Any]:
                 + " ".join(str(p) for p in run.exclude)
             )
     frame.to_csv(out / "train.csv", index=False)
-    run.echo(f"  {len(frame)} photos in {len(urls)} shards"
-             + (", none by a benchmark author or of a benchmark (--exclude)" if run.exclude else ""))
+    run.echo(
+        f"  {len(frame)} photos in {len(urls)} shards"
+        + (", none by a benchmark author or of a benchmark (--exclude)" if run.exclude else "")
+    )
     return {"photos": len(frame), "shards": len(urls), "excluded_by_author": 0, "excluded_by_id": 0}
 
 
@@ -313,8 +323,12 @@ def _stage_cells(run: FitRun, out: Path, resume: bool) -> Dict[str, Any]:
     """S2 cells at every granularity of ``cells.max_images`` from the training photos (paper 3.1)."""
     frame = pd.read_csv(run.stage_dir("data") / "train.csv")
     c = run.config.cells
-    geocells = S2Partitioner(min_images=c.min_images, max_images=tuple(c.max_images), start_level=c.start_level,
-                             target_cells=c.target_cells).fit(frame["LAT"].to_numpy(), frame["LON"].to_numpy())
+    geocells = S2Partitioner(
+        min_images=c.min_images,
+        max_images=tuple(c.max_images),
+        start_level=c.start_level,
+        target_cells=c.target_cells,
+    ).fit(frame["LAT"].to_numpy(), frame["LON"].to_numpy())
     geocells = geocells.geocells_
     geocells.save(out)
     sizes = {p.name: len(p) for p in geocells.partitions}
@@ -323,24 +337,46 @@ def _stage_cells(run: FitRun, out: Path, resume: bool) -> Dict[str, Any]:
 
 
 def _stage_backbone(run: FitRun, out: Path, resume: bool) -> Dict[str, Any]:
-    return train_backbone(run.config, cells=_cells(run), photos=_photos(run), out=out, val=_val_photos(run),
-                          cpu=run.cpu, resume=resume).last_epochs()
+    return train_backbone(
+        run.config,
+        cells=_cells(run),
+        photos=_photos(run),
+        out=out,
+        val=_val_photos(run),
+        cpu=run.cpu,
+        resume=resume,
+    ).last_epochs()
 
 
 def _stage_features(run: FitRun, out: Path, resume: bool) -> Dict[str, Any]:
     # Resumable by part whatever ``resume`` says: parts of another run are recognised and discarded.
-    return extract_features(run.config, cells=_cells(run), photos=_photos(run), out=out,
-                            backbone=run.stage_dir("backbone"), cpu=run.cpu).last_epochs()
+    return extract_features(
+        run.config,
+        cells=_cells(run),
+        photos=_photos(run),
+        out=out,
+        backbone=run.stage_dir("backbone"),
+        cpu=run.cpu,
+    ).last_epochs()
 
 
 def _stage_heads(run: FitRun, out: Path, resume: bool) -> Dict[str, Any]:
-    return train_heads(run.config, cells=_cells(run), out=out, features=run.stage_dir("features"),
-                       backbone=run.stage_dir("backbone"), train_ce=True, cpu=run.cpu, resume=resume).last_epochs()
+    return train_heads(
+        run.config,
+        cells=_cells(run),
+        out=out,
+        features=run.stage_dir("features"),
+        backbone=run.stage_dir("backbone"),
+        train_ce=True,
+        cpu=run.cpu,
+        resume=resume,
+    ).last_epochs()
 
 
 def _stage_retrieval(run: FitRun, out: Path, resume: bool) -> Dict[str, Any]:
-    return train_retrieval(run.config, cells=_cells(run), features=run.stage_dir("features"), out=out,
-                           cpu=run.cpu, resume=resume).last_epochs()
+    return train_retrieval(
+        run.config, cells=_cells(run), features=run.stage_dir("features"), out=out, cpu=run.cpu, resume=resume
+    ).last_epochs()
 
 
 def _stage_index(run: FitRun, out: Path, resume: bool) -> Dict[str, Any]:
@@ -349,15 +385,24 @@ def _stage_index(run: FitRun, out: Path, resume: bool) -> Dict[str, Any]:
     head_path = run.stage_dir("heads") / "heads" / f"{head}.safetensors"
     if not head_path.is_file():
         trained = sorted(p.stem for p in (run.stage_dir("heads") / "heads").glob("*.safetensors"))
-        raise ValueError(f"retrieval.placeable_head is {head!r} but the heads stage trained: {', '.join(trained)}")
+        raise ValueError(
+            f"retrieval.placeable_head is {head!r} but the heads stage trained: {', '.join(trained)}"
+        )
     result = build_index(
-        run.config, cells=_cells(run), features=run.stage_dir("features"), head=head_path,
-        retrieval=run.stage_dir("retrieval") / "retrieval.safetensors", out=out, exclude=run.exclude,
+        run.config,
+        cells=_cells(run),
+        features=run.stage_dir("features"),
+        head=head_path,
+        retrieval=run.stage_dir("retrieval") / "retrieval.safetensors",
+        out=out,
+        exclude=run.exclude,
         device="cpu" if run.cpu else None,
     )
     report = result.summary
-    run.echo(f"  {report['kept']} of {report['total']} training photos are placeable background "
-             f"({report['wrong_cell']} in a wrong top-1 cell)")
+    run.echo(
+        f"  {report['kept']} of {report['total']} training photos are placeable background "
+        f"({report['wrong_cell']} in a wrong top-1 cell)"
+    )
     return result.last_epochs()
 
 
@@ -366,16 +411,29 @@ def _stage_model(run: FitRun, out: Path, resume: bool) -> Dict[str, Any]:
     geocells = _cells(run)
     fingerprint = str(geocells.fingerprint)
     backbone, info = load_backbone(run.stage_dir("backbone"), expected_fingerprint=fingerprint)
-    heads = {p.stem: load_head(p, geocells=geocells)
-             for p in sorted((run.stage_dir("heads") / "heads").glob("*.safetensors"))}
-    retrieval = ResidualRetrievalModule.load(run.stage_dir("retrieval") / "retrieval.safetensors",
-                                             fingerprint=fingerprint)
+    heads = {
+        p.stem: load_head(p, geocells=geocells)
+        for p in sorted((run.stage_dir("heads") / "heads").glob("*.safetensors"))
+    }
+    retrieval = ResidualRetrievalModule.load(
+        run.stage_dir("retrieval") / "retrieval.safetensors", fingerprint=fingerprint
+    )
     index = BackgroundIndex.load(run.stage_dir("index"), mmap=False, fingerprint=fingerprint)
-    model = Geolocator(backbone=backbone, geocells=geocells, heads=heads, retrieval=retrieval, index=index,
-                       config=run.config, backbone_name=info["model"], data_config=info.get("data_config"))
+    model = Geolocator(
+        backbone=backbone,
+        geocells=geocells,
+        heads=heads,
+        retrieval=retrieval,
+        index=index,
+        config=run.config,
+        backbone_name=info["model"],
+        data_config=info.get("data_config"),
+    )
     model.save_pretrained(run.model_dir)
-    run.echo(f"  model folder {run.model_dir}: backbone {info['model']}, heads {', '.join(heads)}, "
-             f"background index of {len(index)} photos")
+    run.echo(
+        f"  model folder {run.model_dir}: backbone {info['model']}, heads {', '.join(heads)}, "
+        f"background index of {len(index)} photos"
+    )
     return {"model_dir": str(run.model_dir), "heads": list(heads), "index_photos": len(index)}
 
 
@@ -451,10 +509,16 @@ def run_pipeline(run: FitRun, stages: Optional[Sequence[str]] = None) -> Dict[st
         seconds = time.perf_counter() - started
         run.timings[stage] = seconds
         if state.is_main_process:
-            marker = {"stage": stage, "key": plan["key"], "finished": time.time(), "seconds": round(seconds, 2),
-                      "config": {s: run.config.to_dict()[s] for s in STAGE_SECTIONS[stage]},
-                      "inputs": _stage_inputs(run, stage), "details": details,
-                      "num_processes": state.num_processes}
+            marker = {
+                "stage": stage,
+                "key": plan["key"],
+                "finished": time.time(),
+                "seconds": round(seconds, 2),
+                "config": {s: run.config.to_dict()[s] for s in STAGE_SECTIONS[stage]},
+                "inputs": _stage_inputs(run, stage),
+                "details": details,
+                "num_processes": state.num_processes,
+            }
             tmp = out / (MARKER + ".tmp")
             tmp.write_text(json.dumps(marker, indent=2, default=str) + "\n")
             tmp.replace(out / MARKER)
@@ -523,10 +587,17 @@ def fit_model(
     """
     config = resolve_config(preset, config_file, list(overrides))
     run = FitRun(
-        model_dir=Path(out), config=config, train_csv=None if train_csv is None else Path(train_csv),
-        images=None if images is None else Path(images), shards=shards,
-        exclude=tuple(Path(p) for p in exclude), cpu=cpu, val_csv=None if val_csv is None else Path(val_csv),
-        val_images=None if val_images is None else Path(val_images), val_shards=val_shards, echo=echo,
+        model_dir=Path(out),
+        config=config,
+        train_csv=None if train_csv is None else Path(train_csv),
+        images=None if images is None else Path(images),
+        shards=shards,
+        exclude=tuple(Path(p) for p in exclude),
+        cpu=cpu,
+        val_csv=None if val_csv is None else Path(val_csv),
+        val_images=None if val_images is None else Path(val_images),
+        val_shards=val_shards,
+        echo=echo,
     )
     run_pipeline(run, stages)
     return run.model_dir

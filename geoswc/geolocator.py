@@ -103,7 +103,9 @@ class Predictions:
                     "lon": float(index_latlon[r, 1]),
                     "in_cluster": bool(c),
                 }
-                for r, s, c in zip(rows[keep], self.neighbour_sims[i][keep], self.neighbour_in_cluster[i][keep])
+                for r, s, c in zip(
+                    rows[keep], self.neighbour_sims[i][keep], self.neighbour_in_cluster[i][keep]
+                )
             ]
             records.append(
                 {
@@ -334,7 +336,9 @@ class Geolocator(nn.Module):
 
         if mode in ("swc", "rrm"):
             if self.index is None:
-                raise ValueError(f"mode {mode!r} needs a background index; this model has none, use mode='cell'")
+                raise ValueError(
+                    f"mode {mode!r} needs a background index; this model has none, use mode='cell'"
+                )
             emb = self.embed(features) if embeddings is None else embeddings
             if mode == "swc":
                 cells = cls["top_cells"][:, :top_cells]
@@ -439,8 +443,13 @@ class Geolocator(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         self.config.save(directory / "config.yaml")
         self.geocells.save(directory / "cells")
-        save_backbone(self.backbone, directory, name=self.backbone_name, fingerprint=self.fingerprint,
-                      data_config=_jsonable(self.data_config))
+        save_backbone(
+            self.backbone,
+            directory,
+            name=self.backbone_name,
+            fingerprint=self.fingerprint,
+            data_config=_jsonable(self.data_config),
+        )
         for kind, head in self.heads.items():
             save_head(head, directory / "heads" / f"{kind}.safetensors", config=self.config)
         if self.retrieval is not None:
@@ -518,7 +527,12 @@ class Geolocator(nn.Module):
             model.backbone.to(memory_format=torch.channels_last)
         logger.info(
             "loaded geolocator from %s: backbone %s, heads %s, retrieval %s, index %s, on %s",
-            directory, model.backbone_name, model.head_names, retrieval is not None, index is not None, device,
+            directory,
+            model.backbone_name,
+            model.head_names,
+            retrieval is not None,
+            index is not None,
+            device,
         )
         return model
 

@@ -136,15 +136,22 @@ def load_predictor(model: Union[str, Path, Any], *, head: Optional[str] = None, 
     return geolocator
 
 
-def _ok_row(photo, prediction: dict, *, precision: str, write_exif: Optional[str], summary: TagSummary) -> dict:
+def _ok_row(
+    photo, prediction: dict, *, precision: str, write_exif: Optional[str], summary: TagSummary
+) -> dict:
     """The row of a placed photo, its position rounded to ``precision``; with ``write_exif`` its EXIF copy is
     written first, so a row on disk means its copy is complete."""
     prediction = dict(prediction)
     prediction["lat"], prediction["lon"] = round_latlon(prediction["lat"], prediction["lon"], precision)
     if write_exif:
         try:
-            write_gps_exif(photo.path, os.path.join(write_exif, photo.rel), prediction["lat"], prediction["lon"],
-                           precision=precision)
+            write_gps_exif(
+                photo.path,
+                os.path.join(write_exif, photo.rel),
+                prediction["lat"],
+                prediction["lon"],
+                precision=precision,
+            )
             summary.exif_written += 1
         except PhotoError as err:
             logger.debug("no EXIF copy of %s: %s", photo.path, err)
@@ -227,7 +234,9 @@ def tag_photos(
     )
     photos = found.photos
     if write_exif and found.root and os.path.realpath(write_exif) == os.path.realpath(found.root):
-        raise ValueError(f"--write-exif {write_exif} is the inputs' own folder; the copies would replace the originals")
+        raise ValueError(
+            f"--write-exif {write_exif} is the inputs' own folder; the copies would replace the originals"
+        )
     _check_output(output, fmt, resume=resume, overwrite=overwrite, rank=ranks.rank)
     ranks.barrier()
 
@@ -250,16 +259,23 @@ def tag_photos(
     pending = [photo for photo in photos if photo.path not in done]
     share = pending[ranks.rank :: ranks.world]
     logger.info(
-        "%d photos found, %d already done, rank %d/%d tags %d", len(photos), len(done), ranks.rank,
-        ranks.world, len(share),
+        "%d photos found, %d already done, rank %d/%d tags %d",
+        len(photos),
+        len(done),
+        ranks.rank,
+        ranks.world,
+        len(share),
     )
 
     counts = {"ok": 0, "error": 0}
     if direct:
         for row in done_rows:
             counts[row["status"]] += 1
-    dataset = PhotoDataset([photo.path for photo in share], predictor.transform,
-                           target=target or resize_target(predictor.transform))
+    dataset = PhotoDataset(
+        [photo.path for photo in share],
+        predictor.transform,
+        target=target or resize_target(predictor.transform),
+    )
     delay = float(os.environ.get(BATCH_DELAY_ENV, "0") or 0)
     device = ranks.device
     bar = None
@@ -271,18 +287,22 @@ def tag_photos(
     ready: dict = {}
     written = 0
     try:
-        for batch in photo_batches(dataset, batch_size=batch_size, workers=workers,
-                                   pin_memory=torch.cuda.is_available()):
+        for batch in photo_batches(
+            dataset, batch_size=batch_size, workers=workers, pin_memory=torch.cuda.is_available()
+        ):
             predictions = {}
             if len(batch):
                 pixels = batch.pixels if device is None else batch.pixels.to(device, non_blocking=True)
                 with torch.inference_mode():
-                    predictions = dict(zip(batch.indices.tolist(), predictor.predict_batch(pixels, **options)))
+                    predictions = dict(
+                        zip(batch.indices.tolist(), predictor.predict_batch(pixels, **options))
+                    )
             for index, error in batch.errors.items():
                 ready[index] = make_row(share[index].path, error=error)
             for index, prediction in predictions.items():
-                ready[index] = _ok_row(share[index], prediction, precision=precision, write_exif=write_exif,
-                                       summary=summary)
+                ready[index] = _ok_row(
+                    share[index], prediction, precision=precision, write_exif=write_exif, summary=summary
+                )
             rows = []
             while written in ready:
                 rows.append(ready.pop(written))
@@ -326,8 +346,10 @@ def summary_lines(summary: dict) -> list:
     if skipped:
         lines.append(f"skipped {', '.join(skipped)} found in folders")
     if summary["exif_written"] or summary["exif_skipped"]:
-        lines.append(f"wrote {summary['exif_written']} EXIF copies ({summary['exif_skipped']} non-JPEG photos "
-                     "have none)")
+        lines.append(
+            f"wrote {summary['exif_written']} EXIF copies ({summary['exif_skipped']} non-JPEG photos "
+            "have none)"
+        )
     resumed = f", {summary['resumed']} from the earlier run" if summary["resumed"] else ""
     lines.append(
         f"tagged {summary['tagged']} photos in {summary['seconds']:.1f} s ({rate:.1f} images/s){resumed}: "

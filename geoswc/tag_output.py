@@ -118,7 +118,9 @@ def _parse_jsonl(text: str, source: str) -> List[Row]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{source} line {number} is not a JSON row ({err.msg}); use --overwrite to replace it")
+            raise ValueError(
+                f"{source} line {number} is not a JSON row ({err.msg}); use --overwrite to replace it"
+            )
         if not isinstance(row, dict) or "path" not in row:
             raise ValueError(f"{source} line {number} is not a geoswc tag row; use --overwrite to replace it")
         rows.append(row)
@@ -137,7 +139,9 @@ def read_appendable(path: str, fmt: str, *, repair: bool) -> List[Row]:
         data = f.read()
     end = _complete_end(data, fmt)
     if end < len(data):
-        logger.info("%s ends in a partial row (%d bytes)%s", path, len(data) - end, "; cut off" if repair else "")
+        logger.info(
+            "%s ends in a partial row (%d bytes)%s", path, len(data) - end, "; cut off" if repair else ""
+        )
         if repair:
             with open(path, "r+b") as f:
                 f.truncate(end)
@@ -154,7 +158,9 @@ def read_rows(path: str, fmt: str) -> List[Row]:
             try:
                 collection = json.load(f)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path} is not valid GeoJSON ({err.msg}); use --overwrite to replace it") from None
+                raise ValueError(
+                    f"{path} is not valid GeoJSON ({err.msg}); use --overwrite to replace it"
+                ) from None
         return [dict(feature["properties"]) for feature in collection.get("features", [])]
     pq = pyarrow_parquet()
     return pq.read_table(path).to_pylist()
@@ -165,7 +171,9 @@ def read_rows(path: str, fmt: str) -> List[Row]:
 
 def _csv_line(row: Row) -> str:
     buffer = io.StringIO()
-    csv.writer(buffer, lineterminator="\n").writerow(["" if row[key] is None else row[key] for key in COLUMNS])
+    csv.writer(buffer, lineterminator="\n").writerow(
+        ["" if row[key] is None else row[key] for key in COLUMNS]
+    )
     return buffer.getvalue()
 
 

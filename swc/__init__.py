@@ -9,6 +9,12 @@ from geoswc.swc.search import (
 )
 
 __all__ = [
-    "ClusterResult", "NearestResult", "SwcResult", "dbscan_labels", "largest_cluster_mean",
-    "nearest_background", "search_within_cell", "spherical_mean",
+    "ClusterResult",
+    "NearestResult",
+    "SwcResult",
+    "dbscan_labels",
+    "largest_cluster_mean",
+    "nearest_background",
+    "search_within_cell",
+    "spherical_mean",
 ]

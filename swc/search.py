@@ -96,7 +96,9 @@ def search_within_cell(
     cluster = largest_cluster_mean(latlon, valid, eps_km=eps_km, min_samples=min_samples, similarity=sims)
     found = valid.any(axis=1)
     if not found.all():
-        logger.debug("%d of %d queries have no background photo in their cells", int((~found).sum()), len(found))
+        logger.debug(
+            "%d of %d queries have no background photo in their cells", int((~found).sum()), len(found)
+        )
     return SwcResult(
         latlon_deg=cluster.latlon_deg,
         found=found,

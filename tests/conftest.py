@@ -68,8 +68,18 @@ def build_tiny_model(directory: Path, *, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    hubs = np.array([[48.86, 2.35], [40.71, -74.0], [35.68, 139.69], [-33.87, 151.21], [51.51, -0.13],
-                     [41.9, 12.5], [37.77, -122.42], [-22.91, -43.17]])
+    hubs = np.array(
+        [
+            [48.86, 2.35],
+            [40.71, -74.0],
+            [35.68, 139.69],
+            [-33.87, 151.21],
+            [51.51, -0.13],
+            [41.9, 12.5],
+            [37.77, -122.42],
+            [-22.91, -43.17],
+        ]
+    )
     hub = rng.integers(0, len(hubs), size=400)
     latlon = hubs[hub] + rng.normal(scale=[0.15, 0.2], size=(400, 2))
     geocells = S2Partitioner(min_images=4, max_images=(120, 60, 25)).fit(latlon[:, 0], latlon[:, 1]).geocells_
@@ -86,7 +96,11 @@ def build_tiny_model(directory: Path, *, seed: int = 0) -> Path:
     heads = {kind: create_head(kind, in_features=dim, geocells=geocells) for kind in ("ce", "hc", "mvmf")}
     retrieval = ResidualRetrievalModule(dim, hidden_dim=64).eval()
     model = Geolocator(
-        backbone=backbone, geocells=geocells, heads=heads, retrieval=retrieval, config=config,
+        backbone=backbone,
+        geocells=geocells,
+        heads=heads,
+        retrieval=retrieval,
+        config=config,
         backbone_name="test_efficientnet",
     )
 
@@ -102,8 +116,12 @@ def build_tiny_model(directory: Path, *, seed: int = 0) -> Path:
         pixels.append(model.transform(Image.fromarray(image)))
     embeddings = model.embed(model.features(torch.stack(pixels)))
     model.index = BackgroundIndex().build(
-        embeddings.numpy(), cell_idx=cell_idx, latlon=latlon[bg], ids=[f"bg{i:03d}" for i in bg],
-        n_cells=len(geocells.fine), fingerprint=geocells.fingerprint,
+        embeddings.numpy(),
+        cell_idx=cell_idx,
+        latlon=latlon[bg],
+        ids=[f"bg{i:03d}" for i in bg],
+        n_cells=len(geocells.fine),
+        fingerprint=geocells.fingerprint,
     )
     return model.save_pretrained(directory)
 

@@ -79,15 +79,18 @@ def _trained_backbone():
 
 def test_backbone_folder_round_trip(tmp_path):
     backbone = _trained_backbone()
-    folder = save_backbone(backbone, tmp_path / "bb", name="test_efficientnet", fingerprint="abc123",
-                           config=_Config())
+    folder = save_backbone(
+        backbone, tmp_path / "bb", name="test_efficientnet", fingerprint="abc123", config=_Config()
+    )
     assert folder == tmp_path / "bb"
     spec = json.loads((folder / "backbone.json").read_text())
     assert spec == {
         "model": "test_efficientnet",
         "num_features": 256,
-        "data_config": {k: list(v) if isinstance(v, tuple) else v
-                        for k, v in timm.data.resolve_model_data_config(backbone).items()},
+        "data_config": {
+            k: list(v) if isinstance(v, tuple) else v
+            for k, v in timm.data.resolve_model_data_config(backbone).items()
+        },
     }
     with safe_open(str(folder / "backbone.safetensors"), framework="pt") as handle:
         meta = handle.metadata()

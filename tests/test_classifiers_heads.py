@@ -41,8 +41,13 @@ def test_hc_product_inference_on_hand_hierarchy():
     got = head.fine_log_probs(out)[0].detach().double().numpy()
     lc, lm, lf = log_softmax_np(coarse), log_softmax_np(middle), log_softmax_np(fine)
     # fine cell -> (coarse, middle) parents, by hand; cell 4 has no coarse parent: its factor is 1.
-    expected = [lf[0] + lm[0] + lc[0], lf[1] + lm[0] + lc[0], lf[2] + lm[1] + lc[0],
-                lf[3] + lm[2] + lc[1], lf[4] + lm[2]]
+    expected = [
+        lf[0] + lm[0] + lc[0],
+        lf[1] + lm[0] + lc[0],
+        lf[2] + lm[1] + lc[0],
+        lf[3] + lm[2] + lc[1],
+        lf[4] + lm[2],
+    ]
     np.testing.assert_allclose(got, expected, rtol=1e-5)
     # The fine head alone picks cell 0; the product picks cell 3 (its parents are far more likely).
     assert int(np.argmax(lf)) == 0
@@ -139,12 +144,18 @@ def test_mvmf_loss_equals_direct_float64_formula():
     with torch.no_grad():
         head.log_kappa.copy_(torch.log(torch.tensor([2.0, 8.0, 30.0, 0.5, 60.0])))
     features = torch.randn(7, 6)
-    latlon = torch.tensor([[10, 4], [11, 6], [0, 0], [-20, 101], [60, -150], [-80, 30], [10, 15.0]],
-                          dtype=torch.float64)
+    latlon = torch.tensor(
+        [[10, 4], [11, 6], [0, 0], [-20, 101], [60, -150], [-80, 30], [10, 15.0]], dtype=torch.float64
+    )
     loss = head.loss(head(features), torch.zeros(7, 3, dtype=torch.long), latlon)
-    expected = mvmf_nll_float64(head.fc.weight.double().detach().numpy(), head.fc.bias.double().detach().numpy(),
-                                head.log_kappa.double().detach().numpy(), head.means.double().numpy(),
-                                features.double().numpy(), latlon.numpy())
+    expected = mvmf_nll_float64(
+        head.fc.weight.double().detach().numpy(),
+        head.fc.bias.double().detach().numpy(),
+        head.log_kappa.double().detach().numpy(),
+        head.means.double().numpy(),
+        features.double().numpy(),
+        latlon.numpy(),
+    )
     assert loss.item() == pytest.approx(expected, rel=1e-5)
 
 
@@ -171,13 +182,15 @@ def test_mvmf_prediction_is_centre_of_heaviest_component_and_init_from_ce():
     torch.testing.assert_close(head.fine_log_probs(out), ce.fine_log_probs(ce(torch.randn(3, 4))))
     np.testing.assert_allclose(head.predict_latlon(out).detach().numpy(), [[60.0, -150.0]] * 3)
     trainable = create_head("mvmf", in_features=4, geocells=cells, train_means=True).init_from_classifier(ce)
-    np.testing.assert_allclose(trainable.predict_latlon(trainable(torch.randn(1, 4))).detach().numpy(), [[60.0, -150.0]],
-                               atol=1e-4)
+    np.testing.assert_allclose(
+        trainable.predict_latlon(trainable(torch.randn(1, 4))).detach().numpy(), [[60.0, -150.0]], atol=1e-4
+    )
 
 
 def test_latlon_unit_round_trip():
-    latlon = torch.tensor([[0.0, 0.0], [45.0, 170.0], [-89.0, -179.5], [12.345678, -98.765432]],
-                          dtype=torch.float64)
+    latlon = torch.tensor(
+        [[0.0, 0.0], [45.0, 170.0], [-89.0, -179.5], [12.345678, -98.765432]], dtype=torch.float64
+    )
     torch.testing.assert_close(unit_to_latlon(latlon_to_unit(latlon)), latlon)
 
 

@@ -8,7 +8,11 @@ def test_defaults_are_the_papers():
     assert cfg.backbone.model == "efficientnet_b4"
     assert (cfg.backbone.lr, cfg.backbone.momentum, cfg.backbone.weight_decay) == (0.01, 0.9, 1e-4)
     assert (cfg.backbone.epochs, cfg.backbone.batch_size, cfg.backbone.lr_gamma) == (25, 64, 0.5)
-    assert (cfg.retrieval.temperature, cfg.retrieval.memory_size, cfg.retrieval.hidden_dim) == (0.05, 4096, 4096)
+    assert (cfg.retrieval.temperature, cfg.retrieval.memory_size, cfg.retrieval.hidden_dim) == (
+        0.05,
+        4096,
+        4096,
+    )
     assert (cfg.swc.k, cfg.swc.eps_km, cfg.swc.min_samples) == (10, 1.0, 1)
     assert cfg.data.image_size == 300
 

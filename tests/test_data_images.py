@@ -87,8 +87,17 @@ def test_reduced_decoding_keeps_short_side_at_least_target(target):
 
 @pytest.mark.parametrize(
     ("width", "height", "target", "denominator"),
-    [(500, 375, 300, 1), (500, 375, 188, 2), (500, 375, 189, 1), (500, 375, 94, 4), (500, 375, 47, 8),
-     (375, 500, 94, 4), (4000, 3000, 300, 8), (4000, 3000, None, 1), (100, 80, 300, 1)],
+    [
+        (500, 375, 300, 1),
+        (500, 375, 188, 2),
+        (500, 375, 189, 1),
+        (500, 375, 94, 4),
+        (500, 375, 47, 8),
+        (375, 500, 94, 4),
+        (4000, 3000, 300, 8),
+        (4000, 3000, None, 1),
+        (100, 80, 300, 1),
+    ],
 )
 def test_jpeg_scale_denominator(width, height, target, denominator):
     # libjpeg rounds scaled sides up: 375 / 2 -> 188, 375 / 4 -> 94, 375 / 8 -> 47.
@@ -121,7 +130,10 @@ def test_decode_array_is_decode_image_as_an_array():
 def test_resize_array_matches_pillow_antialiased_resize():
     photo = np.asarray(_photo())
     # Down to 0.8 (what is left after DCT-scaled decoding of an MP16 photo for 300 px): interpolation.
-    for interpolation, pil in (("bilinear", Image.Resampling.BILINEAR), ("bicubic", Image.Resampling.BICUBIC)):
+    for interpolation, pil in (
+        ("bilinear", Image.Resampling.BILINEAR),
+        ("bicubic", Image.Resampling.BICUBIC),
+    ):
         ours = resize_array(photo, (400, 300), interpolation=interpolation)
         assert ours.shape == (300, 400, 3)
         assert _diff(ours, Image.fromarray(photo).resize((400, 300), pil)) < 1.5
@@ -143,7 +155,9 @@ def test_modes_become_rgb(tmp_path):
     grey = Image.fromarray(np.full((30, 40), 77, np.uint8), "L")
     assert np.asarray(decode_image(_jpeg(grey)))[0, 0].tolist() == pytest.approx([77, 77, 77], abs=1)
 
-    palette = Image.fromarray(np.full((30, 40, 3), (10, 200, 30), np.uint8), "RGB").convert("P", palette=Image.Palette.ADAPTIVE)
+    palette = Image.fromarray(np.full((30, 40, 3), (10, 200, 30), np.uint8), "RGB").convert(
+        "P", palette=Image.Palette.ADAPTIVE
+    )
     buf = io.BytesIO()
     palette.save(buf, "PNG")
     assert np.asarray(decode_image(buf.getvalue()))[3, 3].tolist() == [10, 200, 30]

@@ -25,8 +25,15 @@ def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("loading")
     make_world(root / "world", n_train=157, n_test=12, seed=9, progress=False)
     labeler = lambda lat, lon: np.stack([(lat > 0), (lon > 0)], axis=1).astype(np.int64)  # noqa: E731
-    write_shards(read_metadata(root / "world" / "train.csv"), root / "shards", images_root=root / "world" / "images",
-                 labeler=labeler, fingerprint="quadrants", samples_per_shard=23, progress=False)
+    write_shards(
+        read_metadata(root / "world" / "train.csv"),
+        root / "shards",
+        images_root=root / "world" / "images",
+        labeler=labeler,
+        fingerprint="quadrants",
+        samples_per_shard=23,
+        progress=False,
+    )
     return root
 
 
@@ -61,8 +68,19 @@ def test_every_sample_exactly_once_across_ranks_and_workers(shards, world_size, 
     seen = []
     sizes = []
     for rank in range(world_size):
-        ids = _ids(shard_loader(shards / "shards", transform=transform, batch_size=8, num_workers=workers,
-                                rank=rank, world_size=world_size, shuffle_buffer=16, seed=1, epoch=2))
+        ids = _ids(
+            shard_loader(
+                shards / "shards",
+                transform=transform,
+                batch_size=8,
+                num_workers=workers,
+                rank=rank,
+                world_size=world_size,
+                shuffle_buffer=16,
+                seed=1,
+                epoch=2,
+            )
+        )
         seen += ids
         sizes.append(len(ids))
     expected = read_metadata(shards / "world" / "train.csv")["IMG_ID"].tolist()
@@ -75,8 +93,16 @@ def test_shuffle_is_deterministic_per_seed_and_epoch(shards):
     transform = build_transform(CONFIG, train=False, size=32, eval_resize="fixed")
 
     def order(seed, epoch):
-        return _ids(shard_loader(shards / "shards", transform=transform, batch_size=16, shuffle_buffer=30,
-                                 seed=seed, epoch=epoch))
+        return _ids(
+            shard_loader(
+                shards / "shards",
+                transform=transform,
+                batch_size=16,
+                shuffle_buffer=30,
+                seed=seed,
+                epoch=epoch,
+            )
+        )
 
     assert order(0, 0) == order(0, 0)
     assert order(0, 0) != order(0, 1) and order(0, 0) != order(1, 0)
@@ -88,8 +114,16 @@ def test_shuffle_is_deterministic_per_seed_and_epoch(shards):
 def test_epoch_length_gives_exact_batches_per_rank(shards):
     transform = build_transform(CONFIG, train=True, size=32)
     for rank in range(2):
-        loader = shard_loader(shards / "shards", transform=transform, batch_size=16, num_workers=2, rank=rank,
-                              world_size=2, epoch_length=13, shuffle_buffer=20)
+        loader = shard_loader(
+            shards / "shards",
+            transform=transform,
+            batch_size=16,
+            num_workers=2,
+            rank=rank,
+            world_size=2,
+            epoch_length=13,
+            shuffle_buffer=20,
+        )
         batches = list(loader)
         assert len(batches) == 13 and all(len(b["id"]) == 16 for b in batches)  # 208 > 79 per rank: resampled
 
@@ -100,8 +134,10 @@ def test_photo_dataset_of_an_evaluation_folder_reports_missing_and_unreadable(sh
     (shards / "world" / "images" / "00" / "01").mkdir(parents=True, exist_ok=True)
     (shards / "world" / "images" / "00" / "01" / "500.jpg").write_bytes(b"broken")
     meta.loc[len(meta)] = ["00/01/500.jpg", "y@N00", 0.0, 0.0]
-    dataset = PhotoDataset([image_path(shards / "world" / "images", i) for i in meta["IMG_ID"]],
-                           build_transform(CONFIG, train=False, size=64, eval_resize="longest"))
+    dataset = PhotoDataset(
+        [image_path(shards / "world" / "images", i) for i in meta["IMG_ID"]],
+        build_transform(CONFIG, train=False, size=64, eval_resize="longest"),
+    )
     assert len(dataset) == 14
     batches = list(photo_batches(dataset, batch_size=5))
     errors = {i: e for b in batches for i, e in b.errors.items()}
@@ -142,8 +178,10 @@ def test_transforms_follow_the_paper_and_timm_config():
 
 
 def test_pad_collate_pads_to_a_fixed_canvas():
-    samples = [{"image": torch.ones(3, 30, 40), "id": "a", "latlon": (1.0, 2.0)},
-               {"image": torch.ones(3, 40, 25), "id": "b", "latlon": (3.0, 4.0)}]
+    samples = [
+        {"image": torch.ones(3, 30, 40), "id": "a", "latlon": (1.0, 2.0)},
+        {"image": torch.ones(3, 40, 25), "id": "b", "latlon": (3.0, 4.0)},
+    ]
     batch = pad_collate(samples, canvas=40)
     assert batch["image"].shape == (2, 3, 40, 40)
     assert batch["image"][0, :, :30, :40].eq(1).all() and batch["image"][0, :, 30:].eq(0).all()
@@ -181,10 +219,30 @@ def test_two_real_ranks_see_every_sample_exactly_once(shards, tmp_path):
     # Without CUDA, accelerate only forms a process group on CPU (gloo) when told to use the CPU.
     env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
     result = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), str(script),
-         str(shards / "shards"), str(tmp_path)],
-        capture_output=True, text=True, env=env, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.accelerate_cli",
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(free_port()),
+            str(script),
+            str(shards / "shards"),
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     expected = sorted(read_metadata(shards / "world" / "train.csv")["IMG_ID"])

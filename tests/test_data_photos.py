@@ -69,8 +69,11 @@ def collect(batches):
     return [(batch.indices.tolist(), batch.pixels, dict(batch.errors)) for batch in batches]
 
 
-@pytest.fixture(scope="module", params=[(b, w) for b in (1, 3, 32) for w in (0, 2)],
-                ids=lambda p: f"batch{p[0]}-workers{p[1]}")
+@pytest.fixture(
+    scope="module",
+    params=[(b, w) for b in (1, 3, 32) for w in (0, 2)],
+    ids=lambda p: f"batch{p[0]}-workers{p[1]}",
+)
 def run(request, dataset):
     """``(batch_size, [(indices, pixels, errors)])`` of one pass of `photo_batches` over the mixed sources."""
     batch_size, workers = request.param
@@ -115,8 +118,11 @@ def test_batches_are_full_whenever_the_photos_allow(run, photos, sources):
     # Fewer than 4 * batch_size photos never wait here, so only the last batch of a shape can be short.
     _, good_at, _ = sources
     batch_size, batches = run
-    short = [tuple(pixels.shape[1:]) for batch_indices, pixels, _ in batches
-             if batch_indices and len(batch_indices) < batch_size]
+    short = [
+        tuple(pixels.shape[1:])
+        for batch_indices, pixels, _ in batches
+        if batch_indices and len(batch_indices) < batch_size
+    ]
     assert len(short) == len(set(short)), f"two short batches of one shape: {short}"
     shapes = {longest_side_shape(*info.size) for info in photos.values()}
     assert len(short) <= len(shapes)
@@ -184,8 +190,9 @@ def test_dataset_items(dataset, sources):
 
 @pytest.mark.parametrize("max_pending", [0, 1, 2])
 @pytest.mark.parametrize("batch_size", [2, 4])
-def test_batch_by_shape_with_little_room_still_yields_everything_once(dataset, sources, photos, batch_size,
-                                                                      max_pending):
+def test_batch_by_shape_with_little_room_still_yields_everything_once(
+    dataset, sources, photos, batch_size, max_pending
+):
     _, good_at, bad_at = sources
     loader = photo_loader(dataset, batch_size=batch_size)
     indices, errors = [], []

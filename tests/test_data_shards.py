@@ -93,11 +93,14 @@ def _prepare_inputs(world, tmp_path):
     leak_author = meta["AUTHOR"].iloc[0]
     leak_photo = normalize_photo_id(meta["IMG_ID"].iloc[1])
     bench = tmp_path / "bench.csv"
-    pd.DataFrame({
-        "IMG_ID": [f"{leak_photo}_e60e9cdfb4_1125_{meta['AUTHOR'].iloc[1]}.jpg", "5.jpg"],
-        "AUTHOR": ["someone@N00", leak_author],
-        "LAT": [0.0, 0.0], "LON": [0.0, 0.0],
-    }).to_csv(bench, index=False)
+    pd.DataFrame(
+        {
+            "IMG_ID": [f"{leak_photo}_e60e9cdfb4_1125_{meta['AUTHOR'].iloc[1]}.jpg", "5.jpg"],
+            "AUTHOR": ["someone@N00", leak_author],
+            "LAT": [0.0, 0.0],
+            "LON": [0.0, 0.0],
+        }
+    ).to_csv(bench, index=False)
     n_by_author = int((meta["AUTHOR"] == leak_author).sum())
     by_id_counted = int(meta["AUTHOR"].iloc[1] != leak_author)
     return meta, train_csv, bench, n_by_author, by_id_counted
@@ -107,13 +110,22 @@ def test_write_shards_labels_exclusions_and_skips(world, tmp_path):
     meta, _, bench, n_by_author, n_by_id = _prepare_inputs(world, tmp_path)
     out = tmp_path / "shards"
     summary = write_shards(
-        meta, out, images_root=world / "images", labeler=lat_band_labeler, fingerprint="bands-v1",
-        exclusions=Exclusions.from_files([bench]), samples_per_shard=25, resize=48, progress=False,
+        meta,
+        out,
+        images_root=world / "images",
+        labeler=lat_band_labeler,
+        fingerprint="bands-v1",
+        exclusions=Exclusions.from_files([bench]),
+        samples_per_shard=25,
+        resize=48,
+        progress=False,
     )
     assert summary["excluded_author"] == n_by_author and summary["excluded_id"] == n_by_id
     assert summary["skipped_missing"] == 1 and summary["skipped_corrupt"] == 1
     assert {(s["id"], s["reason"]) for s in summary["skipped"]} == {
-        ("aa/bb/1111111111.jpg", "missing"), ("aa/cc/2222222222.jpg", "corrupt")}
+        ("aa/bb/1111111111.jpg", "missing"),
+        ("aa/cc/2222222222.jpg", "corrupt"),
+    }
     assert summary["written"] == 120 - n_by_author - n_by_id
     assert json.loads((out / "summary.json").read_text())["written"] == summary["written"]
     assert all(s["count"] <= 25 for s in summary["shards"])
@@ -128,7 +140,9 @@ def test_write_shards_labels_exclusions_and_skips(world, tmp_path):
         row = by_id.loc[record["id"]]
         assert record["author"] == row["AUTHOR"]
         assert (record["lat"], record["lon"]) == (row["LAT"], row["LON"])
-        assert record["labels"] == lat_band_labeler(np.array([row["LAT"]]), np.array([row["LON"]]))[0].tolist()
+        assert (
+            record["labels"] == lat_band_labeler(np.array([row["LAT"]]), np.array([row["LON"]]))[0].tolist()
+        )
         assert record["fingerprint"] == "bands-v1"
         assert min(decode_image(parts["jpg"]).size) == 48
     assert meta["AUTHOR"].iloc[0] not in {json.loads(p["json"])["author"] for p in samples.values()}
@@ -145,9 +159,24 @@ def test_resume_refuses_other_settings(world, tmp_path):
 def test_killed_job_resumes_without_duplicates_or_gaps(tmp_path):
     world = tmp_path / "world"
     make_world(world, n_train=600, n_test=10, seed=2, progress=False)
-    command = [sys.executable, "-m", "geoswc", "data", "shards", str(world / "train.csv"), "--images",
-               str(world / "images"), "-o", str(tmp_path / "killed"), "--samples-per-shard", "20", "--workers", "1",
-               "--resize", "200"]
+    command = [
+        sys.executable,
+        "-m",
+        "geoswc",
+        "data",
+        "shards",
+        str(world / "train.csv"),
+        "--images",
+        str(world / "images"),
+        "-o",
+        str(tmp_path / "killed"),
+        "--samples-per-shard",
+        "20",
+        "--workers",
+        "1",
+        "--resize",
+        "200",
+    ]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     progress = tmp_path / "killed" / "_progress"
     deadline = time.time() + 60
@@ -159,13 +188,21 @@ def test_killed_job_resumes_without_duplicates_or_gaps(tmp_path):
     assert 3 <= done_before < 30, "the job should have been killed part-way"
     assert main(command[3:]) == 0
     summary = json.loads((tmp_path / "killed" / "summary.json").read_text())
-    write_shards(read_metadata(world / "train.csv"), tmp_path / "clean", images_root=world / "images",
-                 samples_per_shard=20, resize=200, progress=False)
+    write_shards(
+        read_metadata(world / "train.csv"),
+        tmp_path / "clean",
+        images_root=world / "images",
+        samples_per_shard=20,
+        resize=200,
+        progress=False,
+    )
     clean = json.loads((tmp_path / "clean" / "summary.json").read_text())
     assert summary["written"] == clean["written"] == 600
     assert summary["shards"] == clean["shards"]
     for shard in clean["shards"]:
-        assert (tmp_path / "killed" / shard["name"]).read_bytes() == (tmp_path / "clean" / shard["name"]).read_bytes()
+        assert (tmp_path / "killed" / shard["name"]).read_bytes() == (
+            tmp_path / "clean" / shard["name"]
+        ).read_bytes()
     assert not list((tmp_path / "killed").glob("*.tmp"))
 
 
@@ -178,12 +215,32 @@ def test_msgpack_source(world, tmp_path):
                 f.write(msgpack.packb({"image": (world / "images" / img_id).read_bytes(), "id": img_id}))
             if index == 1:
                 f.write(msgpack.packb({"image": b"not a jpeg", "id": ids[100]}))
-                f.write(msgpack.packb({"image": (world / "images" / ids[0]).read_bytes(), "id": "zz/zz/1.jpg"}))
+                f.write(
+                    msgpack.packb({"image": (world / "images" / ids[0]).read_bytes(), "id": "zz/zz/1.jpg"})
+                )
     bench = tmp_path / "bench.csv"
     pd.DataFrame({"IMG_ID": [ids[3].split("/")[-1]], "LAT": [0.0], "LON": [0.0]}).to_csv(bench, index=False)
     out = tmp_path / "out"
-    assert main(["data", "shards", str(world / "train.csv"), "--msgpack", str(tmp_path / "shard_*.msg"), "-o",
-                 str(out), "--exclude", str(bench), "--samples-per-shard", "30", "--workers", "2"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "shards",
+                str(world / "train.csv"),
+                "--msgpack",
+                str(tmp_path / "shard_*.msg"),
+                "-o",
+                str(out),
+                "--exclude",
+                str(bench),
+                "--samples-per-shard",
+                "30",
+                "--workers",
+                "2",
+            ]
+        )
+        == 0
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["written"] == 99 and summary["excluded_id"] == 1 and summary["excluded_author"] == 0
     assert summary["skipped_corrupt"] == 1 and summary["skipped_unlisted"] == 1
@@ -222,8 +279,13 @@ def test_leakage_ids_use_the_evaluation_rule():
     """Leakage control and scoring must recognise a photo by the same key (Im2GPS prefixes included)."""
     from geoswc.eval import normalize_image_id
 
-    names = ["Athens_00016_1004463976_7d8c7a2b1e_1110_45789120@N00.jpg", "China_00092_5.jpg",
-             "Washington_00092_6.jpg", "45/77/3228511372.jpg", "10201275523.jpg"]
+    names = [
+        "Athens_00016_1004463976_7d8c7a2b1e_1110_45789120@N00.jpg",
+        "China_00092_5.jpg",
+        "Washington_00092_6.jpg",
+        "45/77/3228511372.jpg",
+        "10201275523.jpg",
+    ]
     assert [normalize_photo_id(n) for n in names] == [normalize_image_id(n) for n in names]
     assert normalize_photo_id(names[0]) == "1004463976"
     assert normalize_photo_id(names[1]) != normalize_photo_id(names[2])

@@ -128,8 +128,28 @@ def test_coordinates_follow_the_mp16_sample(world, shared_reference):
 
 
 def test_cli_synth(tmp_path, capsys):
-    assert main(["data", "synth", str(tmp_path / "w"), "--train", "50", "--test", "10", "--seed", "1",
-                 "--size", "64", "--workers", "1"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "synth",
+                str(tmp_path / "w"),
+                "--train",
+                "50",
+                "--test",
+                "10",
+                "--seed",
+                "1",
+                "--size",
+                "64",
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert "wrote 50 training and 10 test photos (64x48" in capsys.readouterr().out
     assert len(read_metadata(tmp_path / "w" / "train.csv")) == 50
-    assert decode_image(tmp_path / "w" / "images" / read_metadata(tmp_path / "w" / "test.csv")["IMG_ID"][0]).size == (64, 48)
+    assert decode_image(
+        tmp_path / "w" / "images" / read_metadata(tmp_path / "w" / "test.csv")["IMG_ID"][0]
+    ).size == (64, 48)

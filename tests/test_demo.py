@@ -13,8 +13,25 @@ from geoswc.geolocator import Geolocator
 def test_demo_shows_search_within_cell_beating_the_heads_at_1_km(tmp_path, capsys):
     # The ImageNet backbone as it is (no fine-tuning epoch) keeps this test within the suite's time budget.
     out = tmp_path / "demo"
-    assert main(["demo", "-o", str(out), "--train", "1200", "--test", "120", "--seed", "1", "--cpu",
-                 "--set", "backbone.epochs=0"]) == 0
+    assert (
+        main(
+            [
+                "demo",
+                "-o",
+                str(out),
+                "--train",
+                "1200",
+                "--test",
+                "120",
+                "--seed",
+                "1",
+                "--cpu",
+                "--set",
+                "backbone.epochs=0",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
 
     results = json.loads((out / "eval" / "results.json").read_text())
@@ -40,8 +57,25 @@ def test_demo_shows_search_within_cell_beating_the_heads_at_1_km(tmp_path, capsy
     assert str(out / "model") in printed and str(out / "tags.csv") in printed
 
     # A second run reuses the world and every trained stage.
-    assert main(["demo", "-o", str(out), "--train", "1200", "--test", "120", "--seed", "1", "--cpu",
-                 "--set", "backbone.epochs=0"]) == 0
+    assert (
+        main(
+            [
+                "demo",
+                "-o",
+                str(out),
+                "--train",
+                "1200",
+                "--test",
+                "120",
+                "--seed",
+                "1",
+                "--cpu",
+                "--set",
+                "backbone.epochs=0",
+            ]
+        )
+        == 0
+    )
     again = capsys.readouterr().out
     assert "already there, reused" in again
     assert again.count("up to date, skipped") == 8

@@ -64,7 +64,9 @@ def run_loop(out, *, stop_after=None, resume=False, epochs=3):
                 return None
         bar.close()
         position.next_epoch()
-    return {k: v.clone() for k, v in accelerator.unwrap_model(model).state_dict().items()}, current_lr(optimizer)
+    return {k: v.clone() for k, v in accelerator.unwrap_model(model).state_dict().items()}, current_lr(
+        optimizer
+    )
 
 
 def test_resume_continues_exactly(tmp_path):
@@ -86,7 +88,9 @@ def test_restore_refuses_other_partition(tmp_path):
 
 
 def test_csv_tracker_and_gather(tmp_path):
-    accelerator = build_accelerator(TrainConfig(), cpu=True, out_dir=tmp_path, log_with=["csv"], run_name="heads")
+    accelerator = build_accelerator(
+        TrainConfig(), cpu=True, out_dir=tmp_path, log_with=["csv"], run_name="heads"
+    )
     accelerator.log({"loss": 0.5, "acc_2500km": 0.25}, step=3)
     accelerator.end_training()
     rows = list(csv.reader((tmp_path / "logs" / "heads" / "metrics.csv").open()))
@@ -135,9 +139,20 @@ def test_train_loop_resumed_mid_epoch_ends_with_the_weights_of_an_uninterrupted_
             rows = torch.from_numpy(rows)
             return ((model(x[rows]) - y[rows]) ** 2).mean(), len(rows)
 
-        summary = train_loop(accelerator, model, optimizer, scheduler, name="lin", out_dir=out, epochs=3,
-                             batches=batches, loss=loss, schedule_per="epoch", resume=resume,
-                             max_steps=max_steps)
+        summary = train_loop(
+            accelerator,
+            model,
+            optimizer,
+            scheduler,
+            name="lin",
+            out_dir=out,
+            epochs=3,
+            batches=batches,
+            loss=loss,
+            schedule_per="epoch",
+            resume=resume,
+            max_steps=max_steps,
+        )
         return summary, accelerator.unwrap_model(model)
 
     full, whole = run(tmp_path / "a")

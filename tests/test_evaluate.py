@@ -45,8 +45,23 @@ def test_parse_mode():
 def test_evaluate_end_to_end(tiny_model_dir, test_set, tmp_path, capsys):
     root, truth = test_set
     out = tmp_path / "out"
-    code = main(["evaluate", "--model", str(tiny_model_dir), "--meta", str(root / "test.csv"),
-                 "--images", str(root / "images"), "-o", str(out), "--workers", "0", "--batch-size", "2"])
+    code = main(
+        [
+            "evaluate",
+            "--model",
+            str(tiny_model_dir),
+            "--meta",
+            str(root / "test.csv"),
+            "--images",
+            str(root / "images"),
+            "-o",
+            str(out),
+            "--workers",
+            "0",
+            "--batch-size",
+            "2",
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "7 in metadata, 5 evaluated, 2 missing or unreadable" in printed
@@ -80,8 +95,17 @@ def test_evaluate_end_to_end(tiny_model_dir, test_set, tmp_path, capsys):
 
 def test_evaluate_subset_of_modes_and_bad_mode(tiny_model_dir, test_set, tmp_path, capsys):
     root, _ = test_set
-    common = ["evaluate", "--model", str(tiny_model_dir), "--meta", str(root / "test.csv"),
-              "--images", str(root / "images"), "--workers", "0"]
+    common = [
+        "evaluate",
+        "--model",
+        str(tiny_model_dir),
+        "--meta",
+        str(root / "test.csv"),
+        "--images",
+        str(root / "images"),
+        "--workers",
+        "0",
+    ]
     assert main(common + ["-o", str(tmp_path / "o1"), "--modes", "rrm", "ce+rrm", "--k", "3"]) == 0
     assert list(json.loads((tmp_path / "o1" / "results.json").read_text())) == ["rrm", "ce+rrm"]
     assert main(common + ["-o", str(tmp_path / "o2"), "--modes", "vmf"]) == 2
@@ -89,7 +113,18 @@ def test_evaluate_subset_of_modes_and_bad_mode(tiny_model_dir, test_set, tmp_pat
 
 
 def test_benchmark_without_file_says_where_to_get_it(tiny_model_dir, tmp_path, capsys):
-    code = main(["evaluate", "--model", str(tiny_model_dir), "--benchmark", "im2gps3k",
-                 "--images", str(tmp_path), "-o", str(tmp_path / "o")])
+    code = main(
+        [
+            "evaluate",
+            "--model",
+            str(tiny_model_dir),
+            "--benchmark",
+            "im2gps3k",
+            "--images",
+            str(tmp_path),
+            "-o",
+            str(tmp_path / "o"),
+        ]
+    )
     assert code == 2
     assert "im2gps3k" in capsys.readouterr().err

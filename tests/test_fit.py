@@ -16,9 +16,15 @@ from geoswc.fit import STAGES, FitRun, read_marker, run_pipeline
 TRAINING_STAGES = ["data", "cells", "backbone", "features", "heads"]
 # A randomly initialised small timm model at 64 px: the test checks the plumbing, not accuracy.
 FAST = [
-    "cells.min_images=5", "cells.max_images=[200, 80, 30]", "data.image_size=64",
-    "backbone.model=tf_efficientnet_lite0", "backbone.pretrained=false", "backbone.epochs=1",
-    "backbone.batch_size=32", "heads.epochs=1", "heads.batch_size=64",
+    "cells.min_images=5",
+    "cells.max_images=[200, 80, 30]",
+    "data.image_size=64",
+    "backbone.model=tf_efficientnet_lite0",
+    "backbone.pretrained=false",
+    "backbone.epochs=1",
+    "backbone.batch_size=32",
+    "heads.epochs=1",
+    "heads.batch_size=64",
 ]
 
 
@@ -31,8 +37,14 @@ def world(tmp_path_factory):
 
 def _run(world, model_dir, sets=(), stages=TRAINING_STAGES, exclude=()):
     cfg = resolve_config("tiny", None, list(FAST) + list(sets))
-    run = FitRun(train_csv=world / "train.csv", images=world / "images", model_dir=model_dir, config=cfg,
-                 exclude=tuple(exclude), cpu=True)
+    run = FitRun(
+        train_csv=world / "train.csv",
+        images=world / "images",
+        model_dir=model_dir,
+        config=cfg,
+        exclude=tuple(exclude),
+        cpu=True,
+    )
     return run, run_pipeline(run, stages)
 
 
@@ -105,13 +117,22 @@ def test_exclude_drops_benchmark_authors_and_ids(world, tmp_path):
     # One benchmark photo by a training author, one that is a training photo under its bare file name.
     author = train["AUTHOR"].iloc[0]
     same_photo = train["IMG_ID"].iloc[-1].rsplit("/", 1)[-1]
-    pd.DataFrame({"IMG_ID": ["x.jpg", same_photo], "AUTHOR": [author, "nobody@N00"], "LAT": [0.0, 1.0],
-                  "LON": [0.0, 1.0]}).to_csv(bench, index=False)
+    pd.DataFrame(
+        {
+            "IMG_ID": ["x.jpg", same_photo],
+            "AUTHOR": [author, "nobody@N00"],
+            "LAT": [0.0, 1.0],
+            "LON": [0.0, 1.0],
+        }
+    ).to_csv(bench, index=False)
     _, markers = _run(world, tmp_path / "m", stages=["data"], exclude=[bench])
     kept = pd.read_csv(tmp_path / "m" / "work" / "data" / "train.csv")
     by_author = int((train["AUTHOR"] == author).sum())
-    assert markers["data"]["details"] == {"photos": len(train) - by_author - 1,
-                                          "excluded_by_author": by_author, "excluded_by_id": 1}
+    assert markers["data"]["details"] == {
+        "photos": len(train) - by_author - 1,
+        "excluded_by_author": by_author,
+        "excluded_by_id": 1,
+    }
     assert author not in set(kept["AUTHOR"]) and train["IMG_ID"].iloc[-1] not in set(kept["IMG_ID"])
 
 
@@ -120,10 +141,22 @@ def test_stages_need_the_earlier_ones_and_bad_input_names_the_value(world, tmp_p
         _run(world, tmp_path / "m", stages=["cells"])
     with pytest.raises(ValueError, match="unknown stage 'cell'; choose from: " + ", ".join(STAGES)):
         _run(world, tmp_path / "m", stages=["cell"])
-    code = main(["fit", str(world / "nope.csv"), "--images", str(world / "images"), "-o", str(tmp_path / "x")])
+    code = main(
+        ["fit", str(world / "nope.csv"), "--images", str(world / "images"), "-o", str(tmp_path / "x")]
+    )
     assert code == 2 and "nope.csv" in capsys.readouterr().err
-    code = main(["fit", str(world / "train.csv"), "--images", str(world / "images"), "-o", str(tmp_path / "x"),
-                 "--preset", "huge"])
+    code = main(
+        [
+            "fit",
+            str(world / "train.csv"),
+            "--images",
+            str(world / "images"),
+            "-o",
+            str(tmp_path / "x"),
+            "--preset",
+            "huge",
+        ]
+    )
     assert code == 2 and "unknown preset 'huge'" in capsys.readouterr().err
 
 
@@ -148,10 +181,41 @@ def shards(world, tmp_path_factory):
     """The world's training photos as `geoswc data shards` writes them, labelled with cells of its own: fit
     must not trust those labels (its own cells differ)."""
     root = tmp_path_factory.mktemp("shards")
-    assert main(["cells", "build", str(world / "train.csv"), "-o", str(root / "other_cells"), "--min-images", "8",
-                 "--max-images", "120", "40"]) == 0
-    assert main(["data", "shards", str(world / "train.csv"), "--images", str(world / "images"), "-o",
-                 str(root / "shards"), "--cells", str(root / "other_cells"), "--samples-per-shard", "100"]) == 0
+    assert (
+        main(
+            [
+                "cells",
+                "build",
+                str(world / "train.csv"),
+                "-o",
+                str(root / "other_cells"),
+                "--min-images",
+                "8",
+                "--max-images",
+                "120",
+                "40",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "data",
+                "shards",
+                str(world / "train.csv"),
+                "--images",
+                str(world / "images"),
+                "-o",
+                str(root / "shards"),
+                "--cells",
+                str(root / "other_cells"),
+                "--samples-per-shard",
+                "100",
+            ]
+        )
+        == 0
+    )
     return root / "shards"
 
 
@@ -162,8 +226,17 @@ def test_fit_from_shards_trains_every_stage_into_a_model_that_predicts(world, sh
     from geoswc.geolocator import Geolocator
 
     model_dir = tmp_path / "model"
-    argv = ["fit", "--shards", str(shards / "*.tar"), "-o", str(model_dir), "--preset", "tiny", "--cpu",
-            *[arg for s in FAST_ALL for arg in ("--set", s)]]
+    argv = [
+        "fit",
+        "--shards",
+        str(shards / "*.tar"),
+        "-o",
+        str(model_dir),
+        "--preset",
+        "tiny",
+        "--cpu",
+        *[arg for s in FAST_ALL for arg in ("--set", s)],
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "240 photos in 3 shards" in printed and "fit finished" in printed
@@ -183,7 +256,10 @@ def test_fit_from_shards_trains_every_stage_into_a_model_that_predicts(world, sh
     expected = cells.assign(truth.loc[ids, "LAT"].to_numpy(), truth.loc[ids, "LON"].to_numpy())
     np.testing.assert_array_equal(labels, expected)
     assert [Path(f).name for f, _ in markers["data"]["inputs"]["shards"]["files"]] == [
-        "000000-000.tar", "000001-000.tar", "000002-000.tar"]
+        "000000-000.tar",
+        "000001-000.tar",
+        "000002-000.tar",
+    ]
 
     model = Geolocator.from_pretrained(model_dir, device="cpu")
     test_ids = pd.read_csv(world / "test.csv")["IMG_ID"].tolist()[:4]
@@ -206,15 +282,30 @@ def test_fit_takes_either_a_csv_with_images_or_shards(world, shards, tmp_path, c
     out = ["-o", str(tmp_path / "m")]
     cases = [
         ([*out], r"either as TRAIN.csv with --images or as --shards DIR_OR_PATTERN \(neither given\)"),
-        ([str(world / "train.csv"), "--images", str(world / "images"), "--shards", str(shards), *out],
-         r"\(both given\)"),
+        (
+            [str(world / "train.csv"), "--images", str(world / "images"), "--shards", str(shards), *out],
+            r"\(both given\)",
+        ),
         ([str(world / "train.csv"), *out], "needs --images"),
         (["--shards", str(shards), "--images", str(world / "images"), *out], "--images goes with TRAIN.csv"),
         (["--shards", str(tmp_path / "none" / "*.tar"), *out], "no shards"),
         (["--shards", str(shards / "000000-00{0,7}.tar"), *out], "shard not found: .*000000-007.tar"),
-        (["--shards", str(shards), "--val-csv", str(world / "test.csv"), *out], "--val-csv needs --val-images"),
-        (["--shards", str(shards), "--val-csv", str(world / "test.csv"), "--val-shards", str(shards), *out],
-         "either as --val-csv or as --val-shards"),
+        (
+            ["--shards", str(shards), "--val-csv", str(world / "test.csv"), *out],
+            "--val-csv needs --val-images",
+        ),
+        (
+            [
+                "--shards",
+                str(shards),
+                "--val-csv",
+                str(world / "test.csv"),
+                "--val-shards",
+                str(shards),
+                *out,
+            ],
+            "either as --val-csv or as --val-shards",
+        ),
     ]
     for argv, message in cases:
         assert main(["fit", *argv]) == 2, argv
@@ -225,7 +316,9 @@ def test_fit_takes_either_a_csv_with_images_or_shards(world, shards, tmp_path, c
 def test_fit_refuses_shards_that_hold_benchmark_photos(world, shards, tmp_path):
     bench = tmp_path / "bench.csv"
     author = pd.read_csv(world / "train.csv")["AUTHOR"].iloc[5]
-    pd.DataFrame({"IMG_ID": ["x.jpg"], "AUTHOR": [author], "LAT": [0.0], "LON": [0.0]}).to_csv(bench, index=False)
+    pd.DataFrame({"IMG_ID": ["x.jpg"], "AUTHOR": [author], "LAT": [0.0], "LON": [0.0]}).to_csv(
+        bench, index=False
+    )
     cfg = resolve_config("tiny", None, FAST)
     run = FitRun(shards=str(shards), model_dir=tmp_path / "m", config=cfg, exclude=(bench,), cpu=True)
     with pytest.raises(ValueError, match=r"photos by authors .* geoswc data shards \.\.\. --exclude"):

@@ -33,13 +33,35 @@ def test_two_cpu_ranks_fit_one_model_and_only_the_main_process_draws_bars(tmp_pa
     # No --cpu: ACCELERATE_USE_CPU (what `use_cpu: true` in an accelerate config sets) must be enough to put
     # both ranks into one gloo group instead of two single-process worlds.
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(free_port()),
-           "-m", "geoswc.fit", str(world / "train.csv"), "--images", str(world / "images"),
-           "-o", str(model_dir), "--preset", "tiny", *[arg for s in SETTINGS for arg in ("--set", s)]]
-    result = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=600,
-                            cwd=tmp_path)
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "geoswc.fit",
+        str(world / "train.csv"),
+        "--images",
+        str(world / "images"),
+        "-o",
+        str(model_dir),
+        "--preset",
+        "tiny",
+        *[arg for s in SETTINGS for arg in ("--set", s)],
+    ]
+    result = subprocess.run(
+        cmd, check=False, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
     for stage in STAGES:

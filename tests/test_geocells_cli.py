@@ -12,7 +12,9 @@ from geoswc.geocells.io import read_coordinates
 def test_cells_build_writes_the_folder_and_prints_a_summary(test_data, tmp_path, capsys):
     coords = test_data / "mp16_sample_3k.csv"
     out = tmp_path / "cells"
-    rc = main(["cells", "build", str(coords), "-o", str(out), "--min-images", "3", "--max-images", "60", "25", "10"])
+    rc = main(
+        ["cells", "build", str(coords), "-o", str(out), "--min-images", "3", "--max-images", "60", "25", "10"]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     loaded = Geocells.load(out)
@@ -30,8 +32,22 @@ def test_cells_build_with_target_cells_and_lowercase_columns(tmp_path, capsys):
     rng = np.random.default_rng(0)
     df = pd.DataFrame({"latitude": rng.uniform(-60, 60, 800), "longitude": rng.uniform(-180, 180, 800)})
     df.to_csv(tmp_path / "pts.csv", index=False)
-    rc = main(["cells", "build", str(tmp_path / "pts.csv"), "-o", str(tmp_path / "out"), "--min-images", "2",
-               "--max-images", "--target-cells", "40", "--start-level", "1"])
+    rc = main(
+        [
+            "cells",
+            "build",
+            str(tmp_path / "pts.csv"),
+            "-o",
+            str(tmp_path / "out"),
+            "--min-images",
+            "2",
+            "--max-images",
+            "--target-cells",
+            "40",
+            "--start-level",
+            "1",
+        ]
+    )
     assert rc == 0
     geocells = Geocells.load(tmp_path / "out")
     assert geocells.names == ["cells_2_n40"]
@@ -41,9 +57,9 @@ def test_cells_build_with_target_cells_and_lowercase_columns(tmp_path, capsys):
 def test_cells_assign_adds_class_label(test_data, tmp_path, capsys):
     cells = test_data / "geoestimation_cells_50_5000.csv"
     coords = tmp_path / "pts.csv"
-    pd.DataFrame({"IMG_ID": ["a", "b", "c"], "lat": [48.8566, -48.0, 40.7128], "lon": [2.3522, -130.0, -74.006]}).to_csv(
-        coords, index=False
-    )
+    pd.DataFrame(
+        {"IMG_ID": ["a", "b", "c"], "lat": [48.8566, -48.0, 40.7128], "lon": [2.3522, -130.0, -74.006]}
+    ).to_csv(coords, index=False)
     assert main(["cells", "assign", str(cells), str(coords), "-o", str(tmp_path / "out.csv")]) == 0
     out = pd.read_csv(tmp_path / "out.csv")
     partition = Partition.load_csv(cells)
@@ -52,7 +68,9 @@ def test_cells_assign_adds_class_label(test_data, tmp_path, capsys):
     assert out["class_label"].tolist() == expected.tolist()
     assert expected[1] == -1 and expected[0] >= 0
     assert "outside every cell: 1" in capsys.readouterr().out
-    assert main(["cells", "assign", str(cells), str(coords), "-o", str(tmp_path / "near.csv"), "--nearest"]) == 0
+    assert (
+        main(["cells", "assign", str(cells), str(coords), "-o", str(tmp_path / "near.csv"), "--nearest"]) == 0
+    )
     assert (pd.read_csv(tmp_path / "near.csv")["class_label"] >= 0).all()
 
 
@@ -75,5 +93,17 @@ def test_cells_build_reports_bad_coordinates(tmp_path, capsys, content, args, me
 
 
 def test_cells_assign_reports_missing_files(tmp_path, capsys):
-    assert main(["cells", "assign", str(tmp_path / "none.csv"), str(tmp_path / "p.csv"), "-o", str(tmp_path / "o.csv")]) == 2
+    assert (
+        main(
+            [
+                "cells",
+                "assign",
+                str(tmp_path / "none.csv"),
+                str(tmp_path / "p.csv"),
+                "-o",
+                str(tmp_path / "o.csv"),
+            ]
+        )
+        == 2
+    )
     assert "cells file not found" in capsys.readouterr().err

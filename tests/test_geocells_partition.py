@@ -1,6 +1,5 @@
 """Partitions, the partitioner and the Geocells container, checked against s2geometry and hand-built cases."""
 
-
 import numpy as np
 import pytest
 import s2geometry as s2
@@ -35,7 +34,9 @@ def reference_labels(partition, lat, lon, leaves=None):
 
 def unit_vector(lat, lon):
     lat_rad, lon_rad = np.radians(lat), np.radians(lon)
-    return np.stack([np.cos(lat_rad) * np.cos(lon_rad), np.cos(lat_rad) * np.sin(lon_rad), np.sin(lat_rad)], -1)
+    return np.stack(
+        [np.cos(lat_rad) * np.cos(lon_rad), np.cos(lat_rad) * np.sin(lon_rad), np.sin(lat_rad)], -1
+    )
 
 
 def great_circle_km(lat1, lon1, lat2, lon2):
@@ -142,7 +143,9 @@ def test_geoestimation_rule_on_hand_built_points(hand_points):
     assert part.num_images == 211
     paris = part.tokens.tolist().index("47f")
     mean = unit_vector(*parts["paris"]).mean(axis=0)
-    expected_center = np.degrees([np.arctan2(mean[2], np.hypot(mean[0], mean[1])), np.arctan2(mean[1], mean[0])])
+    expected_center = np.degrees(
+        [np.arctan2(mean[2], np.hypot(mean[0], mean[1])), np.arctan2(mean[1], mean[0])]
+    )
     np.testing.assert_allclose(part.centers_deg[paris], expected_center, atol=1e-9)
     labels = part.assign(lat, lon)
     assert (labels[-31:] == -1).all()
@@ -179,7 +182,9 @@ def test_rules_counts_and_centres_on_real_points(bundled_points):
     leaves = gs2.latlng_to_cell_id(lat, lon)
     for g, (part, max_images) in enumerate(zip(geocells.partitions, (60, 25, 10))):
         assert (part.counts > 3).all() and (part.counts <= max_images).all()
-        np.testing.assert_array_equal(np.bincount(labels[labels[:, g] >= 0, g], minlength=len(part)), part.counts)
+        np.testing.assert_array_equal(
+            np.bincount(labels[labels[:, g] >= 0, g], minlength=len(part)), part.counts
+        )
         np.testing.assert_array_equal(part.assign(lat, lon), reference_labels(part, lat, lon))
         # Every cell's parent had more than max_images photos (that is why it was split), unless it is a
         # start cell.
@@ -238,7 +243,11 @@ def test_geocells_save_load_round_trip(bundled_points, tmp_path):
     geocells = S2Partitioner(min_images=3, max_images=(60, 25, 10)).fit(lat, lon).geocells_
     geocells.save(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "cells_3_10.csv", "cells_3_25.csv", "cells_3_60.csv", "geocells.json", "hierarchy.csv"
+        "cells_3_10.csv",
+        "cells_3_25.csv",
+        "cells_3_60.csv",
+        "geocells.json",
+        "hierarchy.csv",
     ]
     loaded = Geocells.load(tmp_path)
     assert loaded.fingerprint == geocells.fingerprint
@@ -275,7 +284,9 @@ def test_hierarchy_without_containing_coarse_cell(tmp_path):
     ids = gs2.cell_id_parent(gs2.latlng_to_cell_id([10.0, -40.0, 60.0], [20.0, 100.0, 25.0]), 6)
     coarse = Partition(ids[[0, 2]], counts=[5, 5], centers_deg=[[10.0, 20.0], [60.0, 25.0]], name="coarse")
     fine_ids = np.concatenate([gs2.cell_id_children(ids[:1])[0, :2], ids[1:2]])
-    fine = Partition(fine_ids, counts=[2, 3, 4], centers_deg=[[10.0, 20.0], [10.1, 20.1], [-40.0, 100.0]], name="fine")
+    fine = Partition(
+        fine_ids, counts=[2, 3, 4], centers_deg=[[10.0, 20.0], [10.1, 20.1], [-40.0, 100.0]], name="fine"
+    )
     assert Geocells([coarse, fine]).hierarchy.tolist() == [[0, 0], [0, 1], [-1, 2]]
     assert Geocells([coarse, fine], fallback="nearest").hierarchy.tolist() == [[0, 0], [0, 1], [0, 2]]
     with pytest.raises(ValueError, match="choose one of: none, nearest"):
@@ -291,8 +302,10 @@ def test_bad_partitions_and_files_are_rejected(tmp_path):
     bad.write_text("class_label,hex_id\n0,47\n")
     with pytest.raises(ValueError, match="preamble"):
         Partition.load_csv(bad)
-    bad.write_text("num_images: 3\nmin_concept_probability: ---\nclass_label,hex_id,imgs_per_cell,latitude_mean,"
-                   "longitude_mean\n0,4g,3,1.0,2.0\n")
+    bad.write_text(
+        "num_images: 3\nmin_concept_probability: ---\nclass_label,hex_id,imgs_per_cell,latitude_mean,"
+        "longitude_mean\n0,4g,3,1.0,2.0\n"
+    )
     with pytest.raises(ValueError, match="'4g'"):
         Partition.load_csv(bad)
     with pytest.raises(FileNotFoundError, match="nope.csv"):

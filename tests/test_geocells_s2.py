@@ -9,7 +9,10 @@ from geoswc.geocells import s2 as gs2
 
 def reference_ids(lat, lon):
     return np.array(
-        [s2.S2CellId(s2.S2LatLng.FromDegrees(a, b)).id() for a, b in zip(np.ravel(lat).tolist(), np.ravel(lon).tolist())],
+        [
+            s2.S2CellId(s2.S2LatLng.FromDegrees(a, b)).id()
+            for a, b in zip(np.ravel(lat).tolist(), np.ravel(lon).tolist())
+        ],
         dtype=np.uint64,
     )
 
@@ -40,7 +43,9 @@ def test_parents_and_levels_of_million_points(million_points):
     lat, lon, ref = million_points
     ids = gs2.latlng_to_cell_id(lat[:20000], lon[:20000])
     for level in (0, 2, 7, 13, 22, 29, 30):
-        expected = np.array([s2.S2CellId(int(i)).parent(level).id() for i in ref[:20000].tolist()], dtype=np.uint64)
+        expected = np.array(
+            [s2.S2CellId(int(i)).parent(level).id() for i in ref[:20000].tolist()], dtype=np.uint64
+        )
         parents = gs2.cell_id_parent(ids, level)
         np.testing.assert_array_equal(parents, expected)
         assert (gs2.cell_id_level(parents) == level).all()
@@ -100,7 +105,9 @@ def test_points_exactly_on_cell_edges_and_vertices():
             mx, my, mz = a.x() + b.x(), a.y() + b.y(), a.z() + b.z()
             edge_lat.append(np.degrees(np.arctan2(mz, np.hypot(mx, my))))
             edge_lon.append(np.degrees(np.arctan2(my, mx)))
-    np.testing.assert_array_equal(gs2.latlng_to_cell_id(edge_lat, edge_lon), reference_ids(edge_lat, edge_lon))
+    np.testing.assert_array_equal(
+        gs2.latlng_to_cell_id(edge_lat, edge_lon), reference_ids(edge_lat, edge_lon)
+    )
 
 
 def test_regular_grid_including_poles_and_antimeridian():

@@ -39,9 +39,18 @@ def _features(model, images):
 
 def test_model_folder_layout(tiny_model_dir):
     names = {p.relative_to(tiny_model_dir).as_posix() for p in tiny_model_dir.rglob("*")}
-    for required in ("config.yaml", "cells/geocells.json", "backbone.safetensors", "backbone.json",
-                     "heads/ce.safetensors", "heads/hc.safetensors", "heads/mvmf.safetensors",
-                     "retrieval.safetensors", "index/index.json", "geolocator.json"):
+    for required in (
+        "config.yaml",
+        "cells/geocells.json",
+        "backbone.safetensors",
+        "backbone.json",
+        "heads/ce.safetensors",
+        "heads/hc.safetensors",
+        "heads/mvmf.safetensors",
+        "retrieval.safetensors",
+        "index/index.json",
+        "geolocator.json",
+    ):
         assert required in names
     meta = json.loads((tiny_model_dir / "geolocator.json").read_text())
     assert meta["heads"] == ["ce", "hc", "mvmf"] and meta["backbone"] == "test_efficientnet"
@@ -76,7 +85,9 @@ def test_swc_matches_manual_composition(model, images):
         top = in_cell[np.argsort(-(stored[in_cell] @ emb[i]), kind="stable")[:10]]
         assert [n["id"] for n in rec["neighbours"]] == index.ids[top].tolist()
         pts = index.latlon[top]
-        labels = DBSCAN(eps=1 / EARTH_RADIUS_KM, min_samples=1, metric="haversine").fit(np.radians(pts)).labels_
+        labels = (
+            DBSCAN(eps=1 / EARTH_RADIUS_KM, min_samples=1, metric="haversine").fit(np.radians(pts)).labels_
+        )
         counts = np.bincount(labels)
         chosen = pts[labels == labels[np.flatnonzero(counts[labels] == counts.max())[0]]]
         expected = spherical_mean(chosen[None], np.ones((1, len(chosen))))[0]
@@ -127,13 +138,23 @@ def test_fallback_when_the_cell_holds_no_background_photo(model, images):
     # An index whose only photos lie in a cell none of the photos is predicted to.
     other = next(c for c in range(len(model.geocells.fine)) if c not in cells)
     index = BackgroundIndex().build(
-        np.asarray(model.index.embeddings[:3], dtype=np.float32), cell_idx=[other] * 3,
-        latlon=model.index.latlon[:3], ids=["a", "b", "c"], n_cells=len(model.geocells.fine),
+        np.asarray(model.index.embeddings[:3], dtype=np.float32),
+        cell_idx=[other] * 3,
+        latlon=model.index.latlon[:3],
+        ids=["a", "b", "c"],
+        n_cells=len(model.geocells.fine),
         fingerprint=model.fingerprint,
     )
-    narrow = Geolocator(backbone=model.backbone, geocells=model.geocells, heads=dict(model.heads),
-                        retrieval=model.retrieval, index=index, config=model.config,
-                        backbone_name=model.backbone_name, data_config=model.data_config)
+    narrow = Geolocator(
+        backbone=model.backbone,
+        geocells=model.geocells,
+        heads=dict(model.heads),
+        retrieval=model.retrieval,
+        index=index,
+        config=model.config,
+        backbone_name=model.backbone_name,
+        data_config=model.data_config,
+    )
     out = narrow.locate(feats, head="mvmf", mode="swc")
     assert (out.method == "fallback").all()
     assert np.allclose(out.latlon_deg, head.predict_latlon(head(feats)).numpy())
@@ -161,7 +182,9 @@ def test_default_head_prefers_hc(model, images):
     assert model.predict(images[:1])[0]["head"] == "hc"
 
 
-@pytest.mark.parametrize("kwargs, match", [({"head": "vmf"}, "ce, hc, mvmf"), ({"mode": "knn"}, "swc, cell, rrm")])
+@pytest.mark.parametrize(
+    "kwargs, match", [({"head": "vmf"}, "ce, hc, mvmf"), ({"mode": "knn"}, "swc, cell, rrm")]
+)
 def test_bad_choices_name_the_valid_ones(model, images, kwargs, match):
     with pytest.raises(ValueError, match=match):
         model.predict(images[:1], **kwargs)

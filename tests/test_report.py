@@ -86,7 +86,9 @@ def test_html_is_self_contained(report):
 
 def _table_rows(markdown):
     lines = [line for line in markdown.splitlines() if line.startswith("| ")]
-    return {cells[0]: cells[1:] for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines)}
+    return {
+        cells[0]: cells[1:] for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines)
+    }
 
 
 def test_table_numbers_match_the_results(report, evaluation):

@@ -38,9 +38,11 @@ def _reference(query, allowed_cells, emb, cells, latlon, k, eps_km=1.0, min_samp
     sims = emb[candidates] @ query
     top = candidates[np.argsort(-sims, kind="stable")[:k]]
     pts = latlon[top]
-    labels = DBSCAN(eps=eps_km / EARTH_RADIUS_KM, min_samples=min_samples, metric="haversine").fit(
-        np.radians(pts)
-    ).labels_
+    labels = (
+        DBSCAN(eps=eps_km / EARTH_RADIUS_KM, min_samples=min_samples, metric="haversine")
+        .fit(np.radians(pts))
+        .labels_
+    )
     if (labels < 0).all():
         chosen = pts[:1]
     else:

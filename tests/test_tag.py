@@ -36,8 +36,12 @@ class MeanColour:
         means = pixels.mean(dim=(2, 3)).tolist()
         return [
             {
-                "lat": (r - 0.5) * 180, "lon": (g - 0.5) * 360, "method": "swc", "cell_token": "89c25",
-                "cell_probability": b, "confidence": 0.5,
+                "lat": (r - 0.5) * 180,
+                "lon": (g - 0.5) * 360,
+                "method": "swc",
+                "cell_token": "89c25",
+                "cell_probability": b,
+                "confidence": 0.5,
             }
             for r, g, b in means
         ]
@@ -124,7 +128,9 @@ def test_discover_explicit_files_globs_and_lists(tmp_path):
     save(tmp_path / "d2" / "r.png", fmt="PNG")
     (tmp_path / "d2" / "notes.txt").write_text("x")
     (tmp_path / "list.txt").write_text("# photos to tag\nd1/p.jpg\n\nd2/notes.txt\nd1/gone.jpg\n")
-    found = discover([f"@{tmp_path / 'list.txt'}", str(tmp_path / "d2" / "*"), str(tmp_path / "d1" / "p.jpg")])
+    found = discover(
+        [f"@{tmp_path / 'list.txt'}", str(tmp_path / "d2" / "*"), str(tmp_path / "d1" / "p.jpg")]
+    )
     paths = [p.path for p in found.photos]
     assert paths == [
         str(tmp_path / "d1" / "p.jpg"),  # from the list; named again later but kept once
@@ -157,7 +163,10 @@ def test_load_photo_reasons(tmp_path):
         "truncated.jpg": (good.read_bytes()[:600], "JPEG: unreadable image"),
         "corrupt.png": (encoded("PNG")[:20] + b"\x00" * 200, "PNG: unreadable image"),
         "text.jpg": (b"hello world, not a photo", "not a recognised image"),
-        "phone.heic": (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00" * 64, "pip install pillow-heif"),
+        "phone.heic": (
+            b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00" * 64,
+            "pip install pillow-heif",
+        ),
     }
     for name, (data, reason) in cases.items():
         (tmp_path / name).write_bytes(data)
@@ -238,7 +247,11 @@ def test_every_photo_gets_one_row_with_the_predictors_position(archive, tmp_path
         assert found[path]["lat"] == pytest.approx(lat, abs=1e-4)
         assert found[path]["lon"] == pytest.approx(lon, abs=1e-4)
         assert found[path]["cell_probability"] == pytest.approx(100 / 255, abs=1e-6)
-        assert (found[path]["method"], found[path]["cell_token"], found[path]["confidence"]) == ("swc", "89c25", 0.5)
+        assert (found[path]["method"], found[path]["cell_token"], found[path]["confidence"]) == (
+            "swc",
+            "89c25",
+            0.5,
+        )
     assert found[str(root / "trip1" / "broken.jpg")]["error"].startswith("JPEG: unreadable image")
     assert "decompression bomb" in found[str(root / "bomb.png")]["error"]
     assert sha256_tree(root) == before  # originals untouched
@@ -327,8 +340,14 @@ def test_precision_rounding_and_exif_copies(tmp_path):
     exact = tag_photos([str(root)], model=MeanColour(), out=str(tmp_path / "e.csv"), workers=0)
     exact = by_path(read_rows(exact["output"], "csv"))
     out = tmp_path / "tags.csv"
-    tag_photos([str(root)], model=MeanColour(), out=str(out), workers=0, precision="city",
-               write_exif=str(tmp_path / "exif"))
+    tag_photos(
+        [str(root)],
+        model=MeanColour(),
+        out=str(out),
+        workers=0,
+        precision="city",
+        write_exif=str(tmp_path / "exif"),
+    )
     rows = by_path(read_rows(str(out), "csv"))
     for path, row in rows.items():
         assert (row["lat"], row["lon"]) == round_latlon(exact[path]["lat"], exact[path]["lon"], "city")
@@ -365,7 +384,9 @@ def test_make_row_keeps_error_rows_on_one_line():
     row = make_row("a.jpg", error="broken\nin two")
     assert (row["status"], row["error"], row["lat"]) == ("error", "broken in two", None)
     # The Geolocator's records name the probability `cell_prob`.
-    row = make_row("b.jpg", prediction={"lat": 1, "lon": 2, "method": "swc", "cell_token": "47", "cell_prob": 0.25})
+    row = make_row(
+        "b.jpg", prediction={"lat": 1, "lon": 2, "method": "swc", "cell_token": "47", "cell_prob": 0.25}
+    )
     assert (row["status"], row["lat"], row["cell_probability"], row["confidence"]) == ("ok", 1.0, 0.25, None)
 
 

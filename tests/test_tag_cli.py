@@ -80,7 +80,11 @@ def test_sigkill_mid_run_then_resume_gives_every_photo_once(tmp_path, fmt):
     with pytest.raises(subprocess.CalledProcessError):
         subprocess.run([sys.executable, str(script), str(out)], check=True, timeout=120, capture_output=True)
     done = subprocess.run(
-        [sys.executable, str(script), str(out), "--resume"], check=True, timeout=120, capture_output=True, text=True
+        [sys.executable, str(script), str(out), "--resume"],
+        check=True,
+        timeout=120,
+        capture_output=True,
+        text=True,
     )
     assert "40 ok, 1 error rows" in done.stdout
     assert not growing.exists() or fmt == "csv"
@@ -111,9 +115,22 @@ def test_two_ranks_split_the_photos_and_merge_one_output(tmp_path):
     subprocess.run([sys.executable, str(script), str(reference)], check=True, timeout=120)
     out = tmp_path / "tags.parquet"
     launch = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-        str(free_port()), str(script), str(out),
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        str(script),
+        str(out),
     ]
     done = subprocess.run(launch, check=True, timeout=240, capture_output=True, text=True)
     assert "rank 0 of 2 tagged 7" in done.stdout and "rank 1 of 2 tagged 7" in done.stdout
@@ -130,8 +147,13 @@ def test_cli_refuses_bad_outputs_before_loading_a_model(tmp_path, capsys):
 
     root = tmp_path / "archive"
     make_archive(root, 2)
-    assert main(["tag", str(root), "--model", str(tmp_path / "no-model"), "-o", str(tmp_path / "t.xlsx")]) == 2
-    assert "unknown output format '.xlsx'; choose one of: .csv, .jsonl, .geojson, .parquet" in capsys.readouterr().err
+    assert (
+        main(["tag", str(root), "--model", str(tmp_path / "no-model"), "-o", str(tmp_path / "t.xlsx")]) == 2
+    )
+    assert (
+        "unknown output format '.xlsx'; choose one of: .csv, .jsonl, .geojson, .parquet"
+        in capsys.readouterr().err
+    )
     assert main(["tag", str(root), "--model", str(tmp_path / "no-model"), "-o", str(tmp_path / "t.csv")]) == 2
     assert "model folder" in capsys.readouterr().err
     with pytest.raises(SystemExit):

@@ -34,15 +34,40 @@ def world(tmp_path_factory):
     return root
 
 
-COMMON = ["--preset", "tiny", "--cpu", "--set", "data.image_size=32", "--set", "backbone.weights=null",
-          "--set", "backbone.pretrained=false", "--set", "train.seed=3"]
+COMMON = [
+    "--preset",
+    "tiny",
+    "--cpu",
+    "--set",
+    "data.image_size=32",
+    "--set",
+    "backbone.weights=null",
+    "--set",
+    "backbone.pretrained=false",
+    "--set",
+    "train.seed=3",
+]
 
 
 @pytest.fixture(scope="module")
 def cache(world, tmp_path_factory):
     out = tmp_path_factory.mktemp("cache")
-    rc = train_main(["features", "--cells", str(world / "cells"), "--csv", str(world / "train.csv"),
-                     "--images", str(world / "images"), "--out", str(out), "--part-size", "100", *COMMON])
+    rc = train_main(
+        [
+            "features",
+            "--cells",
+            str(world / "cells"),
+            "--csv",
+            str(world / "train.csv"),
+            "--images",
+            str(world / "images"),
+            "--out",
+            str(out),
+            "--part-size",
+            "100",
+            *COMMON,
+        ]
+    )
     assert rc == 0
     return out
 
@@ -79,8 +104,20 @@ def _interrupted_features(args, monkeypatch):
 
 
 def test_feature_extraction_resumes_by_part(world, cache, tmp_path, monkeypatch, caplog):
-    args = ["features", "--cells", str(world / "cells"), "--csv", str(world / "train.csv"), "--images",
-            str(world / "images"), "--out", str(tmp_path), "--part-size", "100", *COMMON]
+    args = [
+        "features",
+        "--cells",
+        str(world / "cells"),
+        "--csv",
+        str(world / "train.csv"),
+        "--images",
+        str(world / "images"),
+        "--out",
+        str(tmp_path),
+        "--part-size",
+        "100",
+        *COMMON,
+    ]
     _interrupted_features(args, monkeypatch)
     # A part already on disk is kept, not recomputed: replace one and check it lands in the merged cache.
     planted = np.full((100, 1280), 7, np.float16)
@@ -103,9 +140,25 @@ def test_parts_without_a_key_are_not_trusted(world, cache, tmp_path):
     # Parts from an unknown run (no key.json) are discarded: the cache equals a clean extraction.
     (tmp_path / "parts").mkdir()
     np.save(tmp_path / "parts" / "part_00001.npy", np.full((100, 1280), 7, np.float16))
-    assert train_main(["features", "--cells", str(world / "cells"), "--csv", str(world / "train.csv"),
-                       "--images", str(world / "images"), "--out", str(tmp_path), "--part-size", "100",
-                       *COMMON]) == 0
+    assert (
+        train_main(
+            [
+                "features",
+                "--cells",
+                str(world / "cells"),
+                "--csv",
+                str(world / "train.csv"),
+                "--images",
+                str(world / "images"),
+                "--out",
+                str(tmp_path),
+                "--part-size",
+                "100",
+                *COMMON,
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "features.npy").read_bytes() == (cache / "features.npy").read_bytes()
 
 
@@ -117,11 +170,25 @@ CACHE_FILES = ("features.npy", "latlon.npy", "labels.npy", "ids.txt", "authors.t
 
 
 def test_feature_merge_killed_midway_is_completed_on_rerun(world, cache, tmp_path, monkeypatch):
-    args = ["features", "--cells", str(world / "cells"), "--csv", str(world / "train.csv"), "--images",
-            str(world / "images"), "--out", str(tmp_path), "--part-size", "100", *COMMON]
+    args = [
+        "features",
+        "--cells",
+        str(world / "cells"),
+        "--csv",
+        str(world / "train.csv"),
+        "--images",
+        str(world / "images"),
+        "--out",
+        str(tmp_path),
+        "--part-size",
+        "100",
+        *COMMON,
+    ]
     (tmp_path / "meta.json").write_text((cache / "meta.json").read_text())  # an older cache in the folder
     _interrupted_features(args, monkeypatch)
-    assert sorted(p.name for p in (tmp_path / "parts").glob("part_*")) == [f"part_0000{i}.npy" for i in range(3)]
+    assert sorted(p.name for p in (tmp_path / "parts").glob("part_*")) == [
+        f"part_0000{i}.npy" for i in range(3)
+    ]
     assert (tmp_path / "features.tmp.npy").is_file() and not (tmp_path / "meta.json").exists()
 
     assert train_main(args) == 0
@@ -133,12 +200,30 @@ def test_feature_merge_killed_midway_is_completed_on_rerun(world, cache, tmp_pat
 def test_heads_from_features(world, cache, tmp_path):
     from geoswc.geocells import Geocells
 
-    rc = geoswc_main(["train", "heads", "--cells", str(world / "cells"), "--features", str(cache),
-                      "--val-features", str(cache), "--out", str(tmp_path), "--log-with", "csv", *COMMON,
-                      "--set", "heads.epochs=2"])
+    rc = geoswc_main(
+        [
+            "train",
+            "heads",
+            "--cells",
+            str(world / "cells"),
+            "--features",
+            str(cache),
+            "--val-features",
+            str(cache),
+            "--out",
+            str(tmp_path),
+            "--log-with",
+            "csv",
+            *COMMON,
+            "--set",
+            "heads.epochs=2",
+        ]
+    )
     assert rc == 0
     cells = Geocells.load(world / "cells")
-    heads = {k: load_head(tmp_path / "heads" / f"{k}.safetensors", geocells=cells) for k in ("ce", "hc", "mvmf")}
+    heads = {
+        k: load_head(tmp_path / "heads" / f"{k}.safetensors", geocells=cells) for k in ("ce", "hc", "mvmf")
+    }
     assert heads["hc"].sizes == [len(p) for p in cells.partitions]
     summary = json.loads((tmp_path / "train_heads.json").read_text())
     assert summary["ranks_identical"] is True
@@ -151,22 +236,72 @@ def test_heads_from_features(world, cache, tmp_path):
 
 def test_mvmf_mixture_starts_from_the_ce_layer(world, cache, tmp_path):
     # Zero epochs of MvMF training: its mixture layer must equal the CE layer trained before it.
-    assert train_main(["heads", "--cells", str(world / "cells"), "--features", str(cache), "--out",
-                       str(tmp_path), "--kinds", "mvmf", "ce", *COMMON, "--set", "heads.epochs=1",
-                       "--max-steps", "1000"]) == 0
+    assert (
+        train_main(
+            [
+                "heads",
+                "--cells",
+                str(world / "cells"),
+                "--features",
+                str(cache),
+                "--out",
+                str(tmp_path),
+                "--kinds",
+                "mvmf",
+                "ce",
+                *COMMON,
+                "--set",
+                "heads.epochs=1",
+                "--max-steps",
+                "1000",
+            ]
+        )
+        == 0
+    )
     ce = load_file(str(tmp_path / "heads" / "ce.safetensors"))
     out2 = tmp_path / "zero"
-    assert train_main(["heads", "--cells", str(world / "cells"), "--features", str(cache), "--out", str(out2),
-                       "--kinds", "ce", "mvmf", "--model", str(tmp_path), *COMMON, "--set",
-                       "heads.epochs=0"]) == 0
+    assert (
+        train_main(
+            [
+                "heads",
+                "--cells",
+                str(world / "cells"),
+                "--features",
+                str(cache),
+                "--out",
+                str(out2),
+                "--kinds",
+                "ce",
+                "mvmf",
+                "--model",
+                str(tmp_path),
+                *COMMON,
+                "--set",
+                "heads.epochs=0",
+            ]
+        )
+        == 0
+    )
     mvmf = load_file(str(out2 / "heads" / "mvmf.safetensors"))
     torch.testing.assert_close(mvmf["fc.weight"], ce["fc.weight"])
     torch.testing.assert_close(mvmf["fc.bias"], ce["fc.bias"])
 
 
 def test_heads_resume_exactly(world, cache, tmp_path):
-    args = ["heads", "--cells", str(world / "cells"), "--features", str(cache), "--kinds", "hc", *COMMON,
-            "--set", "heads.epochs=2", "--set", "heads.batch_size=16"]
+    args = [
+        "heads",
+        "--cells",
+        str(world / "cells"),
+        "--features",
+        str(cache),
+        "--kinds",
+        "hc",
+        *COMMON,
+        "--set",
+        "heads.epochs=2",
+        "--set",
+        "heads.batch_size=16",
+    ]
     assert train_main([*args, "--out", str(tmp_path / "a")]) == 0
     assert train_main([*args, "--out", str(tmp_path / "b"), "--max-steps", "20"]) == 0  # mid epoch 2
     assert not (tmp_path / "b" / "heads" / "hc.safetensors").exists()
@@ -181,20 +316,57 @@ def test_heads_refuse_cache_of_other_cells(world, cache, tmp_path):
     from geoswc.geocells import S2Partitioner
 
     train = np.loadtxt(world / "train.csv", delimiter=",", skiprows=1, usecols=(2, 3))
-    S2Partitioner(min_images=5, max_images=(60,)).fit(train[:, 0], train[:, 1]).geocells_.save(tmp_path / "c2")
-    rc = geoswc_main(["train", "heads", "--cells", str(tmp_path / "c2"), "--features", str(cache), "--out",
-                      str(tmp_path / "o"), *COMMON])
+    S2Partitioner(min_images=5, max_images=(60,)).fit(train[:, 0], train[:, 1]).geocells_.save(
+        tmp_path / "c2"
+    )
+    rc = geoswc_main(
+        [
+            "train",
+            "heads",
+            "--cells",
+            str(tmp_path / "c2"),
+            "--features",
+            str(cache),
+            "--out",
+            str(tmp_path / "o"),
+            *COMMON,
+        ]
+    )
     assert rc == 2
 
 
 @pytest.mark.slow
 def test_backbone_stage_end_to_end(world, tmp_path):
-    rc = geoswc_main(["train", "backbone", "--cells", str(world / "cells"), "--train-csv", str(world / "train.csv"),
-                      "--images", str(world / "images"), "--val-csv", str(world / "test.csv"), "--out",
-                      str(tmp_path), *COMMON, "--set", "backbone.epochs=1", "--set", "backbone.batch_size=60"])
+    rc = geoswc_main(
+        [
+            "train",
+            "backbone",
+            "--cells",
+            str(world / "cells"),
+            "--train-csv",
+            str(world / "train.csv"),
+            "--images",
+            str(world / "images"),
+            "--val-csv",
+            str(world / "test.csv"),
+            "--out",
+            str(tmp_path),
+            *COMMON,
+            "--set",
+            "backbone.epochs=1",
+            "--set",
+            "backbone.batch_size=60",
+        ]
+    )
     assert rc == 0
-    for name in ("backbone.safetensors", "backbone.json", "heads/ce.safetensors", "cells/geocells.json",
-                 "config.yaml", "train_backbone.json"):
+    for name in (
+        "backbone.safetensors",
+        "backbone.json",
+        "heads/ce.safetensors",
+        "cells/geocells.json",
+        "config.yaml",
+        "train_backbone.json",
+    ):
         assert (tmp_path / name).is_file(), name
     history = json.loads((tmp_path / "train_backbone.json").read_text())["history"]
     assert len(history) == 1 and 0 <= history[0]["acc_2500km"] <= 1
@@ -212,11 +384,38 @@ def test_accuracy_at_hand_computed():
 @pytest.mark.slow
 def test_two_cpu_ranks_train_identical_heads(world, cache, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(free_port()), "-m", "geoswc.train", "heads", "--cells", str(world / "cells"),
-           "--features", str(cache), "--val-features", str(cache),
-           "--out", str(tmp_path), "--kinds", "hc", *COMMON, "--set", "heads.epochs=2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "geoswc.train",
+        "heads",
+        "--cells",
+        str(world / "cells"),
+        "--features",
+        str(cache),
+        "--val-features",
+        str(cache),
+        "--out",
+        str(tmp_path),
+        "--kinds",
+        "hc",
+        *COMMON,
+        "--set",
+        "heads.epochs=2",
+    ]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "train_heads.json").read_text())["heads"]["hc"]

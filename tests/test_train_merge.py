@@ -58,9 +58,14 @@ def _shard_parts(tmp_path, sizes=(7, 0, 9, 1, 5)):
         if not k:  # an empty shard: no batches, so no label columns either
             rows["labels"] = np.zeros((0, 0), np.int64)
         with open(parts / f"part_{part:05d}.npz", "wb") as f:
-            np.savez(f, features=rows["features"], ids=np.asarray(rows["ids"], dtype=str),
-                     authors=np.asarray(rows["authors"], dtype=str), latlon=rows["latlon"],
-                     labels=rows["labels"])
+            np.savez(
+                f,
+                features=rows["features"],
+                ids=np.asarray(rows["ids"], dtype=str),
+                authors=np.asarray(rows["authors"], dtype=str),
+                latlon=rows["latlon"],
+                labels=rows["labels"],
+            )
         shards.append(rows)
         offset += k
     return shards, parts
@@ -70,8 +75,16 @@ def test_image_parts_merge_to_the_concatenation(tmp_path):
     table, parts = _image_parts(tmp_path)
     assert len(list(parts.iterdir())) == 5
     (tmp_path / "out").mkdir()
-    merge_image_parts(parts, tmp_path / "out", latlon=table["latlon"], labels=table["labels"],
-                      ids=table["ids"], authors=table["authors"], part_size=5, dim=DIM)
+    merge_image_parts(
+        parts,
+        tmp_path / "out",
+        latlon=table["latlon"],
+        labels=table["labels"],
+        ids=table["ids"],
+        authors=table["authors"],
+        part_size=5,
+        dim=DIM,
+    )
     _write_concatenation(tmp_path / "ref", **table)
     _assert_same_files(tmp_path / "out", tmp_path / "ref")
 
@@ -81,8 +94,13 @@ def test_shard_parts_merge_to_the_concatenation(tmp_path):
     (tmp_path / "out").mkdir()
     assert merge_shard_parts(parts, tmp_path / "out", n_parts=len(shards), dim=DIM) == 22
     full = [s for s in shards if len(s["latlon"])]
-    _write_concatenation(tmp_path / "ref", **{key: np.concatenate([s[key] for s in full])
-                                              for key in ("features", "latlon", "labels", "ids", "authors")})
+    _write_concatenation(
+        tmp_path / "ref",
+        **{
+            key: np.concatenate([s[key] for s in full])
+            for key in ("features", "latlon", "labels", "ids", "authors")
+        },
+    )
     _assert_same_files(tmp_path / "out", tmp_path / "ref")
 
 
@@ -90,8 +108,16 @@ def test_image_part_of_other_settings_is_refused(tmp_path):
     table, parts = _image_parts(tmp_path)
     (tmp_path / "out").mkdir()
     with pytest.raises(ValueError, match="remove .*parts"):
-        merge_image_parts(parts, tmp_path / "out", latlon=table["latlon"], labels=table["labels"],
-                          ids=table["ids"], authors=table["authors"], part_size=6, dim=DIM)
+        merge_image_parts(
+            parts,
+            tmp_path / "out",
+            latlon=table["latlon"],
+            labels=table["labels"],
+            ids=table["ids"],
+            authors=table["authors"],
+            part_size=6,
+            dim=DIM,
+        )
 
 
 def test_merge_over_a_killed_one_gives_the_same_files(tmp_path):
@@ -122,8 +148,16 @@ def test_merge_removes_the_mark_of_a_complete_cache_first(tmp_path):
     (out / "meta.json").write_text(json.dumps({"fingerprint": "old", "count": 3}))
 
     with pytest.raises(ValueError):  # a part of other settings stops the merge after meta.json went
-        merge_image_parts(parts, out, latlon=table["latlon"], labels=table["labels"], ids=table["ids"],
-                          authors=table["authors"], part_size=6, dim=DIM)
+        merge_image_parts(
+            parts,
+            out,
+            latlon=table["latlon"],
+            labels=table["labels"],
+            ids=table["ids"],
+            authors=table["authors"],
+            part_size=6,
+            dim=DIM,
+        )
     assert not (out / "meta.json").exists()
     with pytest.raises(FileNotFoundError, match="no feature cache"):
         FeatureCache(str(out))

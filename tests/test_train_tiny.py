@@ -11,7 +11,6 @@ def train_main(argv):
     return cli_main(["train", *argv])
 
 
-
 @pytest.mark.slow
 def test_tiny_preset_learns_on_the_synthetic_world(tmp_path):
     """Tiny preset (ImageNet lite0 from the offline package, 64 px): features + heads beat the majority cell."""
@@ -27,10 +26,39 @@ def test_tiny_preset_learns_on_the_synthetic_world(tmp_path):
     cells.geocells_.save(tmp_path / "cells")
     common = ["--cells", str(tmp_path / "cells"), "--preset", "tiny", "--cpu"]
     for split in ("train", "test"):
-        assert train_main(["features", *common, "--csv", str(tmp_path / f"{split}.csv"), "--images",
-                           str(tmp_path / "images"), "--out", str(tmp_path / f"f_{split}")]) == 0
-    assert train_main(["heads", *common, "--features", str(tmp_path / "f_train"), "--val-features",
-                       str(tmp_path / "f_test"), "--out", str(tmp_path / "heads"), "--kinds", "ce", "mvmf"]) == 0
+        assert (
+            train_main(
+                [
+                    "features",
+                    *common,
+                    "--csv",
+                    str(tmp_path / f"{split}.csv"),
+                    "--images",
+                    str(tmp_path / "images"),
+                    "--out",
+                    str(tmp_path / f"f_{split}"),
+                ]
+            )
+            == 0
+        )
+    assert (
+        train_main(
+            [
+                "heads",
+                *common,
+                "--features",
+                str(tmp_path / "f_train"),
+                "--val-features",
+                str(tmp_path / "f_test"),
+                "--out",
+                str(tmp_path / "heads"),
+                "--kinds",
+                "ce",
+                "mvmf",
+            ]
+        )
+        == 0
+    )
     fine = cells.geocells_.fine
     labels = np.load(tmp_path / "f_train" / "labels.npy")[:, -1]
     majority = np.bincount(labels[labels >= 0], minlength=len(fine)).argmax()

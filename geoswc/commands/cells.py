@@ -39,7 +39,9 @@ def _build(args: argparse.Namespace) -> int:
             f"{int(part.counts.max()):>9}  {part.fingerprint}"
         )
     orphans = (geocells.hierarchy < 0).sum(axis=0)
-    print(f"hierarchy: {len(geocells.fine)} fine cells; without a containing coarser cell: {orphans[:-1].tolist()}")
+    print(
+        f"hierarchy: {len(geocells.fine)} fine cells; without a containing coarser cell: {orphans[:-1].tolist()}"
+    )
     print(f"fingerprint: {geocells.fingerprint}")
     return 0
 
@@ -78,18 +80,28 @@ def register(subparsers) -> None:
     )
     build.add_argument("coords", type=Path, help="CSV with one row per photo")
     build.add_argument("-o", "--output", type=Path, required=True, help="output folder")
-    build.add_argument("--min-images", type=int, default=50, help="delete cells with at most this many photos")
     build.add_argument(
-        "--max-images", type=int, nargs="*", default=[5000, 2000, 1000],
+        "--min-images", type=int, default=50, help="delete cells with at most this many photos"
+    )
+    build.add_argument(
+        "--max-images",
+        type=int,
+        nargs="*",
+        default=[5000, 2000, 1000],
         help="one granularity per value: split cells holding more photos (default: 5000 2000 1000)",
     )
     build.add_argument(
-        "--target-cells", type=int, nargs="+", default=None,
+        "--target-cells",
+        type=int,
+        nargs="+",
+        default=None,
         help="add a granularity by splitting the most populated cell until this many cells exist",
     )
     build.add_argument("--start-level", type=int, default=2, help="S2 level of the initial cells")
     build.add_argument(
-        "--hierarchy-fallback", choices=("none", "nearest"), default="none",
+        "--hierarchy-fallback",
+        choices=("none", "nearest"),
+        default="none",
         help="fine cells with no containing coarser cell: -1 (none) or the nearest coarse centre",
     )
     _add_coordinate_columns(build)
@@ -99,7 +111,9 @@ def register(subparsers) -> None:
     assign.add_argument("cells", type=Path, help="cells CSV in the GeoEstimation format")
     assign.add_argument("coords", type=Path, help="CSV with coordinates")
     assign.add_argument("-o", "--output", type=Path, required=True, help="output CSV (input columns + label)")
-    assign.add_argument("--nearest", action="store_true", help="label points outside every cell by the nearest centre")
+    assign.add_argument(
+        "--nearest", action="store_true", help="label points outside every cell by the nearest centre"
+    )
     assign.add_argument("--label-col", default="class_label", help="name of the added column")
     _add_coordinate_columns(assign)
     assign.set_defaults(func=_assign)

@@ -15,7 +15,12 @@ from geoswc.geocells import Geocells
 
 def _synth(args: argparse.Namespace) -> int:
     spec = make_world(
-        args.out, n_train=args.train, n_test=args.test, seed=args.seed, image_size=args.size, workers=args.workers,
+        args.out,
+        n_train=args.train,
+        n_test=args.test,
+        seed=args.seed,
+        image_size=args.size,
+        workers=args.workers,
     )
     print(
         f"wrote {spec.n_train} training and {spec.n_test} test photos ({spec.image_width}x{spec.image_height}, "
@@ -45,9 +50,13 @@ def _shards(args: argparse.Namespace) -> int:
         quality=args.quality,
         workers=args.workers,
     )
-    counts = ", ".join(f"{key} {summary[key]}" for key in
-                       ("written", "skipped_corrupt", "skipped_missing", "excluded_author", "excluded_id"))
-    print(f"{len(summary['shards'])} shards in {args.out}: {counts}; details in {Path(args.out) / 'summary.json'}")
+    counts = ", ".join(
+        f"{key} {summary[key]}"
+        for key in ("written", "skipped_corrupt", "skipped_missing", "excluded_author", "excluded_id")
+    )
+    print(
+        f"{len(summary['shards'])} shards in {args.out}: {counts}; details in {Path(args.out) / 'summary.json'}"
+    )
     return 0
 
 
@@ -83,7 +92,9 @@ def register(subparsers) -> None:
     synth.add_argument("--train", type=int, default=4000, help="training photos (default 4000)")
     synth.add_argument("--test", type=int, default=400, help="test photos (default 400)")
     synth.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    synth.add_argument("--size", type=int, default=128, help="long side of the 4:3 photos in pixels (default 128)")
+    synth.add_argument(
+        "--size", type=int, default=128, help="long side of the 4:3 photos in pixels (default 128)"
+    )
     synth.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="rendering processes")
     synth.set_defaults(func=_synth)
 
@@ -96,8 +107,13 @@ def register(subparsers) -> None:
     source.add_argument("--msgpack", nargs="+", help="GeoEstimation msgpack shards (glob patterns)")
     shards.add_argument("-o", "--out", type=Path, required=True, help="output folder (a rerun resumes)")
     shards.add_argument("--cells", type=Path, help="geocells folder (geoswc cells build): store class labels")
-    shards.add_argument("--exclude", type=Path, nargs="+", default=[],
-                        help="benchmark CSVs whose authors and photo ids are left out (paper 4.2)")
+    shards.add_argument(
+        "--exclude",
+        type=Path,
+        nargs="+",
+        default=[],
+        help="benchmark CSVs whose authors and photo ids are left out (paper 4.2)",
+    )
     shards.add_argument("--samples-per-shard", type=int, default=10000, help="photos per tar (default 10000)")
     shards.add_argument("--resize", type=int, help="re-encode with this short side, e.g. 320 (default: keep)")
     shards.add_argument("--quality", type=int, default=90, help="JPEG quality when re-encoding (default 90)")
@@ -110,5 +126,7 @@ def register(subparsers) -> None:
     leaks.add_argument("train", type=Path, help="training metadata CSV (IMG_ID,AUTHOR,LAT,LON)")
     leaks.add_argument("benchmarks", type=Path, nargs="+", help="benchmark CSVs (IMG_ID[,AUTHOR],LAT,LON)")
     leaks.add_argument("--json", action="store_true", help="print the full report as JSON")
-    leaks.add_argument("--fail-on-leak", action="store_true", help="exit with status 1 when anything overlaps")
+    leaks.add_argument(
+        "--fail-on-leak", action="store_true", help="exit with status 1 when anything overlaps"
+    )
     leaks.set_defaults(func=_check_leaks)

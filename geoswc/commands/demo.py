@@ -15,16 +15,24 @@ def run(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     demo = subparsers.add_parser(
-        "demo", help="synthetic world -> fit (tiny preset) -> evaluate -> tag, in minutes on a CPU",
+        "demo",
+        help="synthetic world -> fit (tiny preset) -> evaluate -> tag, in minutes on a CPU",
         description="Write a synthetic world in the MP16 format, train the whole pipeline on it with the tiny "
         "preset, evaluate every Table 1 mode on its test photos (report.md/report.html) and geotag a folder "
-        "of its photos. A rerun reuses what is already done.")
-    demo.add_argument("-o", "--out", type=Path, default=Path("geoswc-demo"),
-                      help="output folder (default: geoswc-demo)")
+        "of its photos. A rerun reuses what is already done.",
+    )
+    demo.add_argument(
+        "-o", "--out", type=Path, default=Path("geoswc-demo"), help="output folder (default: geoswc-demo)"
+    )
     demo.add_argument("--train", type=int, default=DEMO_TRAIN, help=f"training photos (default {DEMO_TRAIN})")
     demo.add_argument("--test", type=int, default=DEMO_TEST, help=f"test photos (default {DEMO_TEST})")
     demo.add_argument("--seed", type=int, default=0, help="seed of the synthetic world (default 0)")
-    demo.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                      help="override one setting of the tiny preset (repeatable)")
+    demo.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one setting of the tiny preset (repeatable)",
+    )
     demo.add_argument("--cpu", action="store_true", help="run on CPU even when a GPU is available")
     demo.set_defaults(func=run)

@@ -9,16 +9,29 @@ from geoswc.evaluate import BENCHMARK_NAMES, TABLE_MODES, evaluate_command, run_
 
 
 def run(args: argparse.Namespace) -> int:
-    options = {"benchmark": args.benchmark, "batch_size": args.batch_size, "workers": args.workers,
-               "modes": args.modes, "k": args.k, "eps_km": args.eps_km, "top_cells": args.top_cells,
-               "device": args.device}
+    options = {
+        "benchmark": args.benchmark,
+        "batch_size": args.batch_size,
+        "workers": args.workers,
+        "modes": args.modes,
+        "k": args.k,
+        "eps_km": args.eps_km,
+        "top_cells": args.top_cells,
+        "device": args.device,
+    }
     command = evaluate_command(args.model, args.meta, images=args.images, out=args.output, **options)
-    done = run_evaluation(args.model, args.meta, images=args.images, out=args.output, commands=[command], **options)
+    done = run_evaluation(
+        args.model, args.meta, images=args.images, out=args.output, commands=[command], **options
+    )
     model, out, ids, errors, results = done.model, done.out, done.ids, done.errors, done.results
-    print(f"model: {args.model} (heads: {', '.join(model.head_names) or 'none'}; "
-          f"background index: {len(model.index) if model.index is not None else 0} photos)")
-    print(f"photos: {len(ids)} in metadata, {len(ids) - len(errors)} evaluated, {len(errors)} missing or unreadable"
-          + (f" (listed in {out / 'missing.csv'})" if errors else ""))
+    print(
+        f"model: {args.model} (heads: {', '.join(model.head_names) or 'none'}; "
+        f"background index: {len(model.index) if model.index is not None else 0} photos)"
+    )
+    print(
+        f"photos: {len(ids)} in metadata, {len(ids) - len(errors)} evaluated, {len(errors)} missing or unreadable"
+        + (f" (listed in {out / 'missing.csv'})" if errors else "")
+    )
     for i in sorted(errors)[:5]:
         print(f"  {ids[i]}: {errors[i]}")
     print()
@@ -27,9 +40,13 @@ def run(args: argparse.Namespace) -> int:
     for mode, scores in results.items():
         fallback = scores["methods"].get("fallback")
         if fallback:
-            print(f"{mode}: {fallback} photos fell back to the head's prediction (no background photo in their cell)")
-    print(f"wrote {out / 'results.json'}, {done.written['markdown']}, {done.written['html']} and "
-          f"predictions_<mode>.csv for {len(results)} modes")
+            print(
+                f"{mode}: {fallback} photos fell back to the head's prediction (no background photo in their cell)"
+            )
+    print(
+        f"wrote {out / 'results.json'}, {done.written['markdown']}, {done.written['html']} and "
+        f"predictions_<mode>.csv for {len(results)} modes"
+    )
     return 0
 
 
@@ -41,18 +58,35 @@ def register(subparsers) -> None:
         "model supports (ce, hc, mvmf, rrm, ce+rrm, hc+rrm, mvmf+rrm). Accuracy at 0.1/1/5/10/25/200/750/2500 km "
         "by haversine on R = 6371 km (correct when distance <= r); missing photos count as wrong.",
     )
-    parser.add_argument("--model", required=True, metavar="DIR", help="model folder (Geolocator.save_pretrained)")
+    parser.add_argument(
+        "--model", required=True, metavar="DIR", help="model folder (Geolocator.save_pretrained)"
+    )
     parser.add_argument("--meta", metavar="TEST.csv", help="test metadata with IMG_ID, LAT, LON")
-    parser.add_argument("--benchmark", choices=BENCHMARK_NAMES,
-                        help="named evaluation set; --meta gives its ground-truth file")
-    parser.add_argument("--images", required=True, metavar="ROOT", help="folder holding the photos (IMG_ID paths)")
+    parser.add_argument(
+        "--benchmark",
+        choices=BENCHMARK_NAMES,
+        help="named evaluation set; --meta gives its ground-truth file",
+    )
+    parser.add_argument(
+        "--images", required=True, metavar="ROOT", help="folder holding the photos (IMG_ID paths)"
+    )
     parser.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=4, help="image decoding processes (0 = in the main one)")
-    parser.add_argument("--modes", nargs="+", metavar="MODE",
-                        help=f"subset of: {' '.join(TABLE_MODES)} (default: all the model supports)")
-    parser.add_argument("--k", type=int, help="Search within Cell neighbours (default: the model's config, 10)")
+    parser.add_argument(
+        "--workers", type=int, default=4, help="image decoding processes (0 = in the main one)"
+    )
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        metavar="MODE",
+        help=f"subset of: {' '.join(TABLE_MODES)} (default: all the model supports)",
+    )
+    parser.add_argument(
+        "--k", type=int, help="Search within Cell neighbours (default: the model's config, 10)"
+    )
     parser.add_argument("--eps-km", type=float, help="DBSCAN radius in km (default: the model's config, 1)")
-    parser.add_argument("--top-cells", type=int, help="cells searched per photo (default: the model's config, 1)")
+    parser.add_argument(
+        "--top-cells", type=int, help="cells searched per photo (default: the model's config, 1)"
+    )
     parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     parser.set_defaults(func=run)

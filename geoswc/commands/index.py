@@ -13,8 +13,15 @@ from geoswc.train import build_index
 def _build(args: argparse.Namespace) -> int:
     cfg = resolve_config(args.preset, args.config, args.set or [])
     report = build_index(
-        cfg, cells=Geocells.load(args.cells), features=args.features, head=args.head, retrieval=args.retrieval,
-        out=args.out, exclude=args.exclude or (), dtype=args.dtype, batch_size=args.batch_size,
+        cfg,
+        cells=Geocells.load(args.cells),
+        features=args.features,
+        head=args.head,
+        retrieval=args.retrieval,
+        out=args.out,
+        exclude=args.exclude or (),
+        dtype=args.dtype,
+        batch_size=args.batch_size,
         device=args.device,
     ).summary
     dropped = report["total"] - report["kept"]

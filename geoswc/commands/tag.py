@@ -13,8 +13,12 @@ from geoswc.tag_output import output_format
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("paths", nargs="+", metavar="PATH", help="photo files, folders, globs or @list.txt files")
-    parser.add_argument("--model", required=True, metavar="DIR", help="model folder (Geolocator.save_pretrained)")
+    parser.add_argument(
+        "paths", nargs="+", metavar="PATH", help="photo files, folders, globs or @list.txt files"
+    )
+    parser.add_argument(
+        "--model", required=True, metavar="DIR", help="model folder (Geolocator.save_pretrained)"
+    )
     parser.add_argument(
         "-o", "--output", required=True, metavar="OUT", help="result file: .csv, .jsonl, .geojson or .parquet"
     )
@@ -26,10 +30,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     existing.add_argument("--resume", action="store_true", help="complete an interrupted run's output")
     existing.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.add_argument(
-        "--write-exif", metavar="DIR", help="write JPEG copies with GPS EXIF under DIR (originals are never touched)"
+        "--write-exif",
+        metavar="DIR",
+        help="write JPEG copies with GPS EXIF under DIR (originals are never touched)",
     )
     parser.add_argument(
-        "--precision", choices=list(PRECISION_DECIMALS), default="exact",
+        "--precision",
+        choices=list(PRECISION_DECIMALS),
+        default="exact",
         help="round published positions: city = 2 decimals (~1 km), region = 1 (~11 km), country = 0 (~111 km)",
     )
     parser.add_argument("--head", default=None, help="classification head to use (default: the model's own)")

@@ -28,8 +28,13 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def _training(args: argparse.Namespace) -> dict:
-    return {"cpu": args.cpu, "resume": args.resume, "max_steps": args.max_steps,
-            "checkpoint_every": args.checkpoint_every, "log_with": args.log_with or ()}
+    return {
+        "cpu": args.cpu,
+        "resume": args.resume,
+        "max_steps": args.max_steps,
+        "checkpoint_every": args.checkpoint_every,
+        "log_with": args.log_with or (),
+    }
 
 
 def _photos(args: argparse.Namespace, *, csv_flag: str = "--train-csv", csv: Optional[str] = None) -> Photos:
@@ -54,16 +59,32 @@ def _val_photos(args: argparse.Namespace) -> Optional[Photos]:
 
 
 def run_backbone(args: argparse.Namespace) -> int:
-    train_backbone(_config(args), cells=Geocells.load(args.cells), photos=_photos(args, csv=args.train_csv),
-                   out=args.out, val=_val_photos(args), weights=args.backbone_weights, **_training(args))
+    train_backbone(
+        _config(args),
+        cells=Geocells.load(args.cells),
+        photos=_photos(args, csv=args.train_csv),
+        out=args.out,
+        val=_val_photos(args),
+        weights=args.backbone_weights,
+        **_training(args),
+    )
     return 0
 
 
 def run_features(args: argparse.Namespace) -> int:
     photos = _photos(args, csv_flag="--csv", csv=args.csv)
-    extract_features(_config(args), cells=Geocells.load(args.cells), photos=photos, out=args.out,
-                     backbone=args.model, weights=args.backbone_weights, part_size=args.part_size,
-                     batch_size=args.batch_size, cpu=args.cpu, log_with=args.log_with or ())
+    extract_features(
+        _config(args),
+        cells=Geocells.load(args.cells),
+        photos=photos,
+        out=args.out,
+        backbone=args.model,
+        weights=args.backbone_weights,
+        part_size=args.part_size,
+        batch_size=args.batch_size,
+        cpu=args.cpu,
+        log_with=args.log_with or (),
+    )
     return 0
 
 
@@ -72,16 +93,28 @@ def run_heads(args: argparse.Namespace) -> int:
     on_images = args.on_images or not config.heads.from_features
     if on_images:
         if not (args.model and (args.shards or (args.train_csv and args.images))):
-            raise ValueError("heads on images need --model (a backbone stage folder) and --shards or "
-                             "--train-csv with --images")
+            raise ValueError(
+                "heads on images need --model (a backbone stage folder) and --shards or "
+                "--train-csv with --images"
+            )
         photos, val = _photos(args, csv=args.train_csv), _val_photos(args)
     else:
         if not args.features:
             raise ValueError("heads from cached features need --features (or --on-images with --train-csv)")
         photos = val = None
-    train_heads(config, cells=Geocells.load(args.cells), out=args.out, features=args.features,
-                val_features=args.val_features, kinds=args.kinds, backbone=args.model, train_ce=args.train_ce,
-                photos=photos, val=val, **_training(args))
+    train_heads(
+        config,
+        cells=Geocells.load(args.cells),
+        out=args.out,
+        features=args.features,
+        val_features=args.val_features,
+        kinds=args.kinds,
+        backbone=args.model,
+        train_ce=args.train_ce,
+        photos=photos,
+        val=val,
+        **_training(args),
+    )
     return 0
 
 
@@ -92,32 +125,51 @@ def run_retrieval(args: argparse.Namespace) -> int:
     if args.batch_size is not None:
         sets.append(f"retrieval.batch_size={args.batch_size}")
     config = resolve_config(args.preset, args.config, sets)
-    train_retrieval(config, cells=Geocells.load(args.cells), features=args.features, out=args.out,
-                    val_features=args.val_features, **_training(args))
+    train_retrieval(
+        config,
+        cells=Geocells.load(args.cells),
+        features=args.features,
+        out=args.out,
+        val_features=args.val_features,
+        **_training(args),
+    )
     return 0
 
 
 # ---------------------------------------------------------------------------------------------- flags
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cells", required=True, help="Geocells folder (geoswc cells build)")
-    parser.add_argument("--out", required=True, type=Path,
-                        help="output folder (weights, config, checkpoints, logs)")
+    parser.add_argument(
+        "--out", required=True, type=Path, help="output folder (weights, config, checkpoints, logs)"
+    )
     parser.add_argument("--preset", help="configuration preset: paper (default values) or tiny")
     parser.add_argument("--config", help="YAML/JSON configuration file applied after the preset")
     parser.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override one setting")
     parser.add_argument("--cpu", action="store_true", help="run on CPU even when a GPU is available")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     parser.add_argument("--log-with", nargs="+", choices=("tensorboard", "csv"), help="metric trackers")
-    parser.add_argument("--max-steps", type=int, help="stop (with a checkpoint) after this many optimizer steps")
-    parser.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
-                        help="also checkpoint every STEPS optimizer steps (default: at epoch ends)")
+    parser.add_argument(
+        "--max-steps", type=int, help="stop (with a checkpoint) after this many optimizer steps"
+    )
+    parser.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="also checkpoint every STEPS optimizer steps (default: at epoch ends)",
+    )
 
 
 def _images(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--shards", metavar="DIR_OR_PATTERN",
-                        help="training shards (geoswc data shards --cells): a folder of *.tar or a brace pattern; "
-                             "instead of --train-csv/--images")
-    parser.add_argument("--val-shards", metavar="DIR_OR_PATTERN", help="validation shards (instead of --val-csv)")
+    parser.add_argument(
+        "--shards",
+        metavar="DIR_OR_PATTERN",
+        help="training shards (geoswc data shards --cells): a folder of *.tar or a brace pattern; "
+        "instead of --train-csv/--images",
+    )
+    parser.add_argument(
+        "--val-shards", metavar="DIR_OR_PATTERN", help="validation shards (instead of --val-csv)"
+    )
     _relabel(parser)
     parser.add_argument("--train-csv", help="training metadata (IMG_ID, AUTHOR, LAT, LON)")
     parser.add_argument("--images", help="image root the IMG_IDs are relative to")
@@ -126,9 +178,12 @@ def _images(parser: argparse.ArgumentParser) -> None:
 
 
 def _relabel(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--relabel", action="store_true",
-                        help="label shard samples from their lat/lon with --cells, ignoring the labels stored in "
-                             "the shards (shards written without --cells or with another partition)")
+    parser.add_argument(
+        "--relabel",
+        action="store_true",
+        help="label shard samples from their lat/lon with --cells, ignoring the labels stored in "
+        "the shards (shards written without --cells or with another partition)",
+    )
 
 
 def add_stage_parsers(stages) -> None:
@@ -142,8 +197,11 @@ def add_stage_parsers(stages) -> None:
     _common(p)
     p.add_argument("--csv", help="metadata of the photos to embed")
     p.add_argument("--images", help="image root the IMG_IDs are relative to")
-    p.add_argument("--shards", metavar="DIR_OR_PATTERN",
-                   help="shards to embed (geoswc data shards --cells) instead of --csv/--images")
+    p.add_argument(
+        "--shards",
+        metavar="DIR_OR_PATTERN",
+        help="shards to embed (geoswc data shards --cells) instead of --csv/--images",
+    )
     _relabel(p)
     p.add_argument("--model", help="backbone stage output folder (default: the configured timm backbone)")
     p.add_argument("--backbone-weights", help="local ImageNet weights when --model is not given")
@@ -157,7 +215,9 @@ def add_stage_parsers(stages) -> None:
     p.add_argument("--val-features", help="feature cache of validation photos")
     p.add_argument("--kinds", nargs="+", help="heads to train (default: heads.kinds)")
     p.add_argument("--model", help="backbone stage folder: its CE layer is reused as the ce head")
-    p.add_argument("--train-ce", action="store_true", help="fine-tune the reused CE layer instead of copying it")
+    p.add_argument(
+        "--train-ce", action="store_true", help="fine-tune the reused CE layer instead of copying it"
+    )
     p.add_argument("--on-images", action="store_true", help="train end to end on augmented images")
     _images(p)
     p.set_defaults(func=run_heads)
@@ -172,7 +232,11 @@ def add_stage_parsers(stages) -> None:
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("train", help="train one stage: backbone, features, heads or retrieval",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = subparsers.add_parser(
+        "train",
+        help="train one stage: backbone, features, heads or retrieval",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     stages = parser.add_subparsers(dest="stage", metavar="STAGE", required=True)
     add_stage_parsers(stages)

@@ -29,10 +29,25 @@ from geoswc.train.sources import Batches, Photos, Source, epoch_batches, head_of
 logger = logging.getLogger(__name__)
 
 
-def _train_classifier(accelerator: Accelerator, model: nn.Module, optimizer, scheduler, *, train: Source,
-                      val: Optional[Source], batch_size: int, epochs: int, seed: int, out: Path, name: str,
-                      schedule_per: str, resume: bool, max_steps: Optional[int], checkpoint_every: int,
-                      meta: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+def _train_classifier(
+    accelerator: Accelerator,
+    model: nn.Module,
+    optimizer,
+    scheduler,
+    *,
+    train: Source,
+    val: Optional[Source],
+    batch_size: int,
+    epochs: int,
+    seed: int,
+    out: Path,
+    name: str,
+    schedule_per: str,
+    resume: bool,
+    max_steps: Optional[int],
+    checkpoint_every: int,
+    meta: Dict[str, Any],
+) -> Optional[Dict[str, Any]]:
     """`train_loop` with the loss of the model's own head."""
     head = head_of(accelerator, model)
 
@@ -43,11 +58,21 @@ def _train_classifier(accelerator: Accelerator, model: nn.Module, optimizer, sch
         return head.loss(outputs, labels, latlon), len(labels)
 
     return train_loop(
-        accelerator, model, optimizer, scheduler, name=name, out_dir=out, epochs=epochs,
-        batches=epoch_batches(train, accelerator, batch_size=batch_size, seed=seed), loss=loss,
+        accelerator,
+        model,
+        optimizer,
+        scheduler,
+        name=name,
+        out_dir=out,
+        epochs=epochs,
+        batches=epoch_batches(train, accelerator, batch_size=batch_size, seed=seed),
+        loss=loss,
         schedule_per=schedule_per,
         validate=(lambda: validate(accelerator, model, val, batch_size)) if val is not None else None,
-        resume=resume, max_steps=max_steps, checkpoint_every=checkpoint_every, meta=meta,
+        resume=resume,
+        max_steps=max_steps,
+        checkpoint_every=checkpoint_every,
+        meta=meta,
     )
 
 
@@ -90,13 +115,27 @@ def train_backbone(
     train = open_photos(photos, cells, backbone, config, train=True)
     val_source = open_photos(val, cells, backbone, config, train=False) if val is not None else None
     model = prepare_for_speed(model, config.train, accelerator)
-    optimizer = torch.optim.SGD(model.parameters(), lr=bc.lr, momentum=bc.momentum, weight_decay=bc.weight_decay)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=bc.lr, momentum=bc.momentum, weight_decay=bc.weight_decay
+    )
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=bc.lr_step_epochs, gamma=bc.lr_gamma)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     summary = _train_classifier(
-        accelerator, model, optimizer, scheduler, train=train, val=val_source, batch_size=bc.batch_size,
-        epochs=bc.epochs, seed=config.train.seed, out=out, name="backbone", schedule_per="epoch", resume=resume,
-        max_steps=max_steps, checkpoint_every=checkpoint_every,
+        accelerator,
+        model,
+        optimizer,
+        scheduler,
+        train=train,
+        val=val_source,
+        batch_size=bc.batch_size,
+        epochs=bc.epochs,
+        seed=config.train.seed,
+        out=out,
+        name="backbone",
+        schedule_per="epoch",
+        resume=resume,
+        max_steps=max_steps,
+        checkpoint_every=checkpoint_every,
         meta={"fingerprint": cells.fingerprint, "model": bc.model},
     )
     if summary is None:
@@ -164,8 +203,9 @@ def train_heads(
     hc = config.heads
     on_images = photos is not None or not hc.from_features
     if not on_images and features is None:
-        raise ValueError("heads from cached features need a feature cache (or the training photos, to train "
-                         "on images)")
+        raise ValueError(
+            "heads from cached features need a feature cache (or the training photos, to train on images)"
+        )
     if on_images and (backbone_dir is None or photos is None):
         raise ValueError("heads on images need a backbone stage folder and the training photos")
     accelerator = start_stage(config, out, stage="heads", cpu=cpu, log_with=log_with)
@@ -193,8 +233,9 @@ def train_heads(
             summaries["ce"] = {"reused": str(reuse)}
             if val_source is not None:
                 model = ce_head if frozen is None else CellClassifier(frozen, ce_head, freeze_backbone=True)
-                summaries["ce"]["val"] = validate(accelerator, model.to(accelerator.device), val_source,
-                                                  hc.batch_size)
+                summaries["ce"]["val"] = validate(
+                    accelerator, model.to(accelerator.device), val_source, hc.batch_size
+                )
             continue
         head = create_head(kind, in_features=in_features, geocells=cells)
         if kind == "ce" and reuse is not None and reuse.is_file():
@@ -204,16 +245,30 @@ def train_heads(
         if frozen is None:
             model = head.to(accelerator.device)
         else:
-            model = prepare_for_speed(CellClassifier(frozen, head, freeze_backbone=True), config.train, accelerator)
+            model = prepare_for_speed(
+                CellClassifier(frozen, head, freeze_backbone=True), config.train, accelerator
+            )
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=hc.lr, weight_decay=hc.weight_decay)
         steps = hc.epochs * max(1, len(train) // (hc.batch_size * accelerator.num_processes))
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
         summary = _train_classifier(
-            accelerator, model, optimizer, scheduler, train=train, val=val_source, batch_size=hc.batch_size,
-            epochs=hc.epochs, seed=config.train.seed, out=out, name=kind, schedule_per="step", resume=resume,
-            max_steps=max_steps, checkpoint_every=checkpoint_every,
+            accelerator,
+            model,
+            optimizer,
+            scheduler,
+            train=train,
+            val=val_source,
+            batch_size=hc.batch_size,
+            epochs=hc.epochs,
+            seed=config.train.seed,
+            out=out,
+            name=kind,
+            schedule_per="step",
+            resume=resume,
+            max_steps=max_steps,
+            checkpoint_every=checkpoint_every,
             meta={"fingerprint": cells.fingerprint, "kind": kind},
         )
         if summary is None:
@@ -228,7 +283,9 @@ def train_heads(
     if accelerator.is_main_process:
         cells.save(files["cells"])
     accelerator.wait_for_everyone()
-    summary = {"heads": summaries,
-               "ranks_identical": all(s.get("ranks_identical", True) for s in summaries.values())}
+    summary = {
+        "heads": summaries,
+        "ranks_identical": all(s.get("ranks_identical", True) for s in summaries.values()),
+    }
     finish_stage(accelerator, out, "heads", summary)
     return StageResult("heads", out, files, summary)

@@ -52,8 +52,9 @@ class StageResult:
         return {k: v for k, v in self.summary.items() if isinstance(v, (int, float, str))}
 
 
-def start_stage(config: Config, out: Path, *, stage: str, cpu: bool = False,
-                log_with: Sequence[str] = ()) -> Accelerator:
+def start_stage(
+    config: Config, out: Path, *, stage: str, cpu: bool = False, log_with: Sequence[str] = ()
+) -> Accelerator:
     """The stage's accelerator, every rank seeded alike, and the resolved config saved in ``out``."""
     accelerator = build_accelerator(config.train, cpu=cpu, out_dir=out, log_with=log_with, run_name=stage)
     seed_everything(config.train.seed)

@@ -70,26 +70,60 @@ def extract_features(
     else:
         model_name = config.backbone.model
         weights = weights or config.backbone.weights
-        model = create_backbone(model_name, pretrained=config.backbone.pretrained and weights is None,
-                                weights=weights)
+        model = create_backbone(
+            model_name, pretrained=config.backbone.pretrained and weights is None, weights=weights
+        )
     batch_size = batch_size or config.heads.batch_size
     source = open_photos(photos, cells, model, config, train=False)
     if isinstance(source, ShardBatches):
-        summary = _shard_features(accelerator, model, source, out, config=config, model_name=model_name,
-                                  fingerprint=str(cells.fingerprint), batch_size=batch_size)
+        summary = _shard_features(
+            accelerator,
+            model,
+            source,
+            out,
+            config=config,
+            model_name=model_name,
+            fingerprint=str(cells.fingerprint),
+            batch_size=batch_size,
+        )
     else:
-        summary = _table_features(accelerator, model, source, out, config=config, model_name=model_name,
-                                  fingerprint=str(cells.fingerprint), part_size=part_size, batch_size=batch_size)
+        summary = _table_features(
+            accelerator,
+            model,
+            source,
+            out,
+            config=config,
+            model_name=model_name,
+            fingerprint=str(cells.fingerprint),
+            part_size=part_size,
+            batch_size=batch_size,
+        )
     finish_stage(accelerator, out, "features", summary)
     return StageResult("features", out, {"features": out}, summary)
 
 
-def _table_features(accelerator: Accelerator, backbone: nn.Module, source: Batches, out: Path, *, config: Config,
-                    model_name: str, fingerprint: str, part_size: int, batch_size: int) -> Dict[str, Any]:
+def _table_features(
+    accelerator: Accelerator,
+    backbone: nn.Module,
+    source: Batches,
+    out: Path,
+    *,
+    config: Config,
+    model_name: str,
+    fingerprint: str,
+    part_size: int,
+    batch_size: int,
+) -> Dict[str, Any]:
     table: PhotoTable = source.source
-    key = {"photos": _digest(table.ids, table.latlon), "images": str(table.root), "backbone": model_name,
-           "weights": weights_digest(backbone), "image_size": config.data.image_size,
-           "eval_resize": config.data.eval_resize, "part_size": part_size}
+    key = {
+        "photos": _digest(table.ids, table.latlon),
+        "images": str(table.root),
+        "backbone": model_name,
+        "weights": weights_digest(backbone),
+        "image_size": config.data.image_size,
+        "eval_resize": config.data.eval_resize,
+        "part_size": part_size,
+    }
     model = prepare_for_speed(backbone, config.train, accelerator).eval()
     parts_dir = out / "parts"
     _claim_parts(accelerator, parts_dir, key)
@@ -115,23 +149,58 @@ def _table_features(accelerator: Accelerator, backbone: nn.Module, source: Batch
     elapsed = time.perf_counter() - start
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        merge_image_parts(parts_dir, out, latlon=table.latlon, labels=table.labels, ids=table.ids,
-                          authors=table.authors, part_size=part_size, dim=dim)
-        write_meta(out, {"fingerprint": fingerprint, "backbone": model_name, "dim": dim, "count": n,
-                         "image_size": config.data.image_size})
+        merge_image_parts(
+            parts_dir,
+            out,
+            latlon=table.latlon,
+            labels=table.labels,
+            ids=table.ids,
+            authors=table.authors,
+            part_size=part_size,
+            dim=dim,
+        )
+        write_meta(
+            out,
+            {
+                "fingerprint": fingerprint,
+                "backbone": model_name,
+                "dim": dim,
+                "count": n,
+                "image_size": config.data.image_size,
+            },
+        )
         shutil.rmtree(parts_dir)
     accelerator.wait_for_everyone()
-    return {"count": n, "dim": dim, "images_per_s_rank0": images / max(elapsed, 1e-9),
-            "num_processes": accelerator.num_processes}
+    return {
+        "count": n,
+        "dim": dim,
+        "images_per_s_rank0": images / max(elapsed, 1e-9),
+        "num_processes": accelerator.num_processes,
+    }
 
 
-def _shard_features(accelerator: Accelerator, backbone: nn.Module, shards: ShardBatches, out: Path, *,
-                    config: Config, model_name: str, fingerprint: str, batch_size: int) -> Dict[str, Any]:
+def _shard_features(
+    accelerator: Accelerator,
+    backbone: nn.Module,
+    shards: ShardBatches,
+    out: Path,
+    *,
+    config: Config,
+    model_name: str,
+    fingerprint: str,
+    batch_size: int,
+) -> Dict[str, Any]:
     """One resumable part per shard (ranks take shards in turn), each holding the shard's features, ids,
     coordinates, labels and authors; rank 0 merges them in shard order."""
-    key = {"shards": [[url, _file_size(url)] for url in shards.urls], "relabel": shards.relabel_with is not None,
-           "cells": fingerprint, "backbone": model_name, "weights": weights_digest(backbone),
-           "image_size": config.data.image_size, "eval_resize": config.data.eval_resize}
+    key = {
+        "shards": [[url, _file_size(url)] for url in shards.urls],
+        "relabel": shards.relabel_with is not None,
+        "cells": fingerprint,
+        "backbone": model_name,
+        "weights": weights_digest(backbone),
+        "image_size": config.data.image_size,
+        "eval_resize": config.data.eval_resize,
+    }
     model = prepare_for_speed(backbone, config.train, accelerator).eval()
     parts_dir = out / "parts"
     _claim_parts(accelerator, parts_dir, key)
@@ -143,14 +212,17 @@ def _shard_features(accelerator: Accelerator, backbone: nn.Module, shards: Shard
         if target.is_file():
             continue
         feats, ids, authors, latlon, labels = [np.zeros((0, dim), np.float16)], [], [], [], []
-        loader = shards.loader(batch_size=batch_size, accelerator=accelerator, train=False,
-                               urls=[shards.urls[part]], whole=True)
+        loader = shards.loader(
+            batch_size=batch_size, accelerator=accelerator, train=False, urls=[shards.urls[part]], whole=True
+        )
         with torch.no_grad():
             for batch in loader:
                 block = np.zeros((len(batch["id"]), dim), dtype=np.float16)
                 for idx, group in shards.by_shape(batch):
                     with accelerator.autocast():
-                        block[idx] = model(shards.to_device(group, accelerator.device)[0]).float().cpu().numpy()
+                        block[idx] = (
+                            model(shards.to_device(group, accelerator.device)[0]).float().cpu().numpy()
+                        )
                 feats.append(block)
                 ids += batch["id"]
                 authors += batch["author"]
@@ -160,22 +232,38 @@ def _shard_features(accelerator: Accelerator, backbone: nn.Module, shards: Shard
         n_gran = labels[0].shape[1] if labels else 0
         tmp = parts_dir / f"part_{part:05d}.tmp.npz"
         with open(tmp, "wb") as f:
-            np.savez(f, features=np.concatenate(feats), ids=np.asarray(ids, dtype=str),
-                     authors=np.asarray(authors, dtype=str),
-                     latlon=np.concatenate(latlon) if latlon else np.zeros((0, 2)),
-                     labels=np.concatenate(labels) if labels else np.zeros((0, n_gran), np.int64))
+            np.savez(
+                f,
+                features=np.concatenate(feats),
+                ids=np.asarray(ids, dtype=str),
+                authors=np.asarray(authors, dtype=str),
+                latlon=np.concatenate(latlon) if latlon else np.zeros((0, 2)),
+                labels=np.concatenate(labels) if labels else np.zeros((0, n_gran), np.int64),
+            )
         tmp.rename(target)
     elapsed = time.perf_counter() - start
     accelerator.wait_for_everyone()
     n = 0
     if accelerator.is_main_process:
         n = merge_shard_parts(parts_dir, out, n_parts=len(shards.urls), dim=dim)
-        write_meta(out, {"fingerprint": fingerprint, "backbone": model_name, "dim": dim, "count": n,
-                         "image_size": config.data.image_size})
+        write_meta(
+            out,
+            {
+                "fingerprint": fingerprint,
+                "backbone": model_name,
+                "dim": dim,
+                "count": n,
+                "image_size": config.data.image_size,
+            },
+        )
         shutil.rmtree(parts_dir)
     accelerator.wait_for_everyone()
-    return {"count": n or len(shards), "dim": dim, "images_per_s_rank0": images / max(elapsed, 1e-9),
-            "num_processes": accelerator.num_processes}
+    return {
+        "count": n or len(shards),
+        "dim": dim,
+        "images_per_s_rank0": images / max(elapsed, 1e-9),
+        "num_processes": accelerator.num_processes,
+    }
 
 
 def _digest(ids: Sequence[str], latlon: np.ndarray) -> str:
@@ -199,8 +287,11 @@ def _claim_parts(accelerator: Accelerator, parts_dir: Path, key: Dict[str, Any])
             previous = json.loads(key_file.read_text()) if key_file.is_file() else None
             if previous != key:
                 changed = sorted(k for k in key if previous is None or previous.get(k) != key[k])
-                logger.warning("%s holds parts of a run with other %s: starting the features over", parts_dir,
-                               ", ".join(changed) or "settings")
+                logger.warning(
+                    "%s holds parts of a run with other %s: starting the features over",
+                    parts_dir,
+                    ", ".join(changed) or "settings",
+                )
                 shutil.rmtree(parts_dir)
         parts_dir.mkdir(parents=True, exist_ok=True)
         if not key_file.is_file():

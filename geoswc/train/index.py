@@ -44,8 +44,15 @@ def build_index(
     """
     out = Path(out)
     report = build_background(
-        features, head_path=head, retrieval_path=retrieval, cells=cells, out_dir=out, exclude=exclude,
-        dtype=dtype or config.retrieval.index_dtype, batch_size=batch_size, device=device,
+        features,
+        head_path=head,
+        retrieval_path=retrieval,
+        cells=cells,
+        out_dir=out,
+        exclude=exclude,
+        dtype=dtype or config.retrieval.index_dtype,
+        batch_size=batch_size,
+        device=device,
         config=config.to_dict(),
     )
     config.save(out / "config.yaml")

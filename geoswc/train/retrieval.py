@@ -105,19 +105,27 @@ def fit_retrieval_module(
     )
     steps_per_epoch = math.ceil(len(sampler) / rc.batch_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=rc.lr, weight_decay=rc.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, rc.epochs * steps_per_epoch))
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, T_max=max(1, rc.epochs * steps_per_epoch)
+    )
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     accelerator.register_for_checkpointing(criterion)  # the memory is training state
     unwrapped = accelerator.unwrap_model(model)
     if accelerator.is_main_process:
-        logger.info("%d cells with >= 2 photos: %d steps of %d pairs per epoch on each of %d processes",
-                    sampler.num_pairs, steps_per_epoch, rc.batch_size, accelerator.num_processes)
+        logger.info(
+            "%d cells with >= 2 photos: %d steps of %d pairs per epoch on each of %d processes",
+            sampler.num_pairs,
+            steps_per_epoch,
+            rc.batch_size,
+            accelerator.num_processes,
+        )
     criterion.train()
 
     def batches(epoch: int, skip: int):
         pairs = sampler.shard(epoch)
-        return steps_per_epoch, (pairs[step * rc.batch_size : (step + 1) * rc.batch_size]
-                                 for step in range(skip, steps_per_epoch))
+        return steps_per_epoch, (
+            pairs[step * rc.batch_size : (step + 1) * rc.batch_size] for step in range(skip, steps_per_epoch)
+        )
 
     def loss(batch: np.ndarray):
         inputs = _batch_features(features, batch.T.reshape(-1), accelerator.device)
@@ -134,10 +142,21 @@ def fit_retrieval_module(
         return {f"precision_at_{k_eval}": same_cell_precision(emb, val_labels, k_eval, seed=seed)}
 
     summary = train_loop(
-        accelerator, model, optimizer, scheduler, name="retrieval", out_dir=out_dir, epochs=rc.epochs,
-        batches=batches, loss=loss, schedule_per="step",
-        validate=validate if val_features is not None else None, resume=resume, max_steps=max_steps,
-        checkpoint_every=checkpoint_every, checkpoint_epochs=checkpoint_epochs,
+        accelerator,
+        model,
+        optimizer,
+        scheduler,
+        name="retrieval",
+        out_dir=out_dir,
+        epochs=rc.epochs,
+        batches=batches,
+        loss=loss,
+        schedule_per="step",
+        validate=validate if val_features is not None else None,
+        resume=resume,
+        max_steps=max_steps,
+        checkpoint_every=checkpoint_every,
+        checkpoint_epochs=checkpoint_epochs,
         meta={"fingerprint": fingerprint, "dim": dim, "hidden_dim": rc.hidden_dim},
     )
     if summary is not None:
@@ -173,9 +192,17 @@ def train_retrieval(
     val = FeatureCache(val_features).check(cells) if val_features is not None else None
     accelerator = start_stage(config, out, stage="retrieval", cpu=cpu, log_with=log_with)
     module, summary = fit_retrieval_module(
-        accelerator, cache.features, cache.labels[:, -1], retrieval_cfg=config.retrieval, seed=config.train.seed,
-        out_dir=out, fingerprint=str(cells.fingerprint), resume=resume, max_steps=max_steps,
-        checkpoint_every=checkpoint_every, val_features=None if val is None else val.features,
+        accelerator,
+        cache.features,
+        cache.labels[:, -1],
+        retrieval_cfg=config.retrieval,
+        seed=config.train.seed,
+        out_dir=out,
+        fingerprint=str(cells.fingerprint),
+        resume=resume,
+        max_steps=max_steps,
+        checkpoint_every=checkpoint_every,
+        val_features=None if val is None else val.features,
         val_labels=None if val is None else val.labels[:, -1],
     )
     files = {"retrieval": out / WEIGHTS_FILE}
@@ -183,9 +210,14 @@ def train_retrieval(
         return StageResult("retrieval", out, files, complete=False)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        module.save(files["retrieval"], fingerprint=str(cells.fingerprint),
-                    extra={"config": json.dumps(config.to_dict(), default=str),
-                           "backbone": str(cache.meta.get("backbone", ""))})
+        module.save(
+            files["retrieval"],
+            fingerprint=str(cells.fingerprint),
+            extra={
+                "config": json.dumps(config.to_dict(), default=str),
+                "backbone": str(cache.meta.get("backbone", "")),
+            },
+        )
         logger.info("wrote %s", files["retrieval"])
     accelerator.wait_for_everyone()
     finish_stage(accelerator, out, "retrieval", summary)

@@ -65,9 +65,13 @@ class Photos:
 def build_image_transform(backbone: nn.Module, data_cfg: Any, *, train: bool) -> Callable:
     """The input transform from the backbone's own data config (mean/std), at ``data.image_size``."""
     return build_transform(
-        resolve_model_data_config(backbone), train=train, size=data_cfg.image_size,
-        eval_resize=data_cfg.eval_resize, crop_scale=tuple(data_cfg.crop_scale),
-        crop_ratio=tuple(data_cfg.crop_ratio), hflip=data_cfg.hflip,
+        resolve_model_data_config(backbone),
+        train=train,
+        size=data_cfg.image_size,
+        eval_resize=data_cfg.eval_resize,
+        crop_scale=tuple(data_cfg.crop_scale),
+        crop_ratio=tuple(data_cfg.crop_ratio),
+        hflip=data_cfg.hflip,
     )
 
 
@@ -77,8 +81,9 @@ class PhotoTable:
     Coordinates, labels and ids stay in arrays indexed by row; the photos are read by a `PhotoDataset`.
     """
 
-    def __init__(self, csv_path: Union[str, Path], image_root: Union[str, Path], geocells: Any,
-                 transform: Callable):
+    def __init__(
+        self, csv_path: Union[str, Path], image_root: Union[str, Path], geocells: Any, transform: Callable
+    ):
         frame = read_metadata(csv_path)
         self.root = Path(image_root)
         if not self.root.is_dir():
@@ -97,16 +102,19 @@ def _checked(dataset: PhotoDataset, errors: Dict[int, str]) -> None:
     """Training reads only photos the data stage found; one that cannot be read stops the run, named."""
     if errors:
         index = min(errors)
-        raise ValueError(f"cannot read training photo {dataset.describe(index)}: {errors[index]} "
-                         f"({len(errors)} unreadable in this batch)")
+        raise ValueError(
+            f"cannot read training photo {dataset.describe(index)}: {errors[index]} "
+            f"({len(errors)} unreadable in this batch)"
+        )
 
 
 class Batches:
     """One process's batches, as ``(rows, inputs, labels, latlon)`` on the device, from a feature cache or a
     `PhotoTable` (decoded by DataLoader workers)."""
 
-    def __init__(self, source: Union[FeatureCache, PhotoTable], *, num_workers: int = 0,
-                 channels_last: bool = False):
+    def __init__(
+        self, source: Union[FeatureCache, PhotoTable], *, num_workers: int = 0, channels_last: bool = False
+    ):
         self.source = source
         self.num_workers = num_workers
         self.channels_last = channels_last
@@ -119,15 +127,23 @@ class Batches:
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         src = self.source
-        return (torch.from_numpy(rows), images, torch.from_numpy(src.labels[rows]).to(device),
-                torch.from_numpy(src.latlon[rows]).to(device))
+        return (
+            torch.from_numpy(rows),
+            images,
+            torch.from_numpy(src.labels[rows]).to(device),
+            torch.from_numpy(src.latlon[rows]).to(device),
+        )
 
     def _features(self, rows: np.ndarray, device) -> Batch:
         src = self.source
         rows = np.sort(rows)  # reads a memory-mapped cache in file order
         features = torch.from_numpy(np.asarray(src.features[rows], dtype=np.float32))
-        return (torch.from_numpy(rows), features.to(device), torch.from_numpy(src.labels[rows]).to(device),
-                torch.from_numpy(src.latlon[rows]).to(device))
+        return (
+            torch.from_numpy(rows),
+            features.to(device),
+            torch.from_numpy(src.labels[rows]).to(device),
+            torch.from_numpy(src.latlon[rows]).to(device),
+        )
 
     def iterate(self, batches: Sequence[np.ndarray], device) -> Iterator[Batch]:
         """Training batches: each of ``batches`` (rows) as one batch (training crops share one shape)."""
@@ -137,8 +153,12 @@ class Batches:
             return
         photos = self.source.photos
         loader = DataLoader(
-            photos, batch_sampler=[list(map(int, b)) for b in batches], num_workers=self.num_workers,
-            persistent_workers=False, pin_memory=device.type == "cuda", collate_fn=group_by_shape,
+            photos,
+            batch_sampler=[list(map(int, b)) for b in batches],
+            num_workers=self.num_workers,
+            persistent_workers=False,
+            pin_memory=device.type == "cuda",
+            collate_fn=group_by_shape,
         )
         for groups, errors in loader:
             _checked(photos, errors)
@@ -154,8 +174,13 @@ class Batches:
             return
         photos = self.source.photos
         batch: PhotoBatch
-        for batch in photo_batches(photos, batch_size=batch_size, workers=self.num_workers, indices=rows,
-                                   pin_memory=device.type == "cuda"):
+        for batch in photo_batches(
+            photos,
+            batch_size=batch_size,
+            workers=self.num_workers,
+            indices=rows,
+            pin_memory=device.type == "cuda",
+        ):
             _checked(photos, batch.errors)
             if len(batch):
                 yield self._images(batch.indices, batch.pixels, device)
@@ -181,8 +206,9 @@ def shard_files(pattern: str, what: str = "shards") -> List[str]:
         raise FileNotFoundError(f"{what} {pattern!r}: no shards (*.tar) found")
     absent = [u for u in urls if not Path(u).is_file()]
     if absent:
-        raise FileNotFoundError(f"{what} {pattern!r}: shard not found: {absent[0]} "
-                                f"({len(absent)} of {len(urls)} missing)")
+        raise FileNotFoundError(
+            f"{what} {pattern!r}: shard not found: {absent[0]} ({len(absent)} of {len(urls)} missing)"
+        )
     return urls
 
 
@@ -195,8 +221,18 @@ class ShardBatches:
     sample's labels are assigned from its coordinates by ``geocells`` and the stored ones are ignored.
     """
 
-    def __init__(self, shards: str, geocells: Any, transform: Callable, *, size: int, shuffle_buffer: int = 0,
-                 num_workers: int = 0, channels_last: bool = False, relabel: bool = False):
+    def __init__(
+        self,
+        shards: str,
+        geocells: Any,
+        transform: Callable,
+        *,
+        size: int,
+        shuffle_buffer: int = 0,
+        num_workers: int = 0,
+        channels_last: bool = False,
+        relabel: bool = False,
+    ):
         self.urls = shard_files(shards)
         self.counts = [shard_sample_count(u) for u in self.urls]
         self.relabel_with = geocells if relabel else None
@@ -207,12 +243,16 @@ class ShardBatches:
                 if meta is None:
                     continue
                 if "labels" not in meta:
-                    raise ValueError(f"shard {url} has no cell labels; write the shards with: geoswc data shards "
-                                     "--cells CELLS_DIR")
+                    raise ValueError(
+                        f"shard {url} has no cell labels; write the shards with: geoswc data shards "
+                        "--cells CELLS_DIR"
+                    )
                 if str(meta.get("fingerprint")) != expected:
-                    raise ValueError(f"shard {url} was labelled with partition {meta.get('fingerprint')!r} but "
-                                     f"the given cells have fingerprint {expected!r}; rewrite the shards with these "
-                                     "cells, pass the cells they were written with, or --relabel")
+                    raise ValueError(
+                        f"shard {url} was labelled with partition {meta.get('fingerprint')!r} but "
+                        f"the given cells have fingerprint {expected!r}; rewrite the shards with these "
+                        "cells, pass the cells they were written with, or --relabel"
+                    )
         self.transform, self.size = transform, size
         self.shuffle_buffer, self.num_workers, self.channels_last = shuffle_buffer, num_workers, channels_last
 
@@ -222,15 +262,30 @@ class ShardBatches:
     def batches_per_rank(self, batch_size: int, num_processes: int) -> int:
         return max(1, len(self) // (batch_size * num_processes))
 
-    def loader(self, *, batch_size: int, accelerator: Accelerator, seed: int = 0, epoch: int = 0,
-               train: bool = True, urls: Optional[Sequence[str]] = None, whole: bool = False):
+    def loader(
+        self,
+        *,
+        batch_size: int,
+        accelerator: Accelerator,
+        seed: int = 0,
+        epoch: int = 0,
+        train: bool = True,
+        urls: Optional[Sequence[str]] = None,
+        whole: bool = False,
+    ):
         """The DataLoader of this rank (``whole``: of all of ``urls``, for per-shard extraction)."""
         loader = shard_loader(
-            list(urls or self.urls), transform=self.transform, batch_size=batch_size,
-            num_workers=self.num_workers, rank=0 if whole else accelerator.process_index,
+            list(urls or self.urls),
+            transform=self.transform,
+            batch_size=batch_size,
+            num_workers=self.num_workers,
+            rank=0 if whole else accelerator.process_index,
             world_size=1 if whole else accelerator.num_processes,
             epoch_length=self.batches_per_rank(batch_size, accelerator.num_processes) if train else None,
-            shuffle_buffer=self.shuffle_buffer if train else 0, seed=seed, epoch=epoch, decode_target=self.size,
+            shuffle_buffer=self.shuffle_buffer if train else 0,
+            seed=seed,
+            epoch=epoch,
+            decode_target=self.size,
             pin_memory=accelerator.device.type == "cuda",
         )
         return loader if self.relabel_with is None else self._relabelled(loader)
@@ -250,8 +305,14 @@ class ShardBatches:
         for size in np.unique(sizes, axis=0):
             idx = np.flatnonzero((sizes == size).all(axis=1))
             h, w = int(size[0]), int(size[1])
-            yield idx, {"image": batch["image"][idx, :, :h, :w], "labels": batch["labels"][idx],
-                        "latlon": batch["latlon"][idx]}
+            yield (
+                idx,
+                {
+                    "image": batch["image"][idx, :, :h, :w],
+                    "labels": batch["labels"][idx],
+                    "latlon": batch["latlon"][idx],
+                },
+            )
 
     def to_device(self, batch: Dict[str, Any], device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         images = batch["image"].to(device, non_blocking=True)
@@ -259,8 +320,9 @@ class ShardBatches:
             images = images.contiguous(memory_format=torch.channels_last)
         return images, batch["labels"].to(device), batch["latlon"].to(device)
 
-    def epoch(self, accelerator: Accelerator, *, batch_size: int, seed: int, epoch: int,
-              skip: int) -> Iterator[Batch]:
+    def epoch(
+        self, accelerator: Accelerator, *, batch_size: int, seed: int, epoch: int, skip: int
+    ) -> Iterator[Batch]:
         """One training epoch of batches on the device, the first ``skip`` (done before a resume) read and
         dropped. The sample order depends only on ``(seed, epoch, rank, worker)``, so a resumed run sees the
         same remaining samples; the dropped batches are still decoded (the stream has no random access)."""
@@ -289,10 +351,18 @@ def epoch_batches(train: Source, accelerator: Accelerator, *, batch_size: int, s
 
     def batches(epoch: int, skip: int):
         if isinstance(train, ShardBatches):
-            return (train.batches_per_rank(batch_size, accelerator.num_processes),
-                    train.epoch(accelerator, batch_size=batch_size, seed=seed, epoch=epoch, skip=skip))
-        mine = rank_batches(len(train), batch_size, epoch=epoch, seed=seed,
-                            num_processes=accelerator.num_processes, process_index=accelerator.process_index)
+            return (
+                train.batches_per_rank(batch_size, accelerator.num_processes),
+                train.epoch(accelerator, batch_size=batch_size, seed=seed, epoch=epoch, skip=skip),
+            )
+        mine = rank_batches(
+            len(train),
+            batch_size,
+            epoch=epoch,
+            seed=seed,
+            num_processes=accelerator.num_processes,
+            process_index=accelerator.process_index,
+        )
         return len(mine), train.iterate(mine[skip:], accelerator.device)
 
     return batches
@@ -306,7 +376,9 @@ def head_of(accelerator: Accelerator, model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def predict(accelerator: Accelerator, model: nn.Module, source: Source, batch_size: int) -> Dict[str, np.ndarray]:
+def predict(
+    accelerator: Accelerator, model: nn.Module, source: Source, batch_size: int
+) -> Dict[str, np.ndarray]:
     """Predicted coordinates of every row, computed by rank and gathered (returned on every rank)."""
     head = head_of(accelerator, model)
     was_training = model.training
@@ -314,8 +386,16 @@ def predict(accelerator: Accelerator, model: nn.Module, source: Source, batch_si
     if isinstance(source, ShardBatches):
         items = source.eval_stream(accelerator, batch_size)
     else:
-        mine = rank_batches(len(source), batch_size, epoch=0, seed=0, num_processes=accelerator.num_processes,
-                            process_index=accelerator.process_index, shuffle=False, drop_last=False)
+        mine = rank_batches(
+            len(source),
+            batch_size,
+            epoch=0,
+            seed=0,
+            num_processes=accelerator.num_processes,
+            process_index=accelerator.process_index,
+            shuffle=False,
+            drop_last=False,
+        )
         rows_mine = np.concatenate(mine) if mine else np.zeros(0, np.int64)
         items = source.iterate_eval(rows_mine, batch_size, accelerator.device)
     rows, preds = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, 4, dtype=torch.float64)]
@@ -330,8 +410,9 @@ def predict(accelerator: Accelerator, model: nn.Module, source: Source, batch_si
     return {"rows": rows_all.cpu().numpy(), "latlon": values[:, :2], "true_latlon": values[:, 2:]}
 
 
-def validate(accelerator: Accelerator, model: nn.Module, source: Optional[Source],
-             batch_size: int) -> Dict[str, float]:
+def validate(
+    accelerator: Accelerator, model: nn.Module, source: Optional[Source], batch_size: int
+) -> Dict[str, float]:
     """Accuracy at the validation radii and the median error over ``source`` (empty without one)."""
     if source is None:
         return {}
@@ -345,8 +426,18 @@ def open_photos(photos: Photos, geocells: Any, backbone: nn.Module, cfg: Any, *,
     transform = build_image_transform(backbone, cfg.data, train=train)
     workers, channels_last = cfg.data.num_workers, cfg.train.channels_last
     if photos.shards is not None:
-        return ShardBatches(photos.shards, geocells, transform, size=cfg.data.image_size,
-                            shuffle_buffer=cfg.data.shuffle_buffer if train else 0, num_workers=workers,
-                            channels_last=channels_last, relabel=photos.relabel)
-    return Batches(PhotoTable(photos.csv, photos.images, geocells, transform), num_workers=workers,
-                   channels_last=channels_last)
+        return ShardBatches(
+            photos.shards,
+            geocells,
+            transform,
+            size=cfg.data.image_size,
+            shuffle_buffer=cfg.data.shuffle_buffer if train else 0,
+            num_workers=workers,
+            channels_last=channels_last,
+            relabel=photos.relabel,
+        )
+    return Batches(
+        PhotoTable(photos.csv, photos.images, geocells, transform),
+        num_workers=workers,
+        channels_last=channels_last,
+    )
