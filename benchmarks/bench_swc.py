@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 from sklearn.cluster import DBSCAN
 
-from geoswc.swc.cluster import EARTH_RADIUS_KM, largest_cluster_mean
+from geoswc.data.sphere import EARTH_RADIUS_KM
+from geoswc.swc.cluster import largest_cluster_mean
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 KM_PER_DEG_LAT = np.pi * EARTH_RADIUS_KM / 180

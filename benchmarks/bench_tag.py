@@ -89,7 +89,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="alternating timings of each; the best counts")
     args = parser.parse_args()
 
-    from geoswc.archive import load_photo
+    from geoswc.data.images import load_photo
     from geoswc.tag import resize_target, tag_photos
 
     if args.model:
@@ -126,14 +126,14 @@ def main() -> None:
             start = time.perf_counter()
             summary = tag_photos(
                 [str(folder)],
-                predictor,
-                str(out),
+                model=predictor,
+                out=str(out),
                 batch_size=args.batch_size,
                 workers=args.workers,
                 target=target,
             )
             e2e_s.append(time.perf_counter() - start)
-            assert summary.ok == args.photos, summary
+            assert summary["ok"] == args.photos, summary
 
     backbone, e2e = min(backbone_s), min(e2e_s)
     workers = args.workers if args.workers is not None else max(0, min(8, (os.cpu_count() or 1) - 1))
