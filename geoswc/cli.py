@@ -60,6 +60,13 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     return parser
 
 
+def describe_os_error(err: OSError) -> str:
+    """``err`` in one line: the reason and the file(s) it concerns."""
+    reason = err.strerror or str(err) or type(err).__name__
+    files = [str(f) for f in (err.filename, err.filename2) if f is not None]
+    return f"{reason}: {' -> '.join(files)}" if files else reason
+
+
 def close_process_group() -> None:
     """Tear down the ranks' process group at the end of a command (a no-op without one). A rank that exits with
     the group open can abort at interpreter shutdown ('terminate called without an active exception') while the
@@ -86,6 +93,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # Bad user input: one clear line, no traceback.
         print(f"geoswc {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        # The system refused (permission denied, disk full, a folder where a file was expected): one line
+        # naming the file, exit status 1.
+        print(f"geoswc {args.command}: error: {describe_os_error(err)}", file=sys.stderr)
+        return 1
     finally:
         close_process_group()
 
