@@ -64,11 +64,24 @@ class InfoNCEWithMemory(nn.Module):
         self.register_buffer("memory_ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("memory_count", torch.zeros((), dtype=torch.long))
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
         key = prefix + "memory_embeddings"
-        if key in state_dict and state_dict[key].shape != self.memory_embeddings.shape:
-            self.memory_embeddings = torch.zeros_like(state_dict[key], device=self.memory_embeddings.device)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        saved = state_dict.get(key)
+        if saved is not None and saved.shape != self.memory_embeddings.shape:
+            # The dimension is known once the memory is allocated; any other row count is a size mismatch.
+            if saved.dim() == 2 and (saved.shape[0] == self.memory_size or saved.numel() == 0):
+                self.memory_embeddings = torch.zeros_like(saved, device=self.memory_embeddings.device)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+        # A memory from a checkpoint is data: entries it says it holds must be there.
+        count, ptr = int(self.memory_count), int(self.memory_ptr)
+        rows = self.memory_embeddings.shape[0] if self.memory_embeddings.dim() == 2 else 0
+        if not (0 <= count <= self.memory_size and 0 <= ptr < max(self.memory_size, 1)) or (
+            count and rows == 0
+        ):
+            errors.append(
+                f"{prefix}memory: {count} entries at slot {ptr} do not fit a memory of {self.memory_size} "
+                f"holding {rows} rows"
+            )
 
     def memory(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """The stored entries, oldest first: ``(embeddings (M, D), labels (M,))`` with M <= memory_size."""

@@ -109,7 +109,9 @@ def fit_retrieval_module(
         optimizer, T_max=max(1, rc.epochs * steps_per_epoch)
     )
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    accelerator.register_for_checkpointing(criterion)  # the memory is training state
+    # The memory is training state: the engine's Checkpointer saves registered objects as tensors (never
+    # accelerate's save_state, whose pickles of registered objects are loaded with weights_only=False).
+    accelerator.register_for_checkpointing(criterion)
     unwrapped = accelerator.unwrap_model(model)
     if accelerator.is_main_process:
         logger.info(
