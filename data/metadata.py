@@ -20,6 +20,7 @@ import glob
 import logging
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple, Union
@@ -196,6 +197,72 @@ def standardize_locations(
     return out
 
 
+_FIELD_COUNT = re.compile(r"Expected (\d+) fields in line (\d+), saw (\d+)")
+
+
+def read_csv_text(path: PathLike, *, expected: str = "", **options) -> pd.DataFrame:
+    """Read a CSV file with a header as text, turning every way the file can be unreadable into one-line errors.
+
+    Values are read as str (``dtype=str``, no NA conversion) from UTF-8 (a byte-order mark is accepted). A row
+    with more fields than the header is an error wherever it is: pandas would otherwise take the extra fields
+    of a first such row as an index and silently shift every column.
+
+    Args:
+        path: the CSV file.
+        expected: what the file should hold, quoted when it is empty (e.g. ``"a header IMG_ID,LAT,LON"``).
+        **options: further `pandas.read_csv` options (e.g. ``skip_blank_lines``).
+
+    Returns:
+        The table, its index running from 0.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: a directory, an empty file, a row with more fields than the header, bytes that are not
+            UTF-8, or text pandas cannot parse (e.g. an unterminated quote); one line naming the file and,
+            where known, the line (1-based, the header is line 1).
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory, not a CSV file")
+    if not path.exists():
+        raise FileNotFoundError(f"no such file: {path}")
+    options = {"dtype": str, "keep_default_na": False, "encoding": "utf-8-sig", **options}
+    try:
+        frame = pd.read_csv(path, **options)
+        if not isinstance(frame.index, pd.RangeIndex):
+            # Read without a header, every row must have the header's field count: pandas names the line.
+            pd.read_csv(path, header=None, **options)
+            raise ValueError(f"{path}: line 2 has more fields than the header")
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{path}: empty file" + (f" (expected {expected})" if expected else "")) from None
+    except pd.errors.ParserError as err:
+        text = " ".join(str(err).split())
+        fields = _FIELD_COUNT.search(text)
+        if fields:
+            expected_fields, line, seen = fields.groups()
+            message = f"line {line} has {seen} fields, the header has {expected_fields}"
+        else:
+            message = f"not a readable CSV file ({text.replace('Error tokenizing data. C error: ', '')})"
+        raise ValueError(f"{path}: {message}") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: {_undecodable(path, err)}") from None
+    return frame
+
+
+def _undecodable(path: Path, err: UnicodeDecodeError) -> str:
+    """Where a file stops being UTF-8 text: the decoder's position is in pandas' buffer, so find the line."""
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as bad:
+                return (
+                    f"line {number}: byte 0x{line[bad.start]:02x} at position {bad.start + 1} is not UTF-8 "
+                    "text (save the file as UTF-8)"
+                )
+    return f"not UTF-8 text ({err.reason}); save the file as UTF-8"
+
+
 def read_locations(
     path: PathLike, *, allow_empty: bool = False, keep_columns: bool = False, unique: str = "photo"
 ) -> pd.DataFrame:
@@ -215,21 +282,13 @@ def read_locations(
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: an empty or unreadable file, or a table that fails `standardize_locations`.
+        ValueError: a file `read_csv_text` cannot read (a directory, an empty file, a row with more fields than
+            the header, bytes that are not UTF-8, broken quoting), or a table that fails
+            `standardize_locations`; the message is one line naming the file and, where known, the line.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such file: {path}")
-    try:
-        frame = pd.read_csv(
-            path, dtype=str, keep_default_na=False, skip_blank_lines=False, encoding="utf-8-sig"
-        )
-    except pd.errors.EmptyDataError:
-        raise ValueError(
-            f"{path}: empty file (expected a header IMG_ID,LAT,LON and one row per photo)"
-        ) from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not a readable CSV file ({err})") from None
+    frame = read_csv_text(
+        path, expected="a header IMG_ID,LAT,LON and one row per photo", skip_blank_lines=False
+    )
     lines = np.arange(2, len(frame) + 2)
     if len(frame.columns):
         # A blank line reads as a row whose first field is empty; only those rows need the full check.
@@ -264,8 +323,9 @@ def read_metadata(path: PathLike) -> pd.DataFrame:
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: a required column is missing, an id is empty or repeated, or a coordinate is missing or
-            out of range; the message names the file, the line and the column.
+        ValueError: the file is not a readable CSV (see `read_locations`), a required column is missing, an
+            id is empty or repeated, or a coordinate is missing or out of range; the message names the file,
+            the line and the column.
     """
     return read_locations(path, allow_empty=True, keep_columns=True, unique="id")
 
@@ -346,19 +406,170 @@ def expand_globs(patterns: Iterable[PathLike]) -> List[Path]:
     return files
 
 
-def iter_msgpack_records(paths: Sequence[PathLike]) -> Iterator[Tuple[str, bytes]]:
-    """Yield ``(IMG_ID, JPEG bytes)`` from GeoEstimation msgpack shards (records ``{"image", "id"}``).
+# GeoEstimation writes each record as a small map whose first key is "image" or "id": after bytes that are not
+# msgpack, reading resumes at the next place where such a map starts.
+_RECORD_START = re.compile(rb"[\x81-\x8f](?:\xa5image|\xa2id)")
+_MSGPACK_MAX_BUFFER = 1 << 30
+_RESYNC_CHUNK = 1 << 20
 
-    A truncated shard ends its own iteration with a warning instead of stopping the job.
+
+@dataclass(frozen=True)
+class MsgpackRecord:
+    """One record of a GeoEstimation msgpack file, usable or not.
+
+    Attributes:
+        position: 0-based index of the record among the records read from its file.
+        img_id: the record's ``id`` as str (an int id is converted); None when it has none that names a photo.
+        image: the photo's encoded bytes; None when the record is malformed.
+        problem: why the record is malformed, e.g. ``"image is int, not bytes"``; None for a usable record.
+    """
+
+    position: int
+    img_id: Optional[str]
+    image: Optional[bytes]
+    problem: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class MsgpackFileError:
+    """Why part of a msgpack file could not be read.
+
+    ``reason`` is ``"unreadable"`` (the file cannot be opened, or an I/O error stopped reading), ``"truncated"``
+    (the file ends inside a record) or ``"damaged"`` (bytes that are not msgpack records, skipped); ``detail``
+    says where.
+    """
+
+    reason: str
+    detail: str
+
+
+def _kind(value: object) -> str:
+    return "None" if value is None else type(value).__name__
+
+
+def _os_reason(err: OSError) -> str:
+    return err.strerror or str(err)
+
+
+def _msgpack_record(position: int, obj: object) -> MsgpackRecord:
+    """Check one decoded object against the record format ``{"image": bytes, "id": str}``."""
+    if not isinstance(obj, dict):
+        return MsgpackRecord(position, None, None, f"not a map but {_kind(obj)}")
+    img_id, problem = obj.get("id"), None
+    if "id" not in obj:
+        problem = "no 'id'"
+    elif isinstance(img_id, bool) or not isinstance(img_id, (str, int)):
+        problem = f"id is {_kind(img_id)}, not str"
+    elif not str(img_id).strip():
+        problem = "empty id"
+    img_id = None if problem else str(img_id)
+    image = obj.get("image")
+    if problem is None and "image" not in obj:
+        problem = "no 'image'"
+    elif problem is None and not isinstance(image, bytes):
+        # Never bytes(image): an int would be taken as a size to allocate.
+        problem = f"image is {_kind(image)}, not bytes"
+    return MsgpackRecord(position, img_id, None if problem else image, problem)
+
+
+class MsgpackReader:
+    """The records of one GeoEstimation msgpack file, read past every damage that leaves records to read.
+
+    Iterating yields a `MsgpackRecord` for every object that decodes, usable or malformed. Bytes that are not
+    msgpack (or a record cut short in the middle of the file) are skipped up to the next place a record starts;
+    a file that ends inside a record is truncated after its last complete record; a file that cannot be opened
+    or fails with an I/O error yields what was read before. Each of these is logged and listed in ``errors``
+    (`MsgpackFileError`); ``records`` counts the records yielded.
+    """
+
+    def __init__(self, path: PathLike):
+        self.path = Path(path)
+        self.errors: List[MsgpackFileError] = []
+        self.records = 0
+
+    def _error(self, reason: str, detail: str) -> None:
+        logger.warning("%s: %s: %s", self.path, reason, detail)
+        self.errors.append(MsgpackFileError(reason, detail))
+
+    def __iter__(self) -> Iterator[MsgpackRecord]:
+        self.errors, self.records = [], 0
+        try:
+            mode = os.stat(self.path).st_mode
+            if not stat.S_ISREG(mode):  # a FIFO would block the job forever, a device never end
+                kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+                self._error("unreadable", f"cannot open: {kind}")
+                return
+            f = open(self.path, "rb")
+        except OSError as err:
+            self._error("unreadable", f"cannot open: {_os_reason(err)}")
+            return
+        with f:
+            size = os.fstat(f.fileno()).st_size
+            start = 0
+            while True:
+                try:
+                    f.seek(start)
+                    unpacker = msgpack.Unpacker(
+                        f,
+                        raw=False,
+                        strict_map_key=False,  # a map with other keys is a malformed record, not the file's end
+                        unicode_errors="surrogateescape",
+                        max_buffer_size=_MSGPACK_MAX_BUFFER,
+                    )
+                    end, failure = start, None
+                    while True:
+                        try:
+                            obj = next(unpacker)
+                        except StopIteration:
+                            break
+                        except (ValueError, TypeError, msgpack.UnpackException) as err:
+                            failure = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+                            break
+                        end = start + unpacker.tell()
+                        yield _msgpack_record(self.records, obj)
+                        self.records += 1
+                    if failure is None and end >= size:
+                        return
+                    resume = _find_record_start(f, end + 1)
+                except OSError as err:
+                    self._error("unreadable", f"I/O error after {self.records} records: {_os_reason(err)}")
+                    return
+                if resume is None:
+                    if failure is None:
+                        self._error("truncated", f"ends inside a record at byte {end} of {size}")
+                    else:
+                        self._error("damaged", f"bytes {end}-{size} are not msgpack records ({failure})")
+                    return
+                what = failure or "an incomplete record"
+                self._error("damaged", f"bytes {end}-{resume} are not msgpack records ({what}); skipped")
+                start = resume
+
+
+def _find_record_start(f, offset: int) -> Optional[int]:
+    """The offset of the first record start at or after ``offset`` in the open file ``f``, or None."""
+    overlap = 6  # a record start is at most 7 bytes: keep enough to find one across two chunks
+    f.seek(offset)
+    carry, base = b"", offset
+    while True:
+        chunk = f.read(_RESYNC_CHUNK)
+        if not chunk:
+            return None
+        buffer = carry + chunk
+        match = _RECORD_START.search(buffer)
+        if match:
+            return base - len(carry) + match.start()
+        carry, base = buffer[-overlap:], base + len(chunk)
+
+
+def iter_msgpack_records(paths: Sequence[PathLike]) -> Iterator[Tuple[str, bytes]]:
+    """Yield ``(IMG_ID, image bytes)`` of every usable record of GeoEstimation msgpack shards (``{"image", "id"}``).
+
+    Malformed records (no id, an image that is not bytes, not a map) are skipped with a warning; damaged,
+    truncated and unreadable files yield what `MsgpackReader` recovers from them. `MsgpackReader` reports both.
     """
     for path in paths:
-        with open(path, "rb") as f:
-            unpacker = msgpack.Unpacker(f, raw=False, max_buffer_size=1 << 30)
-            try:
-                for record in unpacker:
-                    if not isinstance(record, dict) or "id" not in record or "image" not in record:
-                        logger.warning("%s: skipping a record without 'id' and 'image'", path)
-                        continue
-                    yield str(record["id"]), bytes(record["image"])
-            except (msgpack.OutOfData, msgpack.ExtraData, ValueError) as err:
-                logger.warning("%s: shard ends early (%s)", path, err)
+        for record in MsgpackReader(path):
+            if record.problem is not None:
+                logger.warning("%s: record %d skipped: %s", path, record.position, record.problem)
+                continue
+            yield record.img_id, record.image

@@ -9,6 +9,14 @@ The job is cut into *units* fixed by the inputs alone: ``samples_per_shard`` con
 folder) or one msgpack file. A unit writes its shards under temporary names, renames them into place and then
 records itself in ``_progress/``; a rerun skips recorded units and redoes the rest from scratch, so a killed job
 finishes without duplicates or gaps. ``summary.json`` is rebuilt from the records at the end.
+
+No single bad input stops the job: a photo that is missing, unreadable (permission denied, an I/O error) or
+corrupt, a msgpack record that is malformed or repeats a photo, and a msgpack file that is truncated, damaged
+or unreadable are each counted in the summary with a reason. A unit that met an unreadable photo or a
+truncated, damaged or unreadable msgpack file is redone by the next rerun (the condition may have passed, the
+file may have been replaced).
+Msgpack units see only their own file, so photos held by several files are settled after all units: the
+first copy written wins and later copies are dropped from their shards (idempotent, so reruns agree).
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ import tarfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import pandas as pd
@@ -36,7 +44,7 @@ from .images import (
     read_bytes,
     resize_short_side,
 )
-from .metadata import Exclusions, iter_msgpack_records
+from .metadata import Exclusions, MsgpackReader
 
 logger = logging.getLogger(__name__)
 
@@ -149,40 +157,169 @@ def _folder_unit(args: Tuple[_Job, int, np.ndarray]) -> dict:
     for row in rows:
         img_id = _TABLE["ids"][row]
         try:
-            jpeg = _encode_sample(read_bytes(root / img_id), job.resize, job.quality)
+            data = read_bytes(root / img_id)
         except ImageMissingError as err:
             skipped.append({"id": img_id, "reason": "missing", "detail": err.reason})
             continue
-        except ImageDecodeError as err:
-            skipped.append({"id": img_id, "reason": "corrupt", "detail": err.reason})
-            continue
-        sink.add(f"{row:010d}", jpeg, _meta(row, job))
-    return _finish_unit(job, unit, sink.commit(), skipped, {})
-
-
-def _msgpack_unit(args: Tuple[_Job, int, str]) -> dict:
-    job, index, path = args
-    unit = f"m{index:05d}"
-    sink = _ShardSink(job, unit)
-    skipped, seen, unlisted, excluded = [], [], 0, 0
-    row_of: Dict[str, int] = _TABLE["row_of"]
-    keep: np.ndarray = _TABLE["keep"]
-    for position, (img_id, data) in enumerate(iter_msgpack_records([path])):
-        row = row_of.get(img_id)
-        if row is None:
-            unlisted += 1
-            continue
-        seen.append(int(row))
-        if not keep[row]:
-            excluded += 1
+        except OSError as err:  # permission denied, an I/O error: skipped here, retried by a rerun
+            skipped.append({"id": img_id, "reason": "unreadable", "detail": err.strerror or str(err)})
             continue
         try:
             jpeg = _encode_sample(data, job.resize, job.quality)
         except ImageDecodeError as err:
             skipped.append({"id": img_id, "reason": "corrupt", "detail": err.reason})
             continue
-        sink.add(f"{index:05d}{position:07d}", jpeg, _meta(row, job))
-    return _finish_unit(job, unit, sink.commit(), skipped, {"seen_rows": seen, "unlisted": unlisted})
+        sink.add(f"{row:010d}", jpeg, _meta(row, job))
+    retry = any(s["reason"] == "unreadable" for s in skipped)
+    return _finish_unit(job, unit, sink.commit(), skipped, {"retry": retry})
+
+
+def _msgpack_unit(args: Tuple[_Job, int, str]) -> dict:
+    """Write the photos of one msgpack file; every record lands in one outcome.
+
+    Records that name no photo (malformed id) go to ``skipped``, those whose id is not in the metadata are
+    counted as ``unlisted``, and every other one is listed as ``[position, row, outcome, detail]`` with outcome
+    ``written``, ``excluded``, ``duplicate`` (the photo was written or excluded by an earlier record of this
+    file), ``malformed`` (no image bytes) or ``corrupt``, for `_settle_msgpack` to settle across files.
+    """
+    job, index, path = args
+    unit = f"m{index:05d}"
+    sink = _ShardSink(job, unit)
+    row_of: Dict[str, int] = _TABLE["row_of"]
+    keep: np.ndarray = _TABLE["keep"]
+    name = Path(path).name
+    skipped: List[dict] = []
+    listed: List[list] = []
+    settled: Set[int] = set()
+    unlisted = 0
+    reader = MsgpackReader(path)
+    for record in reader:
+        if record.img_id is None:
+            where = f"{name} record {record.position}: {record.problem}"
+            skipped.append({"id": None, "reason": "malformed", "detail": where})
+            continue
+        row = row_of.get(record.img_id)
+        if row is None:
+            unlisted += 1
+            continue
+        outcome, detail = "written", None
+        if row in settled:
+            outcome = "duplicate"
+        elif not keep[row]:
+            outcome = "excluded"
+        elif record.problem is not None:
+            outcome, detail = "malformed", record.problem
+        else:
+            try:
+                jpeg = _encode_sample(record.image, job.resize, job.quality)
+            except ImageDecodeError as err:
+                outcome, detail = "corrupt", err.reason
+            else:
+                sink.add(f"{index:05d}{record.position:07d}", jpeg, _meta(row, job))
+        if outcome in ("written", "excluded"):
+            settled.add(row)
+        listed.append([record.position, int(row), outcome, detail])
+    file_errors = [{"file": str(path), "reason": e.reason, "detail": e.detail} for e in reader.errors]
+    extra = {
+        "records": reader.records,
+        "unlisted": unlisted,
+        "listed": listed,
+        "file_errors": file_errors,
+        "retry": bool(file_errors),
+    }
+    return _finish_unit(job, unit, sink.commit(), skipped, extra)
+
+
+def _drop_samples(path: Path, keys: Set[str]) -> None:
+    """Rewrite the shard ``path`` without the samples ``keys``; a shard left empty is removed.
+
+    A no-op when the shard holds none of them (a rerun after an earlier settlement).
+    """
+    if not path.exists():
+        return
+    with tarfile.open(path, "r:") as tar:
+        names = tar.getnames()
+    kept = [n for n in names if n.split(".", 1)[0] not in keys]
+    if len(kept) == len(names):
+        return
+    if not kept:
+        path.unlink()
+        return
+    tmp = path.with_suffix(".tar.tmp")
+    with tarfile.open(path, "r:") as src, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as dst:
+        for member in src:
+            if member.isfile() and member.name.split(".", 1)[0] not in keys:
+                _add(dst, member.name, src.extractfile(member).read())
+    os.replace(tmp, path)
+
+
+def _settle_msgpack(
+    out: Path, job: _Job, paths: List[str], records: List[dict], by_author: np.ndarray
+) -> dict:
+    """Count every msgpack record once across files and drop copies of a photo another file already gave.
+
+    In file order, the first record of a photo that is written or excluded settles it; every later record of
+    it is a duplicate, and a later copy its unit wrote is dropped from its shard. Malformed and corrupt copies
+    settle nothing, so a good copy after them is still written.
+
+    Returns:
+        The per-record counts, ``skipped`` entries, the final ``shards`` and the ``seen`` mask of metadata rows
+        that some record names.
+    """
+    ids = _TABLE["ids"]
+    n = len(ids)
+    settled_file = np.full(n, -1, dtype=np.int64)
+    settled_position = np.zeros(n, dtype=np.int64)
+    seen = np.zeros(n, dtype=bool)
+    kinds = (
+        "written",
+        "skipped_corrupt",
+        "skipped_malformed",
+        "skipped_duplicate",
+        "excluded_author",
+        "excluded_id",
+    )
+    counts = dict.fromkeys(kinds, 0)
+    skipped: List[dict] = []
+    shards: List[dict] = []
+    for index, (path, record) in enumerate(zip(paths, records)):
+        name = Path(path).name
+        counts["skipped_malformed"] += len(record["skipped"])
+        skipped += record["skipped"]
+        drop: Dict[int, Set[str]] = {}
+        n_written = 0
+        for position, row, outcome, detail in record["listed"]:
+            seen[row] = True
+            where = f"{name} record {position}"
+            if outcome == "written":
+                shard = n_written // job.samples_per_shard
+                n_written += 1
+            if outcome != "duplicate" and settled_file[row] >= 0:
+                if outcome == "written":
+                    drop.setdefault(shard, set()).add(f"{index:05d}{position:07d}")
+                outcome = "duplicate"
+            if outcome == "duplicate":
+                first = f"{Path(paths[settled_file[row]]).name} record {settled_position[row]}"
+                skipped.append(
+                    {"id": ids[row], "reason": "duplicate", "detail": f"{where}: already in {first}"}
+                )
+                counts["skipped_duplicate"] += 1
+            elif outcome == "written":
+                settled_file[row], settled_position[row] = index, position
+                counts["written"] += 1
+            elif outcome == "excluded":
+                settled_file[row], settled_position[row] = index, position
+                counts["excluded_author" if by_author[row] else "excluded_id"] += 1
+            else:
+                skipped.append({"id": ids[row], "reason": outcome, "detail": f"{where}: {detail}"})
+                counts[f"skipped_{outcome}"] += 1
+        for shard, entry in enumerate(record["shards"]):
+            if shard in drop:
+                _drop_samples(out / entry["name"], drop[shard])
+            count = entry["count"] - len(drop.get(shard, ()))
+            if count:
+                shards.append({"name": entry["name"], "count": count})
+    return {**counts, "skipped": skipped, "shards": shards, "seen": seen}
 
 
 def _check_settings(out: Path, settings: dict) -> None:
@@ -221,7 +358,8 @@ def write_shards(
         out_dir: output folder (created).
         images_root: folder holding ``IMG_ID`` paths. Exactly one of this and ``msgpack_paths``.
         msgpack_paths: GeoEstimation msgpack shards, records ``{"image", "id"}``; records whose id is not in
-            ``metadata`` are counted as ``skipped_unlisted``.
+            ``metadata`` are counted as ``skipped_unlisted``, repeated photos as ``skipped_duplicate``, records
+            without an id or image bytes as ``skipped_malformed``.
         labeler: ``(lat, lon) -> (N, n_granularities)`` int64 cell_idx labels, coarse -> fine (e.g.
             ``Geocells.assign``); stored with ``fingerprint`` in every sample's JSON.
         fingerprint: identifies the partition behind ``labeler``; required with it.
@@ -233,9 +371,13 @@ def write_shards(
         progress: show a progress bar.
 
     Returns:
-        The summary: ``written``, ``skipped_corrupt``, ``skipped_missing``, ``excluded_author``,
-        ``excluded_id`` (+ ``skipped_unlisted`` for msgpack input), ``shards`` (name and count), ``skipped``
-        (id, reason, detail) and the settings.
+        The summary: ``written``, ``skipped_corrupt``, ``skipped_missing``, ``skipped_unreadable``,
+        ``excluded_author``, ``excluded_id``; for msgpack input also ``records`` (read from the files, each in
+        exactly one of ``written``, ``skipped_corrupt``, ``skipped_malformed``, ``skipped_duplicate``,
+        ``skipped_unlisted``, ``excluded_author``, ``excluded_id``), ``truncated_files``, ``damaged_files``,
+        ``unreadable_files`` and ``file_errors`` (file, reason, detail); then ``shards`` (name and count),
+        ``skipped`` (id, reason, detail) and the settings. For a folder, ``written``, the ``skipped_*`` counts
+        and the ``excluded_*`` counts add up to the metadata rows.
     """
     if (images_root is None) == (msgpack_paths is None):
         raise ValueError("give exactly one image source: images_root (a folder) or msgpack_paths")
@@ -296,8 +438,16 @@ def write_shards(
     todo = []
     for name, args in units:
         marker = out / PROGRESS_DIR / f"{name}.json"
-        if marker.exists():
-            records[name] = json.loads(marker.read_text())
+        record = json.loads(marker.read_text()) if marker.exists() else None
+        # Redo a unit that met an unreadable or damaged file, or whose record predates per-record accounting.
+        if record is not None and (record.get("retry") or (images_root is None and "listed" not in record)):
+            logger.info("redoing unit %s (unreadable or damaged input last time)", name)
+            marker.unlink()
+            for shard in record["shards"]:
+                (out / shard["name"]).unlink(missing_ok=True)
+            record = None
+        if record is not None:
+            records[name] = record
         else:
             todo.append((name, args))
     if records:
@@ -327,33 +477,48 @@ def write_shards(
     bar.close()
 
     ordered = [records[name] for name, _ in units]
-    skipped = [s for r in ordered for s in r["skipped"]]
-    summary = {
-        "written": sum(r["written"] for r in ordered),
-        "skipped_corrupt": sum(s["reason"] == "corrupt" for s in skipped),
-        "skipped_missing": sum(s["reason"] == "missing" for s in skipped),
-        "excluded_author": int(by_author.sum()),
-        "excluded_id": int(by_id.sum()),
-    }
-    if msgpack_paths is not None:
-        seen = np.zeros(n, dtype=bool)
-        for r in ordered:
-            seen[r["seen_rows"]] = True
-        never = np.flatnonzero(~seen & keep)
-        skipped += [
-            {"id": _TABLE["ids"][row], "reason": "missing", "detail": "not in any msgpack shard"}
-            for row in never
-        ]
-        summary["skipped_missing"] = len(never)
-        summary["skipped_unlisted"] = sum(r["unlisted"] for r in ordered)
-        # Excluded photos count only when the shards actually hold them.
-        summary["excluded_author"] = int((by_author & seen).sum())
-        summary["excluded_id"] = int((by_id & seen).sum())
-    summary.update(
-        shards=[s for r in ordered for s in r["shards"]],
-        skipped=skipped,
-        settings=settings,
-    )
+    if images_root is not None:
+        skipped = [s for r in ordered for s in r["skipped"]]
+        summary = {
+            "written": sum(r["written"] for r in ordered),
+            "skipped_corrupt": sum(s["reason"] == "corrupt" for s in skipped),
+            "skipped_missing": sum(s["reason"] == "missing" for s in skipped),
+            "skipped_unreadable": sum(s["reason"] == "unreadable" for s in skipped),
+            "excluded_author": int(by_author.sum()),
+            "excluded_id": int(by_id.sum()),
+        }
+        shards = [s for r in ordered for s in r["shards"]]
+    else:
+        settled = _settle_msgpack(out, job, paths, ordered, by_author)
+        skipped, shards = settled["skipped"], settled["shards"]
+        never = np.flatnonzero(~settled["seen"] & keep)
+        file_errors = [e for r in ordered for e in r["file_errors"]]
+        detail = "not in any msgpack shard"
+        if file_errors:
+            detail = f"not in any record read ({len(file_errors)} problems in msgpack files: see file_errors)"
+        skipped += [{"id": _TABLE["ids"][row], "reason": "missing", "detail": detail} for row in never]
+
+        def files_with(reason: str) -> int:
+            return len({e["file"] for e in file_errors if e["reason"] == reason})
+
+        summary = {
+            "written": settled["written"],
+            "skipped_corrupt": settled["skipped_corrupt"],
+            "skipped_missing": len(never),
+            "skipped_unreadable": 0,  # a record cannot be unreadable; its file can (unreadable_files)
+            # Excluded photos count only when the shards actually hold them.
+            "excluded_author": settled["excluded_author"],
+            "excluded_id": settled["excluded_id"],
+            "records": sum(r["records"] for r in ordered),
+            "skipped_unlisted": sum(r["unlisted"] for r in ordered),
+            "skipped_duplicate": settled["skipped_duplicate"],
+            "skipped_malformed": settled["skipped_malformed"],
+            "truncated_files": files_with("truncated"),
+            "damaged_files": files_with("damaged"),
+            "unreadable_files": files_with("unreadable"),
+            "file_errors": file_errors,
+        }
+    summary.update(shards=shards, skipped=skipped, settings=settings)
     tmp = out / (SUMMARY + ".tmp")
     tmp.write_text(json.dumps(summary, indent=2))
     os.replace(tmp, out / SUMMARY)

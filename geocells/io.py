@@ -12,7 +12,7 @@ from typing import Optional, Tuple, Union
 import numpy as np
 import pandas as pd
 
-from geoswc.data.metadata import COLUMN_ALIASES
+from geoswc.data.metadata import COLUMN_ALIASES, read_csv_text
 
 LAT_COLUMNS = COLUMN_ALIASES["LAT"]
 LON_COLUMNS = COLUMN_ALIASES["LON"]
@@ -28,7 +28,7 @@ def _pick_column(path: Path, columns, requested: Optional[str], candidates, what
         if name.casefold() in by_case:
             return by_case[name.casefold()]
     raise ValueError(
-        f"{path}: no {what} column found; expected one of {', '.join(candidates)} (or pass the name explicitly); "
+        f"{path}: no {what} column found; expected one of {', '.join(candidates)} in any case (or pass the name explicitly); "
         f"columns are: {', '.join(columns)}"
     )
 
@@ -66,16 +66,14 @@ def read_coordinates(
 
     Raises:
         FileNotFoundError: if ``path`` does not exist.
-        ValueError: on a missing column, an empty file, a non-numeric or an out-of-range value, naming the
-            file, the row and the column.
+        ValueError: on a file that is not a readable CSV (a directory, an empty file, a row with more fields
+            than the header, bytes that are not UTF-8: see `geoswc.data.metadata.read_csv_text`), a missing
+            column, a non-numeric or an out-of-range value; one line naming the file, the row and the column.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"coordinates file not found: {path}")
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except pd.errors.EmptyDataError:
-        raise ValueError(f"{path}: the file is empty") from None
+    df = read_csv_text(path, expected="a header with latitude and longitude columns")
     if df.empty:
         raise ValueError(f"{path}: the file has a header but no rows")
     columns = [str(c) for c in df.columns]

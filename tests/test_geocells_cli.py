@@ -77,7 +77,7 @@ def test_cells_assign_adds_class_label(test_data, tmp_path, capsys):
 @pytest.mark.parametrize(
     "content, args, message",
     [
-        ("x,y\n1,2\n", [], "no latitude column found; expected one of LAT, lat, latitude"),
+        ("x,y\n1,2\n", [], "no latitude column found; expected one of LAT, latitude in any case"),
         ("LAT,LON\n1,2\n", ["--lat-col", "Y"], "no latitude column 'Y'; columns are: LAT, LON"),
         ("LAT,LON\n1,2\nabc,3\n", [], "row 2 (line 3), column 'LAT': 'abc' is not a number"),
         ("LAT,LON\n1,2\n10,181\n", [], "row 2 (line 3), column 'LON': '181' is outside [-180, 180]"),

@@ -50,13 +50,26 @@ def _shards(args: argparse.Namespace) -> int:
         quality=args.quality,
         workers=args.workers,
     )
-    counts = ", ".join(
-        f"{key} {summary[key]}"
-        for key in ("written", "skipped_corrupt", "skipped_missing", "excluded_author", "excluded_id")
-    )
+    keys = [
+        "written",
+        "skipped_corrupt",
+        "skipped_missing",
+        "skipped_unreadable",
+        "excluded_author",
+        "excluded_id",
+    ]
+    if args.msgpack:
+        keys += ["skipped_unlisted", "skipped_duplicate", "skipped_malformed"]
+        keys += [k for k in ("truncated_files", "damaged_files", "unreadable_files") if summary.get(k)]
+    counts = ", ".join(f"{key} {summary[key]}" for key in keys if key in summary)
     print(
         f"{len(summary['shards'])} shards in {args.out}: {counts}; details in {Path(args.out) / 'summary.json'}"
     )
+    if summary.get("file_errors"):
+        print(
+            f"{len(summary['file_errors'])} problems in msgpack files (file_errors in summary.json); "
+            "a rerun reads those files again"
+        )
     return 0
 
 
