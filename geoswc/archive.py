@@ -1,13 +1,17 @@
 """Published positions: the precisions a tag run may round to, and JPEG copies carrying the GPS position in
-their EXIF (`write_gps_exif`); originals are only ever opened for reading. Finding and decoding the photos is
-`geoswc.data.images`.
+their EXIF (`write_gps_exif`); originals are only ever opened for reading, and an existing file is replaced
+only when asked. Finding and decoding the photos is `geoswc.data.images`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
 import logging
 import os
+import stat
+import tempfile
 from fractions import Fraction
 from typing import Iterable, Optional, Tuple
 
@@ -77,18 +81,30 @@ def gps_ifd(lat: float, lon: float, *, precision: str = "exact") -> dict:
     }
 
 
-def write_gps_exif(source: str, dest: str, lat: float, lon: float, *, precision: str = "exact") -> None:
+def write_gps_exif(
+    source: str, dest: str, lat: float, lon: float, *, precision: str = "exact", overwrite: bool = False
+) -> bool:
     """Write a copy of the JPEG ``source`` to ``dest`` with its GPS EXIF set to ``(lat, lon)``.
 
-    The image data is copied byte for byte (no re-encoding); other EXIF fields are kept. The copy is written
-    to a temporary name and renamed, so ``dest`` is either absent or complete.
+    The image data is copied byte for byte (no re-encoding); other EXIF fields are kept, and so is the file
+    mode of ``source``. The copy is written to a temporary file of an unpredictable name in ``dest``'s folder
+    (removed on any failure) and then put in place, so ``dest`` is either absent or complete. An existing
+    ``dest`` (a file, or a symlink, which is never followed) is kept unless ``overwrite``.
+
+    Returns:
+        True when the copy was written, False when ``dest`` existed and was kept.
 
     Raises:
-        PhotoError: the source is not a JPEG or its EXIF cannot be rewritten.
+        PhotoError: the source is not a readable JPEG or its EXIF cannot be rewritten.
+        OSError: the copy cannot be written (``filename`` is the file concerned).
     """
     data = read_photo_bytes(source)
     if sniff(data[:SNIFF_BYTES]) != "JPEG":
         raise PhotoError("EXIF copies are written for JPEG photos only")
+    try:
+        mode = stat.S_IMODE(os.stat(source).st_mode) & 0o777
+    except OSError as err:
+        raise PhotoError(f"unreadable: {err.strerror or err}") from None
     try:
         exif = piexif.load(data)
     except Exception:  # piexif raises bare ValueError/struct.error/... on damaged EXIF; start afresh then
@@ -105,8 +121,40 @@ def write_gps_exif(source: str, dest: str, lat: float, lon: float, *, precision:
         piexif.insert(blob, data, out)
     except Exception as err:
         raise PhotoError(f"cannot write EXIF: {err}") from None
-    os.makedirs(os.path.dirname(dest) or os.curdir, exist_ok=True)
-    tmp = f"{dest}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(out.getvalue())
+    if not overwrite and os.path.lexists(dest):
+        return False
+    folder = os.path.dirname(dest) or os.curdir
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(dest)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(out.getvalue())
+        os.chmod(tmp, mode)
+        return _put_in_place(tmp, dest, overwrite=overwrite)
+    except OSError as err:
+        if err.filename is None or err.filename == tmp:
+            err.filename = dest  # the temporary name means nothing to the user
+        raise
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+
+
+def _put_in_place(tmp: str, dest: str, *, overwrite: bool) -> bool:
+    """Rename ``tmp`` to ``dest``; without ``overwrite`` an existing ``dest`` is kept (False)."""
+    if overwrite:
+        os.replace(tmp, dest)
+        return True
+    try:
+        os.link(tmp, dest)  # fails, atomically, when dest exists
+        return True
+    except FileExistsError:
+        return False
+    except OSError as err:
+        if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+            raise
+    # A file system without hard links: check, then rename.
+    if os.path.lexists(dest):
+        return False
     os.replace(tmp, dest)
+    return True

@@ -7,6 +7,11 @@ runs the model on the previous batch; rows are flushed after every batch, and ``
 interrupted run. Under ``accelerate launch -m geoswc.tag ...`` the photos are split by rank and rank 0 merges
 one output.
 
+A run holds a lock on its output (``OUT.lock``) and records what it was started with (``OUT.run.json``: the
+model, precision, head, EXIF folder and predict options); ``resume`` refuses an output started otherwise, and
+matches photos by their real path, so ``archive/`` and ``/home/me/archive/`` are the same photos. EXIF copies
+never go into the inputs' folders and never replace an existing file unless ``overwrite``.
+
 `tag_photos` takes a model folder, a `Geolocator`, or any predictor with ``transform`` (image -> (3, H, W)
 tensor) and ``predict_batch(pixels) -> list of dicts`` (``lat``, ``lon``, ``method``, ``cell_token``,
 ``cell_probability``, ``confidence``).
@@ -15,15 +20,18 @@ tensor) and ``predict_batch(pixels) -> list of dicts`` (``lat``, ``lon``, ``meth
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
 from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
 from torchvision import transforms as T
 from tqdm.auto import tqdm
 
@@ -31,23 +39,32 @@ from geoswc.archive import PRECISION_DECIMALS, round_latlon, write_gps_exif
 from geoswc.data.images import Discovery, PhotoError, discover
 from geoswc.data.photos import PhotoDataset, photo_batches
 from geoswc.cli import main as cli_main
-from geoswc.geolocator import Geolocator
+from geoswc import __version__
+from geoswc.geolocator import FORMAT_VERSION, Geolocator
 from geoswc.tag_output import (
+    OutputLock,
     RowWriter,
     journal_path,
     journal_paths,
     make_row,
     merge,
+    os_errors,
+    output_error,
     output_format,
     pyarrow_parquet,
     read_appendable,
     read_rows,
+    read_run_record,
+    run_record_path,
+    write_run_record,
 )
 
 logger = logging.getLogger(__name__)
 
 # Test hook: seconds to sleep after each batch, so a test can kill a run part-way through.
 BATCH_DELAY_ENV = "GEOSWC_TAG_BATCH_DELAY_S"
+# Version of the run record OUT.run.json; a record of another version is refused by --resume.
+RUN_RECORD_VERSION = 1
 
 
 @dataclasses.dataclass
@@ -60,7 +77,9 @@ class TagSummary:
     resumed: int = 0
     tagged: int = 0
     exif_written: int = 0
+    # Photos without a copy: not JPEG, or a file was already there (``exif_existing`` of them).
     exif_skipped: int = 0
+    exif_existing: int = 0
     skipped_not_photo: int = 0
     skipped_hidden: int = 0
     unreadable_folders: int = 0
@@ -97,25 +116,271 @@ class Ranks:
         if self.state is not None:
             self.state.wait_for_everyone()
 
+    def share(self, value):
+        """Rank 0's ``value`` (anything picklable), on every rank."""
+        if self.state is None:
+            return value
+        box = [value]
+        broadcast_object_list(box, from_process=0)
+        return box[0]
+
     @property
     def device(self):
         return self.state.device if self.state else None
 
 
-def _check_output(output: str, fmt: str, *, resume: bool, overwrite: bool, rank: int) -> None:
+class _RealPaths:
+    """The real path of a photo's path (symlinks resolved, relative paths taken from ``base``): what `resume`
+    matches photos by. Folders are resolved once each, files with one ``lstat``."""
+
+    def __init__(self, base: str):
+        self.base = base
+        self._folders: dict = {}
+
+    def __call__(self, path: str) -> str:
+        path = os.path.join(self.base, path)
+        folder, name = os.path.split(path)
+        real = self._folders.get(folder)
+        if real is None:
+            real = self._folders[folder] = os.path.realpath(folder or os.sep)
+        full = os.path.join(real, name)
+        return os.path.realpath(full) if os.path.islink(full) else full
+
+
+def _inside(path: str, folder: str) -> bool:
+    """Whether ``path`` is ``folder`` or lies inside it (both absolute and resolved)."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _within(path: str, folders: set) -> Optional[str]:
+    """The folder of ``folders`` that ``path`` is or lies inside (all absolute and resolved), or None."""
+    while path not in folders:
+        parent = os.path.dirname(path)
+        if parent == path:
+            return None
+        path = parent
+    return path
+
+
+def _input_folders(paths: Sequence[str]) -> List[str]:
+    """The folders the inputs name, as `geoswc.data.images.discover` reads them: a folder itself, the folder
+    of a file, the fixed part of a glob; the lines of ``@list`` files the same way."""
+    folders = []
+
+    def add(item: str) -> None:
+        if os.path.isdir(item):
+            folders.append(item)
+        elif any(ch in item for ch in "*?[") and not os.path.lexists(item):
+            fixed = []
+            for part in item.split(os.sep):
+                if any(ch in part for ch in "*?["):
+                    break
+                fixed.append(part)
+            folders.append(os.sep.join(fixed) or os.curdir)
+        else:
+            folders.append(os.path.dirname(item) or os.curdir)
+
+    for item in paths:
+        if item.startswith("@"):
+            with open(item[1:], encoding="utf-8", errors="surrogateescape") as f:
+                lines = [line.strip() for line in f.read().splitlines()]
+            for line in lines:
+                if line and not line.startswith("#"):
+                    add(os.path.join(os.path.dirname(item[1:]), line))
+        else:
+            add(item)
+    return folders
+
+
+def _protected_folders(paths: Sequence[str], photos) -> set:
+    """The real paths of the input folders and of every photo's folder: no EXIF copy may go into them."""
+    folders = set(_input_folders(paths))
+    folders.update(os.path.dirname(os.path.abspath(photo.path)) for photo in photos)
+    return {os.path.realpath(folder) for folder in folders}
+
+
+def _check_exif_folder(write_exif: str, protected: set) -> None:
+    """Refuse an EXIF folder that is, contains or lies inside an input folder (after resolving symlinks).
+
+    Raises:
+        ValueError: naming the input folder.
+    """
+    real = os.path.realpath(write_exif)
+    folder = _within(real, protected)
+    relation = "is" if folder == real else "lies inside"
+    if folder is None:
+        folder, relation = next((f for f in sorted(protected) if _inside(f, real)), None), "contains"
+    if folder is not None:
+        raise ValueError(
+            f"--write-exif {write_exif} {relation} the input folder {folder}; the copies could replace "
+            "the originals: choose a folder outside every input"
+        )
+
+
+def _model_identity(model, predictor) -> dict:
+    if not isinstance(predictor, Geolocator):
+        return {"class": f"{type(predictor).__module__}.{type(predictor).__qualname__}"}
+    folder, meta = None, {}
+    if isinstance(model, (str, os.PathLike)):
+        folder = os.path.realpath(model)
+        try:
+            with open(os.path.join(folder, "geolocator.json"), encoding="utf-8") as f:
+                meta = json.load(f)
+        except (OSError, ValueError):
+            pass  # from_pretrained read it a moment ago
+    meta = meta if isinstance(meta, dict) else {}
+    # Folders that record the SHA-256 of their parts: one digest of them tells two models of one partition
+    # apart, wherever the folder lies.
+    parts = meta.get("sha256")
+    return {
+        "class": f"{Geolocator.__module__}.{Geolocator.__qualname__}",
+        "folder": folder,
+        "parts_sha256": hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+        if isinstance(parts, dict)
+        else None,
+        "format_version": meta.get("format_version", FORMAT_VERSION),
+        "fingerprint": predictor.fingerprint,
+        "backbone": predictor.backbone_name,
+        "heads": sorted(predictor.head_names),
+    }
+
+
+def run_identity(
+    model,
+    predictor,
+    *,
+    head: Optional[str],
+    precision: str,
+    write_exif: Optional[str],
+    target: Optional[int],
+    predict_options: dict,
+) -> dict:
+    """What a run's rows depend on, as recorded in ``OUT.run.json`` and compared by ``resume``."""
+    if isinstance(predictor, Geolocator):
+        try:
+            head = predictor.resolve_head(head)  # the model's default head and naming it are one run
+        except ValueError:
+            pass  # a model without heads (retrieval only)
+    options = {key: value for key, value in predict_options.items() if key != "head"}
+    return {
+        "model": _model_identity(model, predictor),
+        "precision": precision,
+        "head": head,
+        "write_exif": os.path.realpath(write_exif) if write_exif else None,
+        "target": target,
+        # JSON, as it will be read back (tuples become lists; what JSON cannot hold, its repr).
+        "predict_options": json.loads(json.dumps(options, sort_keys=True, default=repr)),
+    }
+
+
+def _identity_differences(old: dict, new: dict) -> List[str]:
+    differences = []
+    for key in sorted(set(old) | set(new)):
+        before, now = old.get(key), new.get(key)
+        if key == "model" and isinstance(before, dict) and isinstance(now, dict):
+            for part in sorted(set(before) | set(now)):
+                # A Geolocator passed as an object has no folder (nor its parts' digest): the rest decides.
+                if part in ("folder", "parts_sha256") and None in (before.get(part), now.get(part)):
+                    continue
+                if before.get(part) != now.get(part):
+                    differences.append(f"model {part} {before.get(part)!r} (now {now.get(part)!r})")
+        elif before != now:
+            differences.append(f"{key.replace('_', ' ')} {before!r} (now {now!r})")
+    return differences
+
+
+def _start_output(
+    output: str, *, resume: bool, overwrite: bool, identity: dict, relative_inputs: bool
+) -> str:
+    """Check (or clear) what an earlier run left at ``output`` and write this run's record.
+
+    Returns:
+        The folder the output's relative paths are relative to (where its first run was started).
+
+    Raises:
+        FileExistsError: ``output`` or a journal exists and neither ``resume`` nor ``overwrite`` is set.
+        ValueError: resuming an output that was started with other settings, or from another folder with
+            relative inputs.
+    """
+    cwd = os.path.realpath(os.getcwd())
+    record_path = run_record_path(output)
     existing = [path for path in [output, *journal_paths(output)] if os.path.exists(path)]
-    if not existing:
-        return
     if overwrite:
-        if rank == 0:
-            for path in existing:
-                os.remove(path)
-        return
-    if not resume:
+        for path in [*existing, record_path]:
+            if os.path.exists(path):
+                with os_errors("remove", path):
+                    os.remove(path)
+        existing = []
+    if existing and not resume:
         what = "output" if existing[0] == output else "unfinished run's journal"
         raise FileExistsError(
             f"{what} {existing[0]} already exists; pass --resume to complete it or --overwrite to replace it"
         )
+    base = cwd
+    if existing:
+        record = read_run_record(output)
+        if record is None:
+            logger.warning(
+                "%s has no run record (%s; written by an older geoswc): its settings cannot be checked",
+                output,
+                record_path,
+            )
+        else:
+            if record.get("version") != RUN_RECORD_VERSION:
+                raise ValueError(
+                    f"{record_path} is a run record of version {record.get('version')!r}, this geoswc reads "
+                    f"version {RUN_RECORD_VERSION}; finish the run with the geoswc that started it or pass "
+                    "--overwrite"
+                )
+            differences = _identity_differences(record["identity"], identity)
+            if differences:
+                raise ValueError(
+                    f"{output} was started with other settings: {'; '.join(differences)}; resume with the "
+                    "settings it was started with, or pass --overwrite to start again"
+                )
+            base = record.get("cwd") or cwd
+            if base != cwd and relative_inputs:
+                raise ValueError(
+                    f"{output} was started in {base} and this run names photos by relative paths; resume "
+                    f"from {base} or name the inputs by absolute paths"
+                )
+            return base
+    write_run_record(
+        output,
+        {"version": RUN_RECORD_VERSION, "geoswc_version": __version__, "cwd": cwd, "identity": identity},
+    )
+    return base
+
+
+def _prepare_output(output: str, *, ranks: Ranks, **checks) -> Tuple[Optional[OutputLock], str]:
+    """On rank 0: lock ``output``, then `_start_output`; every rank gets the outcome (or the same error).
+
+    Returns:
+        The lock (held by rank 0; None on the other ranks) and the folder of the output's relative paths.
+    """
+    lock, outcome = None, None
+    if ranks.rank == 0:
+        try:
+            folder = os.path.dirname(output) or os.curdir
+            if not os.path.isdir(folder):
+                raise FileNotFoundError(f"the output's folder {folder} does not exist")
+            lock = OutputLock(output).acquire()
+            outcome = ("ok", _start_output(output, **checks))
+        except (OSError, ValueError) as err:
+            if lock is not None:
+                lock.release()
+            if ranks.world == 1:
+                raise
+            kinds = (FileExistsError, FileNotFoundError)
+            outcome = (next((k.__name__ for k in kinds if isinstance(err, k)), "ValueError"), str(err))
+            ranks.share(outcome)
+            raise
+    outcome = ranks.share(outcome)
+    if outcome[0] != "ok":
+        raise {"FileExistsError": FileExistsError, "FileNotFoundError": FileNotFoundError}.get(
+            outcome[0], ValueError
+        )(outcome[1])
+    return lock, outcome[1]
 
 
 def load_predictor(model: Union[str, Path, Any], *, head: Optional[str] = None, device=None):
@@ -136,26 +401,57 @@ def load_predictor(model: Union[str, Path, Any], *, head: Optional[str] = None, 
     return geolocator
 
 
-def _ok_row(
-    photo, prediction: dict, *, precision: str, write_exif: Optional[str], summary: TagSummary
-) -> dict:
-    """The row of a placed photo, its position rounded to ``precision``; with ``write_exif`` its EXIF copy is
-    written first, so a row on disk means its copy is complete."""
-    prediction = dict(prediction)
-    prediction["lat"], prediction["lon"] = round_latlon(prediction["lat"], prediction["lon"], precision)
-    if write_exif:
-        try:
-            write_gps_exif(
-                photo.path,
-                os.path.join(write_exif, photo.rel),
-                prediction["lat"],
-                prediction["lon"],
-                precision=precision,
+class _ExifCopies:
+    """Writes the EXIF copies of a run under its folder, never into an input folder (a folder of the copies
+    may be a symlink) and never over an existing file unless ``overwrite``."""
+
+    def __init__(self, folder: str, *, protected: set, precision: str, overwrite: bool):
+        self.folder, self.protected = folder, protected
+        self.precision, self.overwrite = precision, overwrite
+        self._checked: set = set()
+
+    def _check_folder(self, dest: str) -> None:
+        folder = os.path.dirname(dest)
+        if folder in self._checked:
+            return
+        protected = _within(os.path.realpath(folder), self.protected)
+        if protected is not None:
+            raise ValueError(
+                f"--write-exif: {folder} leads into the input folder {protected}; the copies could "
+                "replace the originals"
             )
-            summary.exif_written += 1
+        self._checked.add(folder)
+
+    def write(self, photo, lat: float, lon: float, summary: TagSummary) -> None:
+        dest = os.path.join(self.folder, photo.rel)
+        self._check_folder(dest)
+        try:
+            written = write_gps_exif(
+                photo.path, dest, lat, lon, precision=self.precision, overwrite=self.overwrite
+            )
         except PhotoError as err:
             logger.debug("no EXIF copy of %s: %s", photo.path, err)
             summary.exif_skipped += 1
+            return
+        except OSError as err:
+            raise output_error("write the EXIF copy", err.filename or dest, err) from err
+        if written:
+            summary.exif_written += 1
+        else:
+            logger.info("kept the existing %s (--overwrite replaces it)", dest)
+            summary.exif_skipped += 1
+            summary.exif_existing += 1
+
+
+def _ok_row(
+    photo, prediction: dict, *, precision: str, copies: Optional[_ExifCopies], summary: TagSummary
+) -> dict:
+    """The row of a placed photo, its position rounded to ``precision``; with ``copies`` its EXIF copy is
+    written first, so a row on disk means its copy is complete."""
+    prediction = dict(prediction)
+    prediction["lat"], prediction["lon"] = round_latlon(prediction["lat"], prediction["lon"], precision)
+    if copies is not None:
+        copies.write(photo, prediction["lat"], prediction["lon"], summary)
     return make_row(photo.path, prediction=prediction)
 
 
@@ -184,9 +480,13 @@ def tag_photos(
         out: ``.csv``, ``.jsonl``, ``.geojson`` or ``.parquet`` file.
         batch_size: photos per model call (photos of one transformed shape each).
         workers: decoding processes (0 decodes in the main process); default: the CPU count minus one, at most 8.
-        resume: complete an existing output, skipping the photos it already holds.
-        overwrite: replace an existing output.
-        write_exif: folder for JPEG copies with the GPS position in their EXIF, laid out like the inputs.
+        resume: complete an existing output, skipping the photos it already holds (matched by real path). The
+            output must have been started with the same model, precision, head, ``write_exif``, ``target`` and
+            ``predict_options`` (recorded in ``OUT.run.json``).
+        overwrite: replace an existing output (and its run record), and existing files in ``write_exif``.
+        write_exif: folder for JPEG copies with the GPS position in their EXIF, laid out like the inputs; it
+            may not be, contain or lie inside an input folder or the folder of an input file. An existing
+            copy is kept (counted in ``exif_skipped`` and ``exif_existing``) unless ``overwrite``.
         precision: ``exact``, ``city`` (2 decimals), ``region`` (1) or ``country`` (0); applies to the output
             and the EXIF copies.
         head: the classification head (default: the model's own).
@@ -202,9 +502,14 @@ def tag_photos(
         from an earlier one, EXIF copies, entries skipped while walking folders, and seconds.
 
     Raises:
-        ValueError: bad format, precision or batch size, or an unknown head.
-        FileExistsError: ``out`` exists and neither ``resume`` nor ``overwrite`` is set.
-        FileNotFoundError: the model folder or an input does not exist.
+        ValueError: bad format, precision or batch size, an unknown head, a ``write_exif`` folder among the
+            inputs, a resume with other settings than the output was started with, or a damaged output
+            (naming its file and line).
+        FileExistsError: ``out`` exists and neither ``resume`` nor ``overwrite`` is set, or another run is
+            writing it.
+        FileNotFoundError: the model folder, an input or the output's folder does not exist.
+        OutputError: the system refused to write the output or an EXIF copy (disk full, permission denied);
+            an `OSError` and a `ValueError` whose message names the file.
     """
     start = time.perf_counter()
     output = os.fspath(out)
@@ -232,13 +537,82 @@ def tag_photos(
         skipped_hidden=found.skipped_hidden,
         unreadable_folders=len(found.unreadable_folders),
     )
-    photos = found.photos
-    if write_exif and found.root and os.path.realpath(write_exif) == os.path.realpath(found.root):
-        raise ValueError(
-            f"--write-exif {write_exif} is the inputs' own folder; the copies would replace the originals"
+    copies = None
+    if write_exif:
+        protected = _protected_folders(paths, found.photos)
+        _check_exif_folder(write_exif, protected)
+        copies = _ExifCopies(write_exif, protected=protected, precision=precision, overwrite=overwrite)
+    identity = run_identity(
+        model,
+        predictor,
+        head=head,
+        precision=precision,
+        write_exif=write_exif,
+        target=target,
+        predict_options=options,
+    )
+    lock, base = _prepare_output(
+        output,
+        ranks=ranks,
+        resume=resume,
+        overwrite=overwrite,
+        identity=identity,
+        relative_inputs=any(not os.path.isabs(photo.path) for photo in found.photos),
+    )
+    try:
+        ranks.barrier()
+        _tag(
+            found.photos,
+            predictor,
+            output=output,
+            fmt=fmt,
+            key=_RealPaths(base),
+            options=options,
+            copies=copies,
+            precision=precision,
+            batch_size=batch_size,
+            workers=workers,
+            target=target,
+            progress=progress,
+            ranks=ranks,
+            summary=summary,
         )
-    _check_output(output, fmt, resume=resume, overwrite=overwrite, rank=ranks.rank)
-    ranks.barrier()
+    finally:
+        if lock is not None:
+            lock.release()
+    summary.seconds = time.perf_counter() - start
+    return dataclasses.asdict(summary)
+
+
+def _tag(
+    found: Sequence,
+    predictor,
+    *,
+    output: str,
+    fmt: str,
+    key: _RealPaths,
+    options: dict,
+    copies: Optional[_ExifCopies],
+    precision: str,
+    batch_size: int,
+    workers: int,
+    target: Optional[int],
+    progress: bool,
+    ranks: Ranks,
+    summary: TagSummary,
+) -> None:
+    """The run itself, once the output is locked and checked: tag the photos the output lacks, then (with
+    journals) merge the final file; the counts go to ``summary``."""
+    # One row per photo: a photo reached by two spellings (a symlink to it) is tagged once.
+    photos, keys, seen = [], [], set()
+    for photo in found:
+        photo_key = key(photo.path)
+        if photo_key not in seen:
+            seen.add(photo_key)
+            photos.append(photo)
+            keys.append(photo_key)
+    if len(photos) < len(found):
+        logger.info("%d photos reached twice (through symlinks) are tagged once", len(found) - len(photos))
 
     # Appending to the output itself works for one process writing CSV/JSONL; everything else goes through
     # per-rank journals merged at the end (also any output whose earlier run left journals behind).
@@ -254,9 +628,9 @@ def tag_photos(
         for journal in journal_paths(output):
             done_rows.extend(read_appendable(journal, "jsonl", repair=False))
     ranks.barrier()  # nobody appends before every rank has read what is done
-    done = {row["path"] for row in done_rows}
+    done = {key(row["path"]) for row in done_rows}
     summary.resumed = len(done)
-    pending = [photo for photo in photos if photo.path not in done]
+    pending = [photo for photo, photo_key in zip(photos, keys) if photo_key not in done]
     share = pending[ranks.rank :: ranks.world]
     logger.info(
         "%d photos found, %d already done, rank %d/%d tags %d",
@@ -301,7 +675,7 @@ def tag_photos(
                 ready[index] = make_row(share[index].path, error=error)
             for index, prediction in predictions.items():
                 ready[index] = _ok_row(
-                    share[index], prediction, precision=precision, write_exif=write_exif, summary=summary
+                    share[index], prediction, precision=precision, copies=copies, summary=summary
                 )
             rows = []
             while written in ready:
@@ -316,20 +690,20 @@ def tag_photos(
             if delay:
                 time.sleep(delay)
     finally:
-        writer.close()
-        if bar is not None:
-            bar.close()
+        try:
+            writer.close()
+        finally:
+            if bar is not None:
+                bar.close()
 
     ranks.barrier()
     if not direct and ranks.rank == 0:
-        rows = merge(output, fmt, [photo.path for photo in photos], include_existing=True)
+        rows = merge(output, fmt, [photo.path for photo in photos], include_existing=True, key=key)
         counts = {"ok": 0, "error": 0}
         for row in rows:
             counts[row["status"]] += 1
     ranks.barrier()
     summary.ok, summary.error = counts["ok"], counts["error"]
-    summary.seconds = time.perf_counter() - start
-    return dataclasses.asdict(summary)
 
 
 def summary_lines(summary: dict) -> list:
@@ -346,9 +720,14 @@ def summary_lines(summary: dict) -> list:
     if skipped:
         lines.append(f"skipped {', '.join(skipped)} found in folders")
     if summary["exif_written"] or summary["exif_skipped"]:
+        existing = summary.get("exif_existing", 0)
+        reasons = []
+        if summary["exif_skipped"] - existing:
+            reasons.append(f"{summary['exif_skipped'] - existing} non-JPEG photos have none")
+        if existing:
+            reasons.append(f"{existing} existing copies kept; --overwrite replaces them")
         lines.append(
-            f"wrote {summary['exif_written']} EXIF copies ({summary['exif_skipped']} non-JPEG photos "
-            "have none)"
+            f"wrote {summary['exif_written']} EXIF copies" + (f" ({'; '.join(reasons)})" if reasons else "")
         )
     resumed = f", {summary['resumed']} from the earlier run" if summary["resumed"] else ""
     lines.append(

@@ -8,10 +8,15 @@ GeoJSON and Parquet cannot be appended to row by row, and several ranks cannot s
 append to JSONL journals ``OUT.journal-<rank>.jsonl`` instead; at the end `merge` writes the final file from
 the journals (and from an earlier final file when resuming) in discovery order, atomically, and deletes the
 journals.
+
+Every file of a run is named after ``OUT``: the journals, the run record ``OUT.run.json`` (what the output was
+started with, checked by ``--resume``) and the lock ``OUT.lock`` held while a run writes (`OutputLock`). What
+the system refuses (disk full, permission denied) is raised as an `OutputError`, one line naming the file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
 import io
@@ -19,7 +24,14 @@ import json
 import logging
 import math
 import os
-from typing import Dict, Iterable, List, Optional, Sequence
+import re
+import tempfile
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: runs are not locked there
+    fcntl = None
 
 logger = logging.getLogger(__name__)
 
@@ -29,9 +41,38 @@ FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".geojson": "geojson", ".parquet": 
 # Paths are file names from the OS: bytes that are not UTF-8 survive a round trip through the output.
 ENCODING, ERRORS = "utf-8", "surrogateescape"
 
+STATUSES = ("ok", "error")
 Row = Dict[str, object]
 # Prediction keys that name a column differently (the Geolocator's records say ``cell_prob``).
 PREDICTION_ALIASES = {"cell_probability": "cell_prob"}
+REPLACE_HINT = "use --overwrite to replace it"
+
+
+class OutputError(OSError, ValueError):
+    """The system refused to read or write a file of a run (disk full, permission denied, ...).
+
+    ``str(err)`` is one line naming the file; ``filename`` is the file. It is a `ValueError` too, so the command
+    line prints it as one line like any other bad input.
+    """
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def output_error(action: str, path: str, err: OSError) -> OutputError:
+    """``err`` (raised while doing ``action`` to ``path``) as an `OutputError`: "cannot write tags.csv: ..."."""
+    return OutputError(err.errno, f"cannot {action} {path}: {err.strerror or err}", path)
+
+
+@contextlib.contextmanager
+def os_errors(action: str, path: str):
+    """Turn an `OSError` of the block into an `OutputError` naming ``path``."""
+    try:
+        yield
+    except OutputError:
+        raise
+    except OSError as err:
+        raise output_error(action, path, err) from err
 
 
 def output_format(path: str) -> str:
@@ -75,56 +116,222 @@ def journal_paths(output: str) -> List[str]:
     return sorted(glob.glob(pattern))
 
 
+def run_record_path(output: str) -> str:
+    return f"{output}.run.json"
+
+
+def lock_path(output: str) -> str:
+    return f"{output}.lock"
+
+
+class OutputLock:
+    """The exclusive lock a run holds on ``OUT.lock`` while it writes ``OUT`` (``fcntl.flock``, not waiting).
+
+    The lock file is removed on `release`; a run that was killed leaves it behind, unlocked, and the next run
+    takes it. After locking, the file is checked to still be the one at ``OUT.lock`` (a run that ended may
+    have removed it in between), so two runs never hold locks on different files.
+    """
+
+    def __init__(self, output: str):
+        self.output, self.path = output, lock_path(output)
+        self._fd: Optional[int] = None
+
+    def acquire(self) -> "OutputLock":
+        """Take the lock.
+
+        Raises:
+            FileExistsError: another run holds it.
+            OutputError: the lock file cannot be created.
+        """
+        if fcntl is None:
+            logger.warning("no fcntl on this system: %s is not locked against a second run", self.output)
+            return self
+        while True:
+            with os_errors("create the lock file", self.path):
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 32).decode("ascii", "replace").strip() or "?"
+                os.close(fd)
+                raise FileExistsError(
+                    f"another geoswc tag run (pid {holder}) is writing {self.output}; wait for it to end "
+                    f"(lock {self.path})"
+                ) from None
+            except OSError as err:
+                os.close(fd)
+                raise output_error("lock", self.path, err) from err
+            try:
+                held, named = os.fstat(fd), os.stat(self.path)
+                same = (held.st_dev, held.st_ino) == (named.st_dev, named.st_ino)
+            except FileNotFoundError:
+                same = False
+            if same:
+                with contextlib.suppress(OSError):  # the pid only helps the message of a second run
+                    os.ftruncate(fd, 0)
+                    os.write(fd, f"{os.getpid()}\n".encode())
+                self._fd = fd
+                return self
+            os.close(fd)  # removed by the run that held it: lock the file now at that name
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.remove(self.path)  # while still locked: nobody can take the old file in between
+        os.close(self._fd)
+        self._fd = None
+
+
+def read_run_record(output: str) -> Optional[dict]:
+    """The run record of ``output`` (``OUT.run.json``), or None when there is none.
+
+    Raises:
+        ValueError: the record is not valid JSON.
+    """
+    path = run_record_path(output)
+    if not os.path.exists(path):
+        return None
+    with os_errors("read", path), open(path, encoding="utf-8") as f:
+        try:
+            record = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON ({err.msg}); {REPLACE_HINT}") from None
+    if not isinstance(record, dict) or not isinstance(record.get("identity"), dict):
+        raise ValueError(f"{path} is not the run record of geoswc tag; {REPLACE_HINT}")
+    return record
+
+
+def write_run_record(output: str, record: dict) -> None:
+    """Write ``OUT.run.json`` atomically."""
+    path = run_record_path(output)
+    with os_errors("write", path), _atomic(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+
 # --------------------------------------------------------------------------------------------- reading
 
 
-def _complete_end(data: bytes, fmt: str) -> int:
-    """Byte length of the whole rows at the start of ``data`` (a row ends at a newline outside quotes)."""
-    end = data.rfind(b"\n") + 1
-    if fmt == "csv":
-        # A newline inside a quoted field (a file name may hold one) does not end a row: the quotes before a
-        # row's end are balanced.
-        while end and data.count(b'"', 0, end) % 2:
-            end = data.rfind(b"\n", 0, end - 1) + 1
-    return end
+# One CSV field as csv.writer writes it: quoted (quotes doubled inside) or plain (no quote, comma or newline).
+_FIELD = r'(?:"(?:[^"]|"")*"|[^",\n]*)'
+_FIELD_GROUPS = r'(?:"((?:[^"]|"")*)"|([^",\n]*))'  # the same, capturing (quoted, plain)
+_CSV_ROW = re.compile(",".join([_FIELD_GROUPS] * len(COLUMNS)) + r"\n")  # a record of len(COLUMNS) fields
+_CSV_RECORD = re.compile(_FIELD + r"(?:," + _FIELD + r")*\n")  # a record of any number of fields
+_CSV_FIELD = re.compile(_FIELD_GROUPS + r"[,\n]")
+# What a kill can leave of the last record: whole fields, then part of one (a quoted one maybe unclosed).
+_CSV_PARTIAL = re.compile(r"(?:" + _FIELD + r',)*(?:"(?:[^"]|"")*"?|[^",\n]*)\Z')
 
 
-def _parse_csv(text: str, source: str) -> List[Row]:
-    reader = csv.reader(io.StringIO(text, newline=""))
-    header = next(reader, None)
-    if header is None:
-        return []
-    if tuple(header) != COLUMNS:
+def _damaged(source: str, line: int, what: str) -> ValueError:
+    return ValueError(f"{source} line {line} {what}; {REPLACE_HINT} or repair that line")
+
+
+def _check_row(row: Row, source: str, where: str) -> Row:
+    """``row`` with every column (missing ones None), or a ValueError naming ``where`` when it is no row."""
+    if not isinstance(row, dict) or not isinstance(row.get("path"), str):
+        raise ValueError(f"{source} {where} is not a geoswc tag row (no path); {REPLACE_HINT}")
+    if row.get("status") not in STATUSES:
         raise ValueError(
-            f"{source} has columns {header}, not those of geoswc tag ({', '.join(COLUMNS)}); "
-            "use --overwrite to replace it or another output name"
+            f"{source} {where} has status {row.get('status')!r}, not ok or error; {REPLACE_HINT}"
         )
-    rows = []
-    for fields in reader:
-        row = dict(zip(COLUMNS, fields))
-        for key in FLOAT_COLUMNS:
+    return {key: row.get(key) for key in COLUMNS}
+
+
+def _csv_fields(match: re.Match) -> List[str]:
+    groups = match.groups()
+    return [
+        quoted.replace('""', '"') if quoted is not None else plain
+        for quoted, plain in zip(groups[0::2], groups[1::2])
+    ]
+
+
+def _record_fields(record: str) -> List[str]:
+    """The fields of a well-formed CSV record of any length."""
+    fields, pos = [], 0
+    while pos < len(record):
+        match = _CSV_FIELD.match(record, pos)
+        fields.extend(_csv_fields(match))
+        pos = match.end()
+    return fields
+
+
+def _csv_row(fields: List[str], source: str, line: int) -> Row:
+    row: Row = dict(zip(COLUMNS, fields))
+    if row["status"] not in STATUSES:
+        raise _damaged(source, line, f"has status {row['status']!r}, not ok or error")
+    for key in FLOAT_COLUMNS:
+        try:
             row[key] = float(row[key]) if row[key] != "" else None
-        for key in ("method", "cell_token"):
-            row[key] = row[key] or None
-        rows.append(row)
-    return rows
+        except ValueError:
+            raise _damaged(source, line, f"has {key} {row[key]!r}, not a number") from None
+    for key in ("method", "cell_token"):
+        row[key] = row[key] or None
+    return row
 
 
-def _parse_jsonl(text: str, source: str) -> List[Row]:
+def _is_csv_row(text: str) -> bool:
+    match = _CSV_ROW.fullmatch(text)
+    return match is not None and _csv_fields(match)[1] in STATUSES
+
+
+def _parse_csv(text: str, source: str):
+    """The rows of a CSV output and the length of its whole records (a torn last record is left out).
+
+    Only the last record may be incomplete (cut by a kill: it runs to the end of the file, unterminated);
+    anything else that is not a row as geoswc writes them is a ValueError naming its line.
+    """
+    rows: List[Row] = []
+    pos, line, header = 0, 1, True
+    while pos < len(text):
+        match = _CSV_ROW.match(text, pos) or _CSV_RECORD.match(text, pos)
+        if match is None:
+            rest = text[pos:]
+            # A torn record spans several lines only through a quoted file name holding a newline; lines that
+            # are whole rows of their own mean a stray quote swallowed them.
+            inner = rest.split("\n")[1:-1]
+            if _CSV_PARTIAL.match(rest) and not any(_is_csv_row(part + "\n") for part in inner):
+                return rows, pos
+            raise _damaged(source, line, "is not a CSV row (a stray quote?)")
+        record = match.group(0)
+        if match.re is _CSV_RECORD:
+            fields = _record_fields(record)
+            if header:
+                raise ValueError(
+                    f"{source} has columns {fields}, not those of geoswc tag ({', '.join(COLUMNS)}); "
+                    "use --overwrite to replace it or another output name"
+                )
+            raise _damaged(source, line, f"has {len(fields)} fields, not {len(COLUMNS)}")
+        fields = _csv_fields(match)
+        if header:
+            if tuple(fields) != COLUMNS:
+                raise ValueError(
+                    f"{source} has columns {fields}, not those of geoswc tag ({', '.join(COLUMNS)}); "
+                    "use --overwrite to replace it or another output name"
+                )
+            header = False
+        else:
+            rows.append(_csv_row(fields, source, line))
+        pos = match.end()
+        line += record.count("\n")
+    return rows, pos
+
+
+def _parse_jsonl(text: str, source: str):
+    """The rows of a JSONL output or journal and the length of its whole lines (a torn last line left out)."""
     rows = []
-    for number, line in enumerate(text.splitlines(), 1):
+    lines = text.split("\n")
+    for number, line in enumerate(lines[:-1], 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
             raise ValueError(
-                f"{source} line {number} is not a JSON row ({err.msg}); use --overwrite to replace it"
-            )
-        if not isinstance(row, dict) or "path" not in row:
-            raise ValueError(f"{source} line {number} is not a geoswc tag row; use --overwrite to replace it")
-        rows.append(row)
-    return rows
+                f"{source} line {number} is not a JSON row ({err.msg}); {REPLACE_HINT}"
+            ) from None
+        rows.append(_check_row(row, source, f"line {number}"))
+    return rows, len(text) - len(lines[-1])
 
 
 def read_appendable(path: str, fmt: str, *, repair: bool) -> List[Row]:
@@ -133,20 +340,24 @@ def read_appendable(path: str, fmt: str, *, repair: bool) -> List[Row]:
     Args:
         path: the file.
         fmt: ``csv`` or ``jsonl``.
-        repair: truncate the file after its last whole row (a row cut by a kill) so appending can go on.
+        repair: truncate a last row cut by a kill (no trailing newline, or an unclosed quote) so appending
+            can go on.
+
+    Raises:
+        ValueError: a row before the last one is damaged (the message names the file and the line).
+        OutputError: the file cannot be read or repaired.
     """
-    with open(path, "rb") as f:
+    with os_errors("read", path), open(path, "rb") as f:
         data = f.read()
-    end = _complete_end(data, fmt)
-    if end < len(data):
-        logger.info(
-            "%s ends in a partial row (%d bytes)%s", path, len(data) - end, "; cut off" if repair else ""
-        )
+    text = data.decode(ENCODING, ERRORS)
+    rows, end = _parse_csv(text, path) if fmt == "csv" else _parse_jsonl(text, path)
+    if end < len(text):
+        torn = len(text[end:].encode(ENCODING, ERRORS))
+        logger.info("%s ends in a partial row (%d bytes)%s", path, torn, "; cut off" if repair else "")
         if repair:
-            with open(path, "r+b") as f:
-                f.truncate(end)
-    text = data[:end].decode(ENCODING, ERRORS)
-    return _parse_csv(text, path) if fmt == "csv" else _parse_jsonl(text, path)
+            with os_errors("repair", path), open(path, "r+b") as f:
+                f.truncate(len(data) - torn)
+    return rows
 
 
 def read_rows(path: str, fmt: str) -> List[Row]:
@@ -154,16 +365,27 @@ def read_rows(path: str, fmt: str) -> List[Row]:
     if fmt in ("csv", "jsonl"):
         return read_appendable(path, fmt, repair=False)
     if fmt == "geojson":
-        with open(path, encoding=ENCODING, errors=ERRORS) as f:
+        with os_errors("read", path), open(path, encoding=ENCODING, errors=ERRORS) as f:
             try:
                 collection = json.load(f)
             except json.JSONDecodeError as err:
-                raise ValueError(
-                    f"{path} is not valid GeoJSON ({err.msg}); use --overwrite to replace it"
-                ) from None
-        return [dict(feature["properties"]) for feature in collection.get("features", [])]
+                raise ValueError(f"{path} is not valid GeoJSON ({err.msg}); {REPLACE_HINT}") from None
+        features = collection.get("features") if isinstance(collection, dict) else None
+        if not isinstance(features, list):
+            raise ValueError(f"{path} is not a GeoJSON FeatureCollection; {REPLACE_HINT}")
+        return [
+            _check_row(feature.get("properties") if isinstance(feature, dict) else None, path, f"feature {n}")
+            for n, feature in enumerate(features, 1)
+        ]
     pq = pyarrow_parquet()
-    return pq.read_table(path).to_pylist()
+    try:
+        with os_errors("read", path):
+            table = pq.read_table(path)
+    except OutputError:
+        raise
+    except Exception as err:  # pyarrow's errors for a damaged file
+        raise ValueError(f"{path} is not a readable Parquet file ({err}); {REPLACE_HINT}") from None
+    return [_check_row(row, path, f"row {n}") for n, row in enumerate(table.to_pylist(), 1)]
 
 
 # --------------------------------------------------------------------------------------------- writing
@@ -183,25 +405,34 @@ def _json_line(row: Row) -> str:
 
 
 class RowWriter:
-    """Appends rows to a CSV or JSONL file, flushing after every batch so a kill loses at most one row."""
+    """Appends rows to a CSV or JSONL file, flushing after every batch so a kill loses at most one row.
+
+    A write the system refuses (disk full, ...) raises an `OutputError` naming the file; what it left is at
+    most one partial row at the end, which ``--resume`` cuts off.
+    """
 
     def __init__(self, path: str, fmt: str):
         if fmt not in ("csv", "jsonl"):
             raise ValueError(f"RowWriter appends csv or jsonl, not {fmt!r}")
         self.path, self.fmt = path, fmt
         self._line = _csv_line if fmt == "csv" else _json_line
-        new = not os.path.exists(path) or os.path.getsize(path) == 0
-        self._file = open(path, "a", encoding=ENCODING, errors=ERRORS, newline="")
+        with os_errors("write", path):
+            new = not os.path.exists(path) or os.path.getsize(path) == 0
+            self._file = open(path, "a", encoding=ENCODING, errors=ERRORS, newline="")
         if new and fmt == "csv":
-            self._file.write(",".join(COLUMNS) + "\n")
+            self._append(",".join(COLUMNS) + "\n")
+
+    def _append(self, text: str) -> None:
+        with os_errors("write", self.path):
+            self._file.write(text)
             self._file.flush()
 
     def write(self, rows: Iterable[Row]) -> None:
-        self._file.write("".join(self._line(row) for row in rows))
-        self._file.flush()
+        self._append("".join(self._line(row) for row in rows))
 
     def close(self) -> None:
-        self._file.close()
+        with os_errors("write", self.path):
+            self._file.close()
 
     def __enter__(self):
         return self
@@ -222,13 +453,41 @@ def _finite(value):
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
-def write_rows(path: str, fmt: str, rows: Sequence[Row]) -> None:
-    """Write a complete output file atomically (a temporary file renamed over ``path``)."""
-    tmp = f"{path}.tmp{os.getpid()}"
+def _new_file_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+@contextlib.contextmanager
+def _atomic(path: str):
+    """A temporary file beside ``path`` (an unpredictable name, the mode a new file would get), renamed over
+    ``path`` when the block ends without error and removed otherwise."""
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=os.path.dirname(path) or None
+    )
+    os.close(fd)
     try:
+        os.chmod(tmp, _new_file_mode())
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_rows(path: str, fmt: str, rows: Sequence[Row]) -> None:
+    """Write a complete output file atomically (a temporary file renamed over ``path``).
+
+    Raises:
+        OutputError: the system refused (the message names ``path``); ``path`` is then as it was.
+    """
+    with os_errors("write", path), _atomic(path) as tmp:
         if fmt in ("csv", "jsonl"):
-            with RowWriter(tmp, fmt) as writer:
-                writer.write(rows)
+            line = _csv_line if fmt == "csv" else _json_line
+            with open(tmp, "w", encoding=ENCODING, errors=ERRORS, newline="") as f:
+                f.write(",".join(COLUMNS) + "\n" if fmt == "csv" else "")
+                f.write("".join(line(row) for row in rows))
         elif fmt == "geojson":
             with open(tmp, "w", encoding=ENCODING, errors=ERRORS) as f:
                 f.write('{"type": "FeatureCollection", "features": [\n')
@@ -262,39 +521,47 @@ def write_rows(path: str, fmt: str, rows: Sequence[Row]) -> None:
                 for key in COLUMNS
             }
             pq.write_table(pa.table(columns, schema=schema), tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
-def merge(output: str, fmt: str, order: Sequence[str], *, include_existing: bool) -> List[Row]:
+def merge(
+    output: str,
+    fmt: str,
+    order: Sequence[str],
+    *,
+    include_existing: bool,
+    key: Optional[Callable[[str], str]] = None,
+) -> List[Row]:
     """Write the final output from the journals of every rank, then delete the journals.
 
-    Rows are written in ``order`` (the discovery order); rows of paths outside it (an earlier run over other
-    inputs) come first, in their stored order. A path is written once, from its first row.
+    Rows are written in ``order`` (the discovery order); rows of photos outside it (an earlier run over other
+    inputs) come first, in their stored order. A photo is written once, from its first row.
 
     Args:
         output: the final file.
         fmt: its format.
         order: the paths of this run, in discovery order.
         include_existing: keep the rows of an existing ``output`` (resuming).
+        key: what identifies the photo of a path (default: the path itself); `geoswc.tag` gives its real
+            path, so two spellings of one photo are one photo.
 
     Returns:
         The rows written.
     """
+    key = key or (lambda path: path)
     rows: List[Row] = []
     if include_existing and os.path.exists(output):
         rows.extend(read_rows(output, fmt))
     journals = journal_paths(output)
     for journal in journals:
         rows.extend(read_appendable(journal, "jsonl", repair=False))
-    by_path: Dict[str, Row] = {}
+    by_key: Dict[str, Row] = {}
     for row in rows:
-        by_path.setdefault(row["path"], row)
-    position = {path: number for number, path in enumerate(order)}
-    merged = sorted(by_path.values(), key=lambda row: position.get(row["path"], -1))
+        by_key.setdefault(key(row["path"]), row)
+    position = {key(path): number for number, path in enumerate(order)}
+    merged = sorted(by_key.items(), key=lambda item: position.get(item[0], -1))
+    merged = [row for _, row in merged]
     write_rows(output, fmt, merged)
     for journal in journals:
-        os.remove(journal)
+        with os_errors("remove", journal):
+            os.remove(journal)
     return merged

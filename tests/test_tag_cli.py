@@ -140,6 +140,8 @@ def test_two_ranks_split_the_photos_and_merge_one_output(tmp_path):
         for key, value in row.items():
             assert got[path][key] == (pytest.approx(value, rel=1e-12) if isinstance(value, float) else value)
     assert not list(tmp_path.glob("tags.parquet.journal-*"))
+    # Rank 0 wrote the run record and released its lock.
+    assert (tmp_path / "tags.parquet.run.json").is_file() and not (tmp_path / "tags.parquet.lock").exists()
 
 
 def test_cli_refuses_bad_outputs_before_loading_a_model(tmp_path, capsys):

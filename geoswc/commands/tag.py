@@ -8,7 +8,7 @@ import os
 import sys
 
 from geoswc.archive import PRECISION_DECIMALS
-from geoswc.tag import Ranks, load_predictor, summary_lines, tag_photos
+from geoswc.tag import Ranks, summary_lines, tag_photos
 from geoswc.tag_output import output_format
 
 
@@ -27,12 +27,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--workers", type=int, default=None, help="decoding processes (default: CPU count - 1, at most 8)"
     )
     existing = parser.add_mutually_exclusive_group()
-    existing.add_argument("--resume", action="store_true", help="complete an interrupted run's output")
-    existing.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    existing.add_argument(
+        "--resume",
+        action="store_true",
+        help="complete an interrupted run's output (same model, precision, head and --write-exif)",
+    )
+    existing.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing output, its run record and existing copies in --write-exif",
+    )
     parser.add_argument(
         "--write-exif",
         metavar="DIR",
-        help="write JPEG copies with GPS EXIF under DIR (originals are never touched)",
+        help="write JPEG copies with GPS EXIF under DIR, outside every input folder (originals are never "
+        "touched; existing files in DIR are kept unless --overwrite)",
     )
     parser.add_argument(
         "--precision",
@@ -48,10 +57,9 @@ def run(args: argparse.Namespace) -> int:
     """Run `geoswc tag` from parsed arguments; prints the closing summary and returns the exit code."""
     ranks = Ranks()
     output_format(args.output)  # a bad output name fails before the model loads
-    predictor = load_predictor(args.model, head=args.head, device=ranks.device)
     summary = tag_photos(
         args.paths,
-        model=predictor,
+        model=args.model,  # the folder, so the run record names it (tag_photos loads it once)
         out=args.output,
         batch_size=args.batch_size,
         workers=args.workers,
