@@ -20,7 +20,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import timm
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from timm.data import resolve_model_data_config
 from torch import nn
@@ -188,6 +188,15 @@ def save_backbone(
     return folder
 
 
+def _metadata_config(path: Path, metadata: Mapping[str, str]) -> Any:
+    if "config" not in metadata:
+        return None
+    try:
+        return json.loads(metadata["config"])
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: metadata config is not valid JSON ({err})") from None
+
+
 def load_backbone(
     folder: Union[str, Path], *, expected_fingerprint: Optional[str] = None
 ) -> Tuple[nn.Module, Dict[str, Any]]:
@@ -208,7 +217,8 @@ def load_backbone(
         FileNotFoundError: the folder lacks one of the two files; the message names the folder, the file and
             the command that writes a backbone folder.
         ValueError: the weights were trained on another partition than ``expected_fingerprint`` (both named),
-            are not a backbone's, or do not fit the model ``backbone.json`` names.
+            are not a backbone's, or do not fit the model ``backbone.json`` names; or a file is malformed
+            (``backbone.json`` not JSON, ``num_features`` other than the model's, not a safetensors file).
     """
     folder = Path(folder)
     weights_file, spec_file = folder / BACKBONE_WEIGHTS_FILE, folder / BACKBONE_JSON_FILE
@@ -218,15 +228,26 @@ def load_backbone(
                 f"{folder} has no {path.name}, so it is not a backbone folder "
                 f"(write one with: {_TRAIN_COMMAND})"
             )
-    spec = json.loads(spec_file.read_text())
-    with safe_open(str(weights_file), framework="pt") as handle:
-        metadata = dict(handle.metadata() or {})
+    try:
+        spec = json.loads(spec_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{spec_file}: not valid JSON ({err})") from None
+    if not isinstance(spec, dict):
+        raise ValueError(f"{spec_file}: expected a JSON object, got {type(spec).__name__}")
+    try:
+        with safe_open(str(weights_file), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{weights_file}: not a readable safetensors file ({err})") from None
     kind = metadata.get("kind", "backbone")
     if kind != "backbone":
         raise ValueError(f"{weights_file} holds a {kind!r}, not a backbone")
     model_name = spec.get("model")
-    if not model_name:
+    if not model_name or not isinstance(model_name, str):
         raise ValueError(f"{spec_file} names no timm model (no 'model' key)")
+    data_config = spec.get("data_config")
+    if data_config is not None and not isinstance(data_config, dict):
+        raise ValueError(f"{spec_file}: data_config must be an object, got {data_config!r}")
     if metadata.get("model", model_name) != model_name:
         raise ValueError(f"{weights_file} holds a {metadata['model']!r} but {spec_file} names {model_name!r}")
     fingerprint = metadata.get("fingerprint")
@@ -235,16 +256,26 @@ def load_backbone(
             f"backbone {weights_file} was trained on partition {fingerprint!r} but the expected fingerprint "
             f"is {str(expected_fingerprint)!r}; use the backbone trained with these cells"
         )
-    backbone = create_backbone(model_name, pretrained=False)
+    try:
+        backbone = create_backbone(model_name, pretrained=False)
+    except ValueError as err:
+        raise ValueError(f"{spec_file}: {err}") from None
     try:
         backbone.load_state_dict(load_file(str(weights_file)))
-    except RuntimeError as err:
-        raise ValueError(f"{weights_file} does not fit the timm model {model_name!r}: {err}") from None
+    except (RuntimeError, SafetensorError) as err:
+        detail = " ".join(str(err).split())
+        raise ValueError(f"{weights_file} does not fit the timm model {model_name!r}: {detail}") from None
+    num_features = spec.get("num_features", backbone.num_features)
+    if num_features != backbone.num_features:
+        raise ValueError(
+            f"{spec_file}: num_features {num_features!r}, but the {model_name!r} backbone gives "
+            f"{backbone.num_features} features"
+        )
     info = {
         "model": model_name,
-        "num_features": int(spec.get("num_features", backbone.num_features)),
+        "num_features": int(backbone.num_features),
         "data_config": spec.get("data_config"),
         "fingerprint": fingerprint,
-        "config": json.loads(metadata["config"]) if "config" in metadata else None,
+        "config": _metadata_config(weights_file, metadata),
     }
     return backbone, info

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Union
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -118,19 +118,31 @@ def save_head(head: GeoHead, path: Union[str, Path], *, config: Any = None) -> P
 
 
 def read_head_metadata(path: Union[str, Path]) -> Dict[str, str]:
+    """The safetensors metadata of a head file.
+
+    Raises:
+        FileNotFoundError: the file is missing.
+        ValueError: the file is not a safetensors file (named in the message).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"head weights file not found: {path}")
-    with safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {})
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
 
 
 def load_head(path: Union[str, Path], *, geocells: Any) -> GeoHead:
     """Rebuild a head saved by ``save_head`` for ``geocells``.
 
     Raises:
-        ValueError: when the head was trained on a partition with another fingerprint.
+        FileNotFoundError: the file is missing.
+        ValueError: the head was trained on a partition with another fingerprint, its metadata is malformed,
+            or its tensors do not fit the head its metadata describes for ``geocells`` (file and tensor named).
     """
+    path = Path(path)
     meta = read_head_metadata(path)
     if "kind" not in meta or "fingerprint" not in meta:
         raise ValueError(f"{path} is not a geoswc head file (no kind/fingerprint metadata)")
@@ -139,8 +151,30 @@ def load_head(path: Union[str, Path], *, geocells: Any) -> GeoHead:
             f"head {path} was trained on partition {meta['fingerprint']!r} but the given geocells have "
             f"fingerprint {geocells.fingerprint!r}; load the cells it was trained with"
         )
-    head = create_head(
-        meta["kind"], in_features=int(meta["in_features"]), geocells=geocells, **json.loads(meta["options"])
-    )
-    head.load_state_dict(load_file(str(path)))
+    try:
+        in_features = int(meta.get("in_features", ""))
+    except ValueError:
+        in_features = 0
+    if in_features <= 0:
+        raise ValueError(
+            f"{path}: metadata in_features must be a positive integer, got {meta.get('in_features')!r}"
+        )
+    try:
+        options = json.loads(meta.get("options") or "{}")
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: metadata options is not valid JSON ({err})") from None
+    if not isinstance(options, dict):
+        raise ValueError(f"{path}: metadata options must be a JSON object, got {options!r}")
+    try:
+        head = create_head(meta["kind"], in_features=in_features, geocells=geocells, **options)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{path}: {err}") from None
+    try:
+        head.load_state_dict(load_file(str(path)))
+    except (RuntimeError, SafetensorError) as err:
+        detail = " ".join(str(err).split())
+        raise ValueError(
+            f"{path}: the tensors do not fit a {meta['kind']!r} head of {in_features} features on these "
+            f"geocells: {detail}"
+        ) from None
     return head

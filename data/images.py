@@ -15,12 +15,20 @@ Photo collections: `discover(inputs)` expands files, folders (recursive, hidden 
 cycles visited once), globs and ``@list.txt`` files into one deterministic list of `PhotoFile`; `sniff(head)`
 names the format from a file's first bytes (JPEG, PNG, WebP, BMP, TIFF, GIF, HEIC/HEIF) whatever its extension
 says; `load_photo(path, target=...)` reads and decodes one photo, raising `PhotoError` with a one-line reason
-(empty, unreadable, not an image, corrupt, truncated, decompression bomb, HEIC without pillow-heif).
+(empty, unreadable, not an image, corrupt, truncated, decompression bomb, too large for its target, not a
+regular file, HEIC without pillow-heif).
+
+Hostile inputs: only regular files are ever opened. A FIFO would block the reader forever and a device such
+as ``/dev/zero`` never ends, so folder walks and globs skip them (counted as not photos) and a path named
+explicitly gives "not a regular file". Decoded size is bounded: with a ``target``, an image whose decoded form
+would exceed `MAX_TARGET_PIXELS` is refused before any pixel is decoded (only JPEG can decode at reduced size;
+a few hundred KB of PNG can declare 13,000 x 13,000 pixels, half a gigabyte per decode worker).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import glob
 import io
 import logging
@@ -39,6 +47,11 @@ logger = logging.getLogger(__name__)
 
 # Pillow's own error threshold (2 x Image.MAX_IMAGE_PIXELS); a 13,000 x 13,000 photo still decodes.
 MAX_IMAGE_PIXELS = 178_956_970
+# With a ``target`` (a model input of a few hundred pixels), the most pixels an image may decode to: 50 MP is
+# 150 MB of RGB and about three times that at the peak of the conversion. JPEGs decode at 1/2, 1/4 or 1/8 scale
+# and stay far below it; every other format decodes at full size, so this is their size limit. The default of
+# the ``max_target_pixels`` arguments, read at call time.
+MAX_TARGET_PIXELS = 50_000_000
 
 Source = Union[bytes, bytearray, memoryview, str, os.PathLike]
 
@@ -56,15 +69,70 @@ class ImageMissingError(ImageDecodeError, FileNotFoundError):
     """The photo's file does not exist (counted apart from corrupt files by the shard writer)."""
 
 
-def read_bytes(path: Union[str, os.PathLike]) -> bytes:
-    """Read a photo file, raising `ImageMissingError` when it is absent."""
+class _NotRegularFile(Exception):
+    """A path that names a FIFO, device or socket; ``reason`` says which."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+        super().__init__(reason)
+
+
+_SPECIAL_KINDS = (
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _not_regular_reason(mode: int) -> str:
+    kind = next((name for test, name in _SPECIAL_KINDS if test(mode)), "a special file")
+    return f"not a regular file ({kind})"
+
+
+def _open_regular(path: Union[str, os.PathLike]):
+    """Open a regular file for binary reading; never a FIFO, device or socket.
+
+    A FIFO without a writer blocks ``open`` forever and a device such as ``/dev/zero`` never reaches its end,
+    so the path is checked before opening. The open itself is non-blocking and re-checked on the descriptor,
+    so a file swapped for a FIFO between the check and the open cannot block either.
+
+    Raises:
+        _NotRegularFile: the path is not a regular file (directories raise ``IsADirectoryError``).
+        OSError: as ``open`` does (``FileNotFoundError``, ``PermissionError``, ...).
+    """
+    mode = os.stat(path).st_mode
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(errno.EISDIR, "Is a directory", os.fspath(path))
+    if not stat.S_ISREG(mode):
+        raise _NotRegularFile(_not_regular_reason(mode))
+    nonblock = getattr(os, "O_NONBLOCK", 0)
+    flags = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NOCTTY", 0) | nonblock
+    fd = os.open(path, flags)
     try:
-        with open(path, "rb") as f:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise _NotRegularFile(_not_regular_reason(mode))
+        if nonblock:
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_bytes(path: Union[str, os.PathLike]) -> bytes:
+    """Read a photo file, raising `ImageMissingError` when it is absent and `ImageDecodeError` when it is not a
+    regular file (a FIFO, device or socket is never read)."""
+    try:
+        with _open_regular(path) as f:
             return f.read()
     except FileNotFoundError:
         raise ImageMissingError("file not found", source=str(path)) from None
     except IsADirectoryError:
         raise ImageMissingError("is a directory", source=str(path)) from None
+    except _NotRegularFile as err:
+        raise ImageDecodeError(err.reason, source=str(path)) from None
 
 
 def _exif_orientation(data: bytes) -> int:
@@ -135,8 +203,25 @@ def jpeg_scale_denominator(width: int, height: int, target: Optional[int], side:
     return 1
 
 
+def _check_target_pixels(
+    width: int, height: int, decoded: Tuple[int, int], target: Optional[int], max_target_pixels: int
+) -> None:
+    """Refuse, before decoding, an image whose decoded form (``decoded = (width, height)``) holds more than
+    ``max_target_pixels`` pixels when a ``target`` size is given."""
+    if not target or decoded[0] * decoded[1] <= max_target_pixels:
+        return
+    if decoded == (width, height):
+        how = "decode at full size (only JPEG decodes at reduced size)"
+    else:
+        how = f"decode at {decoded[0]}x{decoded[1]}"
+    raise ImageDecodeError(
+        f"too large for a {target} px target: {width}x{height} pixels {how}, over the limit of "
+        f"{max_target_pixels} pixels (max_target_pixels, default geoswc.data.images.MAX_TARGET_PIXELS)"
+    )
+
+
 def _decode_jpeg_turbo(
-    data: bytes, target: Optional[int], side: str, max_pixels: int
+    data: bytes, target: Optional[int], side: str, max_pixels: int, max_target_pixels: int
 ) -> Optional[np.ndarray]:
     """libjpeg-turbo path; None when this JPEG needs Pillow (CMYK, 12-bit, arithmetic coding, ...)."""
     try:
@@ -149,6 +234,8 @@ def _decode_jpeg_turbo(
         raise ImageDecodeError(f"decompression bomb: {width}x{height} pixels exceed {max_pixels}")
     # The smallest scale that meets both minimums is exactly 1/denominator (libjpeg offers only M/8 scales).
     denominator = jpeg_scale_denominator(width, height, target, side)
+    decoded = (-(-width // denominator), -(-height // denominator))
+    _check_target_pixels(width, height, decoded, target, max_target_pixels)
     try:
         array = simplejpeg.decode_jpeg(
             data,
@@ -156,8 +243,8 @@ def _decode_jpeg_turbo(
             fastdct=True,
             fastupsample=True,
             strict=True,
-            min_height=-(-height // denominator),
-            min_width=-(-width // denominator),
+            min_height=decoded[1],
+            min_width=decoded[0],
         )
     except ValueError:
         # Damaged or exotic data: Pillow decides whether it is readable and says why not.
@@ -166,25 +253,40 @@ def _decode_jpeg_turbo(
     return np.ascontiguousarray(upright(array)) if upright is not None else array
 
 
+# Pixels converted at a time from a 16/32-bit greyscale image: the float64 scratch stays at 8 MB per block
+# instead of 8 bytes for every pixel of the image.
+_CONVERT_BLOCK_PIXELS = 1 << 20
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "RGB":
         return image
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         # Composite transparency on white, as a viewer shows it, instead of exposing hidden colour values.
-        rgba = image.convert("RGBA")
+        rgba = image if image.mode == "RGBA" else image.convert("RGBA")
         canvas = Image.new("RGB", rgba.size, (255, 255, 255))
         canvas.paste(rgba, mask=rgba.getchannel("A"))
         return canvas
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         # 16/32-bit greyscale: scale the full range to 8 bits (Pillow's convert('L') would clip at 255).
-        array = np.asarray(image, dtype=np.float64)
+        array = np.asarray(image)
         top = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
-        grey = np.clip(array * (255.0 / top) + 0.5, 0, 255).astype(np.uint8)
+        grey = np.empty(array.shape, dtype=np.uint8)
+        rows = max(1, _CONVERT_BLOCK_PIXELS // max(1, array.shape[1]))
+        for start in range(0, array.shape[0], rows):
+            block = array[start : start + rows].astype(np.float64)
+            block *= 255.0 / top
+            block += 0.5
+            np.clip(block, 0, 255, out=block)
+            grey[start : start + rows] = block
+        del array
         return Image.fromarray(grey, "L").convert("RGB")
     return image.convert("RGB")
 
 
-def _decode_pillow(data: bytes, target: Optional[int], side: str, max_pixels: int) -> Image.Image:
+def _decode_pillow(
+    data: bytes, target: Optional[int], side: str, max_pixels: int, max_target_pixels: int
+) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data))
         width, height = image.size
@@ -198,6 +300,8 @@ def _decode_pillow(data: bytes, target: Optional[int], side: str, max_pixels: in
                 longest = max(width, height)
                 request = (-(-target * width // longest), -(-target * height // longest))
             image.draft(image.mode if image.mode != "CMYK" else "RGB", request)
+        # Checked on the size the decoder will produce (after draft), before a single pixel is allocated.
+        _check_target_pixels(width, height, image.size, target, max_target_pixels)
         image.load()
         image = ImageOps.exif_transpose(image)
         return _to_rgb(image)
@@ -213,12 +317,16 @@ def _decode_pillow(data: bytes, target: Optional[int], side: str, max_pixels: in
 
 
 def _decode(
-    source: Source, target: Optional[int], side: str, max_pixels: int
+    source: Source, target: Optional[int], side: str, max_pixels: int, max_target_pixels: Optional[int]
 ) -> Union[np.ndarray, Image.Image]:
     if target is not None and target <= 0:
         raise ValueError(f"target must be a positive side in pixels, got {target}")
     if side not in TARGET_SIDES:
         raise ValueError(f"unknown target_side {side!r}; choose one of: {', '.join(TARGET_SIDES)}")
+    if max_target_pixels is None:
+        max_target_pixels = MAX_TARGET_PIXELS
+    if max_target_pixels <= 0:
+        raise ValueError(f"max_target_pixels must be a positive number of pixels, got {max_target_pixels}")
     path = None
     if isinstance(source, (str, os.PathLike)):
         path = str(source)
@@ -229,10 +337,10 @@ def _decode(
         raise ImageDecodeError("empty file", source=path)
     try:
         if data[:2] == b"\xff\xd8":
-            array = _decode_jpeg_turbo(data, target, side, max_pixels)
+            array = _decode_jpeg_turbo(data, target, side, max_pixels, max_target_pixels)
             if array is not None:
                 return array
-        return _decode_pillow(data, target, side, max_pixels)
+        return _decode_pillow(data, target, side, max_pixels, max_target_pixels)
     except ImageDecodeError as err:
         raise ImageDecodeError(err.reason, source=path) from None
 
@@ -243,6 +351,7 @@ def decode_image(
     target: Optional[int] = None,
     target_side: str = "short",
     max_pixels: int = MAX_IMAGE_PIXELS,
+    max_target_pixels: Optional[int] = None,
 ) -> Image.Image:
     """Decode a photo to an upright RGB image, downscaled while decoding when ``target`` allows it.
 
@@ -255,15 +364,19 @@ def decode_image(
         target_side: ``"short"`` (above) or ``"long"``: keep the long side >= ``target`` instead, enough for
             the paper's evaluation resize (longest side to ``target``).
         max_pixels: images with more pixels are refused before decoding (decompression-bomb guard).
+        max_target_pixels: with a ``target``, images that would decode to more pixels (a JPEG at its reduced
+            scale, any other format at full size) are refused before decoding; default `MAX_TARGET_PIXELS`.
+            Without a ``target`` the full image is what was asked for and only ``max_pixels`` applies.
 
     Returns:
         An RGB ``PIL.Image`` with the EXIF orientation applied.
 
     Raises:
         ImageMissingError: the path does not exist (also a ``FileNotFoundError``).
-        ImageDecodeError: the data is not a readable image, or is too large; ``err.reason`` says which.
+        ImageDecodeError: the data is not a readable image, is too large, or the path is not a regular file
+            (a FIFO or device is never read); ``err.reason`` says which.
     """
-    image = _decode(source, target, target_side, max_pixels)
+    image = _decode(source, target, target_side, max_pixels, max_target_pixels)
     return Image.fromarray(image, "RGB") if isinstance(image, np.ndarray) else image
 
 
@@ -273,12 +386,13 @@ def decode_array(
     target: Optional[int] = None,
     target_side: str = "short",
     max_pixels: int = MAX_IMAGE_PIXELS,
+    max_target_pixels: Optional[int] = None,
 ) -> np.ndarray:
     """`decode_image` as an ``(H, W, 3)`` uint8 RGB array (C-contiguous), the transforms' input.
 
     Same arguments, scaling rule and errors as `decode_image`; skips the PIL image for JPEGs.
     """
-    image = _decode(source, target, target_side, max_pixels)
+    image = _decode(source, target, target_side, max_pixels, max_target_pixels)
     return image if isinstance(image, np.ndarray) else np.asarray(image)
 
 
@@ -432,12 +546,24 @@ def _is_hidden(name: str) -> bool:
 
 
 def _is_photo_candidate(path: str) -> bool:
-    """Folder walks keep files with a photo extension, or whose content `sniff` recognises."""
+    """Folder walks keep regular files with a photo extension, or whose content `sniff` recognises.
+
+    FIFOs, devices and sockets are never photos, whatever their name, and are never opened: reading a FIFO
+    blocks until someone writes to it and a device such as ``/dev/zero`` has no end.
+    """
+    try:
+        mode: Optional[int] = os.stat(path).st_mode
+    except OSError:
+        mode = None  # broken link, no permission, vanished: decided below as before
+    if mode is not None and not stat.S_ISREG(mode):
+        return False
     if os.path.splitext(path)[1].lower() in PHOTO_EXTENSIONS:
         return True
     try:
-        with open(path, "rb") as f:
+        with _open_regular(path) as f:
             return sniff(f.read(SNIFF_BYTES)) is not None
+    except _NotRegularFile:
+        return False
     except OSError:
         # Cannot tell (no permission, vanished): keep it so its row says why instead of dropping it silently.
         return True
@@ -493,7 +619,7 @@ class _Walker:
                     self.add_file(path, root, explicit=False)
                 else:
                     self.result.skipped_not_photo += 1
-            # Broken symlinks, sockets and devices are not photos.
+            # Broken symlinks, FIFOs, sockets and devices are not photos (and are never opened).
             else:
                 self.result.skipped_not_photo += 1
 
@@ -551,8 +677,10 @@ def discover(inputs: Sequence[str]) -> Discovery:
             lines are relative to the list's folder; blank lines and ``#`` comments are ignored).
 
     Files named explicitly (directly or in a list) are always kept, so that a non-photo among them gets an
-    error row. Folder walks and globs keep files with a photo extension or photo content and count the rest
-    as skipped; hidden files and folders (name starting with ``.``) are skipped there.
+    error row (a FIFO or device named explicitly gets "not a regular file" from `load_photo`). Folder walks
+    and globs keep regular files with a photo extension or photo content and count the rest, FIFOs, devices
+    and sockets included, as skipped without opening them; hidden files and folders (name starting with
+    ``.``) are skipped there.
 
     Raises:
         FileNotFoundError: an input is neither an existing path, a glob nor a readable list.
@@ -581,15 +709,18 @@ def _heif_opener():
 
 
 def read_photo_bytes(path: str) -> bytes:
-    """Read a photo's bytes, turning every failure into a `PhotoError` with the reason."""
+    """Read a photo's bytes, turning every failure into a `PhotoError` with the reason.
+
+    Only a regular file is opened: a FIFO, device or socket is "not a regular file" (a FIFO would block the
+    read forever, ``/dev/zero`` would never end).
+    """
     try:
-        info = os.stat(path)
-        if stat.S_ISDIR(info.st_mode):
-            raise PhotoError("is a folder, not a photo")
-        with open(path, "rb") as f:
+        with _open_regular(path) as f:
             data = f.read()
-    except PhotoError:
-        raise
+    except IsADirectoryError:
+        raise PhotoError("is a folder, not a photo") from None
+    except _NotRegularFile as err:
+        raise PhotoError(err.reason) from None
     except FileNotFoundError:
         raise PhotoError("file not found") from None
     except PermissionError:
@@ -602,15 +733,22 @@ def read_photo_bytes(path: str) -> bytes:
 
 
 def load_photo(
-    path: str, *, target: Optional[int] = None, target_side: str = "short", as_array: bool = False
+    path: str,
+    *,
+    target: Optional[int] = None,
+    target_side: str = "short",
+    as_array: bool = False,
+    max_target_pixels: Optional[int] = None,
 ):
     """Read and decode one photo to an upright RGB ``PIL.Image``.
 
     Args:
-        path: the file.
+        path: the file (a regular file: FIFOs and devices are refused unopened).
         target: smallest short side needed afterwards; JPEGs are decoded at reduced size down to it.
         target_side: ``"long"`` makes ``target`` the smallest long side instead (a longest-side resize).
         as_array: return an ``(H, W, 3)`` uint8 array instead (the transforms' input, no PIL copy).
+        max_target_pixels: with a ``target``, photos that would decode to more pixels are refused before
+            decoding (see `decode_image`); default `MAX_TARGET_PIXELS`.
 
     Raises:
         PhotoError: with the reason the photo cannot be used.
@@ -625,6 +763,8 @@ def load_photo(
             raise PhotoError("HEIC/HEIF photo needs pillow-heif: pip install pillow-heif")
         heif.register_heif_opener()
     try:
-        return (decode_array if as_array else decode_image)(data, target=target, target_side=target_side)
+        return (decode_array if as_array else decode_image)(
+            data, target=target, target_side=target_side, max_target_pixels=max_target_pixels
+        )
     except ImageDecodeError as err:
         raise PhotoError(f"{kind}: {err.reason}") from None

@@ -48,11 +48,23 @@ class PhotoDataset(Dataset):
             and say what size to decode at (``decode_target``, ``decode_side``); any other transform (e.g.
             torchvision's) gets a PIL image.
         target: the side JPEGs are decoded down to; default the transform's ``decode_target``.
+        max_target_pixels: with a ``target``, photos that would decode to more pixels (any format but JPEG
+            decodes at full size) are errors, refused before decoding, so that a few decode workers cannot
+            exhaust memory on small files that declare huge images; default
+            `geoswc.data.images.MAX_TARGET_PIXELS`.
     """
 
-    def __init__(self, sources: Sequence[PhotoSource], transform: Callable, *, target: Optional[int] = None):
+    def __init__(
+        self,
+        sources: Sequence[PhotoSource],
+        transform: Callable,
+        *,
+        target: Optional[int] = None,
+        max_target_pixels: Optional[int] = None,
+    ):
         self.sources = sources
         self.transform = transform
+        self.max_target_pixels = max_target_pixels
         self.target = target if target is not None else getattr(transform, "decode_target", None)
         self.target_side = getattr(transform, "decode_side", "short")
         self.as_array = bool(getattr(transform, "accepts_arrays", False))
@@ -75,7 +87,11 @@ class PhotoDataset(Dataset):
                 raise PhotoError(f"an image array must be (H, W, 3) uint8, got {source.shape} {source.dtype}")
             return source if self.as_array else Image.fromarray(source, "RGB")
         return load_photo(
-            os.fspath(source), target=self.target, target_side=self.target_side, as_array=self.as_array
+            os.fspath(source),
+            target=self.target,
+            target_side=self.target_side,
+            as_array=self.as_array,
+            max_target_pixels=self.max_target_pixels,
         )
 
     def __getitem__(self, index: int) -> Item:

@@ -19,8 +19,8 @@ import hashlib
 import heapq
 import json
 import logging
-from pathlib import Path
-from typing import Optional, Sequence, Tuple, Union
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pandas as pd
@@ -54,6 +54,39 @@ def _nearest_rows(query_xyz: np.ndarray, target_xyz: np.ndarray) -> np.ndarray:
     return out
 
 
+def _check_centres(centers_deg: np.ndarray, where: str) -> None:
+    """Raise ValueError naming the first centre that is not a finite position (lat in [-90, 90], lon in
+    [-180, 180] degrees)."""
+    for col, name, limit in ((0, "latitude", 90.0), (1, "longitude", 180.0)):
+        values = centers_deg[:, col]
+        bad = ~(np.abs(values) <= limit)  # NaN compares False: caught here too
+        if bad.any():
+            k = int(np.flatnonzero(bad)[0])
+            raise ValueError(
+                f"{where}: cell {k} has centre {name} {values[k]!r}, outside [-{limit:g}, {limit:g}] degrees"
+            )
+
+
+def _inside(directory: Path, name: Any, *, what: str, source: Path) -> Path:
+    """``directory / name`` for a file name read from ``source``; refuses, without reading the file, a name
+    that is not a relative path inside ``directory`` (absolute, with a drive, or with ``..``) or that
+    resolves outside it through a link."""
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"{source}: {what} must be a file name inside {directory}, got {name!r}")
+    posix, windows = PurePosixPath(name), PureWindowsPath(name)
+    if posix.is_absolute() or windows.is_absolute() or windows.drive or ".." in posix.parts + windows.parts:
+        raise ValueError(
+            f"{source}: {what} {name!r} points outside {directory}; files of a cells folder are named "
+            "relative to it, without '..'"
+        )
+    path = directory / name
+    # A link inside the folder to a file outside it is refused too: error messages quote a cells file's
+    # first lines, which must never come from an arbitrary file.
+    if not path.resolve().is_relative_to(directory.resolve()):
+        raise ValueError(f"{source}: {what} {name!r} is a link that points outside {directory}")
+    return path
+
+
 class Partition:
     """One granularity: a set of disjoint S2 cells with their photo counts and centres.
 
@@ -82,6 +115,10 @@ class Partition:
                 f"partition {self.name!r}: {n} cell ids but {len(self.counts)} counts and "
                 f"{len(self.centers_deg)} centres"
             )
+        _check_centres(self.centers_deg, f"partition {self.name!r}")
+        if (self.counts < 0).any():
+            k = int(np.flatnonzero(self.counts < 0)[0])
+            raise ValueError(f"partition {self.name!r}: cell {k} has a negative count {int(self.counts[k])}")
         valid = gs2.is_valid_cell_id(self.cell_ids)
         if not valid.all():
             bad = int(self.cell_ids[~valid][0])
@@ -192,7 +229,7 @@ class Partition:
         if not first.startswith("num_images:") or not second.startswith("min_concept_probability:"):
             raise ValueError(
                 f"{path}: not a GeoEstimation cells file; expected the preamble lines 'num_images: N' and "
-                f"'min_concept_probability: ---', found {first!r} and {second!r}"
+                f"'min_concept_probability: ---', found {first[:60]!r} and {second[:60]!r}"
             )
         try:
             num_images = int(first.split(":", 1)[1])
@@ -200,7 +237,14 @@ class Partition:
             raise ValueError(
                 f"{path}: line 1: num_images {first.split(':', 1)[1].strip()!r} is not an integer"
             )
-        df = pd.read_csv(path, skiprows=2, dtype={"hex_id": str})
+        try:
+            df = pd.read_csv(path, skiprows=2, dtype={"hex_id": str})
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as err:
+            raise ValueError(
+                f"{path}: not a readable cells table ({str(err).strip().splitlines()[0]})"
+            ) from None
+        if df.empty:
+            raise ValueError(f"{path}: the cells table has no rows")
         missing = [c for c in CSV_COLUMNS if c not in df.columns]
         if missing:
             raise ValueError(
@@ -214,18 +258,39 @@ class Partition:
                 raise ValueError(
                     f"{path}: row {row + 1} (line {row + 4}), column {col!r}: {df[col].iloc[row]!r} is not a number"
                 )
+        checks = (
+            ("class_label", lambda v: np.isfinite(v) & (v == np.floor(v)), "is not an integer"),
+            (
+                "imgs_per_cell",
+                lambda v: np.isfinite(v) & (v >= 0) & (v == np.floor(v)),
+                "is not a count (an integer >= 0)",
+            ),
+            ("latitude_mean", lambda v: np.abs(v) <= 90.0, "is outside [-90, 90] degrees"),
+            ("longitude_mean", lambda v: np.abs(v) <= 180.0, "is outside [-180, 180] degrees"),
+        )
+        for col, valid, problem in checks:
+            values = pd.to_numeric(df[col]).to_numpy(dtype=np.float64)
+            bad = ~valid(values)
+            if bad.any():
+                row = int(np.flatnonzero(bad)[0])
+                raise ValueError(
+                    f"{path}: row {row + 1} (line {row + 4}), column {col!r}: {df[col].iloc[row]!r} {problem}"
+                )
         labels = df["class_label"].to_numpy(dtype=np.int64)
         order = np.argsort(labels, kind="stable")
         if not np.array_equal(labels[order], np.arange(len(df))):
             raise ValueError(f"{path}: class_label must be 0..{len(df) - 1}, each once")
         df = df.iloc[order]
-        return cls(
-            gs2.token_to_cell_id(df["hex_id"].to_numpy()),
-            counts=df["imgs_per_cell"].to_numpy(dtype=np.int64),
-            centers_deg=df[["latitude_mean", "longitude_mean"]].to_numpy(dtype=np.float64),
-            name=name or path.stem,
-            num_images=num_images,
-        )
+        try:
+            return cls(
+                gs2.token_to_cell_id(df["hex_id"].to_numpy()),
+                counts=df["imgs_per_cell"].to_numpy(dtype=np.int64),
+                centers_deg=df[["latitude_mean", "longitude_mean"]].to_numpy(dtype=np.float64),
+                name=name or path.stem,
+                num_images=num_images,
+            )
+        except ValueError as err:  # a bad token, overlapping cells: name the file
+            raise ValueError(f"{path}: {err}") from None
 
 
 class Geocells:
@@ -343,9 +408,18 @@ class Geocells:
         (directory / "geocells.json").write_text(json.dumps(meta, indent=2) + "\n")
         return directory
 
-    @classmethod
-    def load(cls, directory: Union[str, Path]) -> "Geocells":
-        """Read a folder written by `save`, checking every file against the fingerprints in geocells.json."""
+    @staticmethod
+    def read_manifest(directory: Union[str, Path]) -> dict:
+        """The validated ``geocells.json`` of a cells folder, with every file it names resolved inside the
+        folder: ``{"meta": the JSON, "partitions": [(entry, path)], "hierarchy": path, "fallback": str}``.
+
+        Nothing but ``geocells.json`` is read: a name that points outside the folder (absolute, or with ``..``)
+        is refused before any file it names is opened.
+
+        Raises:
+            FileNotFoundError: the folder or its ``geocells.json`` is missing.
+            ValueError: ``geocells.json`` is not valid JSON of the expected form (file and key named).
+        """
         directory = Path(directory)
         meta_path = directory / "geocells.json"
         if not directory.is_dir():
@@ -356,27 +430,94 @@ class Geocells:
             raise FileNotFoundError(
                 f"geocells.json not found in {directory} (build cells with: geoswc cells build)"
             )
-        meta = json.loads(meta_path.read_text())
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{meta_path}: not valid JSON ({err})") from None
+        if not isinstance(meta, dict):
+            raise ValueError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
+        if not isinstance(meta.get("fingerprint"), str):
+            raise ValueError(f"{meta_path}: 'fingerprint' must be a string, got {meta.get('fingerprint')!r}")
+        entries = meta.get("partitions")
+        if not isinstance(entries, list) or not entries:
+            raise ValueError(f"{meta_path}: 'partitions' must be a non-empty list")
         partitions = []
-        for entry in meta["partitions"]:
-            part = Partition.load_csv(directory / entry["file"], name=entry["name"])
+        for k, entry in enumerate(entries):
+            if not isinstance(entry, dict):
+                raise ValueError(f"{meta_path}: partitions[{k}] must be an object, got {entry!r}")
+            for key in ("name", "file", "fingerprint"):
+                if not isinstance(entry.get(key), str) or not entry[key]:
+                    raise ValueError(
+                        f"{meta_path}: partitions[{k}] needs a string {key!r}, got {entry.get(key)!r}"
+                    )
+            path = _inside(directory, entry["file"], what=f"partitions[{k}] file", source=meta_path)
+            partitions.append((entry, path))
+        hierarchy = meta.get("hierarchy", {})
+        if not isinstance(hierarchy, dict):
+            raise ValueError(f"{meta_path}: 'hierarchy' must be an object, got {hierarchy!r}")
+        hierarchy_path = _inside(
+            directory, hierarchy.get("file", "hierarchy.csv"), what="hierarchy file", source=meta_path
+        )
+        fallback = hierarchy.get("fallback", "none")
+        if fallback not in Geocells.FALLBACKS:
+            raise ValueError(
+                f"{meta_path}: unknown hierarchy fallback {fallback!r}; choose one of: {', '.join(Geocells.FALLBACKS)}"
+            )
+        settings = meta.get("settings")
+        if settings is not None and not isinstance(settings, dict):
+            raise ValueError(f"{meta_path}: 'settings' must be an object, got {settings!r}")
+        return {"meta": meta, "partitions": partitions, "hierarchy": hierarchy_path, "fallback": fallback}
+
+    @staticmethod
+    def folder_files(directory: Union[str, Path]) -> List[Path]:
+        """Every file of a saved cells folder (``geocells.json``, the partitions' CSVs, the hierarchy), as
+        named by its validated ``geocells.json``; what a model folder checksums."""
+        manifest = Geocells.read_manifest(directory)
+        return (
+            [Path(directory) / "geocells.json"]
+            + [path for _, path in manifest["partitions"]]
+            + [manifest["hierarchy"]]
+        )
+
+    @classmethod
+    def load(cls, directory: Union[str, Path]) -> "Geocells":
+        """Read a folder written by `save`, checking every file against the fingerprints in geocells.json.
+
+        Raises:
+            FileNotFoundError: the folder or one of its files is missing.
+            ValueError: a file is malformed, names a file outside the folder, holds values out of range
+                (cell centres, counts, tokens), or does not match the fingerprints or the hierarchy; the
+                message names the file.
+        """
+        directory = Path(directory)
+        manifest = cls.read_manifest(directory)
+        meta = manifest["meta"]
+        meta_path = directory / "geocells.json"
+        partitions = []
+        for entry, path in manifest["partitions"]:
+            part = Partition.load_csv(path, name=entry["name"])
             if part.fingerprint != entry["fingerprint"]:
                 raise ValueError(
-                    f"{directory / entry['file']} has fingerprint {part.fingerprint} but geocells.json records "
+                    f"{path} has fingerprint {part.fingerprint} but geocells.json records "
                     f"{entry['fingerprint']}: the folder mixes cells from different partitions"
                 )
             partitions.append(part)
-        fallback = meta.get("hierarchy", {}).get("fallback", "none")
-        geocells = cls(partitions, fallback=fallback, settings=meta.get("settings"))
+        try:
+            geocells = cls(partitions, fallback=manifest["fallback"], settings=meta.get("settings"))
+        except ValueError as err:
+            raise ValueError(f"{meta_path}: {err}") from None
         if geocells.fingerprint != meta["fingerprint"]:
             raise ValueError(
                 f"{meta_path}: fingerprint {meta['fingerprint']} does not match the partitions "
                 f"({geocells.fingerprint})"
             )
-        hierarchy_path = directory / meta.get("hierarchy", {}).get("file", "hierarchy.csv")
+        hierarchy_path = manifest["hierarchy"]
         if not hierarchy_path.is_file():
             raise FileNotFoundError(f"hierarchy file not found: {hierarchy_path}")
-        stored = pd.read_csv(hierarchy_path)
+        try:
+            stored = pd.read_csv(hierarchy_path)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as err:
+            raise ValueError(f"{hierarchy_path}: not a readable hierarchy table ({err})") from None
         if list(stored.columns) != geocells.names or not np.array_equal(
             stored.to_numpy(), geocells.hierarchy
         ):

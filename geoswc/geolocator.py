@@ -13,10 +13,12 @@ one model folder (layout in docs/architecture.md). Three ways to place a photo:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
@@ -29,13 +31,14 @@ from tqdm.auto import tqdm
 
 from geoswc import __version__
 from geoswc.classifiers import load_backbone, load_head, save_backbone, save_head
-from geoswc.classifiers.heads import read_head_metadata
+from geoswc.classifiers.backbone import BACKBONE_JSON_FILE, BACKBONE_WEIGHTS_FILE
+from geoswc.classifiers.heads import HEADS, read_head_metadata
 from geoswc.config import Config
 from geoswc.data.photos import PhotoDataset, photo_batches
 from geoswc.data.sphere import EARTH_RADIUS_KM
 from geoswc.data.transforms import build_transform
 from geoswc.geocells import Geocells
-from geoswc.retrieval.index import BackgroundIndex
+from geoswc.retrieval.index import INDEX_FILES, BackgroundIndex
 from geoswc.retrieval.model import ResidualRetrievalModule, read_metadata
 from geoswc.swc import nearest_background, search_within_cell
 
@@ -45,7 +48,10 @@ MODES = ("swc", "cell", "rrm")
 # Preferred head when the caller names none.
 HEAD_PREFERENCE = ("hc", "mvmf", "ce")
 CONFIDENCE_RADIUS_KM = 25.0
-FORMAT_VERSION = 1
+# 2: geolocator.json records the SHA-256 of every part ("sha256"); folders of version 1 still load.
+FORMAT_VERSION = 2
+META_FILE = "geolocator.json"
+_HASH_CHUNK = 1 << 22
 
 ImageInput = Union[str, Path, Image.Image, np.ndarray]
 
@@ -387,8 +393,10 @@ class Geolocator(nn.Module):
 
     def _dataset(self, images: Sequence[ImageInput]) -> PhotoDataset:
         for image in images:
+            # A FIFO or device exists but is no regular file: reading it says so ("not a regular file").
             if isinstance(image, (str, Path)) and not Path(image).is_file():
-                raise FileNotFoundError(f"image not found: {image}")
+                if not os.path.exists(image) or os.path.isdir(image):
+                    raise FileNotFoundError(f"image not found: {image}")
         return PhotoDataset(list(images), self.transform)
 
     def predict(
@@ -438,7 +446,11 @@ class Geolocator(nn.Module):
 
     # ------------------------------------------------------------------ model folder
     def save_pretrained(self, directory: Union[str, Path]) -> Path:
-        """Write the model folder (layout in docs/architecture.md)."""
+        """Write the model folder (layout in docs/architecture.md).
+
+        ``geolocator.json`` records the SHA-256 of every part written (``"sha256": {relative path: digest}``),
+        which `from_pretrained` checks.
+        """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.config.save(directory / "config.yaml")
@@ -456,6 +468,13 @@ class Geolocator(nn.Module):
             self.retrieval.save(directory / "retrieval.safetensors", fingerprint=self.fingerprint)
         if self.index is not None:
             self.index.save(directory / "index")
+        self._remove_stale_parts(directory)
+        parts = _part_files(
+            directory,
+            heads=self.head_names,
+            retrieval=self.retrieval is not None,
+            index=self.index is not None,
+        )
         meta = {
             "format_version": FORMAT_VERSION,
             "geoswc_version": __version__,
@@ -464,16 +483,40 @@ class Geolocator(nn.Module):
             "heads": self.head_names,
             "retrieval": self.retrieval is not None,
             "index": self.index is not None,
+            "sha256": {rel: _sha256(directory / rel) for rel in parts},
         }
-        (directory / "geolocator.json").write_text(json.dumps(meta, indent=2) + "\n")
+        (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         logger.info("saved geolocator to %s", directory)
         return directory
+
+    def _remove_stale_parts(self, directory: Path) -> None:
+        """Remove parts an earlier save left in ``directory`` that this model does not have (a head, the
+        retrieval module, the index), so that the folder loads as exactly this model."""
+        stale = [p for p in sorted((directory / "heads").glob("*.safetensors")) if p.stem not in self.heads]
+        if self.retrieval is None:
+            stale.append(directory / "retrieval.safetensors")
+        if self.index is None:
+            stale += [directory / "index" / name for name in INDEX_FILES]
+        for path in stale:
+            if path.is_file():
+                logger.info("removing %s: left by an earlier save, not part of this model", path)
+                path.unlink()
+        if self.index is None and (directory / "index").is_dir() and not any((directory / "index").iterdir()):
+            (directory / "index").rmdir()
 
     @classmethod
     def from_pretrained(
         cls, directory: Union[str, Path], *, device: Union[str, torch.device, None] = None
     ) -> "Geolocator":
-        """Load a model folder written by `save_pretrained`.
+        """Load a model folder written by `save_pretrained`, validated completely before it is used.
+
+        Every part is checked against the others: file names stay inside the folder, the cells' centres and
+        counts are in range, the heads are the kinds their files are named after and listed in
+        ``geolocator.json``, the backbone's feature width matches the heads' and the retrieval module's, the
+        index covers exactly the fine cells with monotonic offsets, one cell, position and id per row, and
+        embeddings as wide as the retrieval module's. Then every file is checked against the SHA-256
+        recorded at save time, so a part swapped for another built on the same cells is refused too. A
+        folder saved before checksums existed loads with a warning.
 
         Args:
             directory: the model folder.
@@ -481,35 +524,79 @@ class Geolocator(nn.Module):
 
         Raises:
             FileNotFoundError: the folder or one of its required files is missing.
-            ValueError: a part was built on another partition than ``cells/`` (both fingerprints named).
+            ValueError: a part was built on another partition than ``cells/`` (both fingerprints named), or a
+                file is malformed, out of range, inconsistent with the others, outside the folder, not
+                recorded, or changed since it was saved; the message names the file and what is wrong.
         """
         directory = Path(directory)
-        meta_path = directory / "geolocator.json"
+        meta_path = directory / META_FILE
         if not meta_path.is_file():
             raise FileNotFoundError(f"not a geoswc model folder (no geolocator.json): {directory}")
-        meta = json.loads(meta_path.read_text())
+        meta = _read_meta(meta_path)
         config = Config.load(directory / "config.yaml") if (directory / "config.yaml").is_file() else Config()
         geocells = Geocells.load(directory / "cells")
         fingerprint = str(geocells.fingerprint)
         _check_part(meta.get("fingerprint"), fingerprint, meta_path)
 
         backbone, backbone_info = load_backbone(directory, expected_fingerprint=fingerprint)
+        width = int(backbone_info["num_features"])
 
         heads = {}
-        for path in sorted((directory / "heads").glob("*.safetensors")):
-            _check_part(read_head_metadata(path).get("fingerprint"), fingerprint, path)
-            heads[path.stem] = load_head(path, geocells=geocells)
+        for kind in _head_names(directory, meta, meta_path):
+            path = directory / "heads" / f"{kind}.safetensors"
+            head_meta = read_head_metadata(path)
+            _check_part(head_meta.get("fingerprint"), fingerprint, path)
+            if head_meta.get("kind") != kind:
+                raise ValueError(
+                    f"{path} holds a {head_meta.get('kind')!r} head, but its file name says {kind!r}; "
+                    "a head's file is named after its kind"
+                )
+            heads[kind] = load_head(path, geocells=geocells)
+            if heads[kind].in_features != width:
+                raise ValueError(
+                    f"{path}: the head takes {heads[kind].in_features} features, but the backbone "
+                    f"({directory / BACKBONE_WEIGHTS_FILE}) gives {width}"
+                )
 
         retrieval = None
         retrieval_file = directory / "retrieval.safetensors"
         if retrieval_file.is_file():
             _check_part(read_metadata(retrieval_file).get("fingerprint"), fingerprint, retrieval_file)
             retrieval = ResidualRetrievalModule.load(retrieval_file, fingerprint=fingerprint)
+            if retrieval.dim != width:
+                raise ValueError(
+                    f"{retrieval_file}: the retrieval module takes features of dim {retrieval.dim}, but the "
+                    f"backbone ({directory / BACKBONE_WEIGHTS_FILE}) gives {width}"
+                )
+        elif meta.get("retrieval"):
+            raise FileNotFoundError(f"{meta_path} lists a retrieval module, but {retrieval_file} is missing")
 
         index = None
-        if (directory / "index").is_dir():
-            index = BackgroundIndex.load(directory / "index")
-            _check_part(getattr(index, "fingerprint", None), fingerprint, directory / "index")
+        index_dir = directory / "index"
+        if index_dir.is_dir():
+            index = BackgroundIndex.load(index_dir)
+            _check_part(getattr(index, "fingerprint", None), fingerprint, index_dir)
+            n_fine = len(geocells.fine)
+            if index.n_cells != n_fine:
+                raise ValueError(
+                    f"{index_dir / 'offsets.npy'}: the index has {index.n_cells} cells, but cells/ has "
+                    f"{n_fine} fine cells"
+                )
+            if retrieval is not None and index.dim != retrieval.dim:
+                raise ValueError(
+                    f"{index_dir / 'embeddings.npy'}: embeddings of dim {index.dim}, but the retrieval "
+                    f"module ({retrieval_file}) gives dim {retrieval.dim}"
+                )
+        elif meta.get("index"):
+            raise FileNotFoundError(f"{meta_path} lists a background index, but {index_dir} is missing")
+
+        _verify_checksums(
+            directory,
+            meta,
+            _part_files(
+                directory, heads=list(heads), retrieval=retrieval is not None, index=index is not None
+            ),
+        )
 
         model = cls(
             backbone=backbone,
@@ -543,6 +630,122 @@ def _check_part(found: Optional[str], expected: str, path: Path) -> None:
             f"{path} was built on partition {found!r} but the model's cells/ have fingerprint {expected!r}; "
             f"the parts of a model folder must come from the same partition"
         )
+
+
+def _read_meta(path: Path) -> Dict[str, Any]:
+    """``geolocator.json``, checked for the form `save_pretrained` writes."""
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    version = meta.get("format_version", 1)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError(f"{path}: format_version must be a positive integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: format_version {version} was written by a newer geoswc; this one reads up to "
+            f"{FORMAT_VERSION} (upgrade geoswc)"
+        )
+    if "fingerprint" in meta and not isinstance(meta["fingerprint"], str):
+        raise ValueError(f"{path}: fingerprint must be a string, got {meta['fingerprint']!r}")
+    return meta
+
+
+def _head_names(directory: Path, meta: Dict[str, Any], meta_path: Path) -> List[str]:
+    """The heads to load: those ``geolocator.json`` lists (every one must have its file, and every file in
+    ``heads/`` must be listed); all files of ``heads/`` for a folder whose JSON lists none."""
+    found = sorted(path.stem for path in (directory / "heads").glob("*.safetensors"))
+    listed = meta.get("heads")
+    if listed is None:
+        return found
+    if not isinstance(listed, list) or not all(isinstance(kind, str) for kind in listed):
+        raise ValueError(f"{meta_path}: heads must be a list of head kinds, got {listed!r}")
+    for kind in listed:
+        if kind not in HEADS:
+            raise ValueError(f"{meta_path}: unknown head {kind!r}; choose among: {', '.join(HEADS)}")
+        if kind not in found:
+            raise FileNotFoundError(
+                f"{meta_path} lists the head {kind!r}, but {directory / 'heads' / (kind + '.safetensors')} is missing"
+            )
+    for kind in found:
+        if kind not in listed:
+            raise ValueError(
+                f"{directory / 'heads' / (kind + '.safetensors')} is not listed in {meta_path} (heads: "
+                f"{', '.join(listed) or 'none'}); remove it, or save the model again with that head"
+            )
+    return sorted(listed)
+
+
+def _part_files(directory: Path, *, heads: Sequence[str], retrieval: bool, index: bool) -> List[str]:
+    """The files of a model folder's parts, relative to it (``/``-separated): what is checksummed."""
+    files = ["config.yaml"] if (directory / "config.yaml").is_file() else []
+    files += [path.relative_to(directory).as_posix() for path in Geocells.folder_files(directory / "cells")]
+    files += [BACKBONE_WEIGHTS_FILE, BACKBONE_JSON_FILE]
+    files += [f"heads/{kind}.safetensors" for kind in heads]
+    if retrieval:
+        files.append("retrieval.safetensors")
+    if index:
+        files += [f"index/{name}" for name in INDEX_FILES]
+    return files
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_HASH_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _recorded_path(directory: Path, rel: Any, meta_path: Path) -> Path:
+    """The file a checksum entry names; refused (before it is opened) unless it is a relative path inside
+    the model folder."""
+    if not isinstance(rel, str) or not rel:
+        raise ValueError(f"{meta_path}: sha256 keys must be file paths, got {rel!r}")
+    posix, windows = PurePosixPath(rel), PureWindowsPath(rel)
+    if posix.is_absolute() or windows.is_absolute() or windows.drive or ".." in posix.parts + windows.parts:
+        raise ValueError(
+            f"{meta_path}: sha256 names {rel!r}, which is outside the model folder {directory}; "
+            "parts are named relative to it, without '..'"
+        )
+    return directory / rel
+
+
+def _verify_checksums(directory: Path, meta: Dict[str, Any], parts: Sequence[str]) -> None:
+    """Every recorded file matches its SHA-256, and every part that was loaded is recorded."""
+    meta_path = directory / META_FILE
+    record = meta.get("sha256")
+    if record is None:
+        logger.warning(
+            "%s: %s records no checksums (saved by geoswc before checksums were added); its parts are "
+            "checked for consistency but cannot be checked against what was saved. Save it again with "
+            "Geolocator.save_pretrained to add them.",
+            directory,
+            META_FILE,
+        )
+        return
+    if not isinstance(record, dict):
+        raise ValueError(f"{meta_path}: sha256 must map file paths to digests, got {type(record).__name__}")
+    for rel, expected in record.items():
+        path = _recorded_path(directory, rel, meta_path)
+        if not isinstance(expected, str) or len(expected) != 64:
+            raise ValueError(f"{meta_path}: the SHA-256 of {rel!r} must be 64 hex digits, got {expected!r}")
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is recorded in {meta_path} but missing")
+        actual = _sha256(path)
+        if actual != expected.lower():
+            raise ValueError(
+                f"{path}: SHA-256 {actual} does not match {expected} recorded in {meta_path}; the file was "
+                "changed or replaced after the model folder was saved"
+            )
+    for rel in parts:
+        if rel not in record:
+            raise ValueError(
+                f"{directory / rel} is not recorded in {meta_path} (no SHA-256); it was added after the model "
+                "folder was saved"
+            )
 
 
 def _default_device() -> torch.device:

@@ -27,6 +27,8 @@ INDEX_DTYPES = ("float16", "float32")
 SEARCH_MODES = ("flat", "ivf", "sq8", "pq", "binary")
 FAISS_INSTALL = 'pip install "geoswc[faiss]"  (or: pip install faiss-cpu)'
 FORMAT_VERSION = 1
+# The files of an index folder (`BackgroundIndex.save`), what a model folder checksums.
+INDEX_FILES = ("index.json", "embeddings.npy", "offsets.npy", "cell_idx.npy", "latlon.npy", "ids.txt")
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
 
@@ -221,32 +223,110 @@ class BackgroundIndex:
     ) -> "BackgroundIndex":
         """Open an index folder; the embeddings are memory-mapped unless ``mmap=False``.
 
-        Raises ValueError when ``fingerprint`` is given and differs from the index's partition.
+        Every file is checked against ``index.json`` and the others before the index is used: shapes and
+        dtypes, offsets that start at 0, never decrease and end at the row count, per-row cells that match the
+        offsets, coordinates that are finite degrees in range, one id per row. The embeddings themselves are
+        not read (they may be larger than memory); a model folder checksums them.
+
+        Raises:
+            FileNotFoundError: the folder lacks one of its files.
+            ValueError: a file is malformed or disagrees with the others (the message names the file and
+                what is wrong), or ``fingerprint`` is given and differs from the index's partition.
         """
         directory = Path(directory)
         meta_path = directory / "index.json"
         if not meta_path.is_file():
             raise FileNotFoundError(f"no background index at {directory} (missing index.json)")
-        meta = json.loads(meta_path.read_text())
+        meta = _read_index_meta(meta_path)
+        count, dim, n_cells = meta["count"], meta["dim"], meta["n_cells"]
         index = cls(dtype=meta["dtype"])
-        index.embeddings = np.load(directory / "embeddings.npy", mmap_mode="r" if mmap else None)
-        index.offsets = np.load(directory / "offsets.npy")
-        index.cell_idx = np.load(directory / "cell_idx.npy")
-        index.latlon = np.load(directory / "latlon.npy")
-        index.ids = np.asarray((directory / "ids.txt").read_text().splitlines())
-        index.fingerprint = meta["fingerprint"]
-        index.config = meta.get("config", {})
-        index._directory = directory
-        n = len(index)
-        if (
-            index.offsets[-1] != n
-            or len(index.cell_idx) != n
-            or len(index.ids) != n
-            or index.dim != meta["dim"]
-        ):
+
+        path = directory / "embeddings.npy"
+        embeddings = _load_npy(path, mmap_mode="r" if mmap else None)
+        if embeddings.ndim != 2 or embeddings.shape[0] != count or embeddings.shape[1] != dim:
             raise ValueError(
-                f"index at {directory} is inconsistent: its files disagree on the number of rows"
+                f"{path}: shape {embeddings.shape}, but {meta_path} records {count} rows of dim {dim}"
             )
+        if str(embeddings.dtype) != meta["dtype"]:
+            raise ValueError(f"{path}: dtype {embeddings.dtype}, but {meta_path} records {meta['dtype']}")
+
+        path = directory / "offsets.npy"
+        offsets = _load_npy(path)
+        if offsets.ndim != 1 or not np.issubdtype(offsets.dtype, np.integer):
+            raise ValueError(
+                f"{path}: expected a 1-D integer array, got {offsets.dtype} of shape {offsets.shape}"
+            )
+        if len(offsets) != n_cells + 1:
+            raise ValueError(
+                f"{path}: {len(offsets)} entries, but an index of {n_cells} cells ({meta_path}) needs {n_cells + 1}"
+            )
+        offsets = offsets.astype(np.int64)
+        if offsets[0] != 0:
+            raise ValueError(f"{path}: offsets must start at 0, got {int(offsets[0])}")
+        drops = np.flatnonzero(np.diff(offsets) < 0)
+        if len(drops):
+            c = int(drops[0])
+            raise ValueError(
+                f"{path}: offsets must be non-decreasing, but cell {c} starts at row {int(offsets[c])} and "
+                f"ends at row {int(offsets[c + 1])}"
+            )
+        if offsets[-1] != count:
+            raise ValueError(
+                f"{path}: offsets end at row {int(offsets[-1])}, but they must end at the row count {count}"
+            )
+
+        path = directory / "cell_idx.npy"
+        cell_idx = _load_npy(path)
+        if cell_idx.shape != (count,) or not np.issubdtype(cell_idx.dtype, np.integer):
+            raise ValueError(
+                f"{path}: expected {count} integer cells (one per row), got {cell_idx.dtype} of shape {cell_idx.shape}"
+            )
+        expected = np.repeat(np.arange(n_cells, dtype=np.int64), np.diff(offsets))
+        wrong = np.flatnonzero(cell_idx != expected)
+        if len(wrong):
+            r = int(wrong[0])
+            raise ValueError(
+                f"{path}: row {r} is in cell {int(cell_idx[r])}, but offsets.npy puts it in cell {int(expected[r])}; "
+                "the rows must be sorted by cell as the offsets say"
+            )
+
+        path = directory / "latlon.npy"
+        latlon = _load_npy(path)
+        if latlon.shape != (count, 2) or not np.issubdtype(latlon.dtype, np.floating):
+            raise ValueError(
+                f"{path}: expected float coordinates of shape ({count}, 2), got {latlon.dtype} of shape {latlon.shape}"
+            )
+        for col, name, limit in ((0, "latitude", 90.0), (1, "longitude", 180.0)):
+            bad = np.flatnonzero(~(np.abs(latlon[:, col]) <= limit))
+            if len(bad):
+                r = int(bad[0])
+                raise ValueError(
+                    f"{path}: row {r} has {name} {latlon[r, col]!r}, outside [-{limit:g}, {limit:g}] degrees"
+                )
+
+        path = directory / "ids.txt"
+        if not path.is_file():
+            raise FileNotFoundError(f"background index {directory} has no ids.txt")
+        try:
+            text = path.read_text()
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}: not readable text ({err})") from None
+        # One id per line, as save writes them; split on newlines only (splitlines would also split ids
+        # holding form feeds or Unicode line separators).
+        ids = text.split("\n")
+        if ids and ids[-1] == "":
+            ids.pop()
+        if len(ids) != count:
+            raise ValueError(f"{path}: {len(ids)} ids, but the index has {count} rows")
+
+        index.embeddings = embeddings
+        index.offsets = offsets
+        index.cell_idx = cell_idx.astype(np.int64, copy=False)
+        index.latlon = latlon.astype(np.float64, copy=False)
+        index.ids = np.asarray(ids)
+        index.fingerprint = meta["fingerprint"]
+        index.config = meta.get("config") or {}
+        index._directory = directory
         index.check_compatible(fingerprint=fingerprint)
         return index
 
@@ -485,6 +565,41 @@ class BackgroundIndex:
             )
         self._searchers[key] = index
         return index
+
+
+def _read_index_meta(path: Path) -> Dict[str, Any]:
+    """``index.json``, checked: ``dtype`` one of `INDEX_DTYPES`, ``count``/``dim``/``n_cells`` integers
+    (``dim`` and ``n_cells`` >= 1), ``fingerprint`` a string."""
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    if meta.get("dtype") not in INDEX_DTYPES:
+        raise ValueError(f"{path}: dtype {meta.get('dtype')!r}; choose one of: {', '.join(INDEX_DTYPES)}")
+    for key, least in (("count", 0), ("dim", 1), ("n_cells", 1)):
+        value = meta.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{path}: {key} must be an integer >= {least}, got {value!r}")
+    if not isinstance(meta.get("fingerprint"), str):
+        raise ValueError(f"{path}: fingerprint must be a string, got {meta.get('fingerprint')!r}")
+    if meta.get("config") is not None and not isinstance(meta["config"], dict):
+        raise ValueError(f"{path}: config must be an object, got {meta['config']!r}")
+    return meta
+
+
+def _load_npy(path: Path, *, mmap_mode: Optional[str] = None) -> np.ndarray:
+    """A ``.npy`` array (never pickled objects), or an error naming the file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"background index {path.parent} has no {path.name}")
+    try:
+        array = np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise ValueError(f"{path}: not a readable .npy array ({err})") from None
+    if not isinstance(array, np.ndarray):
+        raise ValueError(f"{path}: not a single .npy array")
+    return array
 
 
 def _default_pq_m(dim: int) -> int:

@@ -22,7 +22,7 @@ from typing import Dict, Optional, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -105,7 +105,14 @@ class ResidualRetrievalModule(nn.Module):
     def load(
         cls, path: Union[str, Path], *, fingerprint: Optional[str] = None, map_location: str = "cpu"
     ) -> ResidualRetrievalModule:
-        """Load a module saved with `save`; raises when ``fingerprint`` is given and differs from the file's."""
+        """Load a module saved with `save`.
+
+        Raises:
+            FileNotFoundError: the file is missing.
+            ValueError: the file is not a retrieval module's safetensors, its metadata is malformed, its
+                tensors do not fit the recorded ``dim``/``hidden_dim`` (the file and the tensor named), or
+                ``fingerprint`` is given and differs from the file's.
+        """
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"retrieval module weights not found: {path}")
@@ -117,17 +124,48 @@ class ResidualRetrievalModule(nn.Module):
                 f"retrieval module {path} was trained on partition {metadata.get('fingerprint')!r}, "
                 f"but the model uses partition {fingerprint!r}"
             )
-        module = cls(
-            int(metadata["dim"]),
-            int(metadata["hidden_dim"]),
-            residual_input=metadata.get("residual_input", "normalized"),
-        )
-        module.load_state_dict(load_file(str(path), device=map_location))
+        sizes = {}
+        for key in ("dim", "hidden_dim"):
+            try:
+                sizes[key] = int(metadata.get(key, ""))
+            except ValueError:
+                sizes[key] = 0
+            if sizes[key] <= 0:
+                raise ValueError(
+                    f"{path}: metadata {key} must be a positive integer, got {metadata.get(key)!r}"
+                )
+        try:
+            module = cls(
+                sizes["dim"],
+                sizes["hidden_dim"],
+                residual_input=metadata.get("residual_input", "normalized"),
+            )
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
+        try:
+            module.load_state_dict(load_file(str(path), device=map_location))
+        except (RuntimeError, SafetensorError) as err:
+            detail = " ".join(str(err).split())
+            raise ValueError(
+                f"{path}: the tensors do not fit a retrieval module of dim {sizes['dim']}, hidden_dim "
+                f"{sizes['hidden_dim']}: {detail}"
+            ) from None
         module.fingerprint = metadata.get("fingerprint")
         return module
 
 
 def read_metadata(path: Union[str, Path]) -> Dict[str, str]:
-    """The safetensors metadata of a weights file (``dim``, ``hidden_dim``, ``fingerprint``, …)."""
-    with safe_open(str(path), framework="pt") as handle:
-        return dict(handle.metadata() or {})
+    """The safetensors metadata of a weights file (``dim``, ``hidden_dim``, ``fingerprint``, …).
+
+    Raises:
+        FileNotFoundError: the file is missing.
+        ValueError: the file is not a safetensors file (named in the message).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"retrieval module weights not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
