@@ -523,6 +523,8 @@ def tag_photos(
     if fmt == "parquet":
         pyarrow_parquet()
     ranks = ranks or Ranks()
+    # The inputs first: a mistyped path fails before a large model is loaded.
+    found: Discovery = discover(paths)
     predictor = load_predictor(model, head=head, device=ranks.device)
     options = dict(predict_options or {})
     if head is not None:
@@ -530,7 +532,6 @@ def tag_photos(
     if workers is None:
         workers = max(0, min(8, (os.cpu_count() or 1) - 1))
 
-    found: Discovery = discover(paths)
     summary = TagSummary(
         output=output,
         skipped_not_photo=found.skipped_not_photo,
