@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -238,15 +237,3 @@ def photo_batches(
         dataset, batch_size=batch_size, workers=workers, indices=indices, pin_memory=pin_memory
     )
     return batch_by_shape(loader, batch_size, max_pending=max_pending)
-
-
-def photo_paths(root: Union[str, os.PathLike], ids: Iterable[str]) -> List[Path]:
-    """The files of photo ids (relative paths such as ``45/77/3228511372.jpg``) under an image root.
-
-    Raises:
-        FileNotFoundError: the root is not a folder.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder not found: {root}")
-    return [root / str(i) for i in ids]
