@@ -28,6 +28,8 @@ from typing import IO, Any, Iterable, Iterator, Sequence, Union
 
 import numpy as np
 
+from .files import atomic_path, remove_stale_temporaries, write_text_atomic
+
 PathLike = Union[str, os.PathLike]
 
 CACHE_ARRAYS = {"features": np.float16, "latlon": np.float64, "labels": np.int64}
@@ -145,38 +147,41 @@ def _write_cache(
     (out / "meta.json").unlink(missing_ok=True)
     shapes = {"features": (count, dim), "latlon": (count, 2), "labels": (count, *label_shape)}
     streamed = {name: dtype for name, dtype in CACHE_ARRAYS.items() if name not in whole}
-    for name, array in whole.items():
-        assert array.shape == shapes[name], (name, array.shape, shapes[name])
-        np.save(out / f"{name}.tmp.npy", np.asarray(array, dtype=CACHE_ARRAYS[name]))
-    written = 0
-    with contextlib.ExitStack() as stack:
-        files: dict[str, IO] = {
-            name: stack.enter_context(_npy_writer(out / f"{name}.tmp.npy", dtype, shapes[name]))
-            for name, dtype in streamed.items()
-        }
-        files.update({name: stack.enter_context(open(out / f"{name}.tmp.txt", "w")) for name in CACHE_LINES})
-        for block in blocks:
-            k = len(block["ids"])
-            for name, dtype in streamed.items():
-                rows = np.ascontiguousarray(block[name], dtype=dtype)
-                assert rows.shape == (k, *shapes[name][1:]), (name, rows.shape, shapes[name])
-                files[name].write(memoryview(rows))
-            for name in CACHE_LINES:
-                assert len(block[name]) == k, (name, len(block[name]), k)
-                files[name].writelines(f"{value}\n" for value in block[name])
-            written += k
-    assert written == count, (written, count)
-    for name in CACHE_ARRAYS:
-        os.replace(out / f"{name}.tmp.npy", out / f"{name}.npy")
-    for name in CACHE_LINES:
-        os.replace(out / f"{name}.tmp.txt", out / f"{name}.txt")
+    for name in (*CACHE_ARRAYS, *CACHE_LINES):
+        target = out / (f"{name}.npy" if name in CACHE_ARRAYS else f"{name}.txt")
+        remove_stale_temporaries(target)  # of a merge killed before it could clean up
+        (out / f"{name}.tmp{target.suffix}").unlink(missing_ok=True)  # the fixed names of older versions
+    with contextlib.ExitStack() as targets:
+        # Every file is written under a temporary name and moved into place only once all are complete.
+        tmp = {name: targets.enter_context(atomic_path(out / f"{name}.npy")) for name in CACHE_ARRAYS}
+        tmp.update({name: targets.enter_context(atomic_path(out / f"{name}.txt")) for name in CACHE_LINES})
+        for name, array in whole.items():
+            assert array.shape == shapes[name], (name, array.shape, shapes[name])
+            with open(tmp[name], "wb") as f:
+                np.save(f, np.asarray(array, dtype=CACHE_ARRAYS[name]))
+        written = 0
+        with contextlib.ExitStack() as stack:
+            files: dict[str, IO] = {
+                name: stack.enter_context(_npy_writer(tmp[name], dtype, shapes[name]))
+                for name, dtype in streamed.items()
+            }
+            files.update({name: stack.enter_context(open(tmp[name], "w")) for name in CACHE_LINES})
+            for block in blocks:
+                k = len(block["ids"])
+                for name, dtype in streamed.items():
+                    rows = np.ascontiguousarray(block[name], dtype=dtype)
+                    assert rows.shape == (k, *shapes[name][1:]), (name, rows.shape, shapes[name])
+                    files[name].write(memoryview(rows))
+                for name in CACHE_LINES:
+                    assert len(block[name]) == k, (name, len(block[name]), k)
+                    files[name].writelines(f"{value}\n" for value in block[name])
+                written += k
+        assert written == count, (written, count)
 
 
 def write_meta(out: Path, meta: dict[str, Any]) -> None:
     """Writes ``meta.json``, the mark of a complete cache, atomically (last, after every other file)."""
-    tmp = out / "meta.tmp.json"
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, out / "meta.json")
+    write_text_atomic(out / "meta.json", json.dumps(meta, indent=2) + "\n")
 
 
 class FeatureCache:

@@ -45,6 +45,7 @@ from accelerate.utils import broadcast_object_list
 from geoswc.classifiers import load_backbone, load_head
 from geoswc.cli import main as cli_main
 from geoswc.config import Config, resolve_config
+from geoswc.data.files import write_text_atomic
 from geoswc.data.images import image_path
 from geoswc.data.metadata import Exclusions, read_metadata
 from geoswc.data.shards import read_shard_metadata
@@ -519,9 +520,7 @@ def run_pipeline(run: FitRun, stages: Optional[Sequence[str]] = None) -> Dict[st
                 "details": details,
                 "num_processes": state.num_processes,
             }
-            tmp = out / (MARKER + ".tmp")
-            tmp.write_text(json.dumps(marker, indent=2, default=str) + "\n")
-            tmp.replace(out / MARKER)
+            write_text_atomic(out / MARKER, json.dumps(marker, indent=2, default=str) + "\n")
             (out / ATTEMPT).unlink(missing_ok=True)
             run.echo(f"{label}: done in {duration(seconds)}")
         state.wait_for_everyone()

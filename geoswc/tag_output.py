@@ -25,8 +25,9 @@ import logging
 import math
 import os
 import re
-import tempfile
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
+
+from geoswc.data.files import atomic_path
 
 try:
     import fcntl
@@ -205,7 +206,7 @@ def read_run_record(output: str) -> Optional[dict]:
 def write_run_record(output: str, record: dict) -> None:
     """Write ``OUT.run.json`` atomically."""
     path = run_record_path(output)
-    with os_errors("write", path), _atomic(path) as tmp:
+    with os_errors("write", path), atomic_path(path) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
@@ -453,36 +454,13 @@ def _finite(value):
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
-def _new_file_mode() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-@contextlib.contextmanager
-def _atomic(path: str):
-    """A temporary file beside ``path`` (an unpredictable name, the mode a new file would get), renamed over
-    ``path`` when the block ends without error and removed otherwise."""
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=os.path.dirname(path) or None
-    )
-    os.close(fd)
-    try:
-        os.chmod(tmp, _new_file_mode())
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def write_rows(path: str, fmt: str, rows: Sequence[Row]) -> None:
     """Write a complete output file atomically (a temporary file renamed over ``path``).
 
     Raises:
         OutputError: the system refused (the message names ``path``); ``path`` is then as it was.
     """
-    with os_errors("write", path), _atomic(path) as tmp:
+    with os_errors("write", path), atomic_path(path) as tmp:
         if fmt in ("csv", "jsonl"):
             line = _csv_line if fmt == "csv" else _json_line
             with open(tmp, "w", encoding=ENCODING, errors=ERRORS, newline="") as f:

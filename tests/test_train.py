@@ -189,12 +189,13 @@ def test_feature_merge_killed_midway_is_completed_on_rerun(world, cache, tmp_pat
     assert sorted(p.name for p in (tmp_path / "parts").glob("part_*")) == [
         f"part_0000{i}.npy" for i in range(3)
     ]
-    assert (tmp_path / "features.tmp.npy").is_file() and not (tmp_path / "meta.json").exists()
+    # The merge cleaned up after itself: no half-written file, and no mark of a complete cache.
+    assert not list(tmp_path.glob(".*.tmp")) and not (tmp_path / "meta.json").exists()
 
     assert train_main(args) == 0
     for name in CACHE_FILES:
         assert (tmp_path / name).read_bytes() == (cache / name).read_bytes(), name
-    assert not (tmp_path / "parts").exists() and not list(tmp_path.glob("*.tmp.*"))
+    assert not (tmp_path / "parts").exists() and not list(tmp_path.glob(".*.tmp"))
 
 
 def test_heads_from_features(world, cache, tmp_path):

@@ -34,7 +34,7 @@ def _write_concatenation(out, features, latlon, labels, ids, authors):
 def _assert_same_files(out, reference):
     for name in FILES:
         assert (out / name).read_bytes() == (reference / name).read_bytes(), name
-    assert not list(out.glob("*.tmp.*"))
+    assert not list(out.glob("*.tmp.*")) and not list(out.glob(".*.tmp"))
 
 
 def _image_parts(tmp_path, n=23, part_size=5):
@@ -132,7 +132,9 @@ def test_merge_over_a_killed_one_gives_the_same_files(tmp_path):
 
     out.mkdir()
     (out / "features.tmp.npy").write_bytes(b"\x93NUMPY" + b"\0" * 5000)  # longer than the real file
-    (out / "ids.tmp.txt").write_text("half\nwrit")
+    (out / "ids.tmp.txt").write_text("half\nwrit")  # the fixed temporary names of older versions
+    (out / ".features.npy.k1ll3d.tmp").write_bytes(b"\x93NUMPY")  # left by a SIGKILL
+    (out / ".ids.txt.k1ll3d.tmp").write_text("half\nwrit")
     np.save(out / "labels.npy", np.zeros((3, 1), np.int64))
     (out / "authors.txt").write_text("stale\n")
     merge_shard_parts(parts, out, n_parts=len(shards), dim=DIM)

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from geoswc.classifiers import create_backbone, load_backbone
 from geoswc.config import Config
+from geoswc.data.files import atomic_path, write_text_atomic
 from geoswc.data.features import merge_image_parts, merge_shard_parts, write_meta
 from geoswc.engine import prepare_for_speed, weights_digest
 from geoswc.train.common import PathLike, StageResult, finish_stage, start_stage
@@ -143,9 +144,8 @@ def _table_features(
                 with accelerator.autocast():
                     block[row.numpy() - rows[0]] = model(inputs).float().cpu().numpy().astype(np.float16)
                 images += len(inputs)
-        tmp = parts_dir / f"part_{part:05d}.tmp.npy"
-        np.save(tmp, block)
-        tmp.rename(target)
+        with atomic_path(target) as tmp, open(tmp, "wb") as f:
+            np.save(f, block)
     elapsed = time.perf_counter() - start
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -230,8 +230,7 @@ def _shard_features(
                 labels.append(batch["labels"].numpy())
                 images += len(block)
         n_gran = labels[0].shape[1] if labels else 0
-        tmp = parts_dir / f"part_{part:05d}.tmp.npz"
-        with open(tmp, "wb") as f:
+        with atomic_path(target) as tmp, open(tmp, "wb") as f:
             np.savez(
                 f,
                 features=np.concatenate(feats),
@@ -240,7 +239,6 @@ def _shard_features(
                 latlon=np.concatenate(latlon) if latlon else np.zeros((0, 2)),
                 labels=np.concatenate(labels) if labels else np.zeros((0, n_gran), np.int64),
             )
-        tmp.rename(target)
     elapsed = time.perf_counter() - start
     accelerator.wait_for_everyone()
     n = 0
@@ -295,7 +293,5 @@ def _claim_parts(accelerator: Accelerator, parts_dir: Path, key: Dict[str, Any])
                 shutil.rmtree(parts_dir)
         parts_dir.mkdir(parents=True, exist_ok=True)
         if not key_file.is_file():
-            tmp = parts_dir / "key.tmp.json"
-            tmp.write_text(json.dumps(key, indent=2) + "\n")
-            os.replace(tmp, key_file)
+            write_text_atomic(key_file, json.dumps(key, indent=2) + "\n")
     accelerator.wait_for_everyone()
