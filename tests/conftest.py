@@ -22,6 +22,29 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def two_rank_launch() -> list:
+    """The command line of ``accelerate launch`` with two real ranks on this machine (gloo on CPU, no mixed
+    precision, no dynamo) on a free port; append ``-m MODULE ARGS...`` or ``SCRIPT ARGS...``."""
+    import sys
+
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+    ]
+
+
 @pytest.fixture(scope="session")
 def test_data() -> Path:
     return TEST_DATA

@@ -1,6 +1,5 @@
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ from geoswc.data.metadata import read_metadata
 from geoswc.data.shards import write_shards
 from geoswc.data.synth import make_world
 from geoswc.data.transforms import build_transform, pad_collate
-from conftest import free_port
+from conftest import two_rank_launch
 
 CONFIG = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "interpolation": "bicubic"}
 
@@ -220,21 +219,7 @@ def test_two_real_ranks_see_every_sample_exactly_once(shards, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
     result = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "accelerate.commands.accelerate_cli",
-            "launch",
-            "--multi_gpu",
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "--main_process_port",
-            str(free_port()),
+            *two_rank_launch(),
             str(script),
             str(shards / "shards"),
             str(tmp_path),

@@ -5,7 +5,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 from collections import Counter
 
 import numpy as np
@@ -16,7 +15,7 @@ from test_fit import FAST
 from geoswc.cli import main
 from geoswc.fit import STAGES, read_marker
 from geoswc.geolocator import Geolocator
-from conftest import free_port
+from conftest import two_rank_launch
 
 # Every stage, retrieval included, with the small settings of test_fit.py.
 SETTINGS = [*FAST, "retrieval.epochs=1"]
@@ -34,20 +33,7 @@ def test_two_cpu_ranks_fit_one_model_and_only_the_main_process_draws_bars(tmp_pa
     # both ranks into one gloo group instead of two single-process worlds.
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
+        *two_rank_launch(),
         "-m",
         "geoswc.fit",
         str(world / "train.csv"),

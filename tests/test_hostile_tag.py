@@ -19,7 +19,7 @@ import piexif
 import pytest
 from PIL import Image
 
-from conftest import free_port
+from conftest import two_rank_launch
 from geoswc.tag import summary_lines, tag_photos
 from geoswc.tag_output import read_rows
 from test_tag import MeanColour
@@ -302,9 +302,7 @@ def test_with_two_ranks_a_held_lock_stops_every_rank_at_once(tmp_path):
     script = tmp_path / "two_ranks.py"
     script.write_text(TWO_RANKS.format(tests=str(TESTS), root=str(root)))
     out = tmp_path / "tags.jsonl"
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    launch += ["--main_process_port", str(free_port()), str(script), str(out)]
+    launch = [*two_rank_launch(), str(script), str(out)]
     with open(f"{out}.lock", "a") as held:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         done = subprocess.run(launch, timeout=240, capture_output=True, text=True)

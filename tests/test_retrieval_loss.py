@@ -1,10 +1,10 @@
 import math
 import os
-import socket
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import free_port
 from geoswc.retrieval.loss import InfoNCEWithMemory
 
 
@@ -107,12 +107,6 @@ def test_loss_gradient_flows_to_both_sides():
     assert q.grad.abs().sum() > 0 and p.grad.abs().sum() > 0
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank_worker(rank, world, port, q, p, labels, mem, mem_labels, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
@@ -150,7 +144,7 @@ def test_two_ranks_equal_single_process_global_batch():
 
     manager = mp.Manager()
     out = manager.dict()
-    mp.spawn(_rank_worker, args=(2, _free_port(), q, p, labels, mem, mem_labels, out), nprocs=2)
+    mp.spawn(_rank_worker, args=(2, free_port(), q, p, labels, mem, mem_labels, out), nprocs=2)
     for rank in range(2):
         assert out[rank]["loss"] == pytest.approx(ref_loss.item(), rel=1e-6)
         assert out[rank]["memory"] == single.memory()[1].tolist()

@@ -1,7 +1,6 @@
 import json
 import os
 import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from geoswc.config import RetrievalConfig, TrainConfig
 from geoswc.retrieval import ResidualRetrievalModule
 from geoswc.train.retrieval import fit_retrieval_module, same_cell_precision
 from retrieval_fixture import cell_features
-from conftest import free_port
+from conftest import two_rank_launch
 
 FAST = RetrievalConfig(hidden_dim=64, memory_size=128, epochs=60, batch_size=10, lr=3e-3)
 
@@ -178,20 +177,7 @@ def test_two_process_training_with_accelerate_launch(tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
+        *two_rank_launch(),
         "-m",
         "geoswc.train",
         "retrieval",

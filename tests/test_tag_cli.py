@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from geoswc.tag_output import read_rows
-from conftest import free_port
+from conftest import two_rank_launch
 
 TESTS = Path(__file__).resolve().parent
 
@@ -115,20 +115,7 @@ def test_two_ranks_split_the_photos_and_merge_one_output(tmp_path):
     subprocess.run([sys.executable, str(script), str(reference)], check=True, timeout=120)
     out = tmp_path / "tags.parquet"
     launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
+        *two_rank_launch(),
         str(script),
         str(out),
     ]

@@ -1,7 +1,6 @@
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,7 @@ from geoswc.classifiers import load_head
 from geoswc.cli import main as geoswc_main
 from geoswc.eval import accuracy_at
 
-from conftest import free_port
+from conftest import two_rank_launch
 
 
 def train_main(argv):
@@ -386,20 +385,7 @@ def test_accuracy_at_hand_computed():
 def test_two_cpu_ranks_train_identical_heads(world, cache, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
+        *two_rank_launch(),
         "-m",
         "geoswc.train",
         "heads",
