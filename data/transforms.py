@@ -2,7 +2,8 @@
 
 Training: random crop covering 70-100 % of the image with aspect ratio 3/4-4/3, horizontal flip, resized to
 300 x 300. Evaluation: "resize the images so that the largest side is 300 pixels" (``eval_resize="longest"``),
-or ``"fixed"``: short side to ``size`` and a centre crop, the usual timm evaluation. Mean, std and
+or ``"fixed"``: short side to ``size`` and a centre crop, the usual timm evaluation, or ``"shortest"``: short side
+to ``size`` and no crop (what the ICMR authors' released code does). Mean, std and
 interpolation come from the backbone's timm data config (``timm.data.resolve_model_data_config(model)``).
 
 The transforms work on ``(H, W, 3)`` uint8 arrays as `geoswc.data.images.decode_array` returns them (PIL images
@@ -27,7 +28,7 @@ from torchvision import transforms as T
 
 from .images import flip_left_right, resize_array, short_side_size
 
-EVAL_RESIZE_MODES = ("longest", "fixed")
+EVAL_RESIZE_MODES = ("longest", "fixed", "shortest")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
 ImageLike = Union[np.ndarray, Image.Image]
@@ -134,6 +135,25 @@ class ResizeLongest:
         return f"ResizeLongest(size={self.size})"
 
 
+class ResizeShortest:
+    """Resize so the short side equals ``size``, keeping the aspect ratio, without cropping; the long side is
+    truncated as torchvision's ``Resize(size)`` does (the ICMR authors' inference transform)."""
+
+    def __init__(self, size: int, interpolation: str = "bilinear"):
+        self.size, self.interpolation = size, interpolation
+
+    def __call__(self, image: ImageLike) -> np.ndarray:
+        array = as_array(image)
+        height, width = array.shape[:2]
+        short, long = min(height, width), max(height, width)
+        new_long = max(1, int(self.size * long / short))
+        new = (self.size, new_long) if width <= height else (new_long, self.size)
+        return resize_array(array, new, interpolation=self.interpolation)
+
+    def __repr__(self) -> str:
+        return f"ResizeShortest(size={self.size})"
+
+
 class ResizeCenterCrop:
     """Resize the short side to ``size`` (up or down), then cut the central ``size x size`` square."""
 
@@ -210,7 +230,7 @@ def build_transform(
             (``bilinear``/``bicubic``/``nearest``) is honoured.
         train: training augmentation (random resized crop + flip) instead of the evaluation resize.
         size: output side (training and ``fixed``) or longest side (``longest``).
-        eval_resize: ``"longest"`` (paper) or ``"fixed"``.
+        eval_resize: ``"longest"`` (paper), ``"fixed"`` or ``"shortest"`` (short side to ``size``, no crop).
         crop_scale: area fraction range of the training crop.
         crop_ratio: aspect ratio range of the training crop.
         hflip: probability of a horizontal flip.
@@ -234,6 +254,8 @@ def build_transform(
             steps.append(RandomHorizontalFlip(hflip))
     elif eval_resize == "longest":
         steps = [ResizeLongest(size, interpolation)]
+    elif eval_resize == "shortest":
+        steps = [ResizeShortest(size, interpolation)]
     else:
         steps = [ResizeCenterCrop(size, interpolation)]
     side = "long" if not train and eval_resize == "longest" else "short"

@@ -1,0 +1,710 @@
+"""Importing the ICMR 2021 authors' released model (github.com/mever-team/visloc-estimation) as a geoswc model.
+
+Kordopatis-Zilos et al. published an EfficientNet-B4 backbone (``efficientnet_backbone.pt``, an
+``efficientnet_pytorch`` state dict), the MvMF head over 31,145 components (``mvmf_head.pt``), the residual
+retrieval module (``rrm_head.pt``), the RRM embeddings of their placeable background with the photos' positions
+(``back_coll_features.hdf5``) and which background rows belong to which component (``cells_assignments.pkl``).
+`import_visloc` turns these five files into a model folder (`Geolocator.save_pretrained`) that every geoswc
+command uses as it is:
+
+- the backbone becomes timm's ``tf_efficientnet_b4`` (the same architecture), tensor for tensor, with the
+  paddings of its strided convolutions frozen at 380 px as efficientnet_pytorch's are
+  (`geoswc.classifiers.padding`), so that it computes their features at every input size;
+- the MvMF components become the cells of the model: one partition whose cell ``k`` is component ``k``, centred
+  on the component's mean (named by the level-30 S2 leaf cell that contains it, so that the cells are disjoint
+  and the partition has a stable fingerprint), with the component's concentration and its background rows;
+- the retrieval module maps onto `ResidualRetrievalModule` (LayerNorm, residual feed-forward on the normalised
+  input, LayerNorm, L2 normalisation: the same computation);
+- their inference transform (shorter side resized to 300 px, no crop, ImageNet mean and std) is recorded in
+  the model's configuration (``data.eval_resize: shortest``), so the model sees what theirs saw.
+
+The ``.pt`` files are read with ``torch.load(weights_only=True)`` and the pickle with the restricted
+unpickler of `geoswc.data.pickles`; no code from the files runs. docs/visloc.md explains the mapping.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import timm
+import torch
+from tqdm.auto import tqdm
+
+from geoswc.classifiers import create_head
+from geoswc.classifiers.padding import freeze_same_padding
+from geoswc.config import Config
+from geoswc.data.download import check_sha256, download, is_url
+from geoswc.data.pickles import load_plain_pickle
+from geoswc.geocells import Geocells, Partition, latlng_to_cell_id
+from geoswc.geolocator import Geolocator
+from geoswc.retrieval.index import BackgroundIndex
+from geoswc.retrieval.model import ResidualRetrievalModule
+
+logger = logging.getLogger(__name__)
+
+TIMM_MODEL = "tf_efficientnet_b4"
+# efficientnet_pytorch fixes the "same" paddings of B4 for this input size and keeps them for every input.
+EFFICIENTNET_B4_SIZE = 380
+# The files of the release: where the authors publish them (src/modules.py and README of their repository).
+AUTHORS_URLS = {
+    "backbone": "https://mever.iti.gr/visloc/efficientnet_backbone.pt",
+    "mvmf": "https://mever.iti.gr/visloc/mvmf_head.pt",
+    "rrm": "https://mever.iti.gr/visloc/rrm_head.pt",
+    "background": "https://mever.iti.gr/visloc/back_coll_features.hdf5",
+}
+ROLES = ("backbone", "mvmf", "rrm", "background", "assignments")
+# Their VectorizedMixtureVMF: kappa = exp(kappas + prekappa0), prekappa0 = 16 in every released configuration.
+DEFAULT_PREKAPPA0 = 16.0
+# Their Preprocessing("inference", backbone="efficientnet"): Resize(300) (shorter side), ToTensor, Normalize.
+IMAGE_SIZE = 300
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DATA_CONFIG = {
+    "input_size": (3, IMAGE_SIZE, IMAGE_SIZE),
+    "interpolation": "bilinear",
+    "mean": IMAGENET_MEAN,
+    "std": IMAGENET_STD,
+    "crop_pct": 1.0,
+    "crop_mode": "center",
+}
+PARTITION_NAME = "visloc_mvmf_components"
+IMPORT_FILE = "import.json"
+_COPY_ROWS = 1 << 14
+
+PathOrUrl = Union[str, os.PathLike]
+
+# efficientnet_pytorch block submodules -> timm's, for the blocks with an expansion (InvertedResidual) and for
+# the first stage's blocks without one (DepthwiseSeparableConv).
+_INVERTED_RESIDUAL = {
+    "_expand_conv": "conv_pw",
+    "_bn0": "bn1",
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn2",
+    "_se_reduce": "se.conv_reduce",
+    "_se_expand": "se.conv_expand",
+    "_project_conv": "conv_pwl",
+    "_bn2": "bn3",
+}
+_DEPTHWISE_SEPARABLE = {
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn1",
+    "_se_reduce": "se.conv_reduce",
+    "_se_expand": "se.conv_expand",
+    "_project_conv": "conv_pw",
+    "_bn2": "bn2",
+}
+_STEM_AND_HEAD = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2"}
+_BLOCK_KEY = re.compile(r"_blocks\.(\d+)\.(\w+?)\.(.+)")
+
+
+# ---------------------------------------------------------------------------------------------- reading files
+def read_torch_state(path: Union[str, os.PathLike], what: str) -> Dict[str, torch.Tensor]:
+    """The tensors of a ``.pt`` state dict, loaded with ``torch.load(weights_only=True)`` (no code runs).
+
+    A ``state_dict`` wrapper and ``module.`` prefixes (DataParallel) are removed.
+
+    Raises:
+        FileNotFoundError: the file is missing.
+        ValueError: the file is not a state dict of tensors (``what`` names the part in the message).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file not found: {path}")
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError or others for a foreign file
+        raise ValueError(f"{path}: not a PyTorch weights file torch.load(weights_only=True) can read ({err})")
+    if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
+        state = state["state_dict"]
+    if not isinstance(state, Mapping) or not state:
+        raise ValueError(
+            f"{path}: expected the {what}'s state dict (a mapping of tensors), got {type(state)}"
+        )
+    out = {}
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{path}: entry {key!r} of the {what}'s state dict is not a tensor")
+        out[str(key).removeprefix("module.")] = value
+    return out
+
+
+def _require(state: Mapping[str, torch.Tensor], keys: Sequence[str], path: Path, what: str) -> None:
+    missing = [k for k in keys if k not in state]
+    extra = sorted(set(state) - set(keys))
+    if missing or extra:
+        raise ValueError(
+            f"{path}: not the authors' {what}: missing {missing or 'nothing'}, unexpected {extra[:5] or 'nothing'}; "
+            f"expected the tensors {', '.join(keys)}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------- backbone
+def efficientnet_to_timm(
+    state: Mapping[str, torch.Tensor], model: torch.nn.Module
+) -> Dict[str, torch.Tensor]:
+    """An ``efficientnet_pytorch`` EfficientNet state dict renamed to the keys of the timm EfficientNet ``model``.
+
+    Blocks are numbered consecutively in efficientnet_pytorch (``_blocks.17``) and by stage in timm
+    (``blocks.4.3``); both list them in the same order. The classifier (``_fc``) is dropped.
+
+    Raises:
+        ValueError: a tensor has no place in ``model``, or its shape differs from the one it replaces, or a
+            tensor of ``model`` is missing (each named).
+    """
+    flat = [(s, j) for s, stage in enumerate(model.blocks) for j in range(len(stage))]
+    target = model.state_dict()
+    out: Dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        if key.startswith("_fc."):
+            continue
+        match = _BLOCK_KEY.fullmatch(key)
+        new = None
+        if match:
+            i, sub, rest = int(match.group(1)), match.group(2), match.group(3)
+            if i < len(flat):
+                stage, j = flat[i]
+                table = _DEPTHWISE_SEPARABLE if stage == 0 else _INVERTED_RESIDUAL
+                if sub in table:
+                    new = f"blocks.{stage}.{j}.{table[sub]}.{rest}"
+        else:
+            module, _, rest = key.partition(".")
+            if module in _STEM_AND_HEAD:
+                new = f"{_STEM_AND_HEAD[module]}.{rest}"
+        if new is None or new not in target:
+            raise ValueError(f"tensor {key!r} has no counterpart in timm's {TIMM_MODEL}")
+        if tuple(tensor.shape) != tuple(target[new].shape):
+            raise ValueError(
+                f"tensor {key!r} has shape {tuple(tensor.shape)}, but timm's {new!r} has {tuple(target[new].shape)}"
+            )
+        out[new] = tensor
+    missing = [k for k in target if k not in out]
+    if missing:
+        raise ValueError(
+            f"the EfficientNet state dict lacks {len(missing)} tensors of timm's {TIMM_MODEL}, e.g. {missing[:3]}"
+        )
+    return out
+
+
+def convert_backbone(state: Mapping[str, torch.Tensor], *, source: str = "the backbone") -> torch.nn.Module:
+    """timm's ``tf_efficientnet_b4`` (``num_classes=0``) holding the weights of an efficientnet_pytorch B4, with
+    its strided convolutions padded as efficientnet_pytorch pads them (frozen at 380 px,
+    `geoswc.classifiers.padding`), so that it computes the same features at every input size.
+
+    Raises:
+        ValueError: the state dict is not an EfficientNet-B4's (the first misfit named, with ``source``).
+    """
+    model = timm.create_model(TIMM_MODEL, pretrained=False, num_classes=0)
+    try:
+        model.load_state_dict(efficientnet_to_timm(state, model))
+    except ValueError as err:
+        raise ValueError(f"{source}: {err}") from None
+    return freeze_same_padding(model, (EFFICIENTNET_B4_SIZE, EFFICIENTNET_B4_SIZE)).eval()
+
+
+# ---------------------------------------------------------------------------------------------- MvMF head
+@dataclass
+class MvMFWeights:
+    """The authors' MvMF head: component means (degrees, normalised to the sphere), log concentrations and the
+    mixture-weight layer."""
+
+    centers_deg: np.ndarray
+    log_kappa: np.ndarray
+    weight: torch.Tensor
+    bias: torch.Tensor
+
+
+def read_mvmf(path: Union[str, os.PathLike], *, prekappa0: float = DEFAULT_PREKAPPA0) -> MvMFWeights:
+    """Read ``mvmf_head.pt`` (their ``MVMFModule``: ``mvmf.mus`` (2, M) lat/lon in degrees, ``mvmf.kappas``
+    (M,) with kappa = exp(kappas + prekappa0), ``mixture_weights.seq_model.0`` the linear layer).
+
+    Trained means may leave [-90, 90] x [-180, 180]; they are mapped through the unit sphere, the point their
+    code evaluates.
+
+    Raises:
+        FileNotFoundError, ValueError: a missing file, or tensors other than those of their head.
+    """
+    path = Path(path)
+    state = read_torch_state(path, "MvMF head")
+    keys = [
+        "mvmf.mus",
+        "mvmf.kappas",
+        "mixture_weights.seq_model.0.weight",
+        "mixture_weights.seq_model.0.bias",
+    ]
+    _require(state, keys, path, "MvMF head (src/modules.py MVMFModule)")
+    mus = state["mvmf.mus"].double()
+    kappas = state["mvmf.kappas"].double()
+    weight, bias = state[keys[2]], state[keys[3]]
+    if mus.ndim != 2 or mus.shape[0] != 2:
+        raise ValueError(f"{path}: mvmf.mus must have shape (2, M), got {tuple(mus.shape)}")
+    n = mus.shape[1]
+    if kappas.shape != (n,) or weight.ndim != 2 or weight.shape[0] != n or bias.shape != (n,):
+        raise ValueError(
+            f"{path}: {n} component means but kappas {tuple(kappas.shape)}, mixture layer "
+            f"{tuple(weight.shape)} and bias {tuple(bias.shape)}; expected ({n},), ({n}, D) and ({n},)"
+        )
+    if not (torch.isfinite(mus).all() and torch.isfinite(kappas).all()):
+        raise ValueError(f"{path}: the component means or concentrations hold NaN or infinite values")
+    lat_rad, lon_rad = torch.deg2rad(mus[0]), torch.deg2rad(mus[1])
+    xyz = torch.stack(
+        (
+            torch.cos(lat_rad) * torch.cos(lon_rad),
+            torch.cos(lat_rad) * torch.sin(lon_rad),
+            torch.sin(lat_rad),
+        ),
+        1,
+    )
+    centers = np.stack(
+        (
+            np.degrees(np.arctan2(xyz[:, 2].numpy(), np.hypot(xyz[:, 0].numpy(), xyz[:, 1].numpy()))),
+            np.degrees(np.arctan2(xyz[:, 1].numpy(), xyz[:, 0].numpy())),
+        ),
+        axis=1,
+    )
+    return MvMFWeights(
+        centers_deg=centers,
+        log_kappa=(kappas + float(prekappa0)).numpy(),
+        weight=weight.float(),
+        bias=bias.float(),
+    )
+
+
+def component_partition(
+    centers_deg: np.ndarray, counts: np.ndarray, *, name: str = PARTITION_NAME
+) -> Partition:
+    """The partition whose cell ``k`` is MvMF component ``k``: named by the level-30 S2 leaf containing the
+    component's mean, centred on the mean, counting the component's background photos.
+
+    Raises:
+        ValueError: two components share a leaf cell (means less than a centimetre apart), both named.
+    """
+    centers_deg = np.asarray(centers_deg, dtype=np.float64)
+    leaves = latlng_to_cell_id(centers_deg[:, 0], centers_deg[:, 1])
+    order = np.argsort(leaves, kind="stable")
+    same = np.flatnonzero(leaves[order][1:] == leaves[order][:-1])
+    if len(same):
+        a, b = int(order[same[0]]), int(order[same[0] + 1])
+        raise ValueError(
+            f"MvMF components {a} and {b} have the same mean {centers_deg[a].tolist()} (to a centimetre); the "
+            "components of an imported model must be distinct places"
+        )
+    return Partition(
+        leaves, counts=counts, centers_deg=centers_deg, name=name, num_images=int(np.sum(counts))
+    )
+
+
+# ---------------------------------------------------------------------------------------------- RRM
+def convert_rrm(path: Union[str, os.PathLike]) -> ResidualRetrievalModule:
+    """`ResidualRetrievalModule` with the weights of ``rrm_head.pt`` (their ``RetrievalModule``: ``norm``,
+    ``res.fc1``, ``res.fc2``, ``res.norm``).
+
+    Raises:
+        FileNotFoundError, ValueError: a missing file, or tensors other than those of their module.
+    """
+    path = Path(path)
+    state = read_torch_state(path, "retrieval module")
+    names = {
+        "norm.weight": "norm_in.weight",
+        "norm.bias": "norm_in.bias",
+        "res.fc1.weight": "fc1.weight",
+        "res.fc1.bias": "fc1.bias",
+        "res.fc2.weight": "fc2.weight",
+        "res.fc2.bias": "fc2.bias",
+        "res.norm.weight": "norm_out.weight",
+        "res.norm.bias": "norm_out.bias",
+    }
+    _require(state, list(names), path, "retrieval module (src/modules.py RetrievalModule)")
+    hidden, dim = state["res.fc1.weight"].shape
+    module = ResidualRetrievalModule(int(dim), int(hidden), residual_input="normalized")
+    try:
+        module.load_state_dict({ours: state[theirs].float() for theirs, ours in names.items()})
+    except RuntimeError as err:
+        detail = " ".join(str(err).split())
+        raise ValueError(
+            f"{path}: the tensors do not fit a retrieval module of dim {dim}: {detail}"
+        ) from None
+    return module.eval()
+
+
+# ---------------------------------------------------------------------------------------------- background
+def _open_background(path: Path) -> Tuple[Any, Any, bool]:
+    """``(file, features dataset, transposed)`` of their HDF5; ``transposed`` when features are stored (D, N)."""
+    try:
+        import h5py
+    except ImportError as err:
+        raise ImportError("reading the background HDF5 needs h5py: pip install h5py") from err
+    if not path.is_file():
+        raise FileNotFoundError(f"background file not found: {path}")
+    try:
+        handle = h5py.File(path, "r")
+    except OSError as err:
+        raise ValueError(f"{path}: not an HDF5 file ({err})") from None
+    for name in ("features", "labels"):
+        if name not in handle:
+            handle.close()
+            raise ValueError(
+                f"{path}: no dataset {name!r}; the authors' background file holds 'features' (embeddings) "
+                "and 'labels' (lat, lon per photo)"
+            )
+    labels, features = handle["labels"], handle["features"]
+    if labels.ndim != 2 or labels.shape[1] != 2 or features.ndim != 2:
+        handle.close()
+        raise ValueError(
+            f"{path}: expected labels (N, 2) and features (N, D), got labels {labels.shape} and features "
+            f"{features.shape}"
+        )
+    n = labels.shape[0]
+    # Their evaluation.py reads features[:, :].T and indexes its columns by row: (N, D) on disk. A (D, N)
+    # layout is accepted too, recognised by which side matches the labels.
+    if features.shape[0] == n:
+        transposed = False
+    elif features.shape[1] == n:
+        transposed = True
+    else:
+        handle.close()
+        raise ValueError(f"{path}: features {features.shape} do not have one row per label ({n} labels)")
+    return handle, features, transposed
+
+
+class _Rows:
+    """A read-only (P, D) view of ``array`` whose row ``p`` is ``array[rows[p]]`` (what `BackgroundIndex.build`
+    reads, chunk by chunk)."""
+
+    def __init__(self, array: np.ndarray, rows: np.ndarray):
+        self.array, self.rows = array, rows
+        self.shape = (len(rows), array.shape[1])
+        self.ndim = 2
+        self.dtype = array.dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index):
+        return self.array[self.rows[index]]
+
+
+def assignment_pairs(
+    assignments: Any, *, n_components: int, n_rows: int, source: str
+) -> Tuple[np.ndarray, np.ndarray]:
+    """``(component, row)`` pairs of ``{component: set of background rows}``, sorted by component then row.
+
+    Raises:
+        ValueError: not such a dict, or a component or row index out of range (both named with ``source``).
+    """
+    if not isinstance(assignments, dict):
+        raise ValueError(
+            f"{source}: expected a dict {{component: set of rows}}, got {type(assignments).__name__}"
+        )
+    comps, rows = [], []
+    for comp, members in assignments.items():
+        if (
+            isinstance(comp, bool)
+            or not isinstance(comp, (int, np.integer))
+            or not 0 <= int(comp) < n_components
+        ):
+            raise ValueError(
+                f"{source}: component {comp!r} is not an index of the MvMF head's {n_components} components"
+            )
+        if not isinstance(members, (set, frozenset, list, tuple)):
+            raise ValueError(
+                f"{source}: component {comp}: expected a set of rows, got {type(members).__name__}"
+            )
+        members = np.fromiter((int(r) for r in members), dtype=np.int64, count=len(members))
+        if len(members) and (members.min() < 0 or members.max() >= n_rows):
+            bad = int(members[(members < 0) | (members >= n_rows)][0])
+            raise ValueError(
+                f"{source}: component {comp} lists row {bad}; the background has rows 0..{n_rows - 1}"
+            )
+        comps.append(np.full(len(members), int(comp), dtype=np.int64))
+        rows.append(np.sort(members))
+    comp_arr = np.concatenate(comps) if comps else np.zeros(0, np.int64)
+    row_arr = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+    order = np.lexsort((row_arr, comp_arr))
+    return comp_arr[order], row_arr[order]
+
+
+# ---------------------------------------------------------------------------------------------- sources
+def resolve_source(
+    value: PathOrUrl,
+    role: str,
+    *,
+    download_ok: bool = False,
+    download_dir: Optional[Union[str, os.PathLike]] = None,
+    sha256: Optional[str] = None,
+    progress: bool = True,
+) -> Path:
+    """The local file for one input: ``value`` itself, or for a URL the file downloaded into ``download_dir``
+    (only with ``download_ok``), checked against ``sha256`` when given.
+
+    Raises:
+        ValueError: a URL without ``download_ok`` (the message says how to allow it), or a checksum mismatch.
+        FileNotFoundError: a local file that does not exist.
+    """
+    if is_url(value):
+        url = str(value)
+        if not download_ok:
+            raise ValueError(
+                f"--{role} is a URL ({url}); geoswc downloads only when asked: add --download (files go to "
+                "--download-dir), or download it yourself and pass the file"
+            )
+        name = Path(url.split("?", 1)[0].rstrip("/")).name or role
+        return download(url, Path(download_dir or ".") / name, sha256=sha256, progress=progress)
+    path = Path(value)
+    if not path.is_file():
+        raise FileNotFoundError(f"--{role} file not found: {path}")
+    if sha256 is not None:
+        check_sha256(path, sha256)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- the import
+@dataclass
+class ImportResult:
+    """What `import_visloc` wrote: the model folder and a summary of the import."""
+
+    out: Path
+    summary: Dict[str, Any] = field(default_factory=dict)
+
+
+def imported_config(*, index_dtype: str) -> Config:
+    """The configuration of an imported model: their inference transform, their Search within Cell settings
+    (K = 10, eps = 1 km, one cell), the MvMF head."""
+    return Config().merge(
+        {
+            "data": {"image_size": IMAGE_SIZE, "eval_resize": "shortest"},
+            "backbone": {"model": TIMM_MODEL, "pretrained": False},
+            "heads": {"kinds": ["mvmf"]},
+            "retrieval": {"index_dtype": index_dtype},
+            "swc": {"k": 10, "eps_km": 1.0, "min_samples": 1, "top_cells": 1},
+        },
+        source="geoswc import visloc",
+    )
+
+
+def _file_record(path: Path, url: Optional[str]) -> Dict[str, Any]:
+    record = {"file": path.name, "bytes": path.stat().st_size, "sha256": check_sha256(path, None)}
+    if url:
+        record["url"] = url
+    return record
+
+
+def import_visloc(
+    *,
+    backbone: Union[str, os.PathLike],
+    mvmf: Union[str, os.PathLike],
+    rrm: Union[str, os.PathLike],
+    background: Union[str, os.PathLike],
+    assignments: Union[str, os.PathLike],
+    out: Union[str, os.PathLike],
+    prekappa0: float = DEFAULT_PREKAPPA0,
+    index_dtype: Optional[str] = None,
+    urls: Optional[Mapping[str, str]] = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> ImportResult:
+    """Write a geoswc model folder from the authors' five files (local paths; see `resolve_source` for URLs).
+
+    Args:
+        backbone: ``efficientnet_backbone.pt``.
+        mvmf: ``mvmf_head.pt``.
+        rrm: ``rrm_head.pt``.
+        background: ``back_coll_features.hdf5`` (``features`` (N, D) RRM embeddings, ``labels`` (N, 2)).
+        assignments: ``cells_assignments.pkl`` ({component: set of background rows}).
+        out: the model folder to write (must not exist unless ``overwrite``).
+        prekappa0: the offset of their concentrations (kappa = exp(kappas + prekappa0)).
+        index_dtype: ``float16`` or ``float32``; default the background file's own precision.
+        urls: where each file came from, by role, recorded in the provenance.
+        overwrite: replace an existing ``out``.
+        progress: show progress bars.
+
+    Raises:
+        FileNotFoundError: an input is missing.
+        FileExistsError: ``out`` exists and ``overwrite`` is false.
+        ValueError: an input is not the file the role expects (the file and the problem named).
+    """
+    paths = {
+        "backbone": Path(backbone),
+        "mvmf": Path(mvmf),
+        "rrm": Path(rrm),
+        "background": Path(background),
+        "assignments": Path(assignments),
+    }
+    for role, path in paths.items():
+        if not path.is_file():
+            raise FileNotFoundError(f"--{role} file not found: {path}")
+    out = Path(out)
+    if out.exists():
+        if not overwrite:
+            raise FileExistsError(f"{out} already exists; choose another folder or pass --overwrite")
+        if not out.is_dir():
+            raise FileExistsError(f"{out} exists and is not a folder")
+
+    created = False
+    try:
+        heads_state = read_mvmf(paths["mvmf"], prekappa0=prekappa0)
+        n_components, dim = heads_state.weight.shape
+        retrieval = convert_rrm(paths["rrm"])
+        backbone_model = convert_backbone(
+            read_torch_state(paths["backbone"], "backbone"), source=str(paths["backbone"])
+        )
+        if backbone_model.num_features != dim or retrieval.dim != dim:
+            raise ValueError(
+                f"the parts do not fit together: the backbone gives {backbone_model.num_features} features, the MvMF "
+                f"head ({paths['mvmf']}) takes {dim} and the retrieval module ({paths['rrm']}) {retrieval.dim}"
+            )
+
+        handle, features, transposed = _open_background(paths["background"])
+        try:
+            n_rows, emb_dim = (features.shape[1], features.shape[0]) if transposed else features.shape
+            if emb_dim != retrieval.dim:
+                raise ValueError(
+                    f"{paths['background']}: embeddings of dim {emb_dim}, but the retrieval module gives {retrieval.dim}"
+                )
+            latlon = np.asarray(handle["labels"][:, :], dtype=np.float64)
+            for col, name, limit in ((0, "latitude", 90.0), (1, "longitude", 180.0)):
+                bad = np.flatnonzero(~(np.abs(latlon[:, col]) <= limit))
+                if len(bad):
+                    raise ValueError(
+                        f"{paths['background']}: labels row {int(bad[0])} has {name} {latlon[bad[0], col]!r}, "
+                        f"outside [-{limit:g}, {limit:g}] degrees"
+                    )
+            source_dtype = np.dtype(features.dtype)
+            if index_dtype is None:
+                index_dtype = "float16" if source_dtype == np.float16 else "float32"
+            comps, rows = assignment_pairs(
+                load_plain_pickle(paths["assignments"]),
+                n_components=n_components,
+                n_rows=n_rows,
+                source=str(paths["assignments"]),
+            )
+            counts = np.bincount(comps, minlength=n_components)
+            unassigned = n_rows - len(np.unique(rows))
+            if unassigned:
+                logger.warning(
+                    "%d of %d background photos belong to no component in %s; Search within Cell never reaches "
+                    "them (as in the authors' code), so they are left out of the index",
+                    unassigned,
+                    n_rows,
+                    paths["assignments"],
+                )
+            partition = component_partition(heads_state.centers_deg, counts)
+            provenance = {
+                "source": "visloc-estimation: the ICMR 2021 authors' released model (Kordopatis-Zilos et al.)",
+                "cells": "one cell per MvMF component, named by the level-30 S2 leaf containing its mean",
+                "prekappa0": float(prekappa0),
+                "files": {
+                    role: _file_record(path, (urls or {}).get(role))
+                    for role, path in tqdm(paths.items(), desc="sha256", disable=not progress)
+                },
+                "background_rows": int(n_rows),
+                "index_rows": int(len(rows)),
+                "unassigned_rows": int(unassigned),
+                "components_with_background": int((counts > 0).sum()),
+            }
+            geocells = Geocells([partition], settings={"import": provenance})
+            fingerprint = str(geocells.fingerprint)
+
+            head = create_head(
+                "mvmf", in_features=int(dim), geocells=geocells, init_kappa=math.exp(prekappa0)
+            )
+            with torch.no_grad():
+                head.fc.weight.copy_(heads_state.weight)
+                head.fc.bias.copy_(heads_state.bias)
+                head.log_kappa.copy_(torch.as_tensor(heads_state.log_kappa, dtype=head.log_kappa.dtype))
+            head.eval()
+
+            if out.exists():
+                shutil.rmtree(out)  # --overwrite, now that every input has been read
+            out.mkdir(parents=True)
+            created = True
+            staging = out / ".visloc-background.npy"
+            try:
+                _copy_features(features, transposed, staging, index_dtype, progress=progress)
+                source = np.load(staging, mmap_mode="r")
+                index = BackgroundIndex(dtype=index_dtype).build(
+                    _Rows(source, rows),
+                    cell_idx=comps,
+                    latlon=latlon[rows],
+                    ids=[str(r) for r in rows],
+                    n_cells=n_components,
+                    fingerprint=fingerprint,
+                    directory=out / "index",
+                    config={
+                        "import": {"ids": "row numbers of the background file", "dtype": str(source_dtype)}
+                    },
+                )
+                del source
+            finally:
+                staging.unlink(missing_ok=True)
+        finally:
+            handle.close()
+        _warn_unnormalised(index)
+
+        retrieval.fingerprint = fingerprint
+        model = Geolocator(
+            backbone=backbone_model,
+            geocells=geocells,
+            heads={"mvmf": head},
+            retrieval=retrieval,
+            index=index,
+            config=imported_config(index_dtype=index_dtype),
+            backbone_name=TIMM_MODEL,
+            data_config=dict(DATA_CONFIG),
+        )
+        model.save_pretrained(out)
+        (out / IMPORT_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
+        summary = {
+            "components": int(n_components),
+            "feature_dim": int(dim),
+            "background_rows": int(n_rows),
+            "index_rows": int(len(rows)),
+            "components_with_background": provenance["components_with_background"],
+            "unassigned_rows": int(unassigned),
+            "index_dtype": index_dtype,
+            "fingerprint": fingerprint,
+        }
+        logger.info("imported the authors' model into %s: %s", out, summary)
+        return ImportResult(out=out, summary=summary)
+    except BaseException:
+        # A half-written model folder is never left behind: it would pass for a model until loaded.
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _copy_features(features: Any, transposed: bool, target: Path, dtype: str, *, progress: bool) -> None:
+    """Copy the HDF5 embeddings, in file order, into an ``(N, D)`` ``.npy`` of ``dtype``, block by block."""
+    n, dim = (features.shape[1], features.shape[0]) if transposed else features.shape
+    out = np.lib.format.open_memmap(target, mode="w+", dtype=dtype, shape=(n, dim))
+    for start in tqdm(range(0, n, _COPY_ROWS), desc="background", unit="block", disable=not progress):
+        stop = min(start + _COPY_ROWS, n)
+        block = features[:, start:stop].T if transposed else features[start:stop]
+        block = np.asarray(block, dtype=np.float32)
+        if not np.isfinite(block).all():
+            bad = start + int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0])
+            raise ValueError(f"background embedding of row {bad} holds NaN or infinite values")
+        out[start:stop] = block
+    out.flush()
+    del out
+
+
+def _warn_unnormalised(index: BackgroundIndex) -> None:
+    sample = np.asarray(index.embeddings[: min(len(index), 1000)], dtype=np.float32)
+    if len(sample):
+        norms = np.linalg.norm(sample, axis=1)
+        if np.abs(norms - 1).max() > 1e-2:
+            logger.warning(
+                "background embeddings are not L2-normalised (norms %.3f..%.3f); the authors' file holds RRM "
+                "outputs, which are",
+                float(norms.min()),
+                float(norms.max()),
+            )
