@@ -8,7 +8,15 @@ from geoswc.classifiers.backbone import (
     save_backbone,
 )
 from geoswc.classifiers.base import GeoHead
-from geoswc.classifiers.heads import HEADS, CEHead, HCHead, create_head, load_head, save_head
+from geoswc.classifiers.heads import (
+    HEADS,
+    CEHead,
+    HCHead,
+    create_head,
+    default_partitions,
+    load_head,
+    save_head,
+)
 from geoswc.classifiers.mvmf import MvMFHead, vmf_log_density, vmf_log_normalizer
 from geoswc.classifiers.model import CellClassifier
 
@@ -25,6 +33,7 @@ __all__ = [
     "MvMFHead",
     "CellClassifier",
     "create_head",
+    "default_partitions",
     "load_head",
     "save_head",
     "vmf_log_density",

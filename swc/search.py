@@ -10,11 +10,11 @@ run: the location of the most similar background photo from a global search.
 from __future__ import annotations
 
 import logging
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 
-from geoswc.swc.cluster import largest_cluster_mean
+from geoswc.swc.cluster import DEFAULT_AGGREGATION, aggregate
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +69,8 @@ def search_within_cell(
     k: int = 10,
     eps_km: float = 1.0,
     min_samples: int = 1,
+    aggregation: str = DEFAULT_AGGREGATION,
+    partition: Optional[str] = None,
 ) -> SwcResult:
     """Locate queries by Search within Cell.
 
@@ -79,6 +81,10 @@ def search_within_cell(
         k: neighbours retrieved per query (paper: 10).
         eps_km: DBSCAN radius (paper: 1 km).
         min_samples: DBSCAN core-point threshold (paper: 1).
+        aggregation: how the neighbours become one position, one of `geoswc.swc.cluster.AGGREGATIONS`
+            (paper: ``largest-cluster-mean``).
+        partition: the partition ``cells`` refer to, the head's own (``BackgroundIndex.search_cells``);
+            default: the one the index rows are sorted by.
 
     Returns:
         A `SwcResult`; ``found`` is False where no background photo lies in the searched cells.
@@ -86,14 +92,20 @@ def search_within_cell(
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     # Tensors stay on their device: the index scores cell blocks with torch there.
-    sims, rows = index.search_cells(query_emb, cells, k)
+    sims, rows = (
+        index.search_cells(query_emb, cells, k)
+        if partition is None
+        else index.search_cells(query_emb, cells, k, partition=partition)
+    )
     sims, rows = _as_numpy(sims, np.float32), _as_numpy(rows, np.int64)
     sims = np.where(rows >= 0, sims, -np.inf).astype(np.float32)
     valid = rows >= 0
     latlon = np.full(rows.shape + (2,), np.nan)
     if valid.any():
         latlon[valid] = np.asarray(index.latlon, dtype=np.float64)[rows[valid]]
-    cluster = largest_cluster_mean(latlon, valid, eps_km=eps_km, min_samples=min_samples, similarity=sims)
+    cluster = aggregate(
+        latlon, valid, method=aggregation, eps_km=eps_km, min_samples=min_samples, similarity=sims
+    )
     found = valid.any(axis=1)
     if not found.all():
         logger.debug(

@@ -1,9 +1,13 @@
 """The classification module's training stages (ICMR 2021 sections 3.2 and 4.2).
 
-- `train_backbone`: EfficientNet + a CE layer over the finest partition, end to end on images
-  (SGD lr 0.01, momentum 0.9, x0.5 every 5 epochs).
-- `train_heads`: CE, HC and MvMF heads on the frozen backbone, from cached features by default (AdamW 1e-5,
-  cosine, 5 epochs); the MvMF mixture layer starts from the trained CE layer.
+- `train_backbone`: EfficientNet + a CE layer over the finest partition (the PlaNet-rule partition when the
+  cells hold one, paper 4.1), end to end on images (SGD lr 0.01, momentum 0.9, x0.5 every 5 epochs).
+- `train_heads`: CE, HC and MvMF heads on the frozen backbone, from cached features or on augmented images
+  (``heads.from_features``; AdamW 1e-5, cosine, 5 epochs); the MvMF mixture layer starts from the trained CE
+  layer. Each head uses the partitions `geoswc.classifiers.default_partitions` gives it: CE and MvMF the
+  PlaNet-rule partition and HC the GeoEstimation ones when both kinds are there.
+
+Batch sizes are per process (``accelerate launch`` with N processes trains on N x batch_size photos a step).
 
 Both run through `geoswc.engine.train_loop`, on one process or under ``accelerate launch`` on N.
 """
@@ -18,8 +22,8 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from geoswc.classifiers import HEADS, CellClassifier, create_backbone, create_head, load_backbone, load_head
-from geoswc.classifiers import save_backbone, save_head
+from geoswc.classifiers import HEADS, CellClassifier, create_backbone, create_head, default_partitions
+from geoswc.classifiers import load_backbone, load_head, save_backbone, save_head
 from geoswc.config import Config
 from geoswc.data.features import FeatureCache
 from geoswc.engine import prepare_for_speed, train_loop
@@ -111,7 +115,14 @@ def train_backbone(
     bc = config.backbone
     weights = weights or bc.weights
     backbone = create_backbone(bc.model, pretrained=bc.pretrained and weights is None, weights=weights)
-    model = CellClassifier(backbone, create_head("ce", in_features=backbone.num_features, geocells=cells))
+    # The paper's backbone learns the ~32K-cell PlaNet partition when the cells hold one (section 4.1).
+    ce = create_head(
+        "ce",
+        in_features=backbone.num_features,
+        geocells=cells,
+        partitions=default_partitions("backbone", cells),
+    )
+    model = CellClassifier(backbone, ce)
     train = open_photos(photos, cells, backbone, config, train=True)
     val_source = open_photos(val, cells, backbone, config, train=False) if val is not None else None
     model = prepare_for_speed(model, config.train, accelerator)
@@ -212,6 +223,7 @@ def train_heads(
     frozen = None
     if on_images:
         frozen, _ = load_backbone(backbone_dir)
+        start_state = {k: v.detach().clone() for k, v in frozen.state_dict().items()}
         in_features = int(frozen.num_features)
         train = open_photos(photos, cells, frozen, config, train=True)
         val_source = open_photos(val, cells, frozen, config, train=False) if val is not None else None
@@ -237,7 +249,9 @@ def train_heads(
                     accelerator, model.to(accelerator.device), val_source, hc.batch_size
                 )
             continue
-        head = create_head(kind, in_features=in_features, geocells=cells)
+        head = create_head(
+            kind, in_features=in_features, geocells=cells, partitions=default_partitions(kind, cells)
+        )
         if kind == "ce" and reuse is not None and reuse.is_file():
             head = load_head(reuse, geocells=cells)  # fine-tune the backbone's CE layer
         if kind == "mvmf" and ce_head is not None:
@@ -286,6 +300,15 @@ def train_heads(
     summary = {
         "heads": summaries,
         "ranks_identical": all(s.get("ranks_identical", True) for s in summaries.values()),
+        "on_images": on_images,
     }
+    if frozen is not None:
+        # The paper keeps the backbone fixed while the heads train: weights and BatchNorm statistics alike.
+        end_state = unwrapped(accelerator, frozen).state_dict()
+        summary["backbone_unchanged"] = all(
+            torch.equal(value, end_state[key].detach().to(value.device)) for key, value in start_state.items()
+        )
+        if not summary["backbone_unchanged"]:
+            logger.error("heads: the frozen backbone changed while the heads trained")
     finish_stage(accelerator, out, "heads", summary)
     return StageResult("heads", out, files, summary)
