@@ -4,7 +4,11 @@ from importlib import import_module
 
 _EXPORTS = {
     "ResidualRetrievalModule": "model",
+    "IdentityEmbedding": "model",
+    "load_retrieval": "model",
     "InfoNCEWithMemory": "loss",
+    "TripletWithMemory": "loss",
+    "create_retrieval_loss": "loss",
     "gather_with_local_grad": "loss",
     "OnePairPerCellSampler": "sampler",
     "BackgroundIndex": "index",

@@ -4,6 +4,10 @@ The background is built from training photos that the classification head places
 (top-1), minus photos by authors (or with ids) of the evaluation sets; the survivors are embedded with the
 retrieval module and written as a `BackgroundIndex`. The paper keeps 700K of 4.7M MP16 photos this way.
 Everything streams over the memory-mapped feature cache, so the training set never has to fit in memory.
+
+``background="all"`` keeps every labelled training photo instead (still minus the evaluation sets' authors and
+ids): the "all train set" row of the paper's Table 4. The retrieval part may be the `IdentityEmbedding`
+(``retrieval.loss=none``), whose index holds the L2-normalised backbone features.
 """
 
 from __future__ import annotations
@@ -23,11 +27,14 @@ from geoswc.data.features import FeatureCache
 from geoswc.data.metadata import Exclusions
 from geoswc.geocells import Geocells
 from geoswc.retrieval.index import INDEX_DTYPES, BackgroundIndex
-from geoswc.retrieval.model import ResidualRetrievalModule
+from geoswc.retrieval.model import load_retrieval
 
 logger = logging.getLogger(__name__)
 
 PathLike = Union[str, Path]
+
+# ``retrieval.background``: which training photos make up the background collection.
+BACKGROUNDS = ("placeable", "all")
 
 
 def excluded_rows(ids: np.ndarray, authors: np.ndarray, exclude: Sequence[PathLike]):
@@ -42,7 +49,7 @@ def excluded_rows(ids: np.ndarray, authors: np.ndarray, exclude: Sequence[PathLi
 def build_background(
     features_dir: PathLike,
     *,
-    head_path: PathLike,
+    head_path: Optional[PathLike],
     retrieval_path: PathLike,
     cells: Union[Geocells, PathLike],
     out_dir: PathLike,
@@ -51,37 +58,58 @@ def build_background(
     batch_size: int = 8192,
     device: Optional[str] = None,
     config: Optional[Dict[str, Any]] = None,
+    background: str = "placeable",
 ) -> Dict[str, Any]:
-    """Select the placeable photos of a feature cache, embed them and write the index to ``out_dir``.
+    """Select the background photos of a feature cache, embed them and write the index to ``out_dir``.
 
     ``cells`` is the `Geocells` the cache, the head and the retrieval module were made with, or its folder.
+    ``background`` is ``placeable`` (the photos ``head_path``'s top-1 fine cell places right, the paper) or
+    ``all`` (every labelled photo; ``head_path`` is then not read and may be None).
 
     Returns:
         A report: ``total``, ``kept``, the dropped counts ``no_label``, ``excluded_author``, ``excluded_id`` and
-        ``wrong_cell``, the head kind and the index folder (also written as ``out_dir/build_report.json``).
+        ``wrong_cell``, the background kind, the head kind and the index folder (also written as
+        ``out_dir/build_report.json``).
+
+    Raises:
+        ValueError: an unknown ``dtype`` or ``background``, no head for ``placeable``, or parts that do not fit
+            the cache (named).
     """
     if dtype not in INDEX_DTYPES:
         raise ValueError(f"unknown index dtype {dtype!r}; choose one of: {', '.join(INDEX_DTYPES)}")
+    if background not in BACKGROUNDS:
+        raise ValueError(f"unknown background {background!r}; choose one of: {', '.join(BACKGROUNDS)}")
+    if background == "placeable" and head_path is None:
+        raise ValueError(
+            "the placeable background needs a head (its top-1 cell decides); or use background 'all'"
+        )
     out_dir = Path(out_dir)
     cells = cells if isinstance(cells, Geocells) else Geocells.load(cells)
     fingerprint = str(cells.fingerprint)
     cache = FeatureCache(features_dir).check(cells)
     features = cache.features
     n, dim = features.shape
-    fine = cache.labels[:, -1]
     latlon = cache.latlon
     ids = cache.lines("ids")
     authors = cache.lines("authors")
 
-    head = load_head(head_path, geocells=cells)
-    module = ResidualRetrievalModule.load(retrieval_path, fingerprint=fingerprint)
-    for name, size in (("head", int(head.in_features)), ("retrieval module", module.dim)):
+    head = load_head(head_path, geocells=cells) if background == "placeable" else None
+    # The rows are sorted by the cells of the head's own partition (the finest without a head); every other
+    # partition gets a table, so Search within Cell works with any head's cells.
+    column = head.label_columns[-1] if head is not None else len(cells.partitions) - 1
+    fine = cache.labels[:, column]
+    module = load_retrieval(retrieval_path, fingerprint=fingerprint)
+    parts = [("retrieval module", module.dim)]
+    if head is not None:
+        parts.insert(0, ("head", int(head.in_features)))
+    for name, size in parts:
         if size != dim:
             raise ValueError(
                 f"the {name} expects {size}-dimensional features but the cache holds {dim}-dimensional"
             )
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    head.to(device).eval()
+    if head is not None:
+        head.to(device).eval()
     module.to(device).eval()
 
     no_label = fine < 0
@@ -97,11 +125,14 @@ def build_background(
     )
     kept_rows = []
     count = 0
-    for start in tqdm(range(0, len(candidates), batch_size), desc="placeable", unit="batch"):
+    for start in tqdm(range(0, len(candidates), batch_size), desc=background, unit="batch"):
         rows = candidates[start : start + batch_size]
         x = torch.from_numpy(np.asarray(features[rows], dtype=np.float32)).to(device)
-        top1 = head.fine_log_probs(head(x)).argmax(dim=1).cpu().numpy()
-        placed = top1 == fine[rows]
+        if head is None:
+            placed = np.ones(len(rows), bool)
+        else:
+            top1 = head.fine_log_probs(head(x)).argmax(dim=1).cpu().numpy()
+            placed = top1 == fine[rows]
         if placed.any():
             emb = module(x[torch.from_numpy(placed).to(device)]).cpu().numpy()
             staging[count : count + len(emb)] = emb
@@ -115,11 +146,17 @@ def build_background(
         cell_idx=fine[kept],
         latlon=latlon[kept],
         ids=ids[kept].astype(str),
-        n_cells=len(cells.fine),
+        n_cells=len(cells.partitions[column]),
         fingerprint=fingerprint,
         directory=out_dir,
         config=config,
+        partition=cells.partitions[column].name,
     )
+    for g, part in enumerate(cells.partitions):
+        if g != column:
+            index.add_partition(part.name, cache.labels[kept[index.source_rows], g], len(part))
+    if len(cells.partitions) > 1:
+        index.save(out_dir)
     del staging
     staging_path.unlink()
     report = {
@@ -129,7 +166,8 @@ def build_background(
         "excluded_author": int(by_author.sum()),
         "excluded_id": int(by_id.sum()),
         "wrong_cell": int(len(candidates) - count),
-        "head": getattr(head, "kind", str(head_path)),
+        "background": background,
+        "head": None if head is None else getattr(head, "kind", str(head_path)),
         "cells_with_background": int((index.cell_sizes() > 0).sum()),
         "n_cells": index.n_cells,
         "index": str(out_dir),

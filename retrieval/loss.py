@@ -1,10 +1,18 @@
-"""InfoNCE with a cross-batch memory, ICMR 2021 section 3.3.2 (eq. 3) and 4.2 (tau = 0.05, 4,096 entries).
+"""Contrastive losses with a cross-batch memory, ICMR 2021 section 3.3.2 (eq. 3), 4.2 and the ablations of 5.2.
 
 A batch holds B (query, positive) pairs, two photos of the same fine cell. Every embedding of the batch is an
-anchor whose positive is its partner (query <-> positive, both directions by default); its negatives are all
-other embeddings of the batch and the entries of the memory, a FIFO of the last ``memory_size`` embeddings
-(detached) with their cell labels. An entry from the anchor's own cell is never a negative: it is masked out,
-whether it sits in the batch (a padded duplicate pair) or in the memory.
+anchor whose positive is its partner (query <-> positive, both directions by default; ``symmetric=False``
+makes only the queries anchors); its negatives are all other embeddings of the batch and the entries of the
+memory, a FIFO of the last ``memory_size`` embeddings (detached) with their cell labels. By default an entry
+from the anchor's own cell is never a negative: it is masked out, whether it sits in the batch (a padded
+duplicate pair) or in the memory; ``mask_same_cell=False`` keeps such false negatives (only the anchor itself
+is left out).
+
+`InfoNCEWithMemory` is the paper's loss (eq. 3, tau = 0.05, 4,096 entries). `TripletWithMemory` is the
+triplet loss of its Table 2 (margin 0.01 with semi-hard mining, as in FaceNet, Schroff et al. 2015): per
+anchor, the most similar negative that is still less similar than the positive, or the least similar negative
+when every one is more similar; loss ``max(0, s_neg - s_pos + margin)`` on cosine similarities (a distance of
+``1 - s``).
 
 Across processes the embeddings are all-gathered so every rank sees the negatives of the global batch; the
 local part keeps its gradient. Every rank computes the same global loss and updates its memory with the same
@@ -18,6 +26,9 @@ from typing import Tuple
 import torch
 import torch.distributed as dist
 from torch import nn
+
+# ``retrieval.loss``: "none" trains nothing (the backbone features are the embeddings).
+RETRIEVAL_LOSSES = ("infonce", "triplet", "none")
 
 
 def _world() -> Tuple[int, int]:
@@ -40,24 +51,25 @@ def gather_with_local_grad(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-class InfoNCEWithMemory(nn.Module):
-    """Contrastive loss over (query, positive) pairs with same-cell masking and a cross-batch memory.
+class PairLossWithMemory(nn.Module):
+    """What the pair losses share: the anchors, their keys (batch and memory), which keys are negatives, and
+    the cross-batch memory. A subclass defines `pair_loss`.
 
     Args:
-        temperature: Softmax temperature tau (paper: 0.05).
-        memory_size: Number of past embeddings kept as extra negatives (paper: 4,096); 0 disables the memory.
+        memory_size: Number of past embeddings kept as extra negatives; 0 disables the memory.
         symmetric: When True every positive is also an anchor for its query; when False only queries are.
+        mask_same_cell: When True, keys from the anchor's own cell are never negatives.
     """
 
-    def __init__(self, temperature: float = 0.05, memory_size: int = 4096, *, symmetric: bool = True) -> None:
+    def __init__(
+        self, memory_size: int = 4096, *, symmetric: bool = True, mask_same_cell: bool = True
+    ) -> None:
         super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {temperature}")
         if memory_size < 0:
             raise ValueError(f"memory_size must be >= 0, got {memory_size}")
-        self.temperature = float(temperature)
         self.memory_size = int(memory_size)
         self.symmetric = bool(symmetric)
+        self.mask_same_cell = bool(mask_same_cell)
         # Allocated on the first batch, when the embedding dimension is known.
         self.register_buffer("memory_embeddings", torch.zeros(0, 0))
         self.register_buffer("memory_labels", torch.full((self.memory_size,), -1, dtype=torch.long))
@@ -113,8 +125,20 @@ class InfoNCEWithMemory(nn.Module):
         self.memory_ptr.fill_((int(self.memory_ptr) + n) % self.memory_size)
         self.memory_count.fill_(min(int(self.memory_count) + n, self.memory_size))
 
+    def pair_loss(
+        self, similarities: torch.Tensor, not_negative: torch.Tensor, partner: torch.Tensor
+    ) -> torch.Tensor:
+        """The loss of every anchor ``(A,)``.
+
+        Args:
+            similarities: ``(A, K)`` inner products of the anchors with the keys (batch, then memory).
+            not_negative: ``(A, K)`` True where a key is no negative of the anchor (the partner included).
+            partner: ``(A,)`` the column of each anchor's positive.
+        """
+        raise NotImplementedError
+
     def forward(self, query: torch.Tensor, positive: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Mean InfoNCE loss of the global batch; updates the memory afterwards when training.
+        """Mean loss of the global batch; updates the memory afterwards when training.
 
         Args:
             query: Embeddings (B, D), L2-normalised.
@@ -143,12 +167,15 @@ class InfoNCEWithMemory(nn.Module):
         keys = torch.cat([batch, mem_embeddings.to(batch.dtype)]) if mem_embeddings.shape[0] else batch
         key_labels = torch.cat([batch_labels, mem_labels]) if mem_embeddings.shape[0] else batch_labels
 
-        logits = anchors @ keys.T / self.temperature
-        # Same cell (which includes the anchor itself) is never a negative; the partner is the positive.
-        excluded = anchor_labels[:, None] == key_labels[None, :]
-        excluded[arange, partner] = False
-        logits = logits.masked_fill(excluded, float("-inf"))
-        loss = (torch.logsumexp(logits, dim=1) - logits[arange, partner]).mean()
+        similarities = anchors @ keys.T
+        if self.mask_same_cell:
+            # Same cell (which includes the anchor itself) is never a negative; the partner is the positive.
+            not_negative = anchor_labels[:, None] == key_labels[None, :]
+        else:
+            not_negative = torch.zeros_like(similarities, dtype=torch.bool)
+            not_negative[arange, arange] = True  # the anchor itself
+        not_negative[arange, partner] = False
+        loss = self.pair_loss(similarities, not_negative, partner).mean()
 
         if self.training:
             self.enqueue(batch, batch_labels)
@@ -158,3 +185,103 @@ class InfoNCEWithMemory(nn.Module):
             # of the global batch.
             loss = loss + (world - 1) * (loss - loss.detach())
         return loss
+
+
+class InfoNCEWithMemory(PairLossWithMemory):
+    """InfoNCE (eq. 3) over (query, positive) pairs with same-cell masking and a cross-batch memory.
+
+    Args:
+        temperature: Softmax temperature tau (paper: 0.05).
+        memory_size: Number of past embeddings kept as extra negatives (paper: 4,096); 0 disables the memory.
+        symmetric: When True every positive is also an anchor for its query; when False only queries are.
+        mask_same_cell: When True (the paper), keys from the anchor's own cell are never negatives.
+    """
+
+    def __init__(
+        self,
+        temperature: float = 0.05,
+        memory_size: int = 4096,
+        *,
+        symmetric: bool = True,
+        mask_same_cell: bool = True,
+    ) -> None:
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        super().__init__(memory_size, symmetric=symmetric, mask_same_cell=mask_same_cell)
+        self.temperature = float(temperature)
+
+    def pair_loss(
+        self, similarities: torch.Tensor, not_negative: torch.Tensor, partner: torch.Tensor
+    ) -> torch.Tensor:
+        rows = torch.arange(len(partner), device=similarities.device)
+        logits = similarities / self.temperature
+        logits = logits.masked_fill(not_negative, float("-inf"))
+        return torch.logsumexp(logits, dim=1) - logits[rows, partner]
+
+
+class TripletWithMemory(PairLossWithMemory):
+    """Triplet loss with semi-hard negatives from the batch and the cross-batch memory (paper Table 2).
+
+    For an anchor with positive similarity ``s_pos``, the negative is the most similar one with
+    ``s_neg < s_pos`` (semi-hard), or, when no negative is less similar than the positive, the least similar
+    negative; the anchor's loss is ``max(0, s_neg - s_pos + margin)``. An anchor without any negative adds 0.
+
+    Args:
+        margin: The triplet margin on cosine similarity (paper: 0.01).
+        memory_size, symmetric, mask_same_cell: as `InfoNCEWithMemory`.
+    """
+
+    def __init__(
+        self,
+        margin: float = 0.01,
+        memory_size: int = 4096,
+        *,
+        symmetric: bool = True,
+        mask_same_cell: bool = True,
+    ) -> None:
+        if margin < 0:
+            raise ValueError(f"margin must be >= 0, got {margin}")
+        super().__init__(memory_size, symmetric=symmetric, mask_same_cell=mask_same_cell)
+        self.margin = float(margin)
+
+    def pair_loss(
+        self, similarities: torch.Tensor, not_negative: torch.Tensor, partner: torch.Tensor
+    ) -> torch.Tensor:
+        rows = torch.arange(len(partner), device=similarities.device)
+        positive = similarities[rows, partner]
+        negative = ~not_negative
+        negative[rows, partner] = False
+        semi_hard = negative & (similarities < positive[:, None])
+        hardest_semi_hard = similarities.masked_fill(~semi_hard, float("-inf")).amax(dim=1)
+        easiest = similarities.masked_fill(~negative, float("inf")).amin(dim=1)
+        chosen = torch.where(semi_hard.any(dim=1), hardest_semi_hard, easiest)
+        has_negative = negative.any(dim=1)
+        # Anchors without negatives compare their positive with itself: loss max(0, margin) * 0.
+        chosen = torch.where(has_negative, chosen, positive)
+        return torch.relu(chosen - positive + self.margin) * has_negative
+
+
+def create_retrieval_loss(
+    kind: str = "infonce",
+    *,
+    temperature: float = 0.05,
+    margin: float = 0.01,
+    memory_size: int = 4096,
+    symmetric: bool = True,
+    mask_same_cell: bool = True,
+) -> PairLossWithMemory:
+    """The loss named by ``retrieval.loss``: ``infonce`` (the paper) or ``triplet`` (its Table 2 ablation).
+
+    Raises:
+        ValueError: for ``none`` (nothing to train: the backbone features are the embeddings) or an unknown
+            kind (the choices named).
+    """
+    if kind == "infonce":
+        return InfoNCEWithMemory(temperature, memory_size, symmetric=symmetric, mask_same_cell=mask_same_cell)
+    if kind == "triplet":
+        return TripletWithMemory(margin, memory_size, symmetric=symmetric, mask_same_cell=mask_same_cell)
+    if kind == "none":
+        raise ValueError(
+            "retrieval.loss=none trains no retrieval module (the backbone features are the embeddings)"
+        )
+    raise ValueError(f"unknown retrieval loss {kind!r}; choose one of: {', '.join(RETRIEVAL_LOSSES)}")

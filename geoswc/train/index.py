@@ -1,6 +1,7 @@
 """Stage 5: the placeable background index (ICMR 2021 section 3.3.3): the training photos whose top-1 fine
 cell by a head is their true cell, embedded by the retrieval module and sorted by cell
-(`geoswc.retrieval.background.build_background`)."""
+(`geoswc.retrieval.background.build_background`). With ``retrieval.background=all`` every labelled training
+photo is kept instead (the paper's Table 4 ablation) and no head is needed."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ def build_index(
     *,
     cells: Any,
     features: PathLike,
-    head: PathLike,
+    head: Optional[PathLike],
     retrieval: PathLike,
     out: PathLike,
     exclude: Sequence[PathLike] = (),
@@ -28,11 +29,14 @@ def build_index(
     """Build the background index of a feature cache into ``out`` (with ``config.yaml`` beside it).
 
     Args:
-        config: the resolved configuration (``retrieval.index_dtype``), saved with the index.
+        config: the resolved configuration (``retrieval.index_dtype``, ``retrieval.background``), saved with
+            the index.
         cells: the `Geocells` (or its folder) the cache, head and retrieval module were made with.
         features: the training photos' feature cache.
-        head: the head (``.safetensors``) that decides which photos are placeable.
-        retrieval: the trained retrieval module (``.safetensors``).
+        head: the head (``.safetensors``) that decides which photos are placeable; not read (may be None)
+            with ``retrieval.background=all``.
+        retrieval: the trained retrieval module (``.safetensors``; the identity embedding of
+            ``retrieval.loss=none`` too).
         out: the index folder.
         exclude: evaluation sets whose authors and photo ids are left out (paper 4.2).
         dtype: storage dtype, ``float16`` or ``float32`` (default ``retrieval.index_dtype``).
@@ -45,7 +49,7 @@ def build_index(
     out = Path(out)
     report = build_background(
         features,
-        head_path=head,
+        head_path=head if config.retrieval.background == "placeable" else None,
         retrieval_path=retrieval,
         cells=cells,
         out_dir=out,
@@ -54,6 +58,7 @@ def build_index(
         batch_size=batch_size,
         device=device,
         config=config.to_dict(),
+        background=config.retrieval.background,
     )
     config.save(out / "config.yaml")
     return StageResult("index", out, {"index": out}, report)

@@ -9,6 +9,10 @@ checkpoint, so a resumed run continues exactly.
 
 `train_retrieval` writes ``OUT/retrieval.safetensors`` (with the partition fingerprint), ``OUT/config.yaml``,
 ``OUT/history_retrieval.json`` and ``OUT/train_retrieval.json``.
+
+The ablations of section 5.2 are settings of the ``retrieval`` section: ``loss`` (``infonce``, ``triplet`` with
+``margin``, or ``none``: no training, the file holds the `IdentityEmbedding` and the backbone features are the
+embeddings), ``residual``, ``symmetric``, ``mask_same_cell``, ``memory_size`` and ``temperature``.
 """
 
 from __future__ import annotations
@@ -26,7 +30,13 @@ from accelerate import Accelerator
 from geoswc.config import Config
 from geoswc.data.features import FeatureCache
 from geoswc.engine import train_loop
-from geoswc.retrieval import InfoNCEWithMemory, OnePairPerCellSampler, ResidualRetrievalModule
+from geoswc.retrieval import (
+    IdentityEmbedding,
+    OnePairPerCellSampler,
+    ResidualRetrievalModule,
+    create_retrieval_loss,
+)
+from geoswc.retrieval.loss import RETRIEVAL_LOSSES
 from geoswc.train.common import PathLike, StageResult, finish_stage, start_stage
 
 logger = logging.getLogger(__name__)
@@ -98,8 +108,15 @@ def fit_retrieval_module(
     if features.ndim != 2 or len(features) != len(labels):
         raise ValueError(f"expected features (N, D) and labels (N,), got {features.shape} and {labels.shape}")
     dim = int(features.shape[1])
-    model = ResidualRetrievalModule(dim, rc.hidden_dim)
-    criterion = InfoNCEWithMemory(rc.temperature, rc.memory_size).to(accelerator.device)
+    model = ResidualRetrievalModule(dim, rc.hidden_dim, residual=rc.residual)
+    criterion = create_retrieval_loss(
+        rc.loss,
+        temperature=rc.temperature,
+        margin=rc.margin,
+        memory_size=rc.memory_size,
+        symmetric=rc.symmetric,
+        mask_same_cell=rc.mask_same_cell,
+    ).to(accelerator.device)
     sampler = OnePairPerCellSampler(
         labels, seed=seed, num_replicas=accelerator.num_processes, rank=accelerator.process_index
     )
@@ -159,11 +176,29 @@ def fit_retrieval_module(
         max_steps=max_steps,
         checkpoint_every=checkpoint_every,
         checkpoint_epochs=checkpoint_epochs,
-        meta={"fingerprint": fingerprint, "dim": dim, "hidden_dim": rc.hidden_dim},
+        meta={"fingerprint": fingerprint, "dim": dim, "hidden_dim": rc.hidden_dim, **ablation_settings(rc)},
     )
     if summary is not None:
         summary["pairs_per_epoch"] = sampler.num_pairs
+        summary["settings"] = ablation_settings(rc)
     return unwrapped, summary
+
+
+def ablation_settings(retrieval_cfg: Any) -> Dict[str, Any]:
+    """The settings of the section 5.2 ablations a retrieval module was trained with (recorded with it)."""
+    rc = retrieval_cfg
+    settings = {"loss": rc.loss, "residual": bool(rc.residual)}
+    if rc.loss == "triplet":
+        settings["margin"] = float(rc.margin)
+    if rc.loss == "infonce":
+        settings["temperature"] = float(rc.temperature)
+    if rc.loss != "none":
+        settings.update(
+            symmetric=bool(rc.symmetric),
+            mask_same_cell=bool(rc.mask_same_cell),
+            memory_size=int(rc.memory_size),
+        )
+    return settings
 
 
 def train_retrieval(
@@ -188,11 +223,24 @@ def train_retrieval(
         out: the stage folder: ``retrieval.safetensors``, ``config.yaml``, history, checkpoints.
         val_features: a feature cache for same-cell precision@5 after every epoch.
         cpu, resume, max_steps, checkpoint_every, log_with: as `geoswc.train.train_backbone`.
+
+    With ``retrieval.loss=none`` nothing is trained: the stage writes the `IdentityEmbedding` of the cache's
+    feature width (the paper's Table 2 baseline), so the background index and the model folder hold the
+    L2-normalised backbone features.
+
+    Raises:
+        ValueError: an unknown ``retrieval.loss`` (the choices named).
     """
+    if config.retrieval.loss not in RETRIEVAL_LOSSES:
+        raise ValueError(
+            f"unknown retrieval.loss {config.retrieval.loss!r}; choose one of: {', '.join(RETRIEVAL_LOSSES)}"
+        )
     out = Path(out)
     cache = FeatureCache(features).check(cells)
     val = FeatureCache(val_features).check(cells) if val_features is not None else None
     accelerator = start_stage(config, out, stage="retrieval", cpu=cpu, log_with=log_with)
+    if config.retrieval.loss == "none":
+        return _write_identity(accelerator, config, cells=cells, cache=cache, out=out, val=val)
     module, summary = fit_retrieval_module(
         accelerator,
         cache.features,
@@ -221,6 +269,34 @@ def train_retrieval(
             },
         )
         logger.info("wrote %s", files["retrieval"])
+    accelerator.wait_for_everyone()
+    finish_stage(accelerator, out, "retrieval", summary)
+    return StageResult("retrieval", out, files, summary)
+
+
+def _write_identity(
+    accelerator: Accelerator, config: Config, *, cells: Any, cache: FeatureCache, out: Path, val: Any
+) -> StageResult:
+    """``retrieval.loss=none``: the identity embedding as the stage's weights file, and a summary."""
+    dim = int(cache.features.shape[1])
+    module = IdentityEmbedding(dim)
+    files = {"retrieval": out / WEIGHTS_FILE}
+    summary: Dict[str, Any] = {"trained": False, **ablation_settings(config.retrieval), "dim": dim}
+    if accelerator.is_main_process:
+        if val is not None:
+            emb = module.embed(val.features)
+            summary["precision_at_5"] = same_cell_precision(emb, val.labels[:, -1], 5, seed=config.train.seed)
+        module.save(
+            files["retrieval"],
+            fingerprint=str(cells.fingerprint),
+            extra={
+                "config": json.dumps(config.to_dict(), default=str),
+                "backbone": str(cache.meta.get("backbone", "")),
+            },
+        )
+        logger.info(
+            "retrieval.loss=none: wrote the identity embedding (dim %d) to %s", dim, files["retrieval"]
+        )
     accelerator.wait_for_everyone()
     finish_stage(accelerator, out, "retrieval", summary)
     return StageResult("retrieval", out, files, summary)
