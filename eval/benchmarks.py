@@ -41,6 +41,8 @@ __all__ = [
     "PeerPredictions",
     "read_peer_predictions",
     "COLUMN_ALIASES",
+    "PUBLISHED",
+    "published_results",
 ]
 
 
@@ -72,6 +74,57 @@ BENCHMARKS = {
         "resources/)",
     ),
 }
+
+
+# The paper's Table 1 (Kordopatis-Zilos et al., ICMR 2021): accuracy (%) at 0.1, 1, 5, 10, 25, 200, 750 and
+# 2500 km of its re-implemented heads (PlaNet = ce), its retrieval module and Search within Cell, EfficientNet-B4
+# trained on MP16.
+_PUBLISHED_RADII = ("0.1", "1", "5", "10", "25", "200", "750", "2500")
+_PUBLISHED_ROWS = {
+    "im2gps": {
+        "ce": (4.2, 17.3, 33.8, 38.0, 41.8, 53.2, 67.9, 82.3),
+        "hc": (1.7, 13.5, 28.7, 32.9, 39.7, 54.0, 68.8, 82.7),
+        "mvmf": (4.6, 19.8, 34.2, 40.1, 44.7, 55.7, 67.5, 81.9),
+        "rrm": (5.1, 19.4, 35.0, 37.1, 40.5, 51.1, 60.4, 78.1),
+        "ce+rrm": (5.5, 19.8, 36.3, 38.0, 41.8, 52.7, 67.9, 82.3),
+        "hc+rrm": (5.5, 18.6, 34.6, 36.7, 41.8, 55.3, 69.2, 82.7),
+        "mvmf+rrm": (6.3, 21.9, 38.0, 40.5, 44.3, 55.3, 67.5, 81.9),
+    },
+    "im2gps3k": {
+        "ce": (2.8, 11.8, 22.1, 25.3, 28.8, 37.4, 51.0, 67.4),
+        "hc": (1.8, 10.1, 20.1, 23.9, 28.4, 37.9, 52.0, 68.1),
+        "mvmf": (3.0, 13.1, 23.5, 26.7, 29.8, 38.0, 52.3, 67.6),
+        "rrm": (3.6, 12.4, 20.4, 23.5, 26.0, 34.0, 46.9, 63.6),
+        "ce+rrm": (4.3, 13.9, 23.4, 26.1, 29.3, 37.4, 51.0, 67.4),
+        "hc+rrm": (3.8, 13.2, 22.5, 25.5, 29.1, 37.8, 52.0, 68.1),
+        "mvmf+rrm": (4.1, 15.0, 24.3, 27.0, 30.0, 38.0, 52.3, 67.6),
+    },
+    "yfcc4k": {
+        "ce": (1.8, 6.1, 9.7, 11.3, 13.0, 21.0, 36.4, 56.2),
+        "hc": (1.1, 5.7, 9.0, 10.9, 13.1, 21.6, 36.6, 55.4),
+        "mvmf": (1.9, 6.8, 10.9, 12.6, 14.4, 21.9, 37.5, 56.4),
+        "rrm": (2.3, 6.0, 9.0, 10.2, 11.3, 16.8, 30.5, 49.4),
+        "ce+rrm": (2.7, 7.2, 10.3, 11.8, 13.0, 20.9, 36.4, 56.2),
+        "hc+rrm": (2.5, 7.2, 10.3, 11.7, 13.3, 21.6, 36.5, 55.4),
+        "mvmf+rrm": (2.7, 7.9, 11.3, 12.9, 14.3, 21.9, 37.4, 56.5),
+    },
+}
+PUBLISHED = {
+    name: {mode: dict(zip(_PUBLISHED_RADII, row)) for mode, row in rows.items()}
+    for name, rows in _PUBLISHED_ROWS.items()
+}
+
+
+def published_results(benchmark: str) -> dict:
+    """The paper's Table 1 rows for a benchmark: ``{mode: {radius: %}}`` (modes as `geoswc evaluate` names them).
+
+    Raises:
+        ValueError: a benchmark the paper does not report (the message lists those it does).
+    """
+    key = str(benchmark).lower()
+    if key not in PUBLISHED:
+        raise ValueError(f"no published results for {benchmark!r}; choose one of: {', '.join(PUBLISHED)}")
+    return {mode: dict(acc) for mode, acc in PUBLISHED[key].items()}
 
 
 def normalize_image_id(image_id) -> str:

@@ -9,6 +9,12 @@ usual street/city/region/country/continent scales). The denominator is always th
 photos: a photo without a prediction is counted in ``n_missing`` and is wrong at every radius. Median and mean
 error are taken over the photos that have a prediction (``n_scored``); with none scored they are ``None``.
 
+Beyond the paper's table, the measures other systems report: the GeoGuessr score
+``5000 exp(-d / 1492.7 km)`` as osv5m computes it (a missing photo scores 0), accuracy by country and continent
+and the share placed in the right country (`geographic_breakdown`, offline through `geoswc.data.places`), and
+for the retrieval module recall@N and mAP of same-cell neighbours (`retrieval_metrics`, the measures of
+NetVLAD, Arandjelović et al., CVPR 2016).
+
 Training validates at the five usual scales only (`VALIDATION_RADII_KM`, `accuracy_at`), on aligned arrays of
 predicted and true positions, as fractions.
 """
@@ -16,7 +22,7 @@ predicted and true positions, as fractions.
 from __future__ import annotations
 
 import logging
-from typing import Dict, Mapping, Sequence
+from typing import Dict, Mapping, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -27,6 +33,9 @@ from geoswc.data.sphere import EARTH_RADIUS_KM
 logger = logging.getLogger(__name__)
 
 RADII_KM = (0.1, 1, 5, 10, 25, 200, 750, 2500)
+# osv5m's GeoGuessr score: 5000 points at distance 0, divided by e every 1492.7 km.
+GEOGUESSR_MAX_POINTS = 5000.0
+GEOGUESSR_SCALE_KM = 1492.7
 # Street, city, region, country and continent: the radii of the validation metrics during training.
 VALIDATION_RADII_KM = (1, 25, 200, 750, 2500)
 
@@ -39,6 +48,11 @@ __all__ = [
     "accuracy_at",
     "radius_key",
     "format_table",
+    "geoguessr_points",
+    "geographic_breakdown",
+    "breakdown_by_group",
+    "retrieval_metrics",
+    "country_scores",
 ]
 
 
@@ -137,9 +151,10 @@ def score_predictions(
         radii: the radii in km at which accuracy is reported.
 
     Returns:
-        ``{"n_truth", "n_scored", "n_missing", "accuracy": {"0.1": %, "1": %, ...}, "median_km", "mean_km"}``
-        with accuracies in percent of ``n_truth`` and ``median_km``/``mean_km`` over scored photos
-        (``None`` when no photo is scored).
+        ``{"n_truth", "n_scored", "n_missing", "accuracy": {"0.1": %, "1": %, ...}, "median_km", "mean_km",
+        "geoguessr_score"}`` with accuracies in percent of ``n_truth``, ``median_km``/``mean_km`` over scored
+        photos (``None`` when no photo is scored) and the mean GeoGuessr score over ``n_truth`` (missing
+        photos score 0).
 
     Raises:
         ValueError: on missing columns, bad coordinates, duplicate IDs, an empty ground truth or bad radii.
@@ -185,6 +200,7 @@ def score_predictions(
         "accuracy": accuracy,
         "median_km": float(np.median(dist_km)) if n_scored else None,
         "mean_km": float(np.mean(dist_km)) if n_scored else None,
+        "geoguessr_score": float(geoguessr_points(dist_km).sum()) / n_truth,
     }
 
 
@@ -220,3 +236,166 @@ def format_table(results: Mapping[str, Mapping], *, decimals: int = 1) -> str:
     out = [line(header), "  ".join("-" * w for w in widths)]
     out += [line(r) for r in rows]
     return "\n".join(out)
+
+
+def geoguessr_points(dist_km) -> np.ndarray:
+    """GeoGuessr points of each error: ``5000 * exp(-d / 1492.7 km)`` (osv5m's definition), float64."""
+    dist_km = np.asarray(dist_km, dtype=np.float64)
+    return GEOGUESSR_MAX_POINTS * np.exp(-dist_km / GEOGUESSR_SCALE_KM)
+
+
+def _matched(pred_df: pd.DataFrame, truth_df: pd.DataFrame):
+    """Truth positions ``(N, 2)`` and the matched predictions ``(N, 2)`` (NaN where a photo has none)."""
+    truth = standardize_locations(truth_df, source="ground truth")
+    pred = standardize_locations(pred_df, source="predictions", allow_empty=True)
+    truth_pos = pd.DataFrame(
+        {"LAT": truth["LAT"].to_numpy(), "LON": truth["LON"].to_numpy()},
+        index=normalize_photo_ids(truth["IMG_ID"]),
+    )
+    pred_pos = pd.DataFrame(
+        {"LAT": pred["LAT"].to_numpy(), "LON": pred["LON"].to_numpy()},
+        index=normalize_photo_ids(pred["IMG_ID"]),
+    )
+    matched = pred_pos.reindex(truth_pos.index)
+    return truth_pos.to_numpy(dtype=np.float64), matched.to_numpy(dtype=np.float64)
+
+
+def breakdown_by_group(
+    groups: Sequence[str], dist_km, *, radii: Sequence[float] = RADII_KM, skip: Sequence[str] = ("",)
+) -> Dict[str, dict]:
+    """Accuracy per group of photos (a country, a continent).
+
+    Args:
+        groups: ``(N,)`` the group of every ground-truth photo.
+        dist_km: ``(N,)`` errors in km, NaN for a photo without a prediction (wrong at every radius).
+        radii: the radii in km.
+        skip: group names left out (``""``: photos in no country).
+
+    Returns:
+        ``{group: {"n": photos, "accuracy": {radius: %}, "median_km"}}``, largest groups first (then by name);
+        ``median_km`` over the group's photos with a prediction, ``None`` without any.
+    """
+    radii = _checked_radii(radii)
+    groups = np.asarray(groups).astype(str)
+    dist_km = np.asarray(dist_km, dtype=np.float64)
+    if groups.shape != dist_km.shape:
+        raise ValueError(
+            f"groups and dist_km must have the same shape, got {groups.shape} and {dist_km.shape}"
+        )
+    names, counts = np.unique(groups, return_counts=True)
+    out = {}
+    for name, count in sorted(zip(names.tolist(), counts.tolist()), key=lambda x: (-x[1], x[0])):
+        if name in skip:
+            continue
+        d = dist_km[groups == name]
+        scored = d[~np.isnan(d)]
+        out[name] = {
+            "n": int(count),
+            "accuracy": {radius_key(r): 100.0 * float(np.count_nonzero(scored <= r)) / count for r in radii},
+            "median_km": float(np.median(scored)) if len(scored) else None,
+        }
+    return out
+
+
+def geographic_breakdown(
+    pred_df: pd.DataFrame,
+    truth_df: pd.DataFrame,
+    *,
+    radii: Sequence[float] = RADII_KM,
+    truth_countries: Optional[np.ndarray] = None,
+) -> dict:
+    """Country-level accuracy and accuracy by country and by continent, offline (`geoswc.data.places`).
+
+    A photo is placed in the right country when the country of its predicted position is the country of its
+    true position. The share is over the ground-truth photos that lie in a country (photos at sea are left
+    out); a photo without a prediction counts as wrong.
+
+    Args:
+        pred_df, truth_df: as `score_predictions`.
+        radii: the radii in km of the per-group accuracies.
+        truth_countries: the ISO codes of the ground truth in ``truth_df`` order, when already known.
+
+    Returns:
+        ``{"country_accuracy": %, "n_in_country": photos, "by_country": {code: group}, "by_continent":
+        {code: group}}`` (groups as in `breakdown_by_group`); ``country_accuracy`` is ``None`` when no
+        photo lies in a country.
+    """
+    from geoswc.data import places
+
+    truth, pred = _matched(pred_df, truth_df)
+    has_pred = ~np.isnan(pred[:, 0])
+    true_codes = (
+        np.asarray(places.country_codes(truth)).astype(str)
+        if truth_countries is None
+        else np.asarray(truth_countries).astype(str)
+    )
+    pred_codes = np.full(len(truth), "", dtype=object)
+    if has_pred.any():
+        pred_codes[has_pred] = np.asarray(places.country_codes(pred[has_pred])).astype(str)
+    pred_codes = pred_codes.astype(str)
+    dist_km = np.full(len(truth), np.nan)
+    dist_km[has_pred] = haversine_km(
+        truth[has_pred, 0], truth[has_pred, 1], pred[has_pred, 0], pred[has_pred, 1]
+    )
+    return country_scores(true_codes, pred_codes, dist_km, places.continent_of(true_codes), radii=radii)
+
+
+def country_scores(
+    true_codes, pred_codes, dist_km, true_continents, *, radii: Sequence[float] = RADII_KM
+) -> dict:
+    """`geographic_breakdown` from the codes themselves (``""`` = no country / no prediction)."""
+    true_codes = np.asarray(true_codes).astype(str)
+    pred_codes = np.asarray(pred_codes).astype(str)
+    in_country = true_codes != ""
+    n_in = int(in_country.sum())
+    right = in_country & (pred_codes == true_codes)
+    return {
+        "country_accuracy": 100.0 * int(right.sum()) / n_in if n_in else None,
+        "n_in_country": n_in,
+        "by_country": breakdown_by_group(true_codes, dist_km, radii=radii),
+        "by_continent": breakdown_by_group(np.asarray(true_continents).astype(str), dist_km, radii=radii),
+    }
+
+
+def retrieval_metrics(
+    neighbour_cells, query_cells, relevant_counts=None, *, ns: Sequence[int] = (1, 5, 10)
+) -> dict:
+    """Recall@N and mAP@N of same-cell neighbours (NetVLAD's place-recognition measures).
+
+    A retrieved background photo is relevant when it lies in the query's true fine cell. Recall@N is the share
+    of queries with at least one relevant photo among their N best neighbours; AP@N of a query is
+    ``sum_i P(i) rel(i) / min(R, N)`` over its N best neighbours, with ``R`` the relevant photos in the whole
+    background (the number retrieved when ``relevant_counts`` is not given); mAP@N averages it over queries
+    (a query with ``R = 0`` scores 0).
+
+    Args:
+        neighbour_cells: ``(Q, K)`` fine cell of each neighbour, best first; -1 pads.
+        query_cells: ``(Q,)`` the true fine cell of each query; -1 (outside every cell) is never matched.
+        relevant_counts: ``(Q,)`` background photos in each query's true cell.
+        ns: the N values (each at most K).
+
+    Returns:
+        ``{"recall": {"1": %, ...}, "map": {"1": %, ...}, "n_queries"}``, in percent.
+    """
+    cells = np.asarray(neighbour_cells, dtype=np.int64)
+    query = np.asarray(query_cells, dtype=np.int64)
+    if cells.ndim != 2 or query.shape != (len(cells),):
+        raise ValueError(
+            f"neighbour_cells must be (Q, K) and query_cells (Q,), got {cells.shape} and {query.shape}"
+        )
+    k = cells.shape[1]
+    bad = [n for n in ns if not 1 <= int(n) <= k]
+    if bad:
+        raise ValueError(f"N must be between 1 and K = {k}, got {bad}")
+    rel = (cells == query[:, None]) & (query[:, None] >= 0) & (cells >= 0)
+    hits = np.cumsum(rel, axis=1)
+    precision = hits / np.arange(1, k + 1)[None, :]
+    recall, average = {}, {}
+    for n in ns:
+        n = int(n)
+        total = hits[:, n - 1] if relevant_counts is None else np.asarray(relevant_counts, dtype=np.int64)
+        denom = np.minimum(total, n)
+        ap = np.where(denom > 0, (precision[:, :n] * rel[:, :n]).sum(axis=1) / np.maximum(denom, 1), 0.0)
+        recall[str(n)] = 100.0 * float(rel[:, :n].any(axis=1).mean()) if len(rel) else float("nan")
+        average[str(n)] = 100.0 * float(ap.mean()) if len(rel) else float("nan")
+    return {"recall": recall, "map": average, "n_queries": int(len(rel))}

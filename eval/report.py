@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import datetime
 import html
-import importlib.resources
 import importlib.util
 import json
 import logging
@@ -25,6 +24,7 @@ import pandas as pd
 
 from geoswc.eval.benchmarks import normalize_image_ids, standardize_locations
 from geoswc.eval.metrics import EARTH_RADIUS_KM, RADII_KM, haversine_km, radius_key
+from geoswc.eval.report_extras import draw_coverage, extra_sections
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,6 @@ PROTOCOL = (
     "prediction."
 )
 _SCORE_KEYS = ("n_truth", "n_scored", "n_missing", "accuracy", "median_km", "mean_km")
-_BACKGROUND_ASSET = ("geoswc.data", "assets/mp16_coords_sample.csv")
 _MAX_MAP_LINES = 300
 PathLike = Union[str, os.PathLike]
 
@@ -109,6 +108,7 @@ def write_report(
     commands: Sequence[str] = (),
     config: Optional[Mapping] = None,
     title: str = "geoswc evaluation",
+    benchmark: Optional[str] = None,
 ) -> dict[str, Path]:
     """Writes the evaluation report into ``out_dir``.
 
@@ -123,6 +123,8 @@ def write_report(
         commands: the exact command lines that produced the results.
         config: the resolved configuration (written as JSON).
         title: the report's heading.
+        benchmark: a benchmark the paper reports (``im2gps``, ``im2gps3k``, ``yfcc4k``): its published rows
+            are put beside the measured ones.
 
     Returns:
         ``{"markdown", "html", "curve", "map_predictions"?, "map_cells"?, "map_interactive"?}`` -> written paths.
@@ -163,11 +165,22 @@ def write_report(
         figures.append(
             ("map_cells", "map_cells.png", "Cell centres per granularity, coloured by photos per cell.")
         )
+    coverage = draw_coverage(results)
+    if coverage is not None:
+        written["coverage"] = _save(coverage, out_dir / "coverage_curve.png")
+        figures.append(
+            (
+                "coverage",
+                "coverage_curve.png",
+                "Selective prediction: accuracy as the least confident photos are set aside.",
+            )
+        )
     if distances and importlib.util.find_spec("folium") is not None:
         written["map_interactive"] = _write_folium_map(distances, out_dir / "map_interactive.html")
 
     generated = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     sections = _sections(results, stats, commands, config)
+    sections["extra"] = extra_sections(results, benchmark)
     written["markdown"] = out_dir / "report.md"
     written["markdown"].write_text(_markdown(title, generated, sections, figures, written))
     written["html"] = out_dir / "report.html"
@@ -231,6 +244,10 @@ def _markdown(title, generated, sections, figures, written) -> str:
         "",
         table(*sections["table"]),
         "",
+    ]
+    for heading, header, rows, note in sections.get("extra", []):
+        parts += [f"## {heading}", "", table(header, rows), "", note, ""]
+    parts += [
         "## Protocol",
         "",
         PROTOCOL,
@@ -292,6 +309,10 @@ def _html(title, generated, sections, figures, written) -> str:
         f"<p>Generated {esc(generated)}. Ground-truth photos: {esc(n_truth)}.</p>",
         "<h2>Accuracy (%) at each radius</h2>",
         table(*sections["table"]),
+    ]
+    for heading, header, rows, note in sections.get("extra", []):
+        parts += [f"<h2>{esc(heading)}</h2>", table(header, rows), f"<p>{esc(note)}</p>"]
+    parts += [
         "<h2>Protocol</h2>",
         f"<p>{esc(PROTOCOL)}</p>",
         "<h2>Figures</h2>",
@@ -400,34 +421,17 @@ def _draw_curves(results, distances):
     return fig
 
 
-def _background_coords() -> Optional[np.ndarray]:
-    """The MP16 coordinate sample shipped with geoswc.data, when present: light dots outline the continents."""
-    package, name = _BACKGROUND_ASSET
-    try:
-        resource = importlib.resources.files(package).joinpath(name)
-        if not resource.is_file():
-            return None
-        with resource.open("r") as f:
-            df = pd.read_csv(f)
-    except (ModuleNotFoundError, FileNotFoundError, OSError, pd.errors.ParserError) as err:
-        logger.debug("no background coordinates (%s)", err)
-        return None
-    cols = {c.lower(): c for c in df.columns}
-    if "lat" not in cols or "lon" not in cols:
-        return None
-    return df[[cols["lat"], cols["lon"]]].to_numpy(dtype=np.float64)
+def _world_axes(ax):
+    """A plate carrée world map: the offline Natural Earth basemap (land, coastlines, borders) under a
+    graticule."""
+    from geoswc.data import basemap
 
-
-def _world_axes(ax, background):
-    ax.set_xlim(-180, 180)
-    ax.set_ylim(-90, 90)
+    basemap.draw(ax, extent=(-180.0, 180.0, -90.0, 90.0), ocean="#eef4f8", zorder=0)
     ax.set_aspect("equal")
     ax.set_xticks(range(-180, 181, 60))
     ax.set_yticks(range(-90, 91, 30))
-    ax.grid(color="0.85", lw=0.6)
+    ax.grid(color="0.75", lw=0.4, alpha=0.6)
     ax.tick_params(labelsize=7)
-    if background is not None:
-        ax.scatter(background[:, 1], background[:, 0], s=0.3, c="0.78", lw=0, rasterized=True, zorder=0)
 
 
 def _draw_prediction_map(distances):
@@ -438,12 +442,11 @@ def _draw_prediction_map(distances):
     ncols = 1 if len(modes) == 1 else 2
     nrows = -(-len(modes) // ncols)
     fig, axes = _figure(nrows, ncols, (7.5 * ncols, 4.0 * nrows))
-    background = _background_coords()
     norm = LogNorm(vmin=0.1, vmax=20038.0)
     mappable = None
     for ax, mode in zip(axes.ravel(), modes):
         d = distances[mode]
-        _world_axes(ax, background)
+        _world_axes(ax)
         t, p, err = d["truth_deg"], d["pred_deg"], np.maximum(d["error_km"], 0.1)
         # Segments that would cross the antimeridian are left out rather than drawn across the whole map.
         short = np.abs(t[:, 1] - p[:, 1]) <= 180.0
@@ -471,11 +474,10 @@ def _draw_cell_map(geocells):
     if not partitions:
         raise ValueError("geocells has no partitions to draw")
     fig, axes = _figure(len(partitions), 1, (7.5, 4.0 * len(partitions)))
-    background = _background_coords()
     for ax, partition in zip(axes[:, 0], partitions):
         centers = np.asarray(partition.centers_deg, dtype=np.float64).reshape(-1, 2)
         counts = np.asarray(partition.counts, dtype=np.float64)
-        _world_axes(ax, background)
+        _world_axes(ax)
         sc = ax.scatter(
             centers[:, 1],
             centers[:, 0],

@@ -8,7 +8,14 @@ The backbone runs once over the test photos; its features feed each mode the mod
 - ``ce+rrm``, ``hc+rrm``, ``mvmf+rrm``: Search within Cell with that head.
 
 Photos that are missing or unreadable are listed in ``missing.csv`` and scored as missing (wrong at every
-radius), never a crash. Outputs: ``predictions_<mode>.csv``, ``results.json`` and ``report.md``/``report.html``.
+radius), never a crash. Outputs: ``predictions_<mode>.csv``, ``results.json`` and ``report.md``/``report.html``,
+and ``store/`` (`geoswc.sweep.EvalStore`): the features, head outputs and embeddings of the test photos, from
+which ``geoswc sweep`` re-runs the last stages without the backbone. The modes are placed from that store
+(`geoswc.sweep.Replayer`), so a sweep's row of the same settings reproduces these numbers exactly.
+
+Beyond Table 1, ``results.json`` holds per mode the GeoGuessr score, the selective-prediction split and
+coverage curve of the head's prediction density (`geoswc.eval.selective`), accuracy by country and continent
+(when `geoswc.data.places` is installed) and, for ``rrm``, recall@N and mAP of same-cell neighbours.
 """
 
 from __future__ import annotations
@@ -26,9 +33,20 @@ from tqdm.auto import tqdm
 
 from geoswc.data.images import image_path
 from geoswc.data.photos import PhotoDataset, photo_batches
-from geoswc.eval import load_benchmark, score_predictions
+from geoswc.eval import haversine_km, load_benchmark, score_predictions
+from geoswc.eval.metrics import geographic_breakdown, retrieval_metrics
 from geoswc.eval.report import write_report, write_results_json
+from geoswc.eval.selective import DENSITY_SCALES_KM, selective_summary
 from geoswc.geolocator import Geolocator
+from geoswc.sweep import (
+    STORE_DIR,
+    STORE_TOP_CELLS,
+    EvalStore,
+    Replayer,
+    head_outputs,
+    model_setting,
+    search_partition,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +55,8 @@ TABLE_MODES = ("ce", "hc", "mvmf", "rrm", "ce+rrm", "hc+rrm", "mvmf+rrm")
 BENCHMARK_NAMES = ("im2gps3k", "im2gps", "yfcc4k")
 # Photos located per call of Geolocator.locate: bounds the (chunk, n_fine) probability matrices.
 _LOCATE_CHUNK = 1024
+# N of the retrieval measures recall@N and mAP@N of the ``rrm`` mode.
+RETRIEVAL_NS = (1, 5, 10)
 
 
 def available_modes(model) -> List[str]:
@@ -86,41 +106,133 @@ def extract_features(model, paths: Sequence[Path], *, batch_size: int, workers: 
     return out, errors
 
 
-def evaluate_features(model, features, *, modes: Sequence[str], swc_options: Optional[dict] = None):
-    """Predictions ``{mode: (N, 2) degrees}`` and method counts ``{mode: {method: n}}`` for every mode."""
-    swc_options = dict(swc_options or {})
-    embeddings = None
-    if any(parse_mode(m)[1] in ("swc", "rrm") for m in modes):
-        embeddings = (
-            torch.cat(
-                [
-                    model.embed(features[s : s + _LOCATE_CHUNK]).cpu()
-                    for s in range(0, len(features), _LOCATE_CHUNK)
-                ]
-            )
-            if len(features)
-            else None
-        )
+def compute_embeddings(model, features: torch.Tensor) -> Optional[np.ndarray]:
+    """Retrieval embeddings ``(N, E)`` float32 of backbone features (None without a retrieval module)."""
+    if model.retrieval is None:
+        return None
+    if not len(features):
+        return np.zeros((0, model.retrieval.dim), dtype=np.float32)
+    return torch.cat(
+        [model.embed(features[s : s + _LOCATE_CHUNK]).cpu() for s in range(0, len(features), _LOCATE_CHUNK)]
+    ).numpy()
+
+
+def build_store(
+    model,
+    features: torch.Tensor,
+    *,
+    ids: Sequence[str],
+    truth_deg: np.ndarray,
+    evaluated: np.ndarray,
+    settings: Dict[str, Any],
+    model_path: Optional[Union[str, Path]] = None,
+) -> EvalStore:
+    """What the networks computed for the evaluated photos, for `evaluate_store` and ``geoswc sweep``.
+
+    Args:
+        model: the `Geolocator`.
+        features: ``(n, D)`` backbone features of the evaluated photos.
+        ids, truth_deg, evaluated: every ground-truth photo, its position, whether it was read.
+        settings: the Search within Cell settings (``k``, ``eps_km``, ``min_samples``, ``top_cells``).
+        model_path: the model folder (recorded so a sweep finds the background index).
+    """
+    heads = {
+        kind: head_outputs(model, features, kind, top_cells=max(STORE_TOP_CELLS, int(settings["top_cells"])))
+        for kind in model.head_names
+    }
+    meta = {
+        "fingerprint": model.fingerprint,
+        "model": None if model_path is None else str(Path(model_path).resolve()),
+        "backbone": model.backbone_name,
+        "settings": dict(settings),
+        "density_scales_km": list(DENSITY_SCALES_KM),
+        "preferred_head": model.resolve_head() if model.heads else None,
+        "search_partitions": (
+            {kind: search_partition(model, kind) for kind in model.head_names}
+            if model.index is not None
+            else {}
+        ),
+        "index_rows": len(model.index) if model.index is not None else 0,
+    }
+    return EvalStore(
+        ids=list(ids),
+        truth_deg=np.asarray(truth_deg, dtype=np.float64),
+        evaluated=np.asarray(evaluated, dtype=bool),
+        features=features.numpy().astype(np.float16),
+        embeddings=compute_embeddings(model, features),
+        heads=heads,
+        meta=meta,
+    )
+
+
+def evaluate_store(store: EvalStore, index, *, modes: Sequence[str]):
+    """Predictions ``{mode: (n, 2) degrees}`` and method counts ``{mode: {method: n}}`` of the evaluated photos.
+
+    Every mode runs through `geoswc.sweep.Replayer` with the store's settings, the path ``geoswc sweep``
+    takes, so its row of these settings is this result exactly.
+    """
+    replayer = Replayer(store, index)
     latlon, methods = {}, {}
     for mode in modes:
         head, how = parse_mode(mode)
-        parts, kinds = [], []
-        for start in range(0, len(features), _LOCATE_CHUNK):
-            stop = start + _LOCATE_CHUNK
-            pred = model.locate(
-                features[start:stop],
-                head=head,
-                mode=how,
-                embeddings=None if embeddings is None else embeddings[start:stop],
-                **(swc_options if how == "swc" else {}),
-            )
-            parts.append(pred.latlon_deg)
-            kinds.append(pred.method)
-        latlon[mode] = np.concatenate(parts) if parts else np.zeros((0, 2))
-        found = np.concatenate(kinds) if kinds else np.zeros(0, dtype=object)
-        names, counts = np.unique(found.astype(str), return_counts=True)
+        done = replayer.head_only(head) if how == "cell" else replayer.run(model_setting(store, head))
+        latlon[mode] = done.latlon_deg
+        names, counts = np.unique(done.method.astype(str), return_counts=True)
         methods[mode] = {str(n): int(c) for n, c in zip(names, counts)}
     return latlon, methods
+
+
+def extra_metrics(
+    model,
+    store: EvalStore,
+    predictions: Dict[str, pd.DataFrame],
+    truth: pd.DataFrame,
+    *,
+    modes: Sequence[str],
+) -> Dict[str, Dict[str, Any]]:
+    """Per mode: selective prediction (modes with a head), country and continent accuracy (when
+    `geoswc.data.places` is available) and, for ``rrm``, recall@N and mAP of same-cell neighbours."""
+    extra: Dict[str, Dict[str, Any]] = {mode: {} for mode in modes}
+    ok_truth = store.truth_deg[store.evaluated]
+    for mode in modes:
+        head, _ = parse_mode(mode)
+        frame = predictions[mode]
+        if head is None or not len(ok_truth):
+            continue
+        pred = (
+            frame.set_index(frame["IMG_ID"].astype(str))
+            .reindex(store.evaluated_ids)[["LAT", "LON"]]
+            .to_numpy()
+        )
+        has = ~np.isnan(pred[:, 0])
+        dist_km = haversine_km(ok_truth[has, 0], ok_truth[has, 1], pred[has, 0], pred[has, 1])
+        extra[mode]["selective"] = selective_summary(
+            dist_km, store.heads[head].density[has], scales_km=store.meta["density_scales_km"], head=head
+        )
+    try:
+        from geoswc.data import places
+
+        truth_codes = places.country_codes(truth[["LAT", "LON"]].to_numpy(dtype=np.float64))
+    except (ImportError, FileNotFoundError) as err:
+        logger.warning("no accuracy by country and continent: %s", err)
+    else:
+        for mode in modes:
+            extra[mode]["geography"] = geographic_breakdown(
+                predictions[mode], truth, truth_countries=truth_codes
+            )
+    if "rrm" in modes and store.embeddings is not None and model.index is not None and len(ok_truth):
+        k = min(RETRIEVAL_NS[-1], len(model.index))
+        _, rows = model.index.search(store.embeddings, k)
+        rows_partition = getattr(model.index, "partition", None)
+        cells = model.geocells.partition(rows_partition) if rows_partition else model.geocells.fine
+        query_cells = cells.assign(ok_truth[:, 0], ok_truth[:, 1])
+        neighbour_cells = np.where(rows >= 0, np.asarray(model.index.cell_idx)[np.maximum(rows, 0)], -1)
+        sizes = model.index.cell_sizes()
+        relevant = np.where(query_cells >= 0, sizes[np.maximum(query_cells, 0)], 0)
+        extra["rrm"]["retrieval"] = retrieval_metrics(
+            neighbour_cells, query_cells, relevant, ns=[n for n in RETRIEVAL_NS if n <= k]
+        )
+    return extra
 
 
 @dataclass
@@ -156,6 +268,7 @@ def evaluate_command(
     eps_km: Optional[float] = None,
     top_cells: Optional[int] = None,
     device: Optional[str] = None,
+    precision_mode: Optional[str] = None,
 ) -> str:
     """The ``geoswc evaluate`` command line equivalent to these arguments (the report's provenance)."""
     parts = ["geoswc", "evaluate", "--model", str(model)]
@@ -175,7 +288,8 @@ def evaluate_command(
     ]
     if modes:
         parts += ["--modes", *modes]
-    for flag, value in (("--k", k), ("--eps-km", eps_km), ("--top-cells", top_cells), ("--device", device)):
+    flags = (("--k", k), ("--eps-km", eps_km), ("--top-cells", top_cells), ("--device", device))
+    for flag, value in flags + (("--precision-mode", precision_mode),):
         if value is not None:
             parts += [flag, str(value)]
     return shlex.join(parts)
@@ -197,6 +311,7 @@ def run_evaluation(
     top_cells: Optional[int] = None,
     commands: Optional[Sequence[str]] = None,
     title: Optional[str] = None,
+    precision_mode: Optional[str] = None,
 ) -> Evaluation:
     """Evaluate a model on a test set and write ``predictions_<mode>.csv``, ``missing.csv``, ``results.json``
     and ``report.md``/``report.html`` into ``out``; see `evaluate_model`."""
@@ -215,7 +330,10 @@ def run_evaluation(
     images = Path(images)
     if not images.is_dir():
         raise FileNotFoundError(f"image folder not found: {images}")
-    geolocator = model if isinstance(model, Geolocator) else Geolocator.from_pretrained(model, device=device)
+    if isinstance(model, Geolocator):
+        geolocator = model if precision_mode is None else model.optimize(precision_mode=precision_mode)
+    else:
+        geolocator = Geolocator.from_pretrained(model, device=device, precision_mode=precision_mode or "auto")
     supported = available_modes(geolocator)
     modes = list(modes or supported)
     for mode in modes:
@@ -224,10 +342,12 @@ def run_evaluation(
             raise ValueError(
                 f"mode {mode!r} needs parts this model lacks; it supports: {', '.join(supported)}"
             )
-    swc_options = {
-        key: value
-        for key, value in (("k", k), ("eps_km", eps_km), ("top_cells", top_cells))
-        if value is not None
+    swc_cfg = geolocator.config.swc
+    settings = {
+        "k": swc_cfg.k if k is None else int(k),
+        "eps_km": swc_cfg.eps_km if eps_km is None else float(eps_km),
+        "min_samples": int(swc_cfg.min_samples),
+        "top_cells": swc_cfg.top_cells if top_cells is None else int(top_cells),
     }
 
     ids = truth["IMG_ID"].astype(str).tolist()
@@ -235,10 +355,20 @@ def run_evaluation(
         geolocator, [image_path(images, i) for i in ids], batch_size=batch_size, workers=workers
     )
     ok = np.array([i not in errors for i in range(len(ids))], dtype=bool)
-    latlon, methods = evaluate_features(geolocator, features[ok], modes=modes, swc_options=swc_options)
+    store = build_store(
+        geolocator,
+        features[ok],
+        ids=ids,
+        truth_deg=truth[["LAT", "LON"]].to_numpy(dtype=np.float64),
+        evaluated=ok,
+        settings=settings,
+        model_path=None if isinstance(model, Geolocator) else model,
+    )
+    latlon, methods = evaluate_store(store, geolocator.index, modes=modes)
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    store.save(out / STORE_DIR)
     ok_ids = [img_id for img_id, good in zip(ids, ok) if good]
     predictions, results = {}, {}
     for mode in modes:
@@ -248,6 +378,8 @@ def run_evaluation(
         predictions[mode] = frame
         results[mode] = score_predictions(frame, truth)
         results[mode]["methods"] = methods[mode]
+    for mode, more in extra_metrics(geolocator, store, predictions, truth, modes=modes).items():
+        results[mode].update(more)
     pd.DataFrame(
         {"IMG_ID": [ids[i] for i in sorted(errors)], "ERROR": [errors[i] for i in sorted(errors)]}
     ).to_csv(out / "missing.csv", index=False)
@@ -267,6 +399,7 @@ def run_evaluation(
                 eps_km=eps_km,
                 top_cells=top_cells,
                 device=device,
+                precision_mode=precision_mode,
             )
         ]
     written = write_report(
@@ -278,6 +411,7 @@ def run_evaluation(
         commands=list(commands),
         config=geolocator.config.to_dict(),
         title=title or f"geoswc evaluation: {benchmark or Path(meta_csv).name}",
+        benchmark=benchmark,
     )
     return Evaluation(results=results, ids=ids, errors=errors, out=out, written=written, model=geolocator)
 
@@ -301,7 +435,8 @@ def evaluate_model(
             ``report.md``, ``report.html``.
         modes: a subset of ``ce hc mvmf rrm ce+rrm hc+rrm mvmf+rrm`` (default: all the model supports).
         **options: ``benchmark`` (a named set), ``batch_size`` (32), ``workers`` (4 decoding processes),
-            ``device``, the Search within Cell settings ``k``, ``eps_km``, ``top_cells`` (default: the
+            ``device``, ``precision_mode`` (``auto``, ``fp32``, ``bf16``, ``fp16``: the backbone's precision,
+            `geoswc.precision`), the Search within Cell settings ``k``, ``eps_km``, ``top_cells`` (default: the
             model's config), and the report's ``commands`` and ``title``.
 
     Returns:

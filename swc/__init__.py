@@ -1,6 +1,13 @@
 """Search within Cell: retrieval inside the predicted cell plus spatial clustering (paper section 3.4)."""
 
-from geoswc.swc.cluster import ClusterResult, dbscan_labels, largest_cluster_mean, spherical_mean
+from geoswc.swc.cluster import (
+    AGGREGATIONS,
+    ClusterResult,
+    aggregate,
+    dbscan_labels,
+    largest_cluster_mean,
+    spherical_mean,
+)
 from geoswc.swc.search import (
     NearestResult,
     SwcResult,
@@ -9,6 +16,8 @@ from geoswc.swc.search import (
 )
 
 __all__ = [
+    "AGGREGATIONS",
+    "aggregate",
     "ClusterResult",
     "NearestResult",
     "SwcResult",

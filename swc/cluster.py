@@ -6,6 +6,9 @@ runs for all queries at once on ``(Q, K, K)`` distance matrices instead of once 
 those with at least ``min_samples`` neighbours within ``eps`` (themselves included), clusters are the connected
 components of core points (found by propagating the smallest member index along core-core edges), and a border
 point joins the cluster of its first core neighbour, which is the cluster scikit-learn's DBSCAN gives it.
+
+`aggregate` offers the alternatives the paper's Table 6 compares (and a few more) for ablations; the paper's
+largest-cluster mean stays the default everywhere.
 """
 
 from __future__ import annotations
@@ -203,3 +206,100 @@ def _check_shapes(latlon_deg: np.ndarray, valid: np.ndarray) -> None:
         raise ValueError(f"latlon must have shape (Q, K, 2), got {latlon_deg.shape}")
     if valid.shape != latlon_deg.shape[:2]:
         raise ValueError(f"valid must have shape {latlon_deg.shape[:2]}, got {valid.shape}")
+
+
+# Ways to turn a query's K neighbours into one position; the first is the paper's (section 3.4, Table 6).
+AGGREGATIONS = ("largest-cluster-mean", "weighted-mean", "medoid", "top1", "mean-all", "kde-peak")
+DEFAULT_AGGREGATION = AGGREGATIONS[0]
+
+
+def aggregate(
+    latlon_deg: np.ndarray,
+    valid: np.ndarray,
+    *,
+    method: str = DEFAULT_AGGREGATION,
+    eps_km: float = 1.0,
+    min_samples: int = 1,
+    similarity: Optional[np.ndarray] = None,
+) -> ClusterResult:
+    """One position per query from its neighbours, by one of the `AGGREGATIONS`.
+
+    - ``largest-cluster-mean`` (the paper): `largest_cluster_mean`.
+    - ``weighted-mean``: the largest cluster as in the paper, its members' spherical mean weighted by their
+      similarity to the query (the authors' ``spatial_clustering`` with exponent ``a = 1``; similarities below
+      zero count as zero, and a cluster whose weights are all zero falls back to the plain mean).
+    - ``medoid``: the member of the largest cluster with the smallest summed great-circle distance to the
+      other members (ties: the most similar one).
+    - ``top1``: the most similar neighbour.
+    - ``mean-all``: the spherical mean of every valid neighbour (the "Average" row of the paper's Table 6).
+    - ``kde-peak``: the neighbour at the highest point of a Gaussian kernel density over all valid
+      neighbours with bandwidth ``eps_km`` (the KDE of Vo et al., ICCV 2017, as compared in Table 6; ties:
+      the most similar one).
+
+    Args:
+        latlon_deg: ``(Q, K, 2)`` neighbour coordinates in degrees.
+        valid: ``(Q, K)`` bool; False marks padding.
+        method: one of `AGGREGATIONS`.
+        eps_km: DBSCAN radius for the cluster methods, kernel bandwidth for ``kde-peak``.
+        min_samples: DBSCAN core-point threshold for the cluster methods.
+        similarity: ``(Q, K)`` similarities to the query; without it neighbours are taken as sorted best first.
+
+    Returns:
+        A `ClusterResult`: ``members`` are the neighbours the position is made of (one for ``top1``,
+        ``medoid`` and ``kde-peak``).
+    """
+    if method not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {method!r}; choose one of: {', '.join(AGGREGATIONS)}")
+    latlon_deg = np.asarray(latlon_deg, dtype=np.float64)
+    valid = np.asarray(valid, dtype=bool)
+    _check_shapes(latlon_deg, valid)
+    if method == "largest-cluster-mean":
+        return largest_cluster_mean(
+            latlon_deg, valid, eps_km=eps_km, min_samples=min_samples, similarity=similarity
+        )
+    n_rows, k = valid.shape
+    if similarity is None:
+        rank = np.broadcast_to(-np.arange(k, dtype=np.float64), (n_rows, k))
+    else:
+        rank = np.asarray(similarity, dtype=np.float64)
+        if rank.shape != valid.shape:
+            raise ValueError(f"similarity must have shape {valid.shape}, got {rank.shape}")
+    rank = np.where(valid, rank, -np.inf)
+    if method in ("weighted-mean", "medoid"):
+        cluster = largest_cluster_mean(
+            latlon_deg, valid, eps_km=eps_km, min_samples=min_samples, similarity=similarity
+        )
+        if method == "weighted-mean":
+            weights = np.where(cluster.members, np.clip(rank, 0.0, None), 0.0)
+            no_weight = weights.sum(axis=1) <= 0
+            weights[no_weight] = cluster.members[no_weight]
+            return ClusterResult(spherical_mean(latlon_deg, weights), cluster.size, cluster.members)
+        with np.errstate(invalid="ignore"):
+            dist_km = pairwise_haversine_km(latlon_deg)
+        pair = cluster.members[:, :, None] & cluster.members[:, None, :]
+        total_km = np.where(pair, dist_km, 0.0).sum(axis=2)
+        pick = _best(np.where(cluster.members, -total_km, -np.inf), rank)
+    elif method == "top1":
+        pick = _best(np.where(valid, 0.0, -np.inf), rank)
+    elif method == "mean-all":
+        return ClusterResult(spherical_mean(latlon_deg, valid), valid.sum(axis=1), valid.copy())
+    else:
+        if eps_km <= 0:
+            raise ValueError(f"kde-peak needs a bandwidth eps_km > 0, got {eps_km}")
+        with np.errstate(invalid="ignore"):
+            dist_km = pairwise_haversine_km(latlon_deg)
+        pair = valid[:, :, None] & valid[:, None, :]
+        density = np.where(pair, np.exp(-0.5 * (np.nan_to_num(dist_km) / eps_km) ** 2), 0.0).sum(axis=2)
+        pick = _best(np.where(valid, density, -np.inf), rank)
+    members = (np.arange(k)[None, :] == pick[:, None]) & valid
+    latlon_out = np.full((n_rows, 2), np.nan)
+    rows = np.flatnonzero(members.any(axis=1))
+    latlon_out[rows] = latlon_deg[rows, pick[rows]]
+    return ClusterResult(latlon_out, members.sum(axis=1), members)
+
+
+def _best(score: np.ndarray, rank: np.ndarray) -> np.ndarray:
+    """Per row, the column with the highest ``score``; ties go to the highest ``rank``, then the lowest index."""
+    n_rows, k = score.shape
+    order = np.lexsort((-np.arange(k)[None, :].repeat(n_rows, 0), rank, score), axis=1)
+    return order[:, -1]

@@ -105,7 +105,15 @@ def test_score_counts_boundaries_missing_and_extras():
         list(dist_km) + ["not_in_truth"], [v / KM_PER_DEG for v in dist_km.values()] + [1.0], [0.0] * 5
     )
     res = score_predictions(pred, truth)
-    assert list(res) == ["n_truth", "n_scored", "n_missing", "accuracy", "median_km", "mean_km"]
+    assert list(res) == [
+        "n_truth",
+        "n_scored",
+        "n_missing",
+        "accuracy",
+        "median_km",
+        "mean_km",
+        "geoguessr_score",
+    ]
     assert (res["n_truth"], res["n_scored"], res["n_missing"]) == (5, 4, 1)
     # Denominator = 5 ground-truth photos; "e" has no prediction and is wrong everywhere; 1.0 km counts at 1 km.
     assert res["accuracy"] == pytest.approx(

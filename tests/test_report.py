@@ -85,10 +85,13 @@ def test_html_is_self_contained(report):
 
 
 def _table_rows(markdown):
+    """Rows of the report's tables by first cell; the first table naming a key wins (the accuracy table comes
+    before the sections that list the modes again)."""
     lines = [line for line in markdown.splitlines() if line.startswith("| ")]
-    return {
-        cells[0]: cells[1:] for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines)
-    }
+    rows = {}
+    for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines):
+        rows.setdefault(cells[0], cells[1:])
+    return rows
 
 
 def test_table_numbers_match_the_results(report, evaluation):

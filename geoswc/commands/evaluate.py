@@ -6,6 +6,7 @@ import argparse
 
 from geoswc.eval.metrics import format_table
 from geoswc.evaluate import BENCHMARK_NAMES, TABLE_MODES, evaluate_command, run_evaluation
+from geoswc.precision import PRECISION_MODES
 
 
 def run(args: argparse.Namespace) -> int:
@@ -18,6 +19,7 @@ def run(args: argparse.Namespace) -> int:
         "eps_km": args.eps_km,
         "top_cells": args.top_cells,
         "device": args.device,
+        "precision_mode": args.precision_mode,
     }
     command = evaluate_command(args.model, args.meta, images=args.images, out=args.output, **options)
     done = run_evaluation(
@@ -43,9 +45,29 @@ def run(args: argparse.Namespace) -> int:
             print(
                 f"{mode}: {fallback} photos fell back to the head's prediction (no background photo in their cell)"
             )
+    print()
+    print("mode      GeoGuessr  right country  localizable (density > 0.2 at 25 km): share, acc 1 km / 25 km")
+    for mode, scores in results.items():
+        country = (scores.get("geography") or {}).get("country_accuracy")
+        selective = scores.get("selective")
+        sure = (
+            "-"
+            if not selective or not selective["localizable"]["n"]
+            else "{:.1f}%: {:.1f} / {:.1f}".format(
+                selective["localizable"]["share"],
+                selective["localizable"]["accuracy"]["1"],
+                selective["localizable"]["accuracy"]["25"],
+            )
+        )
+        print(
+            f"{mode:<9} {scores['geoguessr_score']:>9.0f}  "
+            f"{'-' if country is None else f'{country:.1f}%':>13}  {sure}"
+        )
+    print()
     print(
         f"wrote {out / 'results.json'}, {done.written['markdown']}, {done.written['html']} and "
-        f"predictions_<mode>.csv for {len(results)} modes"
+        f"predictions_<mode>.csv for {len(results)} modes; {out / 'store'} keeps the features, head outputs "
+        f"and embeddings for geoswc sweep {out} -o SWEEP_DIR"
     )
     return 0
 
@@ -65,7 +87,8 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--benchmark",
         choices=BENCHMARK_NAMES,
-        help="named evaluation set; --meta gives its ground-truth file",
+        help="named evaluation set; --meta gives its ground-truth file, and the report puts the paper's "
+        "published Table 1 rows beside the measured ones",
     )
     parser.add_argument(
         "--images", required=True, metavar="ROOT", help="folder holding the photos (IMG_ID paths)"
@@ -89,4 +112,11 @@ def register(subparsers) -> None:
         "--top-cells", type=int, help="cells searched per photo (default: the model's config, 1)"
     )
     parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument(
+        "--precision-mode",
+        choices=PRECISION_MODES,
+        default=None,
+        help="the backbone's precision: auto (default: fp16 on GPU, fp32 on CPU; both place photos as fp32 "
+        "does), fp32 (the exact path), bf16, fp16; heads and retrieval stay fp32",
+    )
     parser.set_defaults(func=run)
