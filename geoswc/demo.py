@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import pandas as pd
 
@@ -74,6 +75,17 @@ def paper_effect(results: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
         "heads_750km": {m: r["accuracy"]["750"] for m, r in heads.items()},
         "heads_2500km": {m: r["accuracy"]["2500"] for m, r in heads.items()},
     }
+
+
+def serve_command(model_dir: Path, images: Optional[Path] = None, tags: Optional[Path] = None) -> str:
+    """The ``geoswc serve`` command line that opens ``model_dir``, with thumbnails of the background photos
+    under ``images`` and the tag run ``tags``."""
+    command = f"geoswc serve --model {shlex.quote(str(model_dir))}"
+    if images is not None:
+        command += f" --images {shlex.quote(str(images))}"
+    if tags is not None:
+        command += f" --tags {shlex.quote(str(tags))}"
+    return command
 
 
 def run_demo(
@@ -183,6 +195,9 @@ def run_demo(
     echo(f"               {written['html']}  (self-contained, opens offline)")
     echo(f"predictions:   {eval_dir}/predictions_<mode>.csv, {eval_dir / 'results.json'}")
     echo(f"tags:          {tags}  ({DEMO_TAG_PHOTOS} photos from {photos})")
+    echo(
+        f"serve:         {serve_command(model_dir, world / 'images', tags)}  (then open http://127.0.0.1:8000/)"
+    )
     echo(
         "time:          "
         + ", ".join(f"{k} {duration(v)}" for k, v in timings.items())
