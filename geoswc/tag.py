@@ -12,6 +12,12 @@ model, precision, head, EXIF folder and predict options); ``resume`` refuses an 
 matches photos by their real path, so ``archive/`` and ``/home/me/archive/`` are the same photos. EXIF copies
 never go into the inputs' folders and never replace an existing file unless ``overwrite``.
 
+Rows also carry what a reviewer acts on (`ReviewOptions`, docs/tagging.md): the best alternative cells and
+the background photos behind a position, the nearest place's name (`geoswc.data.places`), an ``abstain``
+status below a confidence, the photo's own EXIF GPS and its distance to the prediction, and near-duplicate
+groups. A run over a retrieval model keeps the archive's embeddings beside ``OUT`` (`geoswc.similar`) and
+ends with a review page ``OUT.html``.
+
 `tag_photos` takes a model folder, a `Geolocator`, or any predictor with ``transform`` (image -> (3, H, W)
 tensor) and ``predict_batch(pixels) -> list of dicts`` (``lat``, ``lon``, ``method``, ``cell_token``,
 ``cell_probability``, ``confidence``).
@@ -21,14 +27,17 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
+import math
 import os
 import sys
 import time
 from pathlib import Path
 from typing import Any, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
@@ -36,11 +45,23 @@ from torchvision import transforms as T
 from tqdm.auto import tqdm
 
 from geoswc.archive import PRECISION_DECIMALS, round_latlon, write_gps_exif
+from geoswc.data import places
+from geoswc.data.exif import read_gps
 from geoswc.data.images import Discovery, PhotoError, discover
 from geoswc.data.photos import PhotoDataset, photo_batches
 from geoswc.cli import main as cli_main
 from geoswc import __version__
+from geoswc.eval import haversine_km
 from geoswc.geolocator import FORMAT_VERSION, Geolocator
+from geoswc.precision import default_workers
+from geoswc.similar import (
+    DUPLICATE_THRESHOLD,
+    EmbeddingJournal,
+    duplicate_groups,
+    embedding_files,
+    embedding_fingerprint,
+    finalize_embeddings,
+)
 from geoswc.tag_output import (
     OutputLock,
     RowWriter,
@@ -51,11 +72,14 @@ from geoswc.tag_output import (
     os_errors,
     output_error,
     output_format,
+    STATUSES,
     pyarrow_parquet,
     read_appendable,
     read_rows,
     read_run_record,
     run_record_path,
+    write_html_report,
+    write_rows,
     write_run_record,
 )
 
@@ -64,7 +88,8 @@ logger = logging.getLogger(__name__)
 # Test hook: seconds to sleep after each batch, so a test can kill a run part-way through.
 BATCH_DELAY_ENV = "GEOSWC_TAG_BATCH_DELAY_S"
 # Version of the run record OUT.run.json; a record of another version is refused by --resume.
-RUN_RECORD_VERSION = 1
+# 2: the reviewable columns (docs/tagging.md) and the review options in the identity.
+RUN_RECORD_VERSION = 2
 
 
 @dataclasses.dataclass
@@ -74,6 +99,8 @@ class TagSummary:
     output: str
     ok: int = 0
     error: int = 0
+    abstain: int = 0
+    skipped: int = 0
     resumed: int = 0
     tagged: int = 0
     exif_written: int = 0
@@ -83,7 +110,178 @@ class TagSummary:
     skipped_not_photo: int = 0
     skipped_hidden: int = 0
     unreadable_folders: int = 0
+    # Rows whose photo carries EXIF GPS, and the median distance between it and the prediction (ok and
+    # abstain rows): a free accuracy check on a real archive.
+    geotagged: int = 0
+    exif_median_km: Optional[float] = None
+    # Near-duplicate groups (--duplicates) and the photos in them.
+    duplicate_groups: int = 0
+    duplicates: int = 0
+    embeddings: Optional[str] = None
+    html: Optional[str] = None
     seconds: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ReviewOptions:
+    """What a row holds beyond the position, for a reviewer (docs/tagging.md).
+
+    Attributes:
+        top_k: alternatives listed in ``top_cells`` (the head's best cells: token, centre, probability); 0: none.
+        evidence: background photos listed in ``evidence`` (id, position, similarity, in the winning cluster);
+            0: none.
+        min_confidence: rows whose prediction density (``confidence``) is below it, or unknown, get status
+            ``abstain``: ``lat``/``lon`` empty, the best guess in ``guess_lat``/``guess_lon``.
+        place_names: fill the nearest place, regions and country (`geoswc.data.places`).
+        skip_geotagged: photos with EXIF GPS get a ``skipped`` row (their EXIF position, no prediction).
+        duplicates: number near-duplicate groups (``duplicate_group``) at the end of the run.
+        duplicate_threshold: cosine similarity of retrieval embeddings from which photos are near-duplicates.
+        keep_embeddings: keep the archive's embeddings beside the output for ``geoswc similar``.
+        html: write the review page ``OUT.html`` at the end.
+    """
+
+    top_k: int = 0
+    evidence: int = 0
+    min_confidence: Optional[float] = None
+    place_names: bool = True
+    skip_geotagged: bool = False
+    duplicates: bool = False
+    duplicate_threshold: float = DUPLICATE_THRESHOLD
+    keep_embeddings: bool = True
+    html: bool = True
+
+    def check(self) -> "ReviewOptions":
+        """Raises ValueError naming a bad value."""
+        if self.top_k < 0 or self.evidence < 0:
+            raise ValueError(f"--top-k and --evidence must be >= 0, got {self.top_k} and {self.evidence}")
+        if self.min_confidence is not None and not 0.0 <= self.min_confidence <= 1.0:
+            raise ValueError(f"--min-confidence must lie in [0, 1], got {self.min_confidence}")
+        if not 0.0 < self.duplicate_threshold <= 1.0:
+            raise ValueError(f"--duplicate-threshold must lie in (0, 1], got {self.duplicate_threshold}")
+        return self
+
+    def identity(self) -> dict:
+        """The options the rows depend on (the run record; ``resume`` compares them)."""
+        options = dataclasses.asdict(self)
+        options.pop("html")
+        return options
+
+
+def _published(lat: float, lon: float, precision: str) -> Tuple[float, float]:
+    return round_latlon(lat, lon, precision)
+
+
+def _published_exif(lat: float, lon: float, precision: str) -> Tuple[float, float]:
+    lat, lon = round_latlon(lat, lon, precision)
+    # EXIF rationals decode with binary noise (2.2944999999999998); 7 decimals are ~1 cm.
+    return round(lat, 7) + 0.0, round(lon, 7) + 0.0
+
+
+def review_fields(
+    prediction: dict,
+    *,
+    precision: str = "exact",
+    review: ReviewOptions = ReviewOptions(),
+    exif_latlon: Optional[Tuple[float, float]] = None,
+    place: Optional[places.Place] = None,
+) -> dict:
+    """The reviewable columns of a placed photo's row (`geoswc.tag_output.COLUMNS`), positions rounded to
+    ``precision``; includes ``status`` (``ok`` or ``abstain``) and the published ``lat``/``lon``.
+
+    Args:
+        prediction: the predictor's dict (``lat``, ``lon``, ``confidence``; from a `Geolocator` also
+            ``top_cells`` with ``lat``/``lon`` centres, and ``neighbours``).
+        precision: publication precision (`geoswc.archive.PRECISION_DECIMALS`).
+        review: what to fill.
+        exif_latlon: the photo's EXIF GPS position, if any.
+        place: the place of the published position when already looked up (`batch_places`).
+    """
+    lat, lon = float(prediction["lat"]), float(prediction["lon"])
+    pub_lat, pub_lon = _published(lat, lon, precision)
+    fields: dict = {"status": "ok", "lat": pub_lat, "lon": pub_lon}
+    confidence = prediction.get("confidence")
+    if review.min_confidence is not None:
+        # An unknown density (a model without heads) cannot vouch for a position either.
+        sure = confidence is not None and math.isfinite(confidence) and confidence >= review.min_confidence
+        if not sure:
+            fields.update(status="abstain", lat=None, lon=None, guess_lat=pub_lat, guess_lon=pub_lon)
+    if review.place_names and math.isfinite(lat) and math.isfinite(lon):
+        if place is None:
+            (place,) = places.reverse_geocode(np.array([[pub_lat, pub_lon]]), precision=precision)
+        fields.update(
+            place=place.name or None,
+            admin1=place.admin1 or None,
+            admin2=place.admin2 or None,
+            country_code=place.country_code or None,
+            country=place.country or None,
+            place_distance_km=None if math.isnan(place.distance_km) else place.distance_km,
+        )
+    if exif_latlon is not None:
+        fields["exif_lat"], fields["exif_lon"] = _published_exif(*exif_latlon, precision)
+        fields["exif_distance_km"] = round(float(haversine_km(lat, lon, *exif_latlon)), 3)
+    if review.top_k:
+        alternatives = []
+        for cell in list(prediction.get("top_cells") or [])[: review.top_k]:
+            entry = {"token": cell.get("token"), "prob": cell.get("prob")}
+            if cell.get("lat") is not None:
+                entry["lat"], entry["lon"] = _published(cell["lat"], cell["lon"], precision)
+            alternatives.append(entry)
+        fields["top_cells"] = alternatives
+    if review.evidence:
+        evidence = []
+        for photo in list(prediction.get("neighbours") or [])[: review.evidence]:
+            n_lat, n_lon = _published(photo["lat"], photo["lon"], precision)
+            evidence.append(
+                {
+                    "id": photo["id"],
+                    "lat": n_lat,
+                    "lon": n_lon,
+                    "similarity": round(float(photo["similarity"]), 6),
+                    "in_cluster": bool(photo["in_cluster"]),
+                }
+            )
+        fields["evidence"] = evidence
+    return fields
+
+
+def batch_places(predictions: Sequence[dict], *, precision: str = "exact") -> List[Optional[places.Place]]:
+    """The places of many predictions' published positions in one gazetteer query (a lookup per row costs
+    more than the model on a GPU); None for a non-finite position."""
+    latlon = np.array([[float(p["lat"]), float(p["lon"])] for p in predictions], dtype=np.float64).reshape(
+        -1, 2
+    )
+    finite = np.all(np.isfinite(latlon), axis=1)
+    published = [_published(lat, lon, precision) for lat, lon in latlon[finite]]
+    found = iter(places.reverse_geocode(np.array(published).reshape(-1, 2), precision=precision))
+    return [next(found) if ok else None for ok in finite.tolist()]
+
+
+def prediction_row(
+    path: str,
+    prediction: dict,
+    *,
+    precision: str = "exact",
+    review: ReviewOptions = ReviewOptions(),
+    exif_latlon: Optional[Tuple[float, float]] = None,
+    place: Optional[places.Place] = None,
+) -> dict:
+    """The output row of a placed photo (status ``ok`` or ``abstain``): `make_row` plus `review_fields`.
+
+    The web server and `tag_photos` build their rows with it, so both hold the same fields.
+    """
+    row = make_row(path, prediction=prediction)
+    row.update(
+        review_fields(prediction, precision=precision, review=review, exif_latlon=exif_latlon, place=place)
+    )
+    return row
+
+
+def skipped_row(path: str, exif_latlon: Tuple[float, float], *, precision: str = "exact") -> dict:
+    """The row of a photo left out by ``--skip-geotagged``: status ``skipped`` and its EXIF position."""
+    row = make_row(path, prediction={})
+    row["status"] = "skipped"
+    row["exif_lat"], row["exif_lon"] = _published_exif(*exif_latlon, precision)
+    return row
 
 
 def resize_target(transform) -> Optional[int]:
@@ -254,6 +452,7 @@ def run_identity(
     write_exif: Optional[str],
     target: Optional[int],
     predict_options: dict,
+    review: Optional[ReviewOptions] = None,
 ) -> dict:
     """What a run's rows depend on, as recorded in ``OUT.run.json`` and compared by ``resume``."""
     if isinstance(predictor, Geolocator):
@@ -270,6 +469,7 @@ def run_identity(
         "target": target,
         # JSON, as it will be read back (tuples become lists; what JSON cannot hold, its repr).
         "predict_options": json.loads(json.dumps(options, sort_keys=True, default=repr)),
+        "review": (review or ReviewOptions()).identity(),
     }
 
 
@@ -311,6 +511,12 @@ def _start_output(
                 with os_errors("remove", path):
                     os.remove(path)
         existing = []
+    if not existing:
+        # Embeddings and a review page of an output that is gone belong to no run: start them afresh.
+        for path in [*embedding_files(output), html_path(output)]:
+            if os.path.exists(path):
+                with os_errors("remove", path):
+                    os.remove(path)
     if existing and not resume:
         what = "output" if existing[0] == output else "unfinished run's journal"
         raise FileExistsError(
@@ -383,20 +589,35 @@ def _prepare_output(output: str, *, ranks: Ranks, **checks) -> Tuple[Optional[Ou
     return lock, outcome[1]
 
 
-def load_predictor(model: Union[str, Path, Any], *, head: Optional[str] = None, device=None):
+def load_predictor(
+    model: Union[str, Path, Any],
+    *,
+    head: Optional[str] = None,
+    device=None,
+    precision_mode: Optional[str] = None,
+    compile: Union[str, bool, None] = "auto",
+):
     """The predictor of a model folder (a `Geolocator`, its head checked), or ``model`` itself when it is one.
+
+    ``precision_mode`` and ``compile`` (`Geolocator.optimize`) apply to a model folder (``precision_mode``
+    None: ``auto``) and to a `Geolocator` given with a ``precision_mode``; a `Geolocator` given without one
+    keeps its own settings.
 
     Raises:
         FileNotFoundError: the model folder does not exist.
-        ValueError: ``head`` is not one of the model's heads.
+        ValueError: ``head`` is not one of the model's heads, or an unknown precision or compile mode.
     """
     if not isinstance(model, (str, os.PathLike)):
         if isinstance(model, Geolocator):
             model.resolve_head(head)
+            if precision_mode is not None:
+                model.optimize(precision_mode=precision_mode, compile=compile)
         return model
     if not os.path.isdir(model):
         raise FileNotFoundError(f"model folder {os.fspath(model)!r} does not exist")
-    geolocator = Geolocator.from_pretrained(model, device=device)
+    geolocator = Geolocator.from_pretrained(
+        model, device=device, precision_mode=precision_mode or "auto", compile=compile
+    )
     geolocator.resolve_head(head)  # an unknown head fails before any photo is read
     return geolocator
 
@@ -444,15 +665,73 @@ class _ExifCopies:
 
 
 def _ok_row(
-    photo, prediction: dict, *, precision: str, copies: Optional[_ExifCopies], summary: TagSummary
+    photo,
+    prediction: dict,
+    *,
+    precision: str,
+    copies: Optional[_ExifCopies],
+    summary: TagSummary,
+    review: ReviewOptions,
+    exif_latlon: Optional[Tuple[float, float]],
+    place: Optional[places.Place] = None,
 ) -> dict:
-    """The row of a placed photo, its position rounded to ``precision``; with ``copies`` its EXIF copy is
-    written first, so a row on disk means its copy is complete."""
-    prediction = dict(prediction)
-    prediction["lat"], prediction["lon"] = round_latlon(prediction["lat"], prediction["lon"], precision)
-    if copies is not None:
-        copies.write(photo, prediction["lat"], prediction["lon"], summary)
-    return make_row(photo.path, prediction=prediction)
+    """The row of a placed photo (`prediction_row`), its positions rounded to ``precision``; with ``copies``
+    the EXIF copy of an ``ok`` row is written before the row, so a row on disk means its copy is complete."""
+    row = prediction_row(
+        photo.path, prediction, precision=precision, review=review, exif_latlon=exif_latlon, place=place
+    )
+    if copies is not None and row["status"] == "ok":
+        copies.write(photo, row["lat"], row["lon"], summary)
+    return row
+
+
+def html_path(output: str) -> str:
+    """The review page of a run: ``OUT.html`` beside ``OUT``."""
+    return f"{output}.html"
+
+
+def _wants_embeddings(predictor, review: ReviewOptions) -> bool:
+    return (
+        (review.keep_embeddings or review.duplicates)
+        and isinstance(predictor, Geolocator)
+        and predictor.retrieval is not None
+    )
+
+
+def with_cell_centres(geolocator: Geolocator, records: List[dict]) -> List[dict]:
+    """Add each ``top_cells`` entry's cell centre (``lat``, ``lon``: the spherical mean of the cell's training
+    photos) to a `Geolocator`'s prediction records, in place, for `review_fields`; returns ``records``."""
+    for record in records:
+        head = record.get("head")
+        if not record.get("top_cells") or head is None:
+            continue
+        partition = (
+            geolocator.head_partition(head)
+            if hasattr(geolocator, "head_partition")
+            else geolocator.geocells.fine
+        )
+        centres = np.asarray(partition.centers_deg, dtype=np.float64)
+        for cell in record["top_cells"]:
+            cell["lat"], cell["lon"] = (float(v) for v in centres[cell["cell_idx"]])
+    return records
+
+
+def _predict(predictor, pixels, options: dict, *, embeddings: bool):
+    """The predictions of a batch and, when asked, its retrieval embeddings (one backbone pass for both).
+
+    A `Geolocator`'s ``top_cells`` get their cells' centres (``lat``, ``lon``)."""
+    if not isinstance(predictor, Geolocator):
+        return predictor.predict_batch(pixels, **options), None
+    vectors = None
+    if embeddings:
+        features = predictor.features(pixels)
+        emb = predictor.embed(features)
+        records = predictor.predict_from_features(features, embeddings=emb, **options)
+        vectors = emb.float().cpu().numpy()
+    else:
+        records = predictor.predict_batch(pixels, **options)
+    with_cell_centres(predictor, records)
+    return records, vectors
 
 
 def tag_photos(
@@ -471,6 +750,9 @@ def tag_photos(
     progress: bool = False,
     predict_options: Optional[dict] = None,
     ranks: Optional[Ranks] = None,
+    review: Optional[ReviewOptions] = None,
+    precision_mode: Optional[str] = None,
+    compile: Union[str, bool, None] = "auto",
 ) -> dict:
     """Geotag every photo under ``paths`` into ``out``, one row per photo.
 
@@ -479,7 +761,8 @@ def tag_photos(
         model: a model folder, a `Geolocator`, or any predictor with ``transform`` and ``predict_batch``.
         out: ``.csv``, ``.jsonl``, ``.geojson`` or ``.parquet`` file.
         batch_size: photos per model call (photos of one transformed shape each).
-        workers: decoding processes (0 decodes in the main process); default: the CPU count minus one, at most 8.
+        workers: decoding processes (0 decodes in the main process); default: the usable CPUs minus one, at
+            most 32 (`geoswc.precision.default_workers`).
         resume: complete an existing output, skipping the photos it already holds (matched by real path). The
             output must have been started with the same model, precision, head, ``write_exif``, ``target`` and
             ``predict_options`` (recorded in ``OUT.run.json``).
@@ -495,9 +778,15 @@ def tag_photos(
         progress: show a progress bar (images/s) on stderr.
         predict_options: more keyword arguments of every ``predict_batch`` call (e.g. ``mode``).
         ranks: the process group under accelerate; default: found from the environment.
+        precision_mode: the backbone's precision, ``auto`` (default for a model folder: float16 on CUDA,
+            float32 on CPU), ``fp32`` (the exact path), ``bf16`` or ``fp16``; see `geoswc.precision`. Not part of the run record: a run may be resumed in another mode.
+        compile: ``torch.compile`` the backbone: ``auto`` (on CUDA), ``on`` or ``off``.
+        review: what rows hold beyond the position (alternatives, evidence, place names, abstentions,
+            EXIF GPS, near-duplicate groups), the embeddings kept and the review page (`ReviewOptions`;
+            default: place names, EXIF GPS, embeddings and ``OUT.html``).
 
     Returns:
-        The run summary (`TagSummary` as a dict): the counts of ``ok`` and ``error`` rows of the whole output
+        The run summary (`TagSummary` as a dict): the counts of rows by status of the whole output
         (on rank 0 after the merge; other ranks count their own share), photos tagged by this run and resumed
         from an earlier one, EXIF copies, entries skipped while walking folders, and seconds.
 
@@ -522,15 +811,25 @@ def tag_photos(
         raise ValueError("--resume and --overwrite exclude each other")
     if fmt == "parquet":
         pyarrow_parquet()
+    review = (review or ReviewOptions()).check()
     ranks = ranks or Ranks()
     # The inputs first: a mistyped path fails before a large model is loaded.
     found: Discovery = discover(paths)
-    predictor = load_predictor(model, head=head, device=ranks.device)
+    predictor = load_predictor(
+        model, head=head, device=ranks.device, precision_mode=precision_mode, compile=compile
+    )
     options = dict(predict_options or {})
     if head is not None:
         options["head"] = head
+    if review.duplicates and not _wants_embeddings(predictor, review):
+        raise ValueError(
+            "--duplicates compares retrieval embeddings; this model has none (a Geolocator with a retrieval "
+            "module is needed)"
+        )
+    if isinstance(predictor, Geolocator) and review.top_k > 5:
+        options["top_k"] = review.top_k  # a Geolocator lists 5 alternatives unless asked for more
     if workers is None:
-        workers = max(0, min(8, (os.cpu_count() or 1) - 1))
+        workers = default_workers()
 
     summary = TagSummary(
         output=output,
@@ -551,6 +850,7 @@ def tag_photos(
         write_exif=write_exif,
         target=target,
         predict_options=options,
+        review=review,
     )
     lock, base = _prepare_output(
         output,
@@ -577,6 +877,7 @@ def tag_photos(
             progress=progress,
             ranks=ranks,
             summary=summary,
+            review=review,
         )
     finally:
         if lock is not None:
@@ -601,9 +902,11 @@ def _tag(
     progress: bool,
     ranks: Ranks,
     summary: TagSummary,
+    review: ReviewOptions,
 ) -> None:
     """The run itself, once the output is locked and checked: tag the photos the output lacks, then (with
-    journals) merge the final file; the counts go to ``summary``."""
+    journals) merge the final file, then the review steps (embeddings, duplicate groups, review page); the
+    counts go to ``summary``."""
     # One row per photo: a photo reached by two spellings (a symlink to it) is tagged once.
     photos, keys, seen = [], [], set()
     for photo in found:
@@ -642,12 +945,26 @@ def _tag(
         len(share),
     )
 
-    counts = {"ok": 0, "error": 0}
-    if direct:
-        for row in done_rows:
-            counts[row["status"]] += 1
+    # Batches come by shape, not in order; rows are written in the photos' order as soon as all the rows
+    # before them are there, so every output lists the photos as they were found.
+    ready: dict = {}
+    # --skip-geotagged: photos with EXIF GPS get their row now and never reach the model.
+    todo = list(range(len(share)))
+    if review.skip_geotagged:
+        todo = []
+        for index, photo in enumerate(share):
+            position = read_gps(photo.path)
+            if position is None:
+                todo.append(index)
+            else:
+                ready[index] = skipped_row(photo.path, position, precision=precision)
+
+    wants_embeddings = _wants_embeddings(predictor, review)
+    journal = None
+    if wants_embeddings:
+        journal = EmbeddingJournal(output, ranks.rank, _embedding_dim(predictor))
     dataset = PhotoDataset(
-        [photo.path for photo in share],
+        [share[index].path for index in todo],
         predictor.transform,
         target=target or resize_target(predictor.transform),
     )
@@ -657,9 +974,7 @@ def _tag(
     if progress and ranks.rank == 0:
         bar = tqdm(total=len(share), unit="img", desc="tag", dynamic_ncols=True, smoothing=0.1)
     writer = RowWriter(sink, sink_fmt)
-    # Batches come by shape, not in order; rows are written in the photos' order as soon as all the rows
-    # before them are there, so every output lists the photos as they were found.
-    ready: dict = {}
+    own = _Tally()
     written = 0
     try:
         for batch in photo_batches(
@@ -669,22 +984,34 @@ def _tag(
             if len(batch):
                 pixels = batch.pixels if device is None else batch.pixels.to(device, non_blocking=True)
                 with torch.inference_mode():
-                    predictions = dict(
-                        zip(batch.indices.tolist(), predictor.predict_batch(pixels, **options))
-                    )
+                    records, vectors = _predict(predictor, pixels, options, embeddings=wants_embeddings)
+                    predictions = dict(zip((todo[i] for i in batch.indices.tolist()), records))
+                if journal is not None:
+                    # Before the rows: every row on disk has its embedding.
+                    journal.write([share[todo[i]].path for i in batch.indices.tolist()], vectors)
             for index, error in batch.errors.items():
+                index = todo[index]
                 ready[index] = make_row(share[index].path, error=error)
-            for index, prediction in predictions.items():
+            named = (
+                batch_places(list(predictions.values()), precision=precision) if review.place_names else []
+            )
+            for (index, prediction), place in itertools.zip_longest(predictions.items(), named):
                 ready[index] = _ok_row(
-                    share[index], prediction, precision=precision, copies=copies, summary=summary
+                    share[index],
+                    prediction,
+                    precision=precision,
+                    copies=copies,
+                    summary=summary,
+                    review=review,
+                    exif_latlon=None if review.skip_geotagged else read_gps(share[index].path),
+                    place=place,
                 )
             rows = []
             while written in ready:
                 rows.append(ready.pop(written))
                 written += 1
             writer.write(rows)
-            for row in rows:
-                counts[row["status"]] += 1
+            own.add(rows)
             summary.tagged += len(rows)
             if bar is not None:
                 bar.update(len(rows) * ranks.world)
@@ -693,18 +1020,103 @@ def _tag(
     finally:
         try:
             writer.close()
+            if journal is not None:
+                journal.close()
         finally:
             if bar is not None:
                 bar.close()
 
     ranks.barrier()
-    if not direct and ranks.rank == 0:
-        rows = merge(output, fmt, [photo.path for photo in photos], include_existing=True, key=key)
-        counts = {"ok": 0, "error": 0}
-        for row in rows:
-            counts[row["status"]] += 1
+    if ranks.rank == 0:
+        if direct:
+            rows = read_rows(output, fmt)
+        else:
+            rows = merge(output, fmt, [photo.path for photo in photos], include_existing=True, key=key)
+        _Tally().add(rows).into(summary)
+        _finish(output, fmt, rows, predictor, key=key, review=review, summary=summary, progress=progress)
+    else:  # the other ranks count their own share
+        own.into(summary)
     ranks.barrier()
-    summary.ok, summary.error = counts["ok"], counts["error"]
+
+
+class _Tally:
+    """Counts by status and the EXIF distances of rows."""
+
+    def __init__(self):
+        self.counts = dict.fromkeys(STATUSES, 0)
+        self.geotagged = 0
+        self.distances_km: List[float] = []
+
+    def add(self, rows: Sequence[dict]) -> "_Tally":
+        for row in rows:
+            self.counts[row["status"]] += 1
+            if row.get("exif_lat") is not None:
+                self.geotagged += 1
+                if row.get("exif_distance_km") is not None:
+                    self.distances_km.append(row["exif_distance_km"])
+        return self
+
+    def into(self, summary: TagSummary) -> None:
+        summary.ok, summary.error = self.counts["ok"], self.counts["error"]
+        summary.abstain, summary.skipped = self.counts["abstain"], self.counts["skipped"]
+        summary.geotagged = self.geotagged
+        summary.exif_median_km = float(np.median(self.distances_km)) if self.distances_km else None
+
+
+def _embedding_dim(predictor) -> int:
+    """Width of a `Geolocator`'s retrieval embeddings."""
+    if predictor.index is not None:
+        return int(predictor.index.dim)
+    width = int(predictor.backbone.num_features)
+    with torch.inference_mode():
+        return int(predictor.embed(torch.zeros(1, width)).shape[1])
+
+
+def _finish(
+    output: str,
+    fmt: str,
+    rows: List[dict],
+    predictor,
+    *,
+    key,
+    review: ReviewOptions,
+    summary: TagSummary,
+    progress: bool,
+) -> None:
+    """Rank 0, once the output holds every row: the archive's embeddings, near-duplicate groups (the output
+    rewritten with them) and the review page."""
+    archive = None
+    if _wants_embeddings(predictor, review):
+        order = [row["path"] for row in rows if row["status"] in ("ok", "abstain")]
+        archive = finalize_embeddings(
+            output,
+            order,
+            fingerprint=embedding_fingerprint(predictor),
+            dim=_embedding_dim(predictor),
+            key=key,
+        )
+        if archive is not None:
+            summary.embeddings = f"{output}.embeddings.npy"
+    if review.duplicates and archive is not None:
+        groups = duplicate_groups(archive.vectors, threshold=review.duplicate_threshold, progress=progress)
+        group_of = {key(path): int(g) for path, g in zip(archive.paths, groups.tolist())}
+        changed = False
+        for row in rows:
+            group = group_of.get(key(row["path"])) or None
+            if row.get("duplicate_group") != group:
+                row["duplicate_group"], changed = group, True
+        if changed:
+            write_rows(output, fmt, rows)
+        summary.duplicate_groups = len(set(groups.tolist()) - {0})
+        summary.duplicates = int(np.count_nonzero(groups))
+    if review.html:
+        page = html_path(output)
+        try:
+            write_html_report(page, rows, dataclasses.asdict(summary), min_confidence=review.min_confidence)
+        except Exception as err:  # the rows are complete; a missing page must not fail the run
+            logger.warning("no review page %s: %s", page, err)
+        else:
+            summary.html = page
 
 
 def summary_lines(summary: dict) -> list:
@@ -731,10 +1143,23 @@ def summary_lines(summary: dict) -> list:
             f"wrote {summary['exif_written']} EXIF copies" + (f" ({'; '.join(reasons)})" if reasons else "")
         )
     resumed = f", {summary['resumed']} from the earlier run" if summary["resumed"] else ""
+    statuses = [f"{summary['ok']} ok"]
+    statuses += [f"{summary[s]} {s}" for s in ("abstain", "skipped") if summary.get(s)]
+    statuses.append(f"{summary['error']} error")
     lines.append(
         f"tagged {summary['tagged']} photos in {summary['seconds']:.1f} s ({rate:.1f} images/s){resumed}: "
-        f"{summary['ok']} ok, {summary['error']} error rows in {summary['output']}"
+        f"{', '.join(statuses)} rows in {summary['output']}"
     )
+    if summary.get("geotagged"):
+        median = summary.get("exif_median_km")
+        compared = f"; median distance to the prediction {median:.1f} km" if median is not None else ""
+        lines.append(f"{summary['geotagged']} photos carry EXIF GPS{compared}")
+    if summary.get("duplicates"):
+        lines.append(f"{summary['duplicates']} photos in {summary['duplicate_groups']} near-duplicate groups")
+    if summary.get("embeddings"):
+        lines.append(f"embeddings for geoswc similar: {summary['embeddings']}")
+    if summary.get("html"):
+        lines.append(f"review page: {summary['html']}")
     return lines
 
 

@@ -12,6 +12,10 @@ journals.
 Every file of a run is named after ``OUT``: the journals, the run record ``OUT.run.json`` (what the output was
 started with, checked by ``--resume``) and the lock ``OUT.lock`` held while a run writes (`OutputLock`). What
 the system refuses (disk full, permission denied) is raised as an `OutputError`, one line naming the file.
+
+Every format has the same columns (`COLUMNS`); the list-valued ones (`LIST_COLUMNS`: ``top_cells``,
+``evidence``) are JSON arrays in JSONL and GeoJSON and the same JSON text in one CSV or Parquet field, read
+back as lists by `read_rows`. docs/tagging.md describes every column.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import logging
 import math
 import os
 import re
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from geoswc.data.files import atomic_path
 
@@ -36,13 +40,57 @@ except ImportError:  # not on Windows: runs are not locked there
 
 logger = logging.getLogger(__name__)
 
-COLUMNS = ("path", "status", "error", "lat", "lon", "method", "cell_token", "cell_probability", "confidence")
-FLOAT_COLUMNS = ("lat", "lon", "cell_probability", "confidence")
+COLUMNS = (
+    "path",
+    "status",
+    "error",
+    "lat",
+    "lon",
+    "method",
+    "cell_token",
+    "cell_probability",
+    "confidence",
+    # Reviewable output (docs/tagging.md): the best guess of an abstention, the nearest place, the photo's own
+    # EXIF GPS and its distance to the prediction, the near-duplicate group, the alternatives and the evidence.
+    "guess_lat",
+    "guess_lon",
+    "place",
+    "admin1",
+    "admin2",
+    "country_code",
+    "country",
+    "place_distance_km",
+    "exif_lat",
+    "exif_lon",
+    "exif_distance_km",
+    "duplicate_group",
+    "top_cells",
+    "evidence",
+)
+FLOAT_COLUMNS = (
+    "lat",
+    "lon",
+    "cell_probability",
+    "confidence",
+    "guess_lat",
+    "guess_lon",
+    "place_distance_km",
+    "exif_lat",
+    "exif_lon",
+    "exif_distance_km",
+)
+INT_COLUMNS = ("duplicate_group",)
+# List-valued columns: JSON arrays in JSONL and GeoJSON, the same JSON text in one CSV or Parquet field.
+LIST_COLUMNS = ("top_cells", "evidence")
+# Columns a prediction fills (make_row); the others are filled by the tag run (geoswc.tag.review_fields).
+PREDICTION_COLUMNS = ("lat", "lon", "method", "cell_token", "cell_probability", "confidence")
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".geojson": "geojson", ".parquet": "parquet"}
 # Paths are file names from the OS: bytes that are not UTF-8 survive a round trip through the output.
 ENCODING, ERRORS = "utf-8", "surrogateescape"
 
-STATUSES = ("ok", "error")
+# ok: placed; abstain: below --min-confidence (the guess in guess_lat/guess_lon); skipped: already geotagged
+# (--skip-geotagged); error: not readable as a photo.
+STATUSES = ("ok", "error", "abstain", "skipped")
 Row = Dict[str, object]
 # Prediction keys that name a column differently (the Geolocator's records say ``cell_prob``).
 PREDICTION_ALIASES = {"cell_probability": "cell_prob"}
@@ -99,7 +147,7 @@ def make_row(path: str, *, error: Optional[str] = None, prediction: Optional[dic
         return row
     row["status"] = "ok"
     row["error"] = ""
-    for key in COLUMNS[3:]:
+    for key in PREDICTION_COLUMNS:
         value = prediction.get(key, prediction.get(PREDICTION_ALIASES.get(key)))
         if key in FLOAT_COLUMNS and value is not None:
             value = float(value)
@@ -234,9 +282,26 @@ def _check_row(row: Row, source: str, where: str) -> Row:
         raise ValueError(f"{source} {where} is not a geoswc tag row (no path); {REPLACE_HINT}")
     if row.get("status") not in STATUSES:
         raise ValueError(
-            f"{source} {where} has status {row.get('status')!r}, not ok or error; {REPLACE_HINT}"
+            f"{source} {where} has status {row.get('status')!r}, not one of {', '.join(STATUSES)}; "
+            f"{REPLACE_HINT}"
         )
-    return {key: row.get(key) for key in COLUMNS}
+    row = {key: row.get(key) for key in COLUMNS}
+    for key in LIST_COLUMNS:
+        if isinstance(row[key], str):  # Parquet keeps them as JSON text
+            row[key] = _json_list(row[key], source, where, key)
+    return row
+
+
+def _json_list(text: str, source: str, where: str, key: str) -> Optional[list]:
+    if text == "":
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, list):
+        raise ValueError(f"{source} {where} has {key} {text[:40]!r}, not a JSON list; {REPLACE_HINT}")
+    return value
 
 
 def _csv_fields(match: re.Match) -> List[str]:
@@ -260,12 +325,15 @@ def _record_fields(record: str) -> List[str]:
 def _csv_row(fields: List[str], source: str, line: int) -> Row:
     row: Row = dict(zip(COLUMNS, fields))
     if row["status"] not in STATUSES:
-        raise _damaged(source, line, f"has status {row['status']!r}, not ok or error")
-    for key in FLOAT_COLUMNS:
+        raise _damaged(source, line, f"has status {row['status']!r}, not one of {', '.join(STATUSES)}")
+    for key in FLOAT_COLUMNS + INT_COLUMNS:
+        kind = float if key in FLOAT_COLUMNS else int
         try:
-            row[key] = float(row[key]) if row[key] != "" else None
+            row[key] = kind(row[key]) if row[key] != "" else None
         except ValueError:
             raise _damaged(source, line, f"has {key} {row[key]!r}, not a number") from None
+    for key in LIST_COLUMNS:
+        row[key] = _json_list(row[key], source, f"line {line}", key)
     for key in ("method", "cell_token"):
         row[key] = row[key] or None
     return row
@@ -392,17 +460,24 @@ def read_rows(path: str, fmt: str) -> List[Row]:
 # --------------------------------------------------------------------------------------------- writing
 
 
+def _flat(key: str, value):
+    """A value as one CSV or Parquet field: list columns as compact JSON text."""
+    if key in LIST_COLUMNS and value is not None:
+        return json.dumps(value, separators=(",", ":"))
+    return value
+
+
 def _csv_line(row: Row) -> str:
     buffer = io.StringIO()
     csv.writer(buffer, lineterminator="\n").writerow(
-        ["" if row[key] is None else row[key] for key in COLUMNS]
+        ["" if row.get(key) is None else _flat(key, row.get(key)) for key in COLUMNS]
     )
     return buffer.getvalue()
 
 
 def _json_line(row: Row) -> str:
     # ensure_ascii keeps every row on one line and the file pure ASCII, whatever the file names hold.
-    return json.dumps({key: row[key] for key in COLUMNS}) + "\n"
+    return json.dumps({key: row.get(key) for key in COLUMNS}) + "\n"
 
 
 class RowWriter:
@@ -454,6 +529,13 @@ def _finite(value):
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
+def _parquet_value(key: str, value):
+    value = _flat(key, value)
+    if isinstance(value, str):
+        return value.encode(ENCODING, ERRORS).decode(ENCODING, "replace")
+    return value
+
+
 def write_rows(path: str, fmt: str, rows: Sequence[Row]) -> None:
     """Write a complete output file atomically (a temporary file renamed over ``path``).
 
@@ -477,7 +559,7 @@ def write_rows(path: str, fmt: str, rows: Sequence[Row]) -> None:
                     feature = {
                         "type": "Feature",
                         "geometry": geometry,
-                        "properties": {key: _finite(row[key]) for key in COLUMNS},
+                        "properties": {key: _finite(row.get(key)) for key in COLUMNS},
                     }
                     f.write(("," if number else "") + json.dumps(feature) + "\n")
                 f.write("]}\n")
@@ -485,19 +567,11 @@ def write_rows(path: str, fmt: str, rows: Sequence[Row]) -> None:
             import pyarrow as pa
 
             pq = pyarrow_parquet()
-            schema = pa.schema(
-                [(key, pa.float64() if key in FLOAT_COLUMNS else pa.string()) for key in COLUMNS]
-            )
+            kinds = {key: pa.float64() for key in FLOAT_COLUMNS}
+            kinds.update({key: pa.int64() for key in INT_COLUMNS})
+            schema = pa.schema([(key, kinds.get(key, pa.string())) for key in COLUMNS])
             # Parquet strings are UTF-8: bytes of non-UTF-8 file names become U+FFFD there.
-            columns = {
-                key: [
-                    row[key].encode(ENCODING, ERRORS).decode(ENCODING, "replace")
-                    if isinstance(row[key], str)
-                    else row[key]
-                    for row in rows
-                ]
-                for key in COLUMNS
-            }
+            columns = {key: [_parquet_value(key, row.get(key)) for row in rows] for key in COLUMNS}
             pq.write_table(pa.table(columns, schema=schema), tmp)
 
 
@@ -543,3 +617,126 @@ def merge(
         with os_errors("remove", journal):
             os.remove(journal)
     return merged
+
+
+# --------------------------------------------------------------------------------------------- review page
+
+
+def _png_base64(fig) -> str:
+    import base64
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _map_png(rows: Sequence[Row]) -> Tuple[str, bool]:
+    """The placed photos (and the guesses of abstentions) on the offline basemap, as base64 PNG; whether the
+    basemap was drawn."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 5.2))
+    try:
+        from geoswc.data import basemap
+
+        basemap.draw(ax, extent=(-180, 180, -90, 90))
+        has_basemap = True
+    except ImportError:
+        has_basemap = False
+    for status, colour, lat_key, lon_key in (
+        ("ok", "#d62728", "lat", "lon"),
+        ("abstain", "#1f77b4", "guess_lat", "guess_lon"),
+    ):
+        points = [
+            (r[lat_key], r[lon_key]) for r in rows if r["status"] == status and r.get(lat_key) is not None
+        ]
+        if points:
+            lat, lon = zip(*points)
+            label = "placed" if status == "ok" else "abstained (best guess)"
+            ax.scatter(lon, lat, s=6, c=colour, alpha=0.7, label=f"{label} ({len(points)})", zorder=5)
+    ax.set_xlim(-180, 180)
+    ax.set_ylim(-90, 90)
+    ax.set_aspect("equal")
+    ax.set_xlabel("longitude (deg)")
+    ax.set_ylabel("latitude (deg)")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="lower left", fontsize=8)
+    data = _png_base64(fig)
+    plt.close(fig)
+    return data, has_basemap
+
+
+def _histogram_png(rows: Sequence[Row], min_confidence: Optional[float]) -> Optional[str]:
+    import matplotlib.pyplot as plt
+
+    values = [
+        r["confidence"]
+        for r in rows
+        if r["status"] in ("ok", "abstain")
+        and isinstance(r.get("confidence"), float)
+        and math.isfinite(r["confidence"])
+    ]
+    if not values:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.hist(values, bins=20, range=(0.0, 1.0), color="#555")
+    if min_confidence is not None:
+        ax.axvline(
+            min_confidence, color="#1f77b4", linestyle="--", label=f"--min-confidence {min_confidence}"
+        )
+        ax.legend(fontsize=8)
+    ax.set_xlabel("confidence (prediction density within 25 km)")
+    ax.set_ylabel("photos")
+    data = _png_base64(fig)
+    plt.close(fig)
+    return data
+
+
+def write_html_report(path: str, rows: Sequence[Row], summary: dict, *, min_confidence=None) -> None:
+    """A self-contained review page (``OUT.html``): counts by status, the EXIF check, near-duplicates, a map
+    of the placed photos on the offline basemap (`geoswc.data.basemap`) and the confidence histogram, as
+    PNGs embedded in the page. Written atomically.
+    """
+    import html
+
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    counts = {status: 0 for status in STATUSES}
+    for row in rows:
+        counts[row["status"]] += 1
+    map_png, has_basemap = _map_png(rows)
+    hist_png = _histogram_png(rows, min_confidence)
+    esc = html.escape
+    table = "".join(f"<tr><td>{esc(k)}</td><td>{v}</td></tr>" for k, v in counts.items())
+    facts = [f"{len(rows)} photos in {esc(os.path.basename(str(summary.get('output', ''))))}"]
+    if summary.get("geotagged"):
+        median = summary.get("exif_median_km")
+        facts.append(
+            f"{summary['geotagged']} photos carry EXIF GPS"
+            + (f"; median distance to the prediction {median:.1f} km" if median is not None else "")
+        )
+    if summary.get("duplicates"):
+        facts.append(f"{summary['duplicates']} photos in {summary['duplicate_groups']} near-duplicate groups")
+    if not has_basemap:
+        facts.append("basemap unavailable: the map shows the points alone")
+    parts = [
+        "<!DOCTYPE html>",
+        '<html><head><meta charset="utf-8"><title>geoswc tag: review</title>',
+        "<style>body{font-family:sans-serif;margin:2em;max-width:64em}td{padding:0 1em}"
+        "img{max-width:100%}</style></head><body>",
+        "<h1>geoswc tag: review</h1>",
+        "<ul>" + "".join(f"<li>{fact}</li>" for fact in facts) + "</ul>",
+        "<h2>Rows by status</h2><table>" + table + "</table>",
+        "<h2>Map</h2>",
+        f'<img alt="map of the placed photos" src="data:image/png;base64,{map_png}">',
+    ]
+    if hist_png:
+        parts += [
+            "<h2>Confidence</h2>",
+            f'<img alt="confidence histogram" src="data:image/png;base64,{hist_png}">',
+        ]
+    parts.append("</body></html>\n")
+    with os_errors("write", path), atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write("\n".join(parts))

@@ -8,7 +8,9 @@ import os
 import sys
 
 from geoswc.archive import PRECISION_DECIMALS
-from geoswc.tag import Ranks, summary_lines, tag_photos
+from geoswc.precision import COMPILE_MODES, PRECISION_MODES
+from geoswc.similar import DUPLICATE_THRESHOLD
+from geoswc.tag import Ranks, ReviewOptions, summary_lines, tag_photos
 from geoswc.tag_output import output_format
 
 
@@ -24,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--batch-size", type=int, default=32, help="photos per model call (default 32)")
     parser.add_argument(
-        "--workers", type=int, default=None, help="decoding processes (default: CPU count - 1, at most 8)"
+        "--workers", type=int, default=None, help="decoding processes (default: usable CPUs - 1, at most 32)"
     )
     existing = parser.add_mutually_exclusive_group()
     existing.add_argument(
@@ -50,6 +52,67 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="round published positions: city = 2 decimals (~1 km), region = 1 (~11 km), country = 0 (~111 km)",
     )
     parser.add_argument("--head", default=None, help="classification head to use (default: the model's own)")
+    review = parser.add_argument_group("review (docs/tagging.md)")
+    review.add_argument(
+        "--top-k",
+        type=int,
+        default=0,
+        metavar="N",
+        help="list the N best alternative cells (token, centre, probability) in column top_cells",
+    )
+    review.add_argument(
+        "--evidence",
+        type=int,
+        default=0,
+        metavar="N",
+        help="list the N most similar background photos behind the prediction in column evidence",
+    )
+    review.add_argument(
+        "--min-confidence",
+        type=float,
+        default=None,
+        metavar="P",
+        help="status abstain (lat/lon empty, the guess in guess_lat/guess_lon) below this confidence",
+    )
+    review.add_argument(
+        "--skip-geotagged",
+        action="store_true",
+        help="photos with EXIF GPS get a 'skipped' row with their EXIF position instead of a prediction",
+    )
+    review.add_argument(
+        "--duplicates",
+        action="store_true",
+        help="number near-duplicate groups (column duplicate_group) by retrieval embedding similarity",
+    )
+    review.add_argument(
+        "--duplicate-threshold",
+        type=float,
+        default=DUPLICATE_THRESHOLD,
+        metavar="COS",
+        help=f"cosine similarity from which photos are near-duplicates (default {DUPLICATE_THRESHOLD})",
+    )
+    review.add_argument(
+        "--no-place-names", action="store_true", help="leave the place, region and country columns empty"
+    )
+    review.add_argument(
+        "--no-embeddings",
+        action="store_true",
+        help="do not keep the archive's embeddings (OUT.embeddings.npy) for geoswc similar",
+    )
+    review.add_argument("--no-html", action="store_true", help="do not write the review page OUT.html")
+    parser.add_argument(
+        "--precision-mode",
+        choices=PRECISION_MODES,
+        default="auto",
+        help="the backbone's precision: auto (default: fp16 on GPU, fp32 on CPU; both place photos as fp32 "
+        "does), fp32 (the exact path), bf16, fp16; heads and retrieval stay fp32",
+    )
+    parser.add_argument(
+        "--compile",
+        choices=COMPILE_MODES,
+        default="auto",
+        help="torch.compile the backbone: auto (default: on CUDA), on, off; a failed compile runs eager",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -68,8 +131,21 @@ def run(args: argparse.Namespace) -> int:
         write_exif=args.write_exif,
         precision=args.precision,
         head=args.head,
+        precision_mode=args.precision_mode,
+        compile=args.compile,
         progress=not args.no_progress and (sys.stderr.isatty() or os.environ.get("GEOSWC_PROGRESS") == "1"),
         ranks=ranks,
+        review=ReviewOptions(
+            top_k=args.top_k,
+            evidence=args.evidence,
+            min_confidence=args.min_confidence,
+            place_names=not args.no_place_names,
+            skip_geotagged=args.skip_geotagged,
+            duplicates=args.duplicates,
+            duplicate_threshold=args.duplicate_threshold,
+            keep_embeddings=not args.no_embeddings,
+            html=not args.no_html,
+        ),
     )
     if ranks.rank == 0:
         print("\n".join(summary_lines(summary)))
