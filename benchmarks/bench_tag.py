@@ -10,6 +10,14 @@ The overhead is ``end_to_end / backbone - 1``; the target is <= 10 % on CPU.
 
     python benchmarks/bench_tag.py --photos 128 --backbone efficientnet_b4 --size 300
     python benchmarks/bench_tag.py --model DIR          # a real model folder (Geolocator)
+
+``--authors``: end-to-end ``geoswc tag`` (a B4 model folder at 300 px with every part, the default precision
+mode, decoding workers) against the ICMR authors' own inference path, written out here as their released
+``inference.py`` runs it: PIL decode, torchvision ``Resize(300)`` + ``ToTensor`` + ``Normalize``, one photo at a
+time, eager NCHW float32. Both resize the short side to 300 px (the model folder uses ``eval_resize:
+shortest``), so both feed the network the same number of pixels; same photos, same run.
+
+    python benchmarks/bench_tag.py --authors --photos 24
 """
 
 from __future__ import annotations
@@ -74,6 +82,73 @@ def make_photos(folder: Path, count: int, width: int, height: int, seed: int = 0
         Image.fromarray(pixels).save(folder / f"photo_{i:05d}.jpg", quality=90)
 
 
+def authors_vs_geoswc(args) -> None:
+    """Images/s of the authors' path and of ``geoswc tag`` on the same JPEGs, and their ratio."""
+    import sys
+
+    import timm
+    from PIL import Image
+    from safetensors.torch import load_file
+    from torchvision import transforms as T
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from gpu_bench import build_model_folder
+
+    from geoswc.geolocator import Geolocator
+    from geoswc.precision import default_workers
+    from geoswc.tag import tag_photos
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "photos"
+        folder.mkdir()
+        make_photos(folder, args.photos, args.width, args.height)
+        paths = sorted(str(p) for p in folder.iterdir())
+        cfg = {"backbone": args.backbone, "size": args.size}
+        model_dir = build_model_folder(cfg, Path(tmp) / "model", eval_resize="shortest")
+
+        authors = timm.create_model(args.backbone, pretrained=False, num_classes=0).eval()
+        authors.load_state_dict(load_file(str(model_dir / "backbone.safetensors")))
+        transform = T.Compose(
+            [
+                T.Resize(args.size),
+                T.ToTensor(),
+                T.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
+            ]
+        )
+
+        def authors_run():
+            with torch.no_grad():
+                for path in paths:
+                    authors(transform(Image.open(path).convert("RGB")).unsqueeze(0))
+
+        model = Geolocator.from_pretrained(model_dir, device="cpu", compile=args.compile)
+        options = dict(model=model, batch_size=args.batch_size, workers=args.workers, overwrite=True)
+        tag_photos(paths[:2], out=str(Path(tmp) / "warm.csv"), **options)  # warm-up (and compile, if on)
+        authors_s, geoswc_s = [], []
+        for repeat in range(args.repeats):
+            start = time.perf_counter()
+            authors_run()
+            authors_s.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            summary = tag_photos([str(folder)], out=str(Path(tmp) / f"tags{repeat}.csv"), **options)
+            geoswc_s.append(time.perf_counter() - start)
+            assert summary["ok"] == args.photos, summary
+        dtype = str(model.compute_dtype).replace("torch.", "")
+    workers = args.workers if args.workers is not None else default_workers()
+    a, g = args.photos / min(authors_s), args.photos / min(geoswc_s)
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads "
+        f"{torch.get_num_threads()}, CUDA {'yes' if torch.cuda.is_available() else 'no'}"
+    )
+    print(f"{args.backbone} at {args.size} px (short side), {args.photos} JPEGs {args.width}x{args.height}")
+    print(f"authors' path (PIL, batch 1, eager NCHW fp32):     {a:.2f} images/s")
+    print(
+        f"geoswc tag (batch {args.batch_size}, {workers} workers, {dtype}, channels_last, "
+        f"compile {args.compile}): {g:.2f} images/s"
+    )
+    print(f"ratio: {g / a:.2f}x (goal on CPU >= 8x)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -87,7 +162,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=2, help="alternating timings of each; the best counts")
+    parser.add_argument(
+        "--authors", action="store_true", help="geoswc tag against the authors' inference path"
+    )
+    parser.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="with --authors")
     args = parser.parse_args()
+    if args.authors:
+        authors_vs_geoswc(args)
+        return
 
     from geoswc.data.images import load_photo
     from geoswc.tag import resize_target, tag_photos
