@@ -28,8 +28,25 @@ COMMANDS: Dict[str, Tuple[str, str]] = {
         "geoswc.commands.evaluate",
         "the paper's Table 1 for a model folder: classification, retrieval and Search within Cell",
     ),
+    "sweep": (
+        "geoswc.commands.sweep",
+        "re-run Search within Cell from an evaluation over grids of K, eps, aggregation, scope, index",
+    ),
     "tag": ("geoswc.commands.tag", "geotag photo archives (one row per photo; resumable)"),
+    "serve": ("geoswc.commands.serve", "web app and HTTP API: drop a photo, see where it was taken and why"),
+    "similar": (
+        "geoswc.commands.similar",
+        "the photos of a tagged archive most similar to query photos (no second pass over the archive)",
+    ),
     "fit": ("geoswc.commands.fit", "train the whole pipeline from a CSV or shards to a model folder"),
+    "assemble": (
+        "geoswc.commands.assemble",
+        "a model folder from existing stage outputs (a retrieval variant without retraining the backbone)",
+    ),
+    "import": (
+        "geoswc.commands.import_",
+        "turn a model released in another format into a geoswc model folder",
+    ),
     "demo": (
         "geoswc.commands.demo",
         "synthetic world -> fit (tiny preset) -> evaluate -> tag, in minutes on a CPU",

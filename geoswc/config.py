@@ -16,15 +16,25 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import yaml
 
 
+# What every saved config.yaml says first: how to read its batch sizes.
+YAML_HEADER = (
+    "# geoswc resolved configuration. Every batch_size is per process: under accelerate launch with N\n"
+    "# processes a step trains on N x batch_size photos (pairs, for retrieval) and the learning rates are used\n"
+    "# as written, not scaled. The paper's 64 per step on N GPUs is batch_size = 64 / N (docs/training.md).\n"
+)
+
+
 @dataclass
 class CellsConfig:
     """Earth partitioning (paper 3.1; granularities of GeoEstimation's coarse/middle/fine cells)."""
 
     min_images: int = 50
+    # One partition per value by GeoEstimation's rule (split every cell above the value): HC's coarse -> fine.
     max_images: Tuple[int, ...] = (5000, 2000, 1000)
     start_level: int = 2
-    # When set, the PlaNet rule (split the most populated cell until this many cells) builds the finest
-    # partition instead of the max-images rule; the paper's backbone uses 32K cells.
+    # When set, one more partition beside the max_images ones, by the PlaNet rule (split the most populated
+    # cell until this many cells exist, paper 4.1); the backbone's CE layer, CE and MvMF then use it and HC
+    # keeps the max_images partitions (`geoswc.classifiers.default_partitions`). The paper uses ~32K cells.
     target_cells: Optional[int] = None
 
 
@@ -49,6 +59,8 @@ class BackboneConfig:
     pretrained: bool = True
     weights: Optional[str] = None  # local .safetensors/.pth with ImageNet weights, for offline machines
     epochs: int = 25
+    # Photos per process and step (every batch_size in the config is per process): N processes train on
+    # N x batch_size photos per step with the learning rates as written (docs/training.md, "Batch sizes").
     batch_size: int = 64
     lr: float = 0.01
     momentum: float = 0.9
@@ -84,6 +96,16 @@ class RetrievalConfig:
     # Head whose top-1 cell decides which training photos are "placeable" background.
     placeable_head: str = "ce"
     index_dtype: str = "float16"
+    # The ablations of paper 5.2 (docs/training.md, "Ablations"): "infonce" | "triplet" | "none" (the backbone
+    # features, L2-normalised, are the embeddings; nothing is trained).
+    loss: str = "infonce"
+    margin: float = 0.01  # triplet margin on cosine similarity, with semi-hard negatives
+    residual: bool = True  # the skip connection of the module (Table 3)
+    symmetric: bool = True  # InfoNCE in both directions (query -> positive and positive -> query)
+    mask_same_cell: bool = True  # keys from the anchor's own cell are never negatives
+    background: str = (
+        "placeable"  # "placeable" (the head's top-1 cell is right) | "all" training photos (Table 4)
+    )
 
 
 @dataclass
@@ -119,11 +141,12 @@ class Config:
         return dataclasses.asdict(self)
 
     def save(self, path: Union[str, Path]) -> None:
-        """Write the resolved configuration as YAML (``.yaml``/``.yml``) or JSON (anything else)."""
+        """Write the resolved configuration as YAML (``.yaml``/``.yml``, opening with `YAML_HEADER`) or JSON
+        (anything else)."""
         path = Path(path)
         data = _plain(self.to_dict())
         if path.suffix in (".yaml", ".yml"):
-            path.write_text(yaml.safe_dump(data, sort_keys=False))
+            path.write_text(YAML_HEADER + yaml.safe_dump(data, sort_keys=False))
         else:
             path.write_text(json.dumps(data, indent=2) + "\n")
 

@@ -24,6 +24,12 @@ with the cells built here (``--relabel``): labels stored in shards written for a
 
 Started with ``accelerate launch -m geoswc.fit ...`` the training stages run on every process; the others run
 on the main process while the rest wait at a barrier.
+
+A variant goes to its own folder: ``--from RUN`` (``reuse``) links every stage of the run in ``RUN`` whose key
+equals the one this run needs (same data, same settings of the sections it reads, same stages before it) into
+``MODEL_DIR/work/`` instead of running it again; a variant of the retrieval ablations (``--set
+retrieval.loss=triplet``) runs only its retrieval, index and model stages. A linked stage is a symbolic link to
+``RUN``'s folder, so ``RUN`` must stay where it is; one that has to run again replaces the link.
 """
 
 from __future__ import annotations
@@ -42,7 +48,8 @@ import pandas as pd
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 
-from geoswc.classifiers import load_backbone, load_head
+from geoswc.assemble import assemble_model, describe
+from geoswc.classifiers.backbone import check_pretrained_available
 from geoswc.cli import main as cli_main
 from geoswc.config import Config, resolve_config
 from geoswc.data.files import write_text_atomic
@@ -51,9 +58,6 @@ from geoswc.data.metadata import Exclusions, read_metadata
 from geoswc.data.shards import read_shard_metadata
 from geoswc.engine import use_cpu
 from geoswc.geocells import Geocells, S2Partitioner
-from geoswc.geolocator import Geolocator
-from geoswc.retrieval.index import BackgroundIndex
-from geoswc.retrieval.model import ResidualRetrievalModule
 from geoswc.train import Photos, build_index, extract_features, train_backbone, train_heads, train_retrieval
 from geoswc.train.sources import shard_files
 
@@ -68,7 +72,7 @@ STAGE_SECTIONS = {
     "cells": ("cells",),
     "backbone": ("data", "backbone", "train"),
     "features": ("data", "train"),
-    "heads": ("heads", "train"),
+    "heads": ("data", "heads", "train"),
     "retrieval": ("retrieval", "train"),
     "index": ("retrieval",),
     "model": ("swc",),
@@ -97,6 +101,7 @@ class FitRun:
     val_csv: Optional[Path] = None
     val_images: Optional[Path] = None
     val_shards: Optional[str] = None
+    reuse: Optional[Path] = None
     echo: Callable[[str], None] = logger.info
     timings: Dict[str, float] = field(default_factory=dict)
 
@@ -149,6 +154,11 @@ class FitRun:
         for path in self.exclude:
             if not path.is_file():
                 raise FileNotFoundError(f"--exclude file not found: {path}")
+        if self.reuse is not None:
+            if not (self.reuse / "work").is_dir():
+                raise FileNotFoundError(f"--from {self.reuse}: not a geoswc fit folder (no work/ in it)")
+            if self.reuse.resolve() == self.model_dir.resolve():
+                raise ValueError(f"--from {self.reuse} is the output folder itself; give the run to reuse")
 
 
 def _shard_identity(pattern: str) -> Dict[str, Any]:
@@ -362,6 +372,9 @@ def _stage_features(run: FitRun, out: Path, resume: bool) -> Dict[str, Any]:
 
 
 def _stage_heads(run: FitRun, out: Path, resume: bool) -> Dict[str, Any]:
+    """The heads on the frozen backbone: from the feature cache, or (``heads.from_features: false``, the paper)
+    on the training photos with the backbone's augmentation."""
+    on_images = not run.config.heads.from_features
     return train_heads(
         run.config,
         cells=_cells(run),
@@ -369,6 +382,8 @@ def _stage_heads(run: FitRun, out: Path, resume: bool) -> Dict[str, Any]:
         features=run.stage_dir("features"),
         backbone=run.stage_dir("backbone"),
         train_ce=True,
+        photos=_photos(run) if on_images else None,
+        val=_val_photos(run) if on_images else None,
         cpu=run.cpu,
         resume=resume,
     ).last_epochs()
@@ -408,34 +423,19 @@ def _stage_index(run: FitRun, out: Path, resume: bool) -> Dict[str, Any]:
 
 
 def _stage_model(run: FitRun, out: Path, resume: bool) -> Dict[str, Any]:
-    """Compose the trained parts into the model folder ``Geolocator.from_pretrained`` loads."""
-    geocells = _cells(run)
-    fingerprint = str(geocells.fingerprint)
-    backbone, info = load_backbone(run.stage_dir("backbone"), expected_fingerprint=fingerprint)
-    heads = {
-        p.stem: load_head(p, geocells=geocells)
-        for p in sorted((run.stage_dir("heads") / "heads").glob("*.safetensors"))
-    }
-    retrieval = ResidualRetrievalModule.load(
-        run.stage_dir("retrieval") / "retrieval.safetensors", fingerprint=fingerprint
-    )
-    index = BackgroundIndex.load(run.stage_dir("index"), mmap=False, fingerprint=fingerprint)
-    model = Geolocator(
-        backbone=backbone,
-        geocells=geocells,
-        heads=heads,
-        retrieval=retrieval,
-        index=index,
+    """Compose the trained parts into the model folder ``Geolocator.from_pretrained`` loads
+    (`geoswc.assemble.assemble_model`, as ``geoswc assemble``)."""
+    summary = assemble_model(
+        run.model_dir,
+        cells=_cells(run),
+        backbone=run.stage_dir("backbone"),
+        heads=run.stage_dir("heads") / "heads",
+        retrieval=run.stage_dir("retrieval") / "retrieval.safetensors",
+        index=run.stage_dir("index"),
         config=run.config,
-        backbone_name=info["model"],
-        data_config=info.get("data_config"),
     )
-    model.save_pretrained(run.model_dir)
-    run.echo(
-        f"  model folder {run.model_dir}: backbone {info['model']}, heads {', '.join(heads)}, "
-        f"background index of {len(index)} photos"
-    )
-    return {"model_dir": str(run.model_dir), "heads": list(heads), "index_photos": len(index)}
+    run.echo("  " + describe(summary))
+    return summary
 
 
 STAGE_FUNCTIONS: Dict[str, Callable[[FitRun, Path, bool], Dict[str, Any]]] = {
@@ -478,6 +478,7 @@ def run_pipeline(run: FitRun, stages: Optional[Sequence[str]] = None) -> Dict[st
             raise ValueError(f"unknown stage {name!r}; choose from: {', '.join(STAGES)}")
     wanted = [s for s in STAGES if s in wanted]
     run.check_inputs()
+    _check_backbone_weights(run, wanted)
 
     state = process_state(run.cpu)
     if state.is_main_process:
@@ -494,7 +495,9 @@ def run_pipeline(run: FitRun, stages: Optional[Sequence[str]] = None) -> Dict[st
         plan = _broadcast(state, plan)
         label = f"[{number}/{len(wanted)}] {stage}"
         if plan["skip"]:
-            if state.is_main_process:
+            if state.is_main_process and plan.get("reused"):
+                run.echo(f"{label}: reused, linked to {out.resolve()}")
+            elif state.is_main_process:
                 run.echo(f"{label}: up to date, skipped ({out})")
             markers[stage] = read_marker(out)
             continue
@@ -528,6 +531,17 @@ def run_pipeline(run: FitRun, stages: Optional[Sequence[str]] = None) -> Dict[st
     return markers
 
 
+def _check_backbone_weights(run: FitRun, wanted: Sequence[str]) -> None:
+    """Before any stage runs: a backbone stage that will start from timm's pretrained weights fails now, in
+    seconds and naming them, when they are neither cached nor downloadable (`check_pretrained_available`)."""
+    bc = run.config.backbone
+    if "backbone" not in wanted or not bc.pretrained or bc.weights is not None:
+        return
+    if stage_is_current(run, "backbone"):
+        return
+    check_pretrained_available(bc.model)
+
+
 def _plan_stage(run: FitRun, stage: str) -> Dict[str, Any]:
     """Decide on the main process: skip (current), resume (same key as an unfinished attempt) or start afresh."""
     out = run.stage_dir(stage)
@@ -535,6 +549,10 @@ def _plan_stage(run: FitRun, stage: str) -> Dict[str, Any]:
     marker = read_marker(out)
     if marker is not None and marker.get("key") == key:
         return {"skip": True, "resume": False, "key": key}
+    if _reuse_stage(run, stage, key):
+        return {"skip": True, "resume": False, "key": key, "reused": True}
+    if out.is_symlink():
+        out.unlink()  # a stage linked from another run, which this run must now make itself
     attempt = out / ATTEMPT
     resume = marker is None and attempt.is_file() and json.loads(attempt.read_text()).get("key") == key
     if not resume and out.exists():
@@ -542,6 +560,27 @@ def _plan_stage(run: FitRun, stage: str) -> Dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     attempt.write_text(json.dumps({"key": key, "started": time.time()}) + "\n")
     return {"skip": False, "resume": resume, "key": key}
+
+
+def _reuse_stage(run: FitRun, stage: str, key: str) -> bool:
+    """Link ``stage`` to the same stage of ``run.reuse`` when that one finished with ``key``; True if linked.
+
+    The model stage is never linked: it writes the model folder itself.
+    """
+    if run.reuse is None or stage == "model":
+        return False
+    source = (run.reuse / "work" / stage).resolve()
+    marker = read_marker(source)
+    out = run.stage_dir(stage)
+    if marker is None or marker.get("key") != key or source == out.resolve():
+        return False
+    if out.is_symlink() or out.is_file():
+        out.unlink()
+    elif out.exists():
+        shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.symlink_to(source, target_is_directory=True)
+    return True
 
 
 def duration(seconds: float) -> str:
@@ -563,6 +602,7 @@ def fit_model(
     val_images: Optional[Union[str, Path]] = None,
     val_shards: Optional[str] = None,
     cpu: bool = False,
+    reuse: Optional[Union[str, Path]] = None,
     echo: Callable[[str], None] = logger.info,
 ) -> Path:
     """Train every stage of the pipeline into a model folder (``geoswc fit``); resumable.
@@ -579,6 +619,8 @@ def fit_model(
         stages: run only these stages (the earlier ones must be complete).
         val_csv, val_images, val_shards: validation photos (backbone accuracy after every epoch).
         cpu: run on CPU even when a GPU is there.
+        reuse: an earlier ``fit`` folder whose finished stages this run links instead of running them again,
+            when their keys match (``--from``; a variant in its own folder).
         echo: where the one-line progress reports go.
 
     Returns:
@@ -596,6 +638,7 @@ def fit_model(
         val_csv=None if val_csv is None else Path(val_csv),
         val_images=None if val_images is None else Path(val_images),
         val_shards=val_shards,
+        reuse=None if reuse is None else Path(reuse),
         echo=echo,
     )
     run_pipeline(run, stages)

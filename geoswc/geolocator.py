@@ -38,22 +38,67 @@ from geoswc.data.photos import PhotoDataset, photo_batches
 from geoswc.data.sphere import EARTH_RADIUS_KM
 from geoswc.data.transforms import build_transform
 from geoswc.geocells import Geocells
-from geoswc.retrieval.index import INDEX_FILES, BackgroundIndex
-from geoswc.retrieval.model import ResidualRetrievalModule, read_metadata
+from geoswc.precision import (
+    CompiledForward,
+    autocast,
+    check_precision_mode,
+    dtype_name,
+    resolve_dtype,
+    use_compile,
+)
+from geoswc.retrieval.index import INDEX_FILES, BackgroundIndex, index_files
+from geoswc.retrieval.model import load_retrieval, read_metadata
 from geoswc.swc import nearest_background, search_within_cell
 
 logger = logging.getLogger(__name__)
 
 MODES = ("swc", "cell", "rrm")
-# Preferred head when the caller names none.
-HEAD_PREFERENCE = ("hc", "mvmf", "ce")
+# Preferred head when the caller names none: the paper's best system first (Table 1: MvMF + Search within
+# Cell), then CE (PlaNet), then HC.
+HEAD_PREFERENCE = ("mvmf", "ce", "hc")
 CONFIDENCE_RADIUS_KM = 25.0
 # 2: geolocator.json records the SHA-256 of every part ("sha256"); folders of version 1 still load.
-FORMAT_VERSION = 2
+# 3: the cells may hold several partitions, each head names its own ("partitions": {head: [names]}) and the
+#    index holds the rows per cell of each; folders of versions 1 and 2 (every head on all partitions) load.
+FORMAT_VERSION = 3
 META_FILE = "geolocator.json"
 _HASH_CHUNK = 1 << 22
 
 ImageInput = Union[str, Path, Image.Image, np.ndarray]
+
+
+def cells_in_area(centers_deg: np.ndarray, area: Sequence[float]) -> np.ndarray:
+    """Which cells have their centre in a lat/lon box.
+
+    Args:
+        centers_deg: ``(n, 2)`` cell centres, (lat, lon) degrees.
+        area: ``(south, west, north, east)`` degrees, edges included; ``west > east`` is a box that crosses
+            the antimeridian.
+
+    Returns:
+        ``(n,)`` bool.
+
+    Raises:
+        ValueError: ``area`` is not four finite numbers with -90 <= south <= north <= 90 and longitudes in
+            [-180, 180], or no cell centre lies in it.
+    """
+    values = [float(v) for v in area]
+    if len(values) != 4 or not all(np.isfinite(values)):
+        raise ValueError(
+            f"area must be four numbers (south, west, north, east) in degrees, got {list(area)!r}"
+        )
+    south, west, north, east = values
+    if not (-90.0 <= south <= north <= 90.0) or not all(-180.0 <= v <= 180.0 for v in (west, east)):
+        raise ValueError(
+            f"area must be (south, west, north, east) with -90 <= south <= north <= 90 and longitudes in "
+            f"[-180, 180], got {values}"
+        )
+    lat, lon = centers_deg[:, 0], centers_deg[:, 1]
+    in_lon = (lon >= west) & (lon <= east) if west <= east else (lon >= west) | (lon <= east)
+    inside = (lat >= south) & (lat <= north) & in_lon
+    if not inside.any():
+        raise ValueError(f"no cell of the model has its centre inside the area {values}; draw a larger one")
+    return inside
 
 
 @dataclass
@@ -64,7 +109,7 @@ class Predictions:
         latlon_deg: ``(N, 2)`` predicted positions.
         method: ``(N,)`` str: ``swc``, ``cell``, ``fallback`` (Search within Cell found no background photo in
             the cell, so the head's prediction is used) or ``rrm``.
-        cell_idx: ``(N,)`` the head's best fine cell (-1 without a head).
+        cell_idx: ``(N,)`` the head's best fine cell, in the head's own partition (-1 without a head).
         cell_prob: ``(N,)`` its probability.
         top_cells: ``(N, T)`` the head's T best fine cells, best first; ``top_probs`` their probabilities.
         confidence: ``(N,)`` probability mass of the fine cells whose centres lie within 25 km of the best
@@ -93,7 +138,7 @@ class Predictions:
 
     def to_records(self, geolocator: "Geolocator") -> List[Dict[str, Any]]:
         """One JSON-ready dict per photo, with cell tokens and neighbour ids resolved."""
-        tokens = geolocator.geocells.fine.tokens
+        tokens = geolocator.head_partition(self.head).tokens if self.head is not None else np.empty(0, str)
         index = geolocator.index
         index_latlon = np.asarray(index.latlon) if index is not None else None
         records = []
@@ -176,8 +221,13 @@ class Geolocator(nn.Module):
             data_config = timm.data.resolve_model_data_config(backbone)
         self.data_config = dict(data_config)
         self._transform = None
-        self._density_neighbours: Optional[torch.Tensor] = None
+        # Inference speed settings (`optimize`): precision mode, memory layout, compiled forward.
+        self.precision_mode = "auto"
+        self._channels_last = False
+        self._backbone_forward: Optional[CompiledForward] = None
+        self._density_neighbours: Dict[str, torch.Tensor] = {}
         self._check_fingerprints()
+        self._check_index_partitions()
         self.eval()
 
     # ------------------------------------------------------------------ composition checks and properties
@@ -204,8 +254,38 @@ class Geolocator(nn.Module):
                     f"{self.fingerprint!r}; use the cells it was trained with"
                 )
 
+    def head_partition(self, kind: str):
+        """The `Partition` whose cells head ``kind`` predicts (its finest; the cells' finest for heads saved
+        before a model could hold several partitions)."""
+        name = getattr(self.heads[kind], "partition", None)
+        return self.geocells.fine if name is None else self.geocells.partition(name)
+
+    def _index_partition(self) -> str:
+        """The partition the index rows are sorted by (an unnamed index: the cells' finest)."""
+        return self.index.partition or self.geocells.fine.name
+
+    def _check_index_partitions(self) -> None:
+        """Every head's partition is one the background index can search within, with as many cells."""
+        if self.index is None or not hasattr(self.index, "partitions"):
+            return
+        own = self._index_partition()
+        sizes = {(own if name is None else name): n for name, n in self.index.partitions.items()}
+        for kind in self.heads:
+            part = self.head_partition(kind)
+            if part.name not in sizes:
+                raise ValueError(
+                    f"head {kind!r} predicts the cells of partition {part.name!r}, but the background index has "
+                    f"rows per cell of {', '.join(sizes)} only; rebuild the index (geoswc index build adds "
+                    "every partition of the cells) or add it with BackgroundIndex.add_partition"
+                )
+            if sizes[part.name] != len(part):
+                raise ValueError(
+                    f"the background index has {sizes[part.name]} cells for partition {part.name!r}, but the "
+                    f"cells have {len(part)}"
+                )
+
     def resolve_head(self, head: Optional[str] = None) -> str:
-        """The head to use: ``head`` if given, else the first available of hc, mvmf, ce."""
+        """The head to use: ``head`` if given, else the first available of mvmf, ce, hc."""
         if head is None:
             for kind in HEAD_PREFERENCE:
                 if kind in self.heads:
@@ -232,42 +312,96 @@ class Geolocator(nn.Module):
 
     # ------------------------------------------------------------------ forward passes
     def _autocast(self):
-        if self.device.type == "cuda":
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-            return torch.autocast("cuda", dtype=dtype)
+        """The context of the heads and the retrieval module: float32 in every precision mode (they take the
+        float32 copy of the features; their softmax and normalisation are where half precision loses most)."""
         return contextlib.nullcontext()
 
+    def optimize(
+        self, *, precision_mode: str = "auto", compile: Union[str, bool, None] = "auto"
+    ) -> "Geolocator":
+        """Set the inference speed settings (`geoswc.precision`) on the device the model is on.
+
+        The backbone moves to channels_last and runs in the dtype of ``precision_mode`` (``auto``: float16 on
+        CUDA, float32 elsewhere; ``fp32`` is the exact path; ``bf16``, ``fp16``); the heads and the retrieval
+        module stay float32. A batch whose reduced-precision features are not finite (float16 overflow) is
+        run again in float32. ``compile`` (``auto``: on CUDA only,
+        ``on``, ``off``) wraps the backbone in ``torch.compile``, falling back to eager with a warning if
+        compiling fails.
+
+        Raises:
+            ValueError: an unknown precision or compile mode, or ``bf16`` on a GPU without bfloat16.
+        """
+        self.precision_mode = check_precision_mode(precision_mode)
+        dtype = resolve_dtype(precision_mode, self.device)
+        self.backbone.to(memory_format=torch.channels_last)
+        self._channels_last = True
+        compiled = use_compile(compile, self.device)
+        self._backbone_forward = CompiledForward(self.backbone) if compiled else None
+        logger.info(
+            "inference on %s: backbone in %s, channels_last, %s",
+            self.device,
+            dtype_name(dtype),
+            "compiled" if compiled else "eager",
+        )
+        return self
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the backbone runs in (from ``precision_mode`` and the device)."""
+        return resolve_dtype(self.precision_mode, self.device)
+
     def features(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Pooled backbone features ``(B, D)`` float32 of a batch of transformed images ``(B, 3, H, W)``."""
+        """Pooled backbone features ``(B, D)`` float32 of a batch of transformed images ``(B, 3, H, W)``, the
+        backbone run in `compute_dtype`."""
         if pixels.ndim != 4 or pixels.shape[1] != 3:
             raise ValueError(f"pixels must have shape (B, 3, H, W), got {tuple(pixels.shape)}")
         pixels = pixels.to(self.device, non_blocking=True)
-        if self.device.type == "cuda":
+        if self._channels_last:
             pixels = pixels.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode(), self._autocast():
-            return self.backbone(pixels).float()
+        forward = self._backbone_forward or self.backbone
+        dtype = self.compute_dtype
+        with torch.inference_mode(), autocast(self.device, dtype):
+            features = forward(pixels).float()
+        if dtype != torch.float32 and not bool(torch.isfinite(features).all()):
+            logger.warning(
+                "%s features overflowed for a batch; it is run again in float32", dtype_name(dtype)
+            )
+            with torch.inference_mode(), autocast(self.device, torch.float32):
+                features = self.backbone(pixels).float()
+        return features
 
     def embed(self, features: torch.Tensor) -> torch.Tensor:
-        """Retrieval embeddings ``(B, D)`` (L2-normalised) of backbone features."""
+        """Retrieval embeddings ``(B, D)`` (L2-normalised) of backbone features.
+
+        For a model trained with ``retrieval.loss=none`` (its retrieval part is the `IdentityEmbedding`) the
+        embeddings are the features themselves, L2-normalised in float32.
+        """
         if self.retrieval is None:
             raise ValueError("this model has no retrieval module; modes 'swc' and 'rrm' need one")
+        if getattr(self.retrieval, "identity", False):
+            with torch.inference_mode():
+                return self.retrieval(features.to(self.device, torch.float32))
         with torch.inference_mode(), self._autocast():
             return self.retrieval(features.to(self.device)).float()
 
-    def density_neighbours(self) -> torch.Tensor:
-        """``(n_fine, M)`` fine cells whose centres lie within 25 km of each fine cell's centre, -1 padded."""
-        if self._density_neighbours is None:
-            centers_rad = np.radians(np.asarray(self.geocells.fine.centers_deg, dtype=np.float64))
+    def density_neighbours(self, partition: Optional[str] = None) -> torch.Tensor:
+        """``(n, M)`` cells whose centres lie within 25 km of each cell's centre, -1 padded, for the cells of
+        ``partition`` (default: the finest)."""
+        part = self.geocells.fine if partition is None else self.geocells.partition(partition)
+        if part.name not in self._density_neighbours:
+            centers_rad = np.radians(np.asarray(part.centers_deg, dtype=np.float64))
             tree = BallTree(centers_rad, metric="haversine")
             lists = tree.query_radius(centers_rad, r=CONFIDENCE_RADIUS_KM / EARTH_RADIUS_KM)
             width = max(len(x) for x in lists)
             table = np.full((len(lists), width), -1, dtype=np.int64)
             for i, members in enumerate(lists):
                 table[i, : len(members)] = members
-            self._density_neighbours = torch.from_numpy(table)
-        return self._density_neighbours
+            self._density_neighbours[part.name] = torch.from_numpy(table)
+        return self._density_neighbours[part.name]
 
-    def _classify(self, features: torch.Tensor, kind: str, n_top: int) -> Dict[str, np.ndarray]:
+    def _classify(
+        self, features: torch.Tensor, kind: str, n_top: int, area: Optional[Sequence[float]] = None
+    ) -> Dict[str, np.ndarray]:
         head = self.heads[kind]
         with torch.inference_mode(), self._autocast():
             outputs = head(features.to(self.device))
@@ -275,9 +409,19 @@ class Geolocator(nn.Module):
             head_latlon = head.predict_latlon(outputs).double()
         # HC scores are products over the hierarchy, not a distribution over fine cells: normalise them.
         probs = torch.softmax(log_probs, dim=1).cpu()
+        if area is not None:
+            # The area filter (thesis 4.2.10.4): only cells whose centre lies in the box compete; their
+            # probabilities are renormalised and the head's position becomes the best one's centre.
+            centers = np.asarray(self.head_partition(kind).centers_deg, dtype=np.float64)
+            inside = torch.from_numpy(cells_in_area(centers, area))
+            probs = torch.where(inside, probs, 0.0)
+            probs = probs / probs.sum(dim=1, keepdim=True).clamp(min=1e-30)
+            n_top = min(n_top, int(inside.sum()))
         n_top = min(n_top, probs.shape[1])
         top_probs, top_cells = probs.topk(n_top, dim=1)
-        neighbours = self.density_neighbours()[top_cells[:, 0]]
+        if area is not None:
+            head_latlon = torch.from_numpy(centers[top_cells[:, 0].numpy()])
+        neighbours = self.density_neighbours(self.head_partition(kind).name)[top_cells[:, 0]]
         near_mass = torch.where(neighbours >= 0, probs.gather(1, neighbours.clamp(min=0)), 0.0).sum(dim=1)
         return {
             "latlon": head_latlon.cpu().numpy(),
@@ -300,16 +444,20 @@ class Geolocator(nn.Module):
         top_cells: Optional[int] = None,
         top_k: int = 5,
         embeddings: Optional[torch.Tensor] = None,
+        area: Optional[Sequence[float]] = None,
     ) -> Predictions:
         """Place photos from their backbone features.
 
         Args:
             features: ``(B, D)`` pooled backbone features (`features`).
-            head: ``ce``, ``hc`` or ``mvmf``; default: the first available of hc, mvmf, ce.
+            head: ``ce``, ``hc`` or ``mvmf``; default: the first available of mvmf, ce, hc. Search within Cell
+                searches the cells of the head's own partition.
             mode: ``swc``, ``cell`` or ``rrm``.
             k, eps_km, min_samples, top_cells: Search within Cell settings; default: the model's config.
             top_k: how many best cells to report.
             embeddings: retrieval embeddings of ``features`` when already computed (saves a forward pass).
+            area: ``(south, west, north, east)`` degrees: only the cells whose centres lie in this box compete
+                (`cells_in_area`; ``west > east`` crosses the antimeridian). Needs a head.
         """
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
@@ -323,8 +471,10 @@ class Geolocator(nn.Module):
         n = len(features)
         kind = self.resolve_head(head) if (mode != "rrm" or head is not None or self.heads) else None
 
+        if area is not None and kind is None:
+            raise ValueError("area needs a classification head; mode 'rrm' without a head cannot use it")
         if kind is not None:
-            cls = self._classify(features, kind, max(top_k, top_cells))
+            cls = self._classify(features, kind, max(top_k, top_cells), area)
         else:
             cls = {
                 "latlon": np.full((n, 2), np.nan),
@@ -348,7 +498,12 @@ class Geolocator(nn.Module):
             emb = self.embed(features) if embeddings is None else embeddings
             if mode == "swc":
                 cells = cls["top_cells"][:, :top_cells]
-                res = search_within_cell(emb, cells, self.index, k=k, eps_km=eps_km, min_samples=min_samples)
+                # The head's cells are searched in its own partition (paper 4.1: HC's differ from CE's).
+                own = self.head_partition(kind).name
+                partition = None if own == self._index_partition() else own
+                res = search_within_cell(
+                    emb, cells, self.index, k=k, eps_km=eps_km, min_samples=min_samples, partition=partition
+                )
                 latlon[res.found] = res.latlon_deg[res.found]
                 method[:] = np.where(res.found, "swc", "fallback")
                 rows, sims, in_cluster = res.rows, res.similarities, res.members
@@ -481,6 +636,10 @@ class Geolocator(nn.Module):
             "fingerprint": self.fingerprint,
             "backbone": self.backbone_name,
             "heads": self.head_names,
+            "partitions": {
+                kind: list(getattr(head, "partitions", self.geocells.names))
+                for kind, head in self.heads.items()
+            },
             "retrieval": self.retrieval is not None,
             "index": self.index is not None,
             "sha256": {rel: _sha256(directory / rel) for rel in parts},
@@ -497,6 +656,7 @@ class Geolocator(nn.Module):
             stale.append(directory / "retrieval.safetensors")
         if self.index is None:
             stale += [directory / "index" / name for name in INDEX_FILES]
+            stale += sorted((directory / "index").glob("partition_*.npy"))
         for path in stale:
             if path.is_file():
                 logger.info("removing %s: left by an earlier save, not part of this model", path)
@@ -506,7 +666,12 @@ class Geolocator(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, directory: Union[str, Path], *, device: Union[str, torch.device, None] = None
+        cls,
+        directory: Union[str, Path],
+        *,
+        device: Union[str, torch.device, None] = None,
+        precision_mode: str = "auto",
+        compile: Union[str, bool, None] = "auto",
     ) -> "Geolocator":
         """Load a model folder written by `save_pretrained`, validated completely before it is used.
 
@@ -521,6 +686,8 @@ class Geolocator(nn.Module):
         Args:
             directory: the model folder.
             device: where the networks run; default CUDA when available, else CPU.
+            precision_mode: ``auto``, ``fp32``, ``bf16`` or ``fp16``: the backbone's dtype (`optimize`).
+            compile: ``auto`` (CUDA only), ``on`` or ``off``: ``torch.compile`` the backbone (`optimize`).
 
         Raises:
             FileNotFoundError: the folder or one of its required files is missing.
@@ -557,12 +724,13 @@ class Geolocator(nn.Module):
                     f"{path}: the head takes {heads[kind].in_features} features, but the backbone "
                     f"({directory / BACKBONE_WEIGHTS_FILE}) gives {width}"
                 )
+            _check_head_partitions(meta, kind, heads[kind].partitions, meta_path, path)
 
         retrieval = None
         retrieval_file = directory / "retrieval.safetensors"
         if retrieval_file.is_file():
             _check_part(read_metadata(retrieval_file).get("fingerprint"), fingerprint, retrieval_file)
-            retrieval = ResidualRetrievalModule.load(retrieval_file, fingerprint=fingerprint)
+            retrieval = load_retrieval(retrieval_file, fingerprint=fingerprint)
             if retrieval.dim != width:
                 raise ValueError(
                     f"{retrieval_file}: the retrieval module takes features of dim {retrieval.dim}, but the "
@@ -576,12 +744,20 @@ class Geolocator(nn.Module):
         if index_dir.is_dir():
             index = BackgroundIndex.load(index_dir)
             _check_part(getattr(index, "fingerprint", None), fingerprint, index_dir)
-            n_fine = len(geocells.fine)
-            if index.n_cells != n_fine:
-                raise ValueError(
-                    f"{index_dir / 'offsets.npy'}: the index has {index.n_cells} cells, but cells/ has "
-                    f"{n_fine} fine cells"
-                )
+            for name, n_cells in index.partitions.items():
+                own = name is None or name == index.partition
+                where = index_dir / ("offsets.npy" if own else f"partition_{name}_offsets.npy")
+                if name is not None and name not in geocells.names:
+                    raise ValueError(
+                        f"{index_dir / 'index.json'}: partition {name!r} is not one of the cells/ partitions "
+                        f"({', '.join(geocells.names)})"
+                    )
+                part = geocells.fine if name is None else geocells.partition(name)
+                if n_cells != len(part):
+                    raise ValueError(
+                        f"{where}: the index has {n_cells} cells, but cells/ has {len(part)} "
+                        f"{'fine cells' if name is None else f'cells in {name}'}"
+                    )
             if retrieval is not None and index.dim != retrieval.dim:
                 raise ValueError(
                     f"{index_dir / 'embeddings.npy'}: embeddings of dim {index.dim}, but the retrieval "
@@ -610,8 +786,7 @@ class Geolocator(nn.Module):
         )
         device = torch.device(device) if device is not None else _default_device()
         model.to(device)
-        if device.type == "cuda":
-            model.backbone.to(memory_format=torch.channels_last)
+        model.optimize(precision_mode=precision_mode, compile=compile)
         logger.info(
             "loaded geolocator from %s: backbone %s, heads %s, retrieval %s, index %s, on %s",
             directory,
@@ -653,6 +828,22 @@ def _read_meta(path: Path) -> Dict[str, Any]:
     return meta
 
 
+def _check_head_partitions(
+    meta: Dict[str, Any], kind: str, partitions: Sequence[str], meta_path: Path, path: Path
+) -> None:
+    """The partitions ``geolocator.json`` records for a head (format 3) are those its file names."""
+    recorded = meta.get("partitions")
+    if recorded is None:
+        return
+    if not isinstance(recorded, dict) or kind not in recorded:
+        raise ValueError(f"{meta_path}: partitions must name the partitions of every head, {kind!r} included")
+    if list(recorded[kind]) != list(partitions):
+        raise ValueError(
+            f"{path} predicts over the partitions {list(partitions)}, but {meta_path} records "
+            f"{recorded[kind]!r} for head {kind!r}; save the model again"
+        )
+
+
 def _head_names(directory: Path, meta: Dict[str, Any], meta_path: Path) -> List[str]:
     """The heads to load: those ``geolocator.json`` lists (every one must have its file, and every file in
     ``heads/`` must be listed); all files of ``heads/`` for a folder whose JSON lists none."""
@@ -687,7 +878,7 @@ def _part_files(directory: Path, *, heads: Sequence[str], retrieval: bool, index
     if retrieval:
         files.append("retrieval.safetensors")
     if index:
-        files += [f"index/{name}" for name in INDEX_FILES]
+        files += [f"index/{name}" for name in index_files(directory / "index")]
     return files
 
 

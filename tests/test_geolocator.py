@@ -178,8 +178,18 @@ def test_predict_batches_by_shape_and_keeps_order(model, images, tmp_path):
         model.predict([tmp_path / "nope.jpg"])
 
 
-def test_default_head_prefers_hc(model, images):
-    assert model.predict(images[:1])[0]["head"] == "hc"
+def test_default_head_is_the_papers_best_mvmf_then_ce(model, images):
+    # Table 1 of the paper: MvMF + Search within Cell is the best system; without MvMF, CE (PlaNet) before HC.
+    assert model.predict(images[:1])[0]["head"] == "mvmf"
+    heads = dict(model.heads)
+    try:
+        del model.heads["mvmf"]
+        assert model.resolve_head() == "ce"
+        del model.heads["ce"]
+        assert model.resolve_head() == "hc"
+    finally:
+        model.heads.clear()
+        model.heads.update(heads)
 
 
 @pytest.mark.parametrize(

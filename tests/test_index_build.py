@@ -124,3 +124,27 @@ def test_index_build_rejects_other_partition(world, capsys):
     )
     assert rc == 2
     assert "not-these-cells" in capsys.readouterr().err
+
+
+def test_index_build_without_head(world, capsys):
+    """--head decides placeability: without it a placeable background is refused; with background=all every
+    labelled photo is kept."""
+    from geoswc.cli import main
+
+    tmp_path, cells, head, feats, labels, ids = world
+    common = [
+        "index",
+        "build",
+        "--features",
+        str(tmp_path / "feats"),
+        "--retrieval",
+        str(tmp_path / "rrm.safetensors"),
+    ]
+    common += ["--cells", str(tmp_path / "cells")]
+    assert main([*common, "-o", str(tmp_path / "i_placeable")]) == 2
+    assert "--head" in capsys.readouterr().err
+    assert not (tmp_path / "i_placeable").exists()
+
+    assert main([*common, "-o", str(tmp_path / "i_all"), "--set", "retrieval.background=all"]) == 0
+    index = BackgroundIndex.load(tmp_path / "i_all")
+    assert len(index) == int((labels[:, -1] >= 0).sum())

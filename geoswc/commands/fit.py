@@ -67,6 +67,15 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
         help="validation shards instead of --val-csv: backbone accuracy after every epoch",
     )
     parser.add_argument("--cpu", action="store_true", help="run on CPU even when a GPU is available")
+    parser.add_argument(
+        "--from",
+        dest="reuse",
+        type=Path,
+        metavar="RUN",
+        help="an earlier fit folder: its stages that this run would make the same way (same data, settings and "
+        "earlier stages) are linked, not run again; e.g. a retrieval ablation (--set retrieval.loss=triplet) "
+        "in its own -o folder trains only its retrieval stage and index",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -87,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
         val_images=args.val_images,
         val_shards=args.val_shards,
         cpu=args.cpu,
+        reuse=getattr(args, "reuse", None),
         echo=print if main_process else (lambda message: None),
     )
     if main_process:

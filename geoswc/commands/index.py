@@ -47,7 +47,9 @@ def register(subparsers) -> None:
     )
     p.add_argument("--features", required=True, help="feature cache of the training photos")
     p.add_argument(
-        "--head", required=True, help="classification head (.safetensors) that decides placeability"
+        "--head",
+        help="classification head (.safetensors) that decides placeability (needless with "
+        "--set retrieval.background=all)",
     )
     p.add_argument("--retrieval", required=True, help="trained retrieval module (.safetensors)")
     p.add_argument("--cells", required=True, help="Geocells folder the head and features were made with")
