@@ -674,7 +674,15 @@ class BackgroundIndex:
             m = int(pq_m or _default_pq_m(d))
             if d % m:
                 raise ValueError(f"pq_m={m} must divide the dimension {d}")
-            factory = f"PQ{m}x{int(pq_bits)}"
+            bits = int(pq_bits)
+            if min(n, train_size) < 2**bits:
+                # k-means cannot fit more centroids than training rows: fewer bits for a small background.
+                bits = max(1, int(np.log2(max(min(n, train_size), 2))))
+                logger.warning(
+                    "pq: %d training rows, %d-bit codes instead of %d", min(n, train_size), bits, pq_bits
+                )
+            # "np": no polysemous training, which only serves Hamming-filtered search and costs minutes.
+            factory = f"PQ{m}x{bits}np"
         else:
             raise ValueError(f"unknown search mode {mode!r}; choose one of: {', '.join(SEARCH_MODES)}")
         index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
@@ -781,8 +789,9 @@ def _load_npy(path: Path, *, mmap_mode: Optional[str] = None) -> np.ndarray:
 
 
 def _default_pq_m(dim: int) -> int:
-    """Largest divisor of ``dim`` giving sub-vectors of at least 4 dimensions, at most dim / 4 sub-quantisers."""
-    for m in range(max(1, dim // 4), 0, -1):
+    """Largest divisor of ``dim`` giving sub-vectors of at least 16 dimensions (at most dim / 16 sub-quantisers:
+    80 bytes a row for 1280-d embeddings, half the 1-bit codes), the usual faiss trade-off."""
+    for m in range(max(1, dim // 16), 0, -1):
         if dim % m == 0:
             return m
     return 1

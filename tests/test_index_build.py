@@ -142,7 +142,7 @@ def test_index_build_without_head(world, capsys):
     ]
     common += ["--cells", str(tmp_path / "cells")]
     assert main([*common, "-o", str(tmp_path / "i_placeable")]) == 2
-    assert "--head" in capsys.readouterr().err
+    assert "placeable background needs a head" in capsys.readouterr().err
     assert not (tmp_path / "i_placeable").exists()
 
     assert main([*common, "-o", str(tmp_path / "i_all"), "--set", "retrieval.background=all"]) == 0

@@ -68,7 +68,7 @@ def test_fit_evaluate_and_tag_the_paper_path_on_a_small_world(tmp_path, monkeypa
     _fill_hub_cache(tmp_path / "hub", monkeypatch)
     world = tmp_path / "world"
     assert (
-        main(["data", "synth", str(world), "--train", "64", "--test", "6", "--seed", "3", "--workers", "1"])
+        main(["data", "synth", str(world), "--train", "40", "--test", "6", "--seed", "3", "--workers", "1"])
         == 0
     )
     model_dir = tmp_path / "model"

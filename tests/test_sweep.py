@@ -148,6 +148,37 @@ def test_within_cell_top1_is_the_brute_force_nearest_in_the_cell(evaluated, tiny
             assert np.array_equal(done.latlon_deg[i], index.latlon[best]), (mode, i)
 
 
+def test_pq_mode_searches_the_product_quantised_vectors(evaluated, tiny_model_dir):
+    """index_mode=pq: each decoded sub-vector is one of the codebook's centroids, decoding stays near the
+    embedding, and the within-cell top-1 is the brute-force nearest among the decoded rows of the cell."""
+    out, _, _ = evaluated
+    store, replayer = _replayer(out, tiny_model_dir)
+    index = replayer.index
+    emb = np.asarray(index.embeddings, dtype=np.float32)
+    done = replayer.run(Setting(head="ce", k=1, aggregation="top1", scope="cell", index_mode="pq"))
+    import faiss
+
+    pq_index = index.faiss_index("pq")
+    decoded = pq_index.reconstruct_n(0, len(index))
+    m, dsub = pq_index.pq.M, pq_index.pq.dsub
+    centroids = faiss.vector_to_array(pq_index.pq.centroids).astype(np.float32).reshape(m, -1, dsub)
+    for j in range(m):  # every decoded sub-vector is a centroid of its sub-space
+        sub = decoded[:, j * dsub : (j + 1) * dsub]
+        gap = np.abs(sub[:, None, :] - centroids[j][None]).max(axis=2).min(axis=1)
+        assert gap.max() < 1e-5
+    assert centroids.shape[1] >= 2
+    rel = np.linalg.norm(decoded - emb, axis=1) / np.linalg.norm(emb, axis=1)
+    assert np.median(rel) < 0.9
+    for i, cell in enumerate(store.heads["ce"].top_cells[:, 0]):
+        lo, hi = index.offsets[cell], index.offsets[cell + 1]
+        if hi == lo:
+            assert done.method[i] == "fallback"
+            continue
+        scores = decoded[lo:hi] @ store.embeddings[i]
+        best = lo + int(np.flatnonzero(scores == scores.max())[0])
+        assert np.array_equal(done.latlon_deg[i], index.latlon[best]), i
+
+
 def test_global_binary_search_is_the_brute_force_hamming_nearest(evaluated, tiny_model_dir):
     out, _, _ = evaluated
     store, replayer = _replayer(out, tiny_model_dir)

@@ -46,11 +46,6 @@ def build_index(
     Returns:
         The result; its summary is the build report (``total``, ``kept`` and the dropped counts).
     """
-    if config.retrieval.background == "placeable" and head is None:
-        raise ValueError(
-            "a placeable background needs the head that decides placeability (--head); "
-            "or keep every training photo with --set retrieval.background=all"
-        )
     out = Path(out)
     report = build_background(
         features,
