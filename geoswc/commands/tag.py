@@ -24,7 +24,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-o", "--output", required=True, metavar="OUT", help="result file: .csv, .jsonl, .geojson or .parquet"
     )
-    parser.add_argument("--batch-size", type=int, default=32, help="photos per model call (default 32)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="photos per model call (default: 8 on a CPU, 64 on a GPU)",
+    )
     parser.add_argument(
         "--workers", type=int, default=None, help="decoding processes (default: usable CPUs - 1, at most 32)"
     )
