@@ -1,6 +1,6 @@
 """Reduced-precision inference against the exact fp32 path, on a fixed set of photos (`geoswc.precision`).
 
-For each precision mode, the same photos go through `Geolocator.predict` (Search within Cell) and are compared
+For each precision mode (and ``onnx``: float32 in ONNX Runtime, `geoswc.runtime`), the same photos go through `Geolocator.predict` (Search within Cell) and are compared
 with ``fp32``: the share of photos whose top-1 cell is the same (rule: >= 99.5 %), the share whose coordinates
 are within 1 km (rule: >= 99 %), and images/s of the backbone alone in each mode. Run it on a trained model
 (the demo's) for agreement, and on EfficientNet-B4 at 300 px (``--backbone``, random weights, features only)
@@ -48,7 +48,13 @@ def agreement(model_dir: str, paths, modes, *, head, batch_size: int, device: st
     result = {"photos": len(paths), "modes": {}}
     reference = None
     for mode in ["fp32", *[m for m in modes if m != "fp32"]]:
-        model = Geolocator.from_pretrained(model_dir, device=device, precision_mode=mode, compile="off")
+        model = Geolocator.from_pretrained(
+            model_dir,
+            device=device,
+            precision_mode="fp32" if mode == "onnx" else mode,
+            compile="off",
+            runtime="onnx" if mode == "onnx" else "torch",
+        )
         start = time.perf_counter()
         records = model.predict(paths, head=head, mode="swc", batch_size=batch_size)
         seconds = time.perf_counter() - start
@@ -82,7 +88,7 @@ def backbone_speed(name: str, size: int, modes, *, batch_size: int, batches: int
     pixels = torch.randn(batch_size, 3, size, size, device=device)
     out = {"backbone": name, "size": size, "batch": batch_size, "modes": {}}
     reference = None
-    for mode in ["fp32", *[m for m in modes if m != "fp32"]]:
+    for mode in ["fp32", *[m for m in modes if m not in ("fp32", "onnx")]]:
         dtype = resolve_dtype(mode, device)
         layouts = [("nchw", torch.contiguous_format), ("channels_last", torch.channels_last)]
         for layout, fmt in layouts if mode == "fp32" else layouts[1:]:
@@ -109,6 +115,23 @@ def backbone_speed(name: str, size: int, modes, *, batch_size: int, batches: int
                     torch.linalg.norm(features - reference) / torch.linalg.norm(reference)
                 )
             out["modes"][f"{mode} {layout}"] = entry
+    if "onnx" in modes and device == "cpu":
+        from geoswc.runtime import OnnxForward
+
+        forward = OnnxForward(model.to(memory_format=torch.contiguous_format))
+        with torch.inference_mode():
+            features = forward(pixels)  # warm-up: exports the graph
+            start = time.perf_counter()
+            for _ in range(batches):
+                forward(pixels)
+        seconds = time.perf_counter() - start
+        out["modes"]["fp32 onnxruntime"] = {
+            "dtype": "float32",
+            "images_per_s": batch_size * batches / seconds,
+            "feature_rel_error": float(
+                torch.linalg.norm(features - reference) / torch.linalg.norm(reference)
+            ),
+        }
     return out
 
 
@@ -124,7 +147,12 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=300)
     parser.add_argument("--batches", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--modes", nargs="+", default=["bf16", "fp16"], help="modes compared with fp32")
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        default=["bf16", "fp16", "onnx"],
+        help="modes compared with fp32 (onnx: fp32 in ONNX Runtime, CPU)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()

@@ -18,6 +18,7 @@ time, eager NCHW float32. Both resize the short side to 300 px (the model folder
 shortest``), so both feed the network the same number of pixels; same photos, same run.
 
     python benchmarks/bench_tag.py --authors --photos 24
+    python benchmarks/bench_tag.py --authors --photos 24 --runtime torch   # PyTorch instead of ONNX Runtime
 """
 
 from __future__ import annotations
@@ -121,7 +122,9 @@ def authors_vs_geoswc(args) -> None:
                 for path in paths:
                     authors(transform(Image.open(path).convert("RGB")).unsqueeze(0))
 
-        model = Geolocator.from_pretrained(model_dir, device="cpu", compile=args.compile)
+        model = Geolocator.from_pretrained(
+            model_dir, device="cpu", compile=args.compile, runtime=args.runtime
+        )
         options = dict(model=model, batch_size=args.batch_size, workers=args.workers, overwrite=True)
         tag_photos(paths[:2], out=str(Path(tmp) / "warm.csv"), **options)  # warm-up (and compile, if on)
         authors_s, geoswc_s = [], []
@@ -134,6 +137,7 @@ def authors_vs_geoswc(args) -> None:
             geoswc_s.append(time.perf_counter() - start)
             assert summary["ok"] == args.photos, summary
         dtype = str(model.compute_dtype).replace("torch.", "")
+        runtime = model.runtime
     workers = args.workers if args.workers is not None else default_workers()
     a, g = args.photos / min(authors_s), args.photos / min(geoswc_s)
     print(
@@ -143,7 +147,7 @@ def authors_vs_geoswc(args) -> None:
     print(f"{args.backbone} at {args.size} px (short side), {args.photos} JPEGs {args.width}x{args.height}")
     print(f"authors' path (PIL, batch 1, eager NCHW fp32):     {a:.2f} images/s")
     print(
-        f"geoswc tag (batch {args.batch_size}, {workers} workers, {dtype}, channels_last, "
+        f"geoswc tag (batch {args.batch_size}, {workers} workers, {dtype}, runtime {runtime}, "
         f"compile {args.compile}): {g:.2f} images/s"
     )
     print(f"ratio: {g / a:.2f}x (goal on CPU >= 8x)")
@@ -159,17 +163,27 @@ def main() -> None:
     parser.add_argument("--backbone", default="efficientnet_b4")
     parser.add_argument("--size", type=int, default=300)
     parser.add_argument("--model", help="a model folder; overrides --backbone/--size")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="default: geoswc's with --authors, else 32"
+    )
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=2, help="alternating timings of each; the best counts")
     parser.add_argument(
         "--authors", action="store_true", help="geoswc tag against the authors' inference path"
     )
     parser.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="with --authors")
+    parser.add_argument(
+        "--runtime", default="auto", choices=["auto", "torch", "onnx"], help="with --authors (geoswc.runtime)"
+    )
     args = parser.parse_args()
     if args.authors:
+        if args.batch_size is None:
+            from geoswc.precision import default_batch_size
+
+            args.batch_size = default_batch_size("cpu")
         authors_vs_geoswc(args)
         return
+    args.batch_size = args.batch_size or 32
 
     from geoswc.data.images import load_photo
     from geoswc.tag import resize_target, tag_photos

@@ -269,6 +269,7 @@ def evaluate_command(
     top_cells: Optional[int] = None,
     device: Optional[str] = None,
     precision_mode: Optional[str] = None,
+    runtime: Optional[str] = None,
 ) -> str:
     """The ``geoswc evaluate`` command line equivalent to these arguments (the report's provenance)."""
     parts = ["geoswc", "evaluate", "--model", str(model)]
@@ -289,7 +290,7 @@ def evaluate_command(
     if modes:
         parts += ["--modes", *modes]
     flags = (("--k", k), ("--eps-km", eps_km), ("--top-cells", top_cells), ("--device", device))
-    for flag, value in flags + (("--precision-mode", precision_mode),):
+    for flag, value in flags + (("--precision-mode", precision_mode), ("--runtime", runtime)):
         if value is not None:
             parts += [flag, str(value)]
     return shlex.join(parts)
@@ -312,6 +313,7 @@ def run_evaluation(
     commands: Optional[Sequence[str]] = None,
     title: Optional[str] = None,
     precision_mode: Optional[str] = None,
+    runtime: Optional[str] = None,
 ) -> Evaluation:
     """Evaluate a model on a test set and write ``predictions_<mode>.csv``, ``missing.csv``, ``results.json``
     and ``report.md``/``report.html`` into ``out``; see `evaluate_model`."""
@@ -331,9 +333,14 @@ def run_evaluation(
     if not images.is_dir():
         raise FileNotFoundError(f"image folder not found: {images}")
     if isinstance(model, Geolocator):
-        geolocator = model if precision_mode is None else model.optimize(precision_mode=precision_mode)
+        if precision_mode is None and runtime is None:
+            geolocator = model
+        else:
+            geolocator = model.optimize(precision_mode=precision_mode or "auto", runtime=runtime or "auto")
     else:
-        geolocator = Geolocator.from_pretrained(model, device=device, precision_mode=precision_mode or "auto")
+        geolocator = Geolocator.from_pretrained(
+            model, device=device, precision_mode=precision_mode or "auto", runtime=runtime or "auto"
+        )
     supported = available_modes(geolocator)
     modes = list(modes or supported)
     for mode in modes:
@@ -400,6 +407,7 @@ def run_evaluation(
                 top_cells=top_cells,
                 device=device,
                 precision_mode=precision_mode,
+                runtime=runtime,
             )
         ]
     written = write_report(
@@ -436,7 +444,8 @@ def evaluate_model(
         modes: a subset of ``ce hc mvmf rrm ce+rrm hc+rrm mvmf+rrm`` (default: all the model supports).
         **options: ``benchmark`` (a named set), ``batch_size`` (32), ``workers`` (4 decoding processes),
             ``device``, ``precision_mode`` (``auto``, ``fp32``, ``bf16``, ``fp16``: the backbone's precision,
-            `geoswc.precision`), the Search within Cell settings ``k``, ``eps_km``, ``top_cells`` (default: the
+            `geoswc.precision`), ``runtime`` (``auto``, ``torch``, ``onnx``: what runs the backbone,
+            `geoswc.runtime`), the Search within Cell settings ``k``, ``eps_km``, ``top_cells`` (default: the
             model's config), and the report's ``commands`` and ``title``.
 
     Returns:

@@ -46,6 +46,7 @@ from geoswc.precision import (
     resolve_dtype,
     use_compile,
 )
+from geoswc.runtime import OnnxForward, resolve_runtime
 from geoswc.retrieval.index import INDEX_FILES, BackgroundIndex, index_files
 from geoswc.retrieval.model import load_retrieval, read_metadata
 from geoswc.swc import nearest_background, search_within_cell
@@ -224,7 +225,8 @@ class Geolocator(nn.Module):
         # Inference speed settings (`optimize`): precision mode, memory layout, compiled forward.
         self.precision_mode = "auto"
         self._channels_last = False
-        self._backbone_forward: Optional[CompiledForward] = None
+        self.runtime = "torch"
+        self._backbone_forward: Union[CompiledForward, OnnxForward, None] = None
         self._density_neighbours: Dict[str, torch.Tensor] = {}
         self._check_fingerprints()
         self._check_index_partitions()
@@ -317,7 +319,11 @@ class Geolocator(nn.Module):
         return contextlib.nullcontext()
 
     def optimize(
-        self, *, precision_mode: str = "auto", compile: Union[str, bool, None] = "auto"
+        self,
+        *,
+        precision_mode: str = "auto",
+        compile: Union[str, bool, None] = "auto",
+        runtime: str = "auto",
     ) -> "Geolocator":
         """Set the inference speed settings (`geoswc.precision`) on the device the model is on.
 
@@ -326,22 +332,30 @@ class Geolocator(nn.Module):
         module stay float32. A batch whose reduced-precision features are not finite (float16 overflow) is
         run again in float32. ``compile`` (``auto``: on CUDA only,
         ``on``, ``off``) wraps the backbone in ``torch.compile``, falling back to eager with a warning if
-        compiling fails.
+        compiling fails. ``runtime`` (`geoswc.runtime`; ``auto``: ONNX Runtime for a float32 backbone on the
+        CPU when installed, else PyTorch; ``torch``; ``onnx``) chooses what executes the backbone.
 
         Raises:
-            ValueError: an unknown precision or compile mode, or ``bf16`` on a GPU without bfloat16.
+            ValueError: an unknown precision mode, compile mode or runtime, ``bf16`` on a GPU without bfloat16,
+                or runtime ``onnx`` where it cannot run.
         """
         self.precision_mode = check_precision_mode(precision_mode)
         dtype = resolve_dtype(precision_mode, self.device)
+        compiled = use_compile(compile, self.device)
+        self.runtime = resolve_runtime(runtime, self.device, dtype, compiled=compiled)
         self.backbone.to(memory_format=torch.channels_last)
         self._channels_last = True
-        compiled = use_compile(compile, self.device)
-        self._backbone_forward = CompiledForward(self.backbone) if compiled else None
+        if self.runtime == "onnx":
+            self._backbone_forward = OnnxForward(self.backbone)
+        else:
+            self._backbone_forward = CompiledForward(self.backbone) if compiled else None
         logger.info(
-            "inference on %s: backbone in %s, channels_last, %s",
+            "inference on %s: backbone in %s, %s",
             self.device,
             dtype_name(dtype),
-            "compiled" if compiled else "eager",
+            "ONNX Runtime"
+            if self.runtime == "onnx"
+            else ("compiled" if compiled else "eager, channels_last"),
         )
         return self
 
@@ -672,6 +686,7 @@ class Geolocator(nn.Module):
         device: Union[str, torch.device, None] = None,
         precision_mode: str = "auto",
         compile: Union[str, bool, None] = "auto",
+        runtime: str = "auto",
     ) -> "Geolocator":
         """Load a model folder written by `save_pretrained`, validated completely before it is used.
 
@@ -688,6 +703,7 @@ class Geolocator(nn.Module):
             device: where the networks run; default CUDA when available, else CPU.
             precision_mode: ``auto``, ``fp32``, ``bf16`` or ``fp16``: the backbone's dtype (`optimize`).
             compile: ``auto`` (CUDA only), ``on`` or ``off``: ``torch.compile`` the backbone (`optimize`).
+            runtime: ``auto``, ``torch`` or ``onnx``: what executes the backbone (`optimize`, `geoswc.runtime`).
 
         Raises:
             FileNotFoundError: the folder or one of its required files is missing.
@@ -786,7 +802,7 @@ class Geolocator(nn.Module):
         )
         device = torch.device(device) if device is not None else _default_device()
         model.to(device)
-        model.optimize(precision_mode=precision_mode, compile=compile)
+        model.optimize(precision_mode=precision_mode, compile=compile, runtime=runtime)
         logger.info(
             "loaded geolocator from %s: backbone %s, heads %s, retrieval %s, index %s, on %s",
             directory,

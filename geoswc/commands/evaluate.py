@@ -7,6 +7,7 @@ import argparse
 from geoswc.eval.metrics import format_table
 from geoswc.evaluate import BENCHMARK_NAMES, TABLE_MODES, evaluate_command, run_evaluation
 from geoswc.precision import PRECISION_MODES
+from geoswc.runtime import RUNTIMES
 
 
 def run(args: argparse.Namespace) -> int:
@@ -20,6 +21,7 @@ def run(args: argparse.Namespace) -> int:
         "top_cells": args.top_cells,
         "device": args.device,
         "precision_mode": args.precision_mode,
+        "runtime": args.runtime,
     }
     command = evaluate_command(args.model, args.meta, images=args.images, out=args.output, **options)
     done = run_evaluation(
@@ -118,5 +120,12 @@ def register(subparsers) -> None:
         default=None,
         help="the backbone's precision: auto (default: fp16 on GPU, fp32 on CPU; both place photos as fp32 "
         "does), fp32 (the exact path), bf16, fp16; heads and retrieval stay fp32",
+    )
+    parser.add_argument(
+        "--runtime",
+        choices=RUNTIMES,
+        default=None,
+        help="what runs the backbone: auto (default: ONNX Runtime for fp32 on a CPU, PyTorch otherwise), "
+        "torch, onnx",
     )
     parser.set_defaults(func=run)

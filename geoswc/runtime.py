@@ -1,0 +1,239 @@
+"""Which runtime executes the backbone at inference: PyTorch, or ONNX Runtime on the CPU.
+
+On CPUs, ONNX Runtime's convolution kernels run EfficientNet about twice as fast as PyTorch's eager
+channels_last path (EfficientNet-B4 at 300 x 400 on 2 AVX2 cores: 11.3 against 5.2 images/s at batch 1;
+docs/performance.md), with the same float32 arithmetic: features agree with PyTorch's within about 1e-6
+(relative), so predictions do not change. The network is exported from the loaded weights in memory
+(``torch.onnx.export``, a few seconds for B4) when the first batch arrives; nothing is written to disk.
+
+- ``torch``: the backbone runs in PyTorch (with the precision mode and ``torch.compile`` of `geoswc.precision`);
+- ``onnx``: ONNX Runtime's CPU provider, float32 (needs the ``onnxruntime`` and ``onnx`` packages);
+- ``auto`` (default): ``onnx`` when the model runs on the CPU in float32, is not compiled, and both packages
+  are installed; ``torch`` otherwise (GPUs: PyTorch's float16 and ``torch.compile``).
+
+Every exported graph is checked against PyTorch on the first photo of each new input shape; a graph that
+disagrees, or any failure to export or run, sends the backbone back to PyTorch with one warning, so the
+runtime never changes a prediction and never breaks a run.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import io
+import logging
+import threading
+import warnings
+from typing import Dict, List, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+RUNTIMES = ("auto", "torch", "onnx")
+ONNX_PACKAGES = ("onnxruntime", "onnx")
+# Largest |ONNX - PyTorch| difference accepted on the check photo, relative to the largest |feature|.
+AGREEMENT_TOLERANCE = 1e-3
+# Graphs exported for a model whose padding depends on the input size (one per size); photos of further sizes
+# run in PyTorch, so an archive of many odd sizes never spends its time exporting.
+MAX_GRAPHS = 16
+ONNX_OPSET = 17
+
+
+@functools.lru_cache(maxsize=1)
+def missing_onnx_packages() -> Tuple[str, ...]:
+    """The packages runtime ``onnx`` needs that are not installed (empty when it can run)."""
+    return tuple(name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None)
+
+
+def check_runtime(runtime: str) -> str:
+    """``runtime`` if it is a known runtime.
+
+    Raises:
+        ValueError: naming the runtime and the valid choices.
+    """
+    if runtime not in RUNTIMES:
+        raise ValueError(f"unknown runtime {runtime!r}; choose one of: {', '.join(RUNTIMES)}")
+    return runtime
+
+
+def resolve_runtime(
+    runtime: str, device: Union[str, torch.device], dtype: torch.dtype, *, compiled: bool = False
+) -> str:
+    """``torch`` or ``onnx``: the runtime the backbone runs in for ``runtime`` (``auto``, ``torch``, ``onnx``)
+    on ``device``, in ``dtype``, compiled or not.
+
+    Raises:
+        ValueError: an unknown runtime, or ``onnx`` asked for where it cannot run (not on the CPU, not float32,
+            with ``torch.compile``, or without its packages); the message says what to change.
+    """
+    check_runtime(runtime)
+    device = torch.device(device)
+    if runtime == "torch":
+        return "torch"
+    if runtime == "onnx":
+        if device.type != "cpu":
+            raise ValueError(
+                f"runtime 'onnx' runs the backbone on the CPU, but the model is on {device}; use runtime torch "
+                "(or auto) there"
+            )
+        if dtype != torch.float32:
+            raise ValueError(
+                f"runtime 'onnx' runs in float32, but the precision mode asks for {str(dtype).replace('torch.', '')}; "
+                "use precision mode fp32 or auto"
+            )
+        if compiled:
+            raise ValueError("runtime 'onnx' and compile 'on' exclude each other; choose one")
+        missing = missing_onnx_packages()
+        if missing:
+            raise ValueError(
+                f"runtime 'onnx' needs the package(s) {', '.join(missing)}: pip install {' '.join(missing)}"
+            )
+        return "onnx"
+    usable = device.type == "cpu" and dtype == torch.float32 and not compiled and not missing_onnx_packages()
+    return "onnx" if usable else "torch"
+
+
+def has_input_dependent_padding(module: nn.Module) -> bool:
+    """Whether ``module`` pads some layer by an amount computed from each input's size (timm's TensorFlow
+    "same" layers: ``Conv2dSame``, ``MaxPool2dSame``, ...). Such amounts are fixed for one size when the network
+    is exported, so these networks get one graph per input size."""
+    return any(type(layer).__name__.endswith("Same") for layer in module.modules())
+
+
+def _export(module: nn.Module, example: torch.Tensor, *, dynamic_size: bool) -> bytes:
+    """The ONNX graph of ``module`` (input ``pixels`` NCHW float32, output ``features``), batch size dynamic,
+    height and width too when ``dynamic_size``."""
+    import onnx  # noqa: F401 - torch.onnx.export needs it; imported here to fail early with its name
+
+    axes = {0: "batch", 2: "height", 3: "width"} if dynamic_size else {0: "batch"}
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+        # Tracing warns about every Python-level shape computation; the per-size check covers them.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            (example.clone(),),
+            buffer,
+            input_names=["pixels"],
+            output_names=["features"],
+            dynamic_axes={"pixels": axes, "features": {0: "batch"}},
+            opset_version=ONNX_OPSET,
+            dynamo=False,
+        )
+    return buffer.getvalue()
+
+
+def _session(graph: bytes, threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    # Idle threads sleep instead of spinning: the decoding workers need those cores between batches.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+
+
+class GraphMismatch(RuntimeError):
+    """An exported graph computed other features than the PyTorch network."""
+
+
+class OnnxForward:
+    """``module``'s forward (pixels ``(B, 3, H, W)`` -> pooled features ``(B, D)``) through ONNX Runtime on the
+    CPU, falling back to ``module`` with one warning if exporting, checking or running fails.
+
+    One graph with dynamic height and width serves every input size, unless the network's padding depends on
+    the size (`has_input_dependent_padding`): then one graph per size for the first `MAX_GRAPHS` sizes, and
+    PyTorch for the sizes after them (most archives have a handful: landscape and portrait). The first
+    photo of each new size is also run through ``module`` and the two must agree (`AGREEMENT_TOLERANCE`).
+
+    Args:
+        module: the backbone in evaluation mode, on the CPU (kept as it is: the check and the fallback run it).
+        threads: ONNX Runtime's threads (default: PyTorch's, ``torch.get_num_threads()``).
+    """
+
+    def __init__(self, module: nn.Module, *, threads: Optional[int] = None):
+        self.module = module
+        self.threads = int(threads or torch.get_num_threads())
+        self.per_size = has_input_dependent_padding(module)
+        self.failed: Optional[str] = None
+        self._sessions: Dict[Optional[Tuple[int, int]], object] = {}
+        self._full_logged = False
+        self._checked: set = set()
+        self._lock = threading.Lock()  # the server calls from several threads
+        self.exports: List[Optional[Tuple[int, int]]] = []
+
+    def _fail(self, err: BaseException) -> None:
+        self.failed = f"{type(err).__name__}: {err}".splitlines()[0]
+        self._sessions.clear()
+        logger.warning("ONNX Runtime backbone failed (%s); running it in PyTorch", self.failed)
+
+    def _graph_for(self, pixels: torch.Tensor):
+        """The session for ``pixels``' size, exported on first use; None for a size beyond `MAX_GRAPHS`."""
+        size = (int(pixels.shape[2]), int(pixels.shape[3]))
+        key = size if self.per_size else None
+        session = self._sessions.get(key)
+        if session is None:
+            if len(self._sessions) >= MAX_GRAPHS:
+                if not self._full_logged:
+                    logger.info(
+                        "%d input sizes have ONNX graphs; photos of further sizes run in PyTorch", MAX_GRAPHS
+                    )
+                    self._full_logged = True
+                return None
+            graph = _export(self.module, pixels[:1], dynamic_size=not self.per_size)
+            session = _session(graph, self.threads)
+            self.exports.append(key)
+            logger.info(
+                "backbone exported to ONNX Runtime (%s)",
+                f"for {size[0]}x{size[1]} inputs" if self.per_size else "any input size",
+            )
+            self._sessions[key] = session
+        return session
+
+    def _run(self, pixels: torch.Tensor) -> torch.Tensor:
+        size = (int(pixels.shape[2]), int(pixels.shape[3]))
+        with self._lock:
+            session = self._graph_for(pixels)
+            checked = size in self._checked
+        if session is None:
+            return self.module(pixels)
+        array = pixels.detach().to("cpu", torch.float32).contiguous().numpy()
+        features = torch.from_numpy(session.run(None, {"pixels": array})[0])
+        if not checked:
+            reference = self.module(pixels[:1]).float()
+            scale = float(reference.abs().max().clamp(min=1e-12))
+            difference = float((features[:1] - reference).abs().max())
+            if not difference <= AGREEMENT_TOLERANCE * scale:
+                raise GraphMismatch(
+                    f"the exported graph's features differ from PyTorch's by {difference:.3g} (largest feature "
+                    f"{scale:.3g}) at {size[0]}x{size[1]}"
+                )
+            with self._lock:
+                self._checked.add(size)
+        return features
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self.failed is None:
+            try:
+                return self._run(pixels)
+            except GraphMismatch as err:
+                if not self.per_size:
+                    # A size-dependent computation the layer names did not reveal: one graph per size.
+                    logger.info("%s; exporting one graph per input size instead", err)
+                    self.per_size = True
+                    self._sessions.clear()
+                    self._checked.clear()
+                    try:
+                        return self._run(pixels)
+                    except Exception as again:  # noqa: BLE001 - any failure means: run in PyTorch
+                        self._fail(again)
+                else:
+                    self._fail(err)
+            except Exception as err:  # noqa: BLE001 - any failure means: run in PyTorch
+                self._fail(err)
+        return self.module(pixels)
