@@ -8,6 +8,7 @@ incomplete, out of range or unreadable has no position: the answer is ``None``, 
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
@@ -56,14 +57,27 @@ def gps_from_exif(exif: Image.Exif) -> Optional[Tuple[float, float]]:
     return lat, lon
 
 
+def _open_gps(source, name: object) -> Optional[Tuple[float, float]]:
+    try:
+        with Image.open(source) as image:
+            return gps_from_exif(image.getexif())
+    except Exception as err:  # Pillow raises many types on damaged headers; a missing position is the answer
+        logger.debug("no EXIF GPS read from %s: %s", name, err)
+        return None
+
+
 def read_gps(path: "str | os.PathLike") -> Optional[Tuple[float, float]]:
     """The GPS position ``(lat, lon)`` in degrees recorded in a photo's EXIF, or None when it has none.
 
     Unreadable files and damaged EXIF also give None (the photo's own row reports decoding errors).
     """
-    try:
-        with Image.open(path) as image:
-            return gps_from_exif(image.getexif())
-    except Exception as err:  # Pillow raises many types on damaged headers; a missing position is the answer
-        logger.debug("no EXIF GPS read from %s: %s", path, err)
-        return None
+    return _open_gps(path, path)
+
+
+def gps_from_bytes(data: bytes) -> Optional[Tuple[float, float]]:
+    """`read_gps` of a photo file's bytes already in memory (a decode worker's), read from them alone.
+
+    The same answer as `read_gps` on the file holding ``data``, for every format Pillow can open (HEIC/HEIF
+    once pillow-heif's opener is registered, as `geoswc.data.images.photo_format` does).
+    """
+    return _open_gps(io.BytesIO(data), "photo bytes")

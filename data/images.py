@@ -14,7 +14,8 @@ one with OpenCV (SIMD), several times faster than Pillow's resampling.
 Photo collections: `discover(inputs)` expands files, folders (recursive, hidden entries skipped, symlink
 cycles visited once), globs and ``@list.txt`` files into one deterministic list of `PhotoFile`; `sniff(head)`
 names the format from a file's first bytes (JPEG, PNG, WebP, BMP, TIFF, GIF, HEIC/HEIF) whatever its extension
-says; `load_photo(path, target=...)` reads and decodes one photo, raising `PhotoError` with a one-line reason
+says; `load_photo(path, target=...)` reads and decodes one photo (`decode_photo` decodes bytes already read),
+raising `PhotoError` with a one-line reason
 (empty, unreadable, not an image, corrupt, truncated, decompression bomb, too large for its target, not a
 regular file, HEIC without pillow-heif).
 
@@ -732,6 +733,46 @@ def read_photo_bytes(path: str) -> bytes:
     return data
 
 
+def photo_format(data: bytes) -> Optional[str]:
+    """The format a photo's bytes announce (`sniff`), Pillow made able to open it: for HEIC/HEIF, pillow-heif's
+    opener is registered when pillow-heif is installed. None when the bytes are no recognised image."""
+    kind = sniff(data[:SNIFF_BYTES])
+    if kind == "HEIF":
+        heif = _heif_opener()
+        if heif is not None:
+            heif.register_heif_opener()
+    return kind
+
+
+def decode_photo(
+    data: bytes,
+    *,
+    target: Optional[int] = None,
+    target_side: str = "short",
+    as_array: bool = False,
+    max_target_pixels: Optional[int] = None,
+):
+    """Decode a photo's bytes (as `read_photo_bytes` returns them) to an upright RGB ``PIL.Image``.
+
+    `load_photo` without the read, for a caller that uses the bytes for more than the pixels (e.g. its EXIF).
+    Same arguments, result and errors as `load_photo`.
+
+    Raises:
+        PhotoError: with the reason the photo cannot be used.
+    """
+    kind = photo_format(data)
+    if kind is None:
+        raise PhotoError("not a recognised image (JPEG, PNG, WebP, BMP, TIFF, GIF, HEIC)")
+    if kind == "HEIF" and _heif_opener() is None:
+        raise PhotoError("HEIC/HEIF photo needs pillow-heif: pip install pillow-heif")
+    try:
+        return (decode_array if as_array else decode_image)(
+            data, target=target, target_side=target_side, max_target_pixels=max_target_pixels
+        )
+    except ImageDecodeError as err:
+        raise PhotoError(f"{kind}: {err.reason}") from None
+
+
 def load_photo(
     path: str,
     *,
@@ -753,18 +794,10 @@ def load_photo(
     Raises:
         PhotoError: with the reason the photo cannot be used.
     """
-    data = read_photo_bytes(path)
-    kind = sniff(data[:SNIFF_BYTES])
-    if kind is None:
-        raise PhotoError("not a recognised image (JPEG, PNG, WebP, BMP, TIFF, GIF, HEIC)")
-    if kind == "HEIF":
-        heif = _heif_opener()
-        if heif is None:
-            raise PhotoError("HEIC/HEIF photo needs pillow-heif: pip install pillow-heif")
-        heif.register_heif_opener()
-    try:
-        return (decode_array if as_array else decode_image)(
-            data, target=target, target_side=target_side, max_target_pixels=max_target_pixels
-        )
-    except ImageDecodeError as err:
-        raise PhotoError(f"{kind}: {err.reason}") from None
+    return decode_photo(
+        read_photo_bytes(path),
+        target=target,
+        target_side=target_side,
+        as_array=as_array,
+        max_target_pixels=max_target_pixels,
+    )

@@ -951,25 +951,19 @@ def _tag(
     # Batches come by shape, not in order; rows are written in the photos' order as soon as all the rows
     # before them are there, so every output lists the photos as they were found.
     ready: dict = {}
-    # --skip-geotagged: photos with EXIF GPS get their row now and never reach the model.
-    todo = list(range(len(share)))
-    if review.skip_geotagged:
-        todo = []
-        for index, photo in enumerate(share):
-            position = read_gps(photo.path)
-            if position is None:
-                todo.append(index)
-            else:
-                ready[index] = skipped_row(photo.path, position, precision=precision)
 
     wants_embeddings = _wants_embeddings(predictor, review)
     journal = None
     if wants_embeddings:
         journal = EmbeddingJournal(output, ranks.rank, _embedding_dim(predictor))
+    # The decode workers read each photo's EXIF GPS from the bytes they decode (the main process never opens
+    # a photo); with --skip-geotagged a photo with EXIF GPS is not decoded and never reaches the model.
     dataset = PhotoDataset(
-        [share[index].path for index in todo],
+        [photo.path for photo in share],
         predictor.transform,
         target=target or resize_target(predictor.transform),
+        exif_gps=True,
+        skip_geotagged=review.skip_geotagged,
     )
     delay = float(os.environ.get(BATCH_DELAY_ENV, "0") or 0)
     device = ranks.device
@@ -988,13 +982,14 @@ def _tag(
                 pixels = batch.pixels if device is None else batch.pixels.to(device, non_blocking=True)
                 with torch.inference_mode():
                     records, vectors = _predict(predictor, pixels, options, embeddings=wants_embeddings)
-                    predictions = dict(zip((todo[i] for i in batch.indices.tolist()), records))
+                    predictions = dict(zip(batch.indices.tolist(), records))
                 if journal is not None:
                     # Before the rows: every row on disk has its embedding.
-                    journal.write([share[todo[i]].path for i in batch.indices.tolist()], vectors)
+                    journal.write([share[i].path for i in batch.indices.tolist()], vectors)
             for index, error in batch.errors.items():
-                index = todo[index]
                 ready[index] = make_row(share[index].path, error=error)
+            for index in batch.skipped:
+                ready[index] = skipped_row(share[index].path, batch.gps[index], precision=precision)
             named = (
                 batch_places(list(predictions.values()), precision=precision) if review.place_names else []
             )
@@ -1006,7 +1001,7 @@ def _tag(
                     copies=copies,
                     summary=summary,
                     review=review,
-                    exif_latlon=None if review.skip_geotagged else read_gps(share[index].path),
+                    exif_latlon=batch.gps.get(index),
                     place=place,
                 )
             rows = []
