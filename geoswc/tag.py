@@ -596,27 +596,29 @@ def load_predictor(
     device=None,
     precision_mode: Optional[str] = None,
     compile: Union[str, bool, None] = "auto",
+    runtime: str = "auto",
 ):
     """The predictor of a model folder (a `Geolocator`, its head checked), or ``model`` itself when it is one.
 
-    ``precision_mode`` and ``compile`` (`Geolocator.optimize`) apply to a model folder (``precision_mode``
-    None: ``auto``) and to a `Geolocator` given with a ``precision_mode``; a `Geolocator` given without one
-    keeps its own settings.
+    ``precision_mode``, ``compile`` and ``runtime`` (`Geolocator.optimize`) apply to a model folder
+    (``precision_mode`` None: ``auto``) and to a `Geolocator` given with a ``precision_mode``; a `Geolocator`
+    given without one keeps its own settings.
 
     Raises:
         FileNotFoundError: the model folder does not exist.
-        ValueError: ``head`` is not one of the model's heads, or an unknown precision or compile mode.
+        ValueError: ``head`` is not one of the model's heads, or an unknown precision mode, compile mode or
+            runtime.
     """
     if not isinstance(model, (str, os.PathLike)):
         if isinstance(model, Geolocator):
             model.resolve_head(head)
             if precision_mode is not None:
-                model.optimize(precision_mode=precision_mode, compile=compile)
+                model.optimize(precision_mode=precision_mode, compile=compile, runtime=runtime)
         return model
     if not os.path.isdir(model):
         raise FileNotFoundError(f"model folder {os.fspath(model)!r} does not exist")
     geolocator = Geolocator.from_pretrained(
-        model, device=device, precision_mode=precision_mode or "auto", compile=compile
+        model, device=device, precision_mode=precision_mode or "auto", compile=compile, runtime=runtime
     )
     geolocator.resolve_head(head)  # an unknown head fails before any photo is read
     return geolocator
@@ -753,6 +755,7 @@ def tag_photos(
     review: Optional[ReviewOptions] = None,
     precision_mode: Optional[str] = None,
     compile: Union[str, bool, None] = "auto",
+    runtime: str = "auto",
 ) -> dict:
     """Geotag every photo under ``paths`` into ``out``, one row per photo.
 
@@ -782,6 +785,8 @@ def tag_photos(
         precision_mode: the backbone's precision, ``auto`` (default for a model folder: float16 on CUDA,
             float32 on CPU), ``fp32`` (the exact path), ``bf16`` or ``fp16``; see `geoswc.precision`. Not part of the run record: a run may be resumed in another mode.
         compile: ``torch.compile`` the backbone: ``auto`` (on CUDA), ``on`` or ``off``.
+        runtime: what executes the backbone: ``auto`` (ONNX Runtime for float32 on a CPU when installed,
+            else PyTorch), ``torch`` or ``onnx``; see `geoswc.runtime`. Not part of the run record either.
         review: what rows hold beyond the position (alternatives, evidence, place names, abstentions,
             EXIF GPS, near-duplicate groups), the embeddings kept and the review page (`ReviewOptions`;
             default: place names, EXIF GPS, embeddings and ``OUT.html``).
@@ -817,7 +822,12 @@ def tag_photos(
     # The inputs first: a mistyped path fails before a large model is loaded.
     found: Discovery = discover(paths)
     predictor = load_predictor(
-        model, head=head, device=ranks.device, precision_mode=precision_mode, compile=compile
+        model,
+        head=head,
+        device=ranks.device,
+        precision_mode=precision_mode,
+        compile=compile,
+        runtime=runtime,
     )
     options = dict(predict_options or {})
     if head is not None:

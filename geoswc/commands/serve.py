@@ -7,6 +7,8 @@ import ipaddress
 import logging
 import os
 
+from geoswc.runtime import RUNTIMES
+
 logger = logging.getLogger(__name__)
 
 LOOPBACK_HOSTS = ("localhost",)
@@ -43,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         logger.warning(
             "serving on %s: anyone who can reach this address can upload photos to the model", args.host
         )
-    model = load_predictor(args.model, device=args.device)
+    model = load_predictor(args.model, device=args.device, runtime=args.runtime)
     settings = ServeSettings(
         max_upload_mb=args.max_upload_mb,
         max_files=args.max_files,
@@ -105,6 +107,12 @@ def register(subparsers) -> None:
         help="how long a photo waits for others to share its forward pass (default 5 ms)",
     )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: CUDA when available)")
+    parser.add_argument(
+        "--runtime",
+        choices=RUNTIMES,
+        default="auto",
+        help="what runs the backbone: auto (default: ONNX Runtime on a CPU, PyTorch on a GPU), torch, onnx",
+    )
     parser.add_argument(
         "--tiles",
         default=DEFAULT_TILE_URL,
