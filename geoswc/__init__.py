@@ -8,7 +8,8 @@ The Python API mirrors the command line:
 
 - `fit_model(train_csv, images=, out=, preset=, overrides=, exclude=)` trains every stage (``geoswc fit``);
 - `evaluate_model(model, meta_csv, images=, out=, modes=)` scores every Table 1 mode (``geoswc evaluate``);
-- `tag_photos(paths, model=, out=, ...)` geotags a photo archive (``geoswc tag``);
+- `tag_photos(paths, model=, out=, ...)` geotags a photo archive (``geoswc tag``); `tag_rows(photos, model=,
+  review=ReviewOptions(...))` returns the same rows for photos in memory;
 - `Geolocator.from_pretrained(folder).predict(photos)` places photos in memory;
 - `geoswc.train` holds the training stages as functions.
 """
@@ -24,6 +25,8 @@ _API = {
     "fit_model": "geoswc.fit",
     "evaluate_model": "geoswc.evaluate",
     "tag_photos": "geoswc.tag",
+    "tag_rows": "geoswc.tag",
+    "ReviewOptions": "geoswc.tag",
 }
 
 __all__ = ["__version__", *_API]

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from geoswc.archive import PRECISION_DECIMALS, round_latlon, write_gps_exif
 from geoswc.data import places
-from geoswc.data.exif import read_gps
+from geoswc.data.exif import gps_from_exif, read_gps
 from geoswc.data.images import Discovery, PhotoError, discover
 from geoswc.data.photos import PhotoDataset, photo_batches
 from geoswc.cli import main as cli_main
@@ -282,6 +282,106 @@ def skipped_row(path: str, exif_latlon: Tuple[float, float], *, precision: str =
     row["status"] = "skipped"
     row["exif_lat"], row["exif_lon"] = _published_exif(*exif_latlon, precision)
     return row
+
+
+def _photo_gps(photo: Any) -> Optional[Tuple[float, float]]:
+    """The EXIF GPS of a photo given to `tag_rows`: read from a path, or from a PIL image's EXIF (an image
+    opened from a file keeps it); None for an array or a photo without GPS."""
+    if isinstance(photo, (str, os.PathLike)):
+        return read_gps(photo)
+    getexif = getattr(photo, "getexif", None)
+    if getexif is None:
+        return None
+    try:
+        return gps_from_exif(getexif())
+    except Exception as err:  # damaged EXIF: no position, as read_gps answers for a file
+        logger.debug("no EXIF GPS read from an image: %s", err)
+        return None
+
+
+def tag_rows(
+    photos: Any,
+    *,
+    model: Union[str, Path, Geolocator],
+    head: Optional[str] = None,
+    mode: str = "swc",
+    precision: str = "exact",
+    review: Optional[ReviewOptions] = None,
+    batch_size: int = 32,
+    **options: Any,
+) -> List[dict]:
+    """The rows ``geoswc tag`` writes, for photos in memory: one dict per photo, in input order.
+
+    A row has the columns of `geoswc.tag_output.COLUMNS` and is built by `prediction_row`, as the rows of
+    `tag_photos` and of the server's ``POST /v1/locate`` are: ``status`` ``ok``, ``abstain`` (below
+    ``review.min_confidence``: ``lat``/``lon`` None, the best guess in ``guess_lat``/``guess_lon``),
+    ``skipped`` (``review.skip_geotagged``) or ``error`` (the reason in ``error``); the place names, the
+    ``top_cells`` alternatives and the ``evidence`` that ``review`` asks for; the photo's own EXIF GPS in
+    ``exif_lat``/``exif_lon`` and its distance to the prediction in ``exif_distance_km``.
+
+    Args:
+        photos: paths, PIL images or ``(H, W, 3)`` uint8 arrays (one, or a sequence). EXIF GPS is read from
+            paths and from PIL images opened from files; arrays have none. A path is the row's ``path``,
+            other photos are named ``photo <i>``.
+        model: a loaded `Geolocator`, or a model folder (loaded with `Geolocator.from_pretrained`).
+        head, mode, **options: as `Geolocator.locate`.
+        precision: publication precision of every position (`geoswc.archive.PRECISION_DECIMALS`).
+        review: what the rows hold (`ReviewOptions`; default: place names only). ``duplicates`` needs a run
+            over an archive (`tag_photos`); ``keep_embeddings`` and ``html`` concern an output file and are
+            not used here.
+        batch_size: photos per forward pass.
+
+    Returns:
+        One row (dict) per photo.
+
+    Raises:
+        ValueError: an unknown precision, a bad review option, ``review.duplicates``, a bad head or mode.
+        FileNotFoundError: the model folder does not exist.
+    """
+    if precision not in PRECISION_DECIMALS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISION_DECIMALS)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    review = (review or ReviewOptions()).check()
+    if review.duplicates:
+        raise ValueError(
+            "duplicates are numbered over a whole run; use tag_photos(..., review=ReviewOptions(duplicates=True))"
+        )
+    if not isinstance(model, Geolocator):
+        model = Geolocator.from_pretrained(model)
+    if isinstance(photos, (str, os.PathLike, np.ndarray)) or hasattr(photos, "getexif"):
+        photos = [photos]
+    photos = list(photos)
+    if review.top_k > 5:
+        options.setdefault("top_k", review.top_k)  # a Geolocator lists 5 alternatives unless asked for more
+    dataset = PhotoDataset(photos, model.transform)
+    positions = [_photo_gps(photo) for photo in photos]
+    rows: List[Optional[dict]] = [None] * len(photos)
+    todo = list(range(len(photos)))
+    if review.skip_geotagged:
+        todo = [i for i in todo if positions[i] is None]
+        for i in set(range(len(photos))) - set(todo):
+            rows[i] = skipped_row(dataset.describe(i), positions[i], precision=precision)
+    if todo:
+        for batch in photo_batches(dataset, batch_size=batch_size, indices=todo):
+            for i, error in batch.errors.items():
+                rows[i] = make_row(dataset.describe(i), error=error)
+            if not len(batch):
+                continue
+            with torch.inference_mode():
+                records = model.predict_batch(batch.pixels, head=head, mode=mode, **options)
+            with_cell_centres(model, records)
+            named = batch_places(records, precision=precision) if review.place_names else []
+            for i, record, place in itertools.zip_longest(batch.indices.tolist(), records, named):
+                rows[i] = prediction_row(
+                    dataset.describe(i),
+                    record,
+                    precision=precision,
+                    review=review,
+                    exif_latlon=positions[i],
+                    place=place,
+                )
+    return rows  # type: ignore[return-value]
 
 
 def resize_target(transform) -> Optional[int]:

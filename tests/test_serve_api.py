@@ -198,6 +198,10 @@ def test_decompression_bombs_are_refused(client):
         ({"top_k": "many"}, ["top_k"]),
         ({"area": "1,2,3"}, ["south,west,north,east"]),
         ({"area": "50,1,48,4"}, ["south <= north"]),
+        ({"min_confidence": "1.5"}, ["min_confidence", "from 0 to 1", "'1.5'"]),
+        ({"min_confidence": "-0.1"}, ["min_confidence", "from 0 to 1"]),
+        ({"min_confidence": "nan"}, ["min_confidence", "'nan'"]),
+        ({"min_confidence": "high"}, ["min_confidence", "'high'"]),
     ],
 )
 def test_bad_options_are_422_naming_the_choices(client, form, words):
@@ -274,9 +278,16 @@ def test_uploads_are_kept_only_when_asked(model, tmp_path, monkeypatch):
     assert saved.read_bytes() == photo and saved.name.endswith("-evil name.jpg")
 
 
-def test_concurrent_requests_share_forward_passes(model):
+def test_concurrent_requests_share_forward_passes(model, monkeypatch):
     calls = []
-    hook = model.backbone.register_forward_hook(lambda module, inputs, output: calls.append(len(inputs[0])))
+    features = model.features
+
+    def counted(pixels):
+        # Backbone passes, whatever runs them (PyTorch or ONNX Runtime, which a module hook does not see).
+        calls.append(len(pixels))
+        return features(pixels)
+
+    monkeypatch.setattr(model, "features", counted)
     photos = [_jpeg(100 + i) for i in range(12)]
 
     async def burst(app):
@@ -291,16 +302,13 @@ def test_concurrent_requests_share_forward_passes(model):
         await app.state.batcher.stop()
         return [r.json()["results"][0] for r in responses]
 
-    try:
-        batched_app = create_app(model, ServeSettings(max_batch=32, batch_wait_ms=200))
-        batched = asyncio.run(burst(batched_app))
-        batched_calls = list(calls)
-        calls.clear()
-        single_app = create_app(model, ServeSettings(max_batch=1, batch_wait_ms=0))
-        single = asyncio.run(burst(single_app))
-        single_calls = list(calls)
-    finally:
-        hook.remove()
+    batched_app = create_app(model, ServeSettings(max_batch=32, batch_wait_ms=200))
+    batched = asyncio.run(burst(batched_app))
+    batched_calls = list(calls)
+    calls.clear()
+    single_app = create_app(model, ServeSettings(max_batch=1, batch_wait_ms=0))
+    single = asyncio.run(burst(single_app))
+    single_calls = list(calls)
     # One forward pass per photo without batching; the burst shares far fewer with it, and no photo is lost.
     assert single_calls == [1] * 12
     assert sum(batched_calls) == 12 and len(batched_calls) < 12 and max(batched_calls) > 1
@@ -327,7 +335,7 @@ def test_model_description_health_and_openapi(client, model):
     assert client.get("/docs").status_code == 200
     spec = client.get("/openapi.json").json()
     body = spec["paths"]["/v1/locate"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
-    assert {"file", "head", "mode", "top_k", "area"} <= set(body["properties"])
+    assert {"file", "head", "mode", "top_k", "area", "min_confidence"} <= set(body["properties"])
     assert {"/v1/model", "/healthz"} <= set(spec["paths"])
 
 
@@ -462,3 +470,98 @@ def test_cells_in_area_by_hand_including_the_antimeridian():
         cells_in_area(centers, (10, 0, -10, 5))
     with pytest.raises(ValueError, match="four numbers"):
         cells_in_area(centers, (1, 2, float("nan"), 3))
+
+
+def test_min_confidence_abstains_keeping_the_normal_prediction_as_the_guess(client):
+    photo = [("a.jpg", _jpeg(11))]
+    form = {"head": "ce", "top_k": 3, "area": "48,1,50,4"}
+    plain = _post(client, photo, **form).json()["results"][0]
+    assert plain["status"] == "ok" and plain["guess_lat"] is None and plain["guess_lon"] is None
+    confidence = plain["confidence"]
+    assert 0.0 < confidence < 1.0
+
+    response = _post(client, photo, **form, min_confidence=1.0)
+    assert response.status_code == 200  # an abstention is an answer, not a failure
+    row = response.json()["results"][0]
+    assert row["status"] == "abstain" and row["lat"] is None and row["lon"] is None
+    assert (row["guess_lat"], row["guess_lon"]) == (plain["lat"], plain["lon"])
+    # Everything else a reviewer needs stays: the place of the guess, the alternatives, the evidence.
+    for key in [
+        "method",
+        "cell_token",
+        "confidence",
+        "place",
+        "country_code",
+        "top_cells",
+        "evidence",
+        "cells",
+    ]:
+        assert row[key] == plain[key], key
+
+    # The threshold is inclusive, as geoswc tag's: at the row's own confidence it is placed, just above not.
+    assert _post(client, photo, **form, min_confidence=0).json()["results"][0]["status"] == "ok"
+    assert (
+        _post(client, photo, **form, min_confidence=repr(confidence)).json()["results"][0]["status"] == "ok"
+    )
+    above = repr(float(np.nextafter(confidence, 1.0)))
+    assert _post(client, photo, **form, min_confidence=above).json()["results"][0]["status"] == "abstain"
+    # Blank is no threshold; the option may also be a query parameter.
+    assert _post(client, photo, **form, min_confidence="").json()["results"][0]["status"] == "ok"
+    files = [("file", ("a.jpg", photo[0][1], "image/jpeg"))]
+    row = client.post("/v1/locate?min_confidence=1", files=files).json()["results"][0]
+    assert row["status"] == "abstain"
+
+
+def _great_circle_km(a, b):
+    """Haversine distance on the sphere of radius 6371 km (geoswc's; the haversine package uses 6371.0088)."""
+    (lat1, lon1), (lat2, lon2) = np.radians(a), np.radians(b)
+    h = np.sin((lat2 - lat1) / 2) ** 2 + np.cos(lat1) * np.cos(lat2) * np.sin((lon2 - lon1) / 2) ** 2
+    return float(2 * 6371.0 * np.arcsin(np.sqrt(h)))
+
+
+def test_uploads_exif_gps_is_reported_with_its_distance(client, tmp_path):
+    from geoswc.archive import write_gps_exif
+
+    # 48.8584 N 2.2945 E is 48 51' 30.24", 2 17' 40.2"; 40.7484 N 73.9857 W is 40 44' 54.24", 73 59' 8.52":
+    # whole hundredths of a second of arc, which the EXIF rationals hold exactly.
+    geotags = {"eiffel.jpg": (48.8584, 2.2945), "empire.jpg": (40.7484, -73.9857)}
+    files = []
+    for seed, (name, (lat, lon)) in enumerate(geotags.items()):
+        plain = tmp_path / f"plain-{name}"
+        plain.write_bytes(_jpeg(20 + seed))
+        write_gps_exif(str(plain), str(tmp_path / name), lat, lon)
+        files.append((name, (tmp_path / name).read_bytes()))
+    files.append(("no-gps.jpg", _jpeg(22)))
+    for form in [{}, {"min_confidence": 1.0}]:
+        rows = _post(client, files, head="ce", **form).json()["results"]
+        for row, (name, _) in zip(rows, files):
+            assert row["path"] == name and row["status"] == ("abstain" if form else "ok")
+            if name not in geotags:
+                assert row["exif_lat"] is None and row["exif_lon"] is None and row["exif_distance_km"] is None
+                continue
+            lat, lon = geotags[name]
+            assert (row["exif_lat"], row["exif_lon"]) == (lat, lon)
+            # The distance is from the prediction, or from the guess of an abstention.
+            predicted = (
+                (row["lat"], row["lon"]) if row["status"] == "ok" else (row["guess_lat"], row["guess_lon"])
+            )
+            # Rounded to metres; a degree of latitude is 111.19 km.
+            assert row["exif_distance_km"] == pytest.approx(_great_circle_km(predicted, (lat, lon)), abs=1e-3)
+
+
+def test_exif_gps_of_other_formats_and_damaged_headers(client):
+    # A PNG's eXIf chunk, written by Pillow: degrees, minutes, seconds with the S and W references.
+    exif = Image.Exif()
+    exif[0x8825] = {1: "S", 2: (33.0, 51.0, 24.42), 3: "W", 4: (70.0, 39.0, 0.0)}
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(
+        buffer, "PNG", exif=exif
+    )
+    # A JPEG whose APP1 segment says Exif but holds garbage: no position, and the photo is still placed.
+    jpeg = _jpeg(12)
+    damaged = jpeg[:2] + b"\xff\xe1\x00\x10Exif\x00\x00garbage!" + jpeg[2:]
+    rows = _post(client, [("south-west.png", buffer.getvalue()), ("damaged.jpg", damaged)]).json()["results"]
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    assert rows[0]["exif_lat"] == pytest.approx(-(33 + 51 / 60 + 24.42 / 3600), abs=1e-7)
+    assert rows[0]["exif_lon"] == pytest.approx(-(70 + 39 / 60), abs=1e-7)
+    assert rows[1]["exif_lat"] is None and rows[1]["exif_distance_km"] is None

@@ -189,6 +189,38 @@ def test_switching_head_and_mode_relocates(page, tmp_path):
     assert page.locator("#detail h3").inner_text() == "p2.jpg"
 
 
+def test_abstention_and_exif_gps_are_shown(page, server, tmp_path):
+    import httpx
+
+    from geoswc.archive import write_gps_exif
+
+    page.wait_for_selector("#map[data-basemap=ready]", timeout=30_000)
+    photo = tmp_path / "eiffel.jpg"
+    write_gps_exif(str(_photo(tmp_path / "plain.jpg", 3)), str(photo), 48.8584, 2.2945)
+    page.fill("#min-confidence", "1")
+    page.set_input_files("#file-input", str(photo))
+    page.wait_for_selector(".pred-marker.abstain", timeout=60_000)
+    row = httpx.post(
+        server + "/v1/locate",
+        files={"file": ("eiffel.jpg", photo.read_bytes())},
+        data={"min_confidence": "1"},
+    ).json()["results"][0]
+    assert row["status"] == "abstain"
+    title = page.locator(".pred-marker").get_attribute("title")
+    assert title == f"eiffel.jpg: guess {row['guess_lat']:.4f}, {row['guess_lon']:.4f}"
+    assert "Abstained" in page.inner_text("#detail")
+    assert page.locator("#results li.abstain").count() == 1
+    assert page.locator(".exif-marker").get_attribute("title") == "eiffel.jpg: EXIF GPS 48.8584, 2.2945"
+    exif = page.inner_text("#detail .exif")
+    assert "48.85840, 2.29450" in exif and f"{row['exif_distance_km']:.1f} km from the guess" in exif
+    _screenshot(page, tmp_path, "serve_abstain.png")
+    # Without the threshold the same photo is placed.
+    page.fill("#min-confidence", "")
+    page.dispatch_event("#min-confidence", "change")
+    page.wait_for_selector(".pred-marker:not(.abstain)", timeout=60_000)
+    assert "Abstained" not in page.inner_text("#detail")
+
+
 def test_tag_run_view_clusters_and_reviews(page, tmp_path):
     lines = ["path,status,error,lat,lon,method,cell_token,cell_probability,confidence"]
     rng = np.random.default_rng(0)

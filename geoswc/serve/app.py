@@ -7,8 +7,9 @@ and the database photos that support it).
   polygons, the Search within Cell neighbours, switch head and mode, draw an area; a second view shows a tag
   run on the map. Leaflet and the Natural Earth basemap ship with the package, so it works offline.
 - ``POST /v1/locate``: multipart, one or more ``file`` fields and the options ``head``, ``mode``, ``top_k``,
-  ``area``; one JSON row per file: the columns of a ``geoswc tag`` row (`geoswc.tag.prediction_row`) plus
-  the top cells with their outlines and the neighbours.
+  ``area``, ``min_confidence``; one JSON row per file: the columns of a ``geoswc tag`` row
+  (`geoswc.tag.prediction_row`: status ``ok`` or ``abstain``, place names, alternatives, evidence, the
+  upload's own EXIF GPS) plus the top cells with their outlines and the neighbours.
 - ``GET /v1/model``, ``GET /healthz``, ``GET /docs`` (OpenAPI).
 
 Photos from concurrent requests share forward passes (`geoswc.serve.batching.DynamicBatcher`). Limits: the
@@ -43,6 +44,7 @@ from PIL import Image
 
 from geoswc import __version__
 from geoswc.data import basemap
+from geoswc.data.exif import gps_from_bytes
 from geoswc.data.images import (
     MAX_TARGET_PIXELS,
     SNIFF_BYTES,
@@ -63,12 +65,12 @@ from geoswc.tag_output import make_row, output_format, read_rows
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ServeSettings", "create_app", "decode_upload", "parse_area"]
+__all__ = ["ServeSettings", "create_app", "decode_upload", "parse_area", "parse_min_confidence"]
 
 DEFAULT_TILE_URL = "https://tile.openstreetmap.org/{z}/{x}/{y}.png"
 TILE_ATTRIBUTION = "&copy; OpenStreetMap contributors"
 MAX_TOP_K = 50
-_CHUNK_LIMIT_PARTS = 64  # form fields beyond the files: head, mode, top_k, area and a few spare
+_CHUNK_LIMIT_PARTS = 64  # form fields beyond the files: head, mode, top_k, area, min_confidence, spares
 _FORM_FIELD_BYTES = 1024
 _THUMBNAIL_CACHE = 256
 
@@ -202,6 +204,23 @@ def parse_area(text: Optional[str]) -> Optional[Tuple[float, float, float, float
     if len(values) != 4 or not all(math.isfinite(v) for v in values):
         raise ValueError(f"area must be 'south,west,north,east' in degrees, got {text!r}")
     return values  # type: ignore[return-value]
+
+
+def parse_min_confidence(text: Optional[str]) -> Optional[float]:
+    """The ``min_confidence`` option (``geoswc tag --min-confidence``) as a float; None or blank: none.
+
+    Raises:
+        ValueError: not a number from 0 to 1.
+    """
+    if text is None or not str(text).strip():
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"min_confidence must be a number from 0 to 1, got {text!r}")
+    return value
 
 
 def _safe_name(filename: Optional[str], index: int) -> str:
@@ -477,10 +496,20 @@ def create_app(model: Geolocator, settings: Optional[ServeSettings] = None):
 
         return f"/v1/thumbnail?id={quote(background_id, safe='')}"
 
-    def make_result(name: str, record: Dict[str, Any], options: LocateOptions) -> Dict[str, Any]:
-        # The row of `geoswc tag` (its columns, place names, alternatives, evidence), then the map's extras.
-        review = ReviewOptions(top_k=options.top_k, evidence=len(record.get("neighbours") or []))
-        row = prediction_row(name, record, review=review)
+    def make_result(
+        name: str,
+        record: Dict[str, Any],
+        options: LocateOptions,
+        *,
+        min_confidence: Optional[float],
+        exif_latlon: Optional[Tuple[float, float]],
+    ) -> Dict[str, Any]:
+        # The row of `geoswc tag` (its columns, status ok or abstain, place names, alternatives, evidence, the
+        # photo's EXIF GPS), then the map's extras.
+        review = ReviewOptions(
+            top_k=options.top_k, evidence=len(record.get("neighbours") or []), min_confidence=min_confidence
+        )
+        row = prediction_row(name, record, review=review, exif_latlon=exif_latlon)
         tokens = [cell["token"] for cell in record.get("top_cells", [])]
         row.update(
             {
@@ -561,6 +590,14 @@ def create_app(model: Geolocator, settings: Optional[ServeSettings] = None):
                             "description": "south,west,north,east in degrees: only cells whose centres lie "
                             "inside compete (west > east crosses the antimeridian)",
                         },
+                        "min_confidence": {
+                            "type": "number",
+                            "minimum": 0,
+                            "maximum": 1,
+                            "description": "rows whose confidence (prediction density) is below it, or "
+                            "unknown, get status 'abstain': lat/lon null, the best guess in guess_lat/guess_lon "
+                            "(geoswc tag --min-confidence); default: none",
+                        },
                     },
                 }
             }
@@ -570,11 +607,19 @@ def create_app(model: Geolocator, settings: Optional[ServeSettings] = None):
     @app.post(
         "/v1/locate",
         summary="Locate photos: one row per file (the columns of a geoswc tag row, top cells, neighbours)",
+        description="One row per file, in order. A row has the columns of a geoswc tag row (docs/tagging.md): "
+        "status ok (or abstain below min_confidence, the position then in guess_lat/guess_lon), place names, "
+        "the top_cells alternatives, the evidence, and the upload's own EXIF GPS in exif_lat/exif_lon with its "
+        "distance to the prediction in exif_distance_km; then the map's extras (cells with their outlines, "
+        "neighbours with distances and thumbnails).",
         openapi_extra={"requestBody": locate_body},
         responses={
             413: {"description": "body over --max-upload-mb, or too many files"},
             415: {"description": "not multipart, or no file is an image"},
-            422: {"description": "bad option (head, mode, top_k, area), no file, or no photo decodable"},
+            422: {
+                "description": "bad option (head, mode, top_k, area, min_confidence), no file, or no photo "
+                "decodable"
+            },
             503: {"description": "the queue is full; retry"},
         },
     )
@@ -592,6 +637,10 @@ def create_app(model: Geolocator, settings: Optional[ServeSettings] = None):
                     413, f"{len(uploads)} files in one request; the limit is {settings.max_files}"
                 )
             options = options_from(form)
+            try:
+                min_confidence = parse_min_confidence(form.get("min_confidence"))
+            except ValueError as err:
+                raise RequestError(422, str(err)) from None
         except RequestError as err:
             return error_response(err)
 
@@ -600,16 +649,20 @@ def create_app(model: Geolocator, settings: Optional[ServeSettings] = None):
             for upload, name in zip(uploads, names):
                 await asyncio.to_thread(keep, upload, name)
 
-        def decode_all(items: List[_Upload]) -> List[Any]:
+        def decode_all(items: List[_Upload]) -> Tuple[List[Any], List[Optional[Tuple[float, float]]]]:
             out: List[Any] = []
+            positions: List[Optional[Tuple[float, float]]] = []
             for upload in items:
                 try:
                     out.append(decode_upload(upload.data, model.transform))
                 except PhotoError as err:
                     out.append(err)
-            return out
+                    positions.append(None)
+                else:  # after decoding: a HEIC's opener is registered, a bomb was refused
+                    positions.append(gps_from_bytes(bytes(upload.data)))
+            return out, positions
 
-        decoded = await asyncio.to_thread(decode_all, uploads)
+        decoded, exif_positions = await asyncio.to_thread(decode_all, uploads)
         del parts, uploads  # the bytes are no longer needed while the batch runs
 
         async def one(pixels) -> Any:
@@ -625,7 +678,7 @@ def create_app(model: Geolocator, settings: Optional[ServeSettings] = None):
         outcomes = await asyncio.gather(*(one(p) for p in decoded))
         rows: List[Dict[str, Any]] = []
         overloaded = False
-        for name, outcome in zip(names, outcomes):
+        for name, outcome, exif_latlon in zip(names, outcomes, exif_positions):
             if isinstance(outcome, Overloaded):
                 overloaded = True
             if isinstance(outcome, BaseException):
@@ -633,9 +686,13 @@ def create_app(model: Geolocator, settings: Optional[ServeSettings] = None):
                     logger.error("locating %s failed", name, exc_info=outcome)
                 rows.append(_finite(make_row(name, error=str(outcome) or type(outcome).__name__)))
             else:
-                rows.append(make_result(name, outcome, options))
+                rows.append(
+                    make_result(
+                        name, outcome, options, min_confidence=min_confidence, exif_latlon=exif_latlon
+                    )
+                )
         body = {"head": options.head, "mode": options.mode, "results": rows}
-        if any(r["status"] == "ok" for r in rows):
+        if any(r["status"] in ("ok", "abstain") for r in rows):
             return body
         if overloaded:
             return JSONResponse({"detail": "the server is busy; retry", **body}, status_code=503)

@@ -23,6 +23,9 @@
     }
     return node;
   }
+  // A row with a position to show: placed (ok), or an abstention with its best guess.
+  const placed = (r) => r.status === 'ok' || r.status === 'abstain';
+  const position = (r) => (r.status === 'abstain' ? [r.guess_lat, r.guess_lon] : [r.lat, r.lon]);
   const fmt = (x, digits) => (x === null || x === undefined || Number.isNaN(x) ? '–' : Number(x).toFixed(digits));
 
   // ------------------------------------------------------------------------------------------- the map
@@ -152,6 +155,7 @@
         form.append('mode', $('mode').value);
         form.append('top_k', $('top-k').value);
         if (state.area) form.append('area', state.area.map((v) => v.toFixed(4)).join(','));
+        if ($('min-confidence').value !== '') form.append('min_confidence', $('min-confidence').value);
         const response = await fetch('/v1/locate', { method: 'POST', body: form });
         const body = await response.json().catch(() => ({ detail: `HTTP ${response.status}` }));
         if (!body.results) throw new Error(body.detail || `HTTP ${response.status}`);
@@ -165,9 +169,12 @@
     if (run !== state.running) return;
     state.results = results;
     const ok = results.filter((r) => r.status === 'ok').length;
-    if (ok || results.length > 1) setStatus(`${ok} of ${results.length} placed`);
+    const abstained = results.filter((r) => r.status === 'abstain').length;
+    if (ok || abstained || results.length > 1) {
+      setStatus(`${ok} of ${results.length} placed` + (abstained ? `, ${abstained} below the minimum confidence` : ''));
+    }
     renderResults();
-    const first = results.findIndex((r) => r.status === 'ok');
+    const first = results.findIndex(placed);
     select(first >= 0 ? first : 0);
   }
 
@@ -175,10 +182,13 @@
     const list = $('results');
     list.replaceChildren();
     state.results.forEach((r, i) => {
+      const [lat, lon] = position(r);
       const text = r.status === 'ok'
-        ? `${fmt(r.lat, 4)}, ${fmt(r.lon, 4)} · ${r.method}`
-        : `${r.status}: ${r.error}`;
-      const item = el('li', { class: r.status === 'ok' ? '' : 'error', 'data-index': i },
+        ? `${fmt(lat, 4)}, ${fmt(lon, 4)} · ${r.method}`
+        : r.status === 'abstain'
+          ? `abstain (guess ${fmt(lat, 4)}, ${fmt(lon, 4)}) · ${r.method}`
+          : `${r.status}: ${r.error}`;
+      const item = el('li', { class: placed(r) ? (r.status === 'abstain' ? 'abstain' : '') : 'error', 'data-index': i },
         el('img', { src: state.urls[i], alt: '' }),
         el('div', {}, el('div', { text: r.path }), el('div', { class: 'muted', text })));
       item.addEventListener('click', () => select(i));
@@ -202,10 +212,12 @@
     const r = state.results[i];
     if (!r) return;
     detail.append(el('img', { class: 'photo', src: state.urls[i], alt: r.path }));
-    if (r.status !== 'ok') {
+    if (!placed(r)) {
       detail.append(el('p', { class: 'error', text: `${r.path}: ${r.error}` }));
       return;
     }
+    const [lat, lon] = position(r);
+    const abstained = r.status === 'abstain';
     const cells = r.cells || [];
     const pmax = Math.max(1e-9, ...cells.map((c) => c.probability || 0));
     cells.forEach((c, rank) => {
@@ -223,18 +235,34 @@
       }).bindTooltip(`${n.id} · similarity ${fmt(n.similarity, 3)}${n.in_cluster ? ' · in the winning cluster' : ''}`)
         .addTo(resultLayer);
     });
-    L.marker([r.lat, r.lon], {
-      icon: L.divIcon({ className: 'pred-marker', html: '<div class="pin"></div>', iconSize: [18, 18], iconAnchor: [9, 9] }),
-      title: `${r.path}: ${fmt(r.lat, 4)}, ${fmt(r.lon, 4)}`, zIndexOffset: 1000,
+    const hasExif = r.exif_lat !== null && r.exif_lat !== undefined;
+    if (hasExif) {
+      L.marker([r.exif_lat, r.exif_lon], {
+        icon: L.divIcon({ className: 'exif-marker', html: '<div class="pin"></div>', iconSize: [14, 14], iconAnchor: [7, 7] }),
+        title: `${r.path}: EXIF GPS ${fmt(r.exif_lat, 4)}, ${fmt(r.exif_lon, 4)}`, zIndexOffset: 900,
+      }).addTo(resultLayer);
+    }
+    L.marker([lat, lon], {
+      icon: L.divIcon({ className: abstained ? 'pred-marker abstain' : 'pred-marker', html: '<div class="pin"></div>', iconSize: [18, 18], iconAnchor: [9, 9] }),
+      title: `${r.path}: ${abstained ? 'guess ' : ''}${fmt(lat, 4)}, ${fmt(lon, 4)}`, zIndexOffset: 1000,
     }).addTo(resultLayer);
     const bounds = resultLayer.getBounds();
     if (bounds.isValid()) map.fitBounds(bounds.pad(0.3), { maxZoom: 11 });
 
     const words = r.confidence_words || 'unknown';
+    const where = [r.place, r.country].filter((x) => x).join(', ');
     detail.append(
       el('h3', { text: r.path }),
-      el('p', {}, el('strong', { text: `${fmt(r.lat, 5)}, ${fmt(r.lon, 5)}` }),
+      abstained
+        ? el('p', { class: 'abstain-note' }, 'Abstained: the confidence is below the minimum; best guess below.')
+        : null,
+      el('p', {}, el('strong', { text: `${abstained ? 'guess ' : ''}${fmt(lat, 5)}, ${fmt(lon, 5)}` }),
+        where ? el('span', { class: 'place', text: ` near ${where}` }) : null,
         el('span', { class: 'muted', text: ` · head ${r.head || '–'} · mode ${r.mode}` })),
+      hasExif
+        ? el('p', { class: 'exif' }, `Photo's own GPS (EXIF): ${fmt(r.exif_lat, 5)}, ${fmt(r.exif_lon, 5)}`,
+          el('span', { class: 'muted', text: ` · ${fmt(r.exif_distance_km, 1)} km from the ${abstained ? 'guess' : 'prediction'}` }))
+        : null,
       el('p', {}, 'Confidence: ', el('span', { class: `confidence ${words}`, text: `${words} (${fmt(r.confidence, 2)})` }),
         el('span', { class: 'muted', text: ' probability mass within 25 km of the best cell' })),
       el('p', {}, 'Method: ', el('strong', { class: 'method', text: r.method }),
@@ -261,7 +289,7 @@
   drop.addEventListener('dragleave', () => drop.classList.remove('over'));
   drop.addEventListener('drop', (e) => { e.preventDefault(); drop.classList.remove('over'); addFiles(e.dataTransfer.files); });
   $('file-input').addEventListener('change', (e) => addFiles(e.target.files));
-  for (const id of ['head', 'mode', 'top-k']) $(id).addEventListener('change', locateAll);
+  for (const id of ['head', 'mode', 'top-k', 'min-confidence']) $(id).addEventListener('change', locateAll);
 
   // ------------------------------------------------------------------------------------------- the area
   let drawing = false, anchor = null, rect = null;
