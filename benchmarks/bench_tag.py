@@ -138,7 +138,7 @@ def authors_vs_geoswc(args) -> None:
             assert summary["ok"] == args.photos, summary
         dtype = str(model.compute_dtype).replace("torch.", "")
         runtime = model.runtime
-    workers = args.workers if args.workers is not None else default_workers()
+    workers = args.workers if args.workers is not None else default_workers("cpu")
     a, g = args.photos / min(authors_s), args.photos / min(geoswc_s)
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads "

@@ -252,7 +252,7 @@ def bench_tag(cfg: dict, device: torch.device, tmp: Path) -> dict:
     model = Geolocator.from_pretrained(
         model_dir, device=device, compile="on" if cfg["compile"] else "off"
     )  # precision auto: fp16 on CUDA, fp32 on CPU
-    workers = default_workers()
+    workers = default_workers(device)
     options = dict(model=model, batch_size=cfg["tag_batch"], workers=workers, overwrite=True)
     warm = time.perf_counter()
     tag_photos([str(tmp / "warm")], out=str(tmp / "warm.csv"), **options)

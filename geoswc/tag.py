@@ -865,8 +865,8 @@ def tag_photos(
         out: ``.csv``, ``.jsonl``, ``.geojson`` or ``.parquet`` file.
         batch_size: photos per model call (photos of one transformed shape each); default: 8 on a CPU, 64 on
             a GPU (`geoswc.precision.default_batch_size`).
-        workers: decoding processes (0 decodes in the main process); default: the usable CPUs minus one, at
-            most 32 (`geoswc.precision.default_workers`).
+        workers: decoding processes (0 decodes in the main process); default on a GPU: the usable CPUs minus
+            one, at most 32; on a CPU one per 8 CPUs (`geoswc.precision.default_workers`).
         resume: complete an existing output, skipping the photos it already holds (matched by real path). The
             output must have been started with the same model, precision, head, ``write_exif``, ``target`` and
             ``predict_options`` (recorded in ``OUT.run.json``).
@@ -939,10 +939,11 @@ def tag_photos(
         )
     if isinstance(predictor, Geolocator) and review.top_k > 5:
         options["top_k"] = review.top_k  # a Geolocator lists 5 alternatives unless asked for more
+    device = getattr(predictor, "device", None) or ranks.device
     if workers is None:
-        workers = default_workers()
+        workers = default_workers(device)
     if batch_size is None:
-        batch_size = default_batch_size(getattr(predictor, "device", None) or ranks.device)
+        batch_size = default_batch_size(device)
 
     summary = TagSummary(
         output=output,

@@ -83,6 +83,15 @@ def test_unknown_modes_name_the_choices(tiny_model_dir, tmp_path, capsys):
     assert 0 <= default_workers() <= 32
 
 
+def test_default_workers_leave_a_cpu_run_its_cores(monkeypatch):
+    from geoswc import precision
+
+    for cpus, on_cpu, on_gpu in [(1, 0, 0), (2, 0, 1), (8, 1, 7), (16, 2, 15), (64, 8, 32), (512, 32, 32)]:
+        monkeypatch.setattr(precision, "usable_cpus", lambda cpus=cpus: cpus)
+        assert default_workers("cpu") == on_cpu
+        assert default_workers("cuda") == on_gpu
+
+
 def test_fp32_is_the_exact_path(tiny_model_dir):
     """fp32 features equal the backbone's plain NCHW float32 forward, rebuilt here from the saved weights."""
     import timm

@@ -32,7 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="photos per model call (default: 8 on a CPU, 64 on a GPU)",
     )
     parser.add_argument(
-        "--workers", type=int, default=None, help="decoding processes (default: usable CPUs - 1, at most 32)"
+        "--workers",
+        type=int,
+        default=None,
+        help="decoding processes (default on a GPU: usable CPUs - 1, at most 32; on a CPU: one per 8 CPUs)",
     )
     existing = parser.add_mutually_exclusive_group()
     existing.add_argument(
