@@ -31,7 +31,7 @@ import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from geoswc.similar import DUPLICATE_NPROBE, duplicate_groups
+from geoswc.tagging.similar import DUPLICATE_NPROBE, duplicate_groups
 
 
 def unit(x: np.ndarray) -> np.ndarray:

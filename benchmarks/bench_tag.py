@@ -3,7 +3,7 @@
 Both timings run in this process over the same JPEGs and the same batches:
 
 - backbone: the forward passes alone, on tensors decoded and transformed beforehand;
-- end to end: `geoswc.tag.tag_photos` over the folder (decoding workers, reduced-size JPEG decoding, the
+- end to end: `geoswc.tagging.run.tag_photos` over the folder (decoding workers, reduced-size JPEG decoding, the
   eval transform, batched model calls, rows flushed per batch).
 
 The overhead is ``end_to_end / backbone - 1``; the target is <= 10 % on CPU.
@@ -97,7 +97,7 @@ def authors_vs_geoswc(args) -> None:
 
     from geoswc.geolocator import Geolocator
     from geoswc.precision import default_workers
-    from geoswc.tag import tag_photos
+    from geoswc.tagging.run import tag_photos
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "photos"
@@ -186,7 +186,7 @@ def main() -> None:
     args.batch_size = args.batch_size or 32
 
     from geoswc.data.images import load_photo
-    from geoswc.tag import resize_target, tag_photos
+    from geoswc.tagging.run import resize_target, tag_photos
 
     if args.model:
         from geoswc.geolocator import Geolocator

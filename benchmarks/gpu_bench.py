@@ -4,9 +4,9 @@ Sections, each timed after its own warm-up (compilation, cuDNN autotuning), each
 section records its error and the others still run):
 
 - ``train``: EfficientNet-B4 training images/s at 300 px (bfloat16 autocast, channels_last, ``torch.compile``,
-  SGD on 1,000 classes), as ``geoswc train backbone`` runs it (`geoswc.engine.prepare_for_speed`);
+  SGD on 1,000 classes), as ``geoswc train backbone`` runs it (`geoswc.train.engine.prepare_for_speed`);
 - ``inference``: the same backbone's pooled-feature images/s in float16 and bfloat16 (channels_last, compiled);
-- ``tag``: end-to-end `geoswc.tag.tag_photos` images/s from JPEG files on disk (decoding workers sized to the
+- ``tag``: end-to-end `geoswc.tagging.run.tag_photos` images/s from JPEG files on disk (decoding workers sized to the
   cores, a B4 model folder with a CE head, the retrieval module and a background index, Search within Cell);
 - ``swc``: Search within Cell queries/s (`geoswc.swc.search_within_cell`, K = 10) on a MP16-sized background of
   4.7M x 1792 float16 embeddings held on the GPU, in 26,406 cells;
@@ -242,7 +242,7 @@ def build_model_folder(cfg: dict, directory: Path, *, eval_resize: str = "longes
 def bench_tag(cfg: dict, device: torch.device, tmp: Path) -> dict:
     from geoswc.geolocator import Geolocator
     from geoswc.precision import default_workers
-    from geoswc.tag import tag_photos
+    from geoswc.tagging.run import tag_photos
 
     start = time.perf_counter()
     make_photos(tmp / "warm", max(8, cfg["tag_batch"] * 2), cfg["photo_size"], seed=10_000_000)

@@ -1,7 +1,7 @@
 """GPS positions already recorded in photos' EXIF (the GPS IFD of JPEG, TIFF, WebP and HEIF files).
 
 The position is the EXIF 2.3 GPS triple of degrees, minutes and seconds (rationals) with its N/S or E/W
-reference, as `geoswc.archive.write_gps_exif` writes it. Only the file's header is read (Pillow opens
+reference, as `geoswc.tagging.exif_copies.write_gps_exif` writes it. Only the file's header is read (Pillow opens
 images lazily), so checking a photo costs far less than decoding it. A photo whose GPS block is absent,
 incomplete, out of range or unreadable has no position: the answer is ``None``, never an error.
 """

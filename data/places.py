@@ -40,7 +40,7 @@ CONTINENTS = {
     "SA": "South America",
 }
 _COUNTRIES_CSV = os.path.join(os.path.dirname(__file__), "assets", "countries.csv")
-# The publication precisions of `geoswc tag --precision` (geoswc.archive rounds to them); only `country`
+# The publication precisions of `geoswc tag --precision` (geoswc.tagging.exif_copies rounds to them); only `country`
 # changes what is named here.
 PRECISIONS = ("exact", "city", "region", "country")
 _INSTALL = "pip install reverse_geocoder"

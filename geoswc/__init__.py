@@ -16,17 +16,21 @@ The Python API mirrors the command line:
 
 import importlib
 
+from geoswc import _moved
+
 __version__ = "0.1.0"
+
+_moved.install()
 
 # Public name -> the module that defines it. They load on first use: `import geoswc` (and `geoswc --help`)
 # stays light, without torch.
 _API = {
     "Geolocator": "geoswc.geolocator",
-    "fit_model": "geoswc.fit",
-    "evaluate_model": "geoswc.evaluate",
-    "tag_photos": "geoswc.tag",
-    "tag_rows": "geoswc.tag",
-    "ReviewOptions": "geoswc.tag",
+    "fit_model": "geoswc.train.fit",
+    "evaluate_model": "geoswc.evaluation.run",
+    "tag_photos": "geoswc.tagging.run",
+    "tag_rows": "geoswc.tagging.run",
+    "ReviewOptions": "geoswc.tagging.run",
 }
 
 __all__ = ["__version__", *_API]

@@ -1,6 +1,6 @@
 """The one-command quickstart (`run_demo`, ``geoswc demo``): a synthetic world in the MP16 format, the whole
-pipeline trained on it with the ``tiny`` preset (`geoswc.fit.fit_model`), every Table 1 mode evaluated on its
-test photos (`geoswc.evaluate.run_evaluation`) and a folder of them geotagged (`geoswc.tag.tag_photos`).
+pipeline trained on it with the ``tiny`` preset (`geoswc.train.fit.fit_model`), every Table 1 mode evaluated on its
+test photos (`geoswc.evaluation.run.run_evaluation`) and a folder of them geotagged (`geoswc.tagging.run.tag_photos`).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import pandas as pd
 
 from geoswc.data.synth import make_world
 from geoswc.eval import format_table
-from geoswc.evaluate import evaluate_command, run_evaluation
-from geoswc.fit import duration, fit_model
-from geoswc.tag import tag_photos
+from geoswc.evaluation.run import evaluate_command, run_evaluation
+from geoswc.train.fit import duration, fit_model
+from geoswc.tagging.run import tag_photos
 
 DEMO_TRAIN = 3000
 DEMO_TEST = 300

@@ -372,7 +372,7 @@ def test_background_all_keeps_every_labelled_photo_without_a_head(cache):
 
 
 def test_each_setting_reaches_the_trained_module(tmp_path):
-    from geoswc.engine import build_accelerator
+    from geoswc.train.engine import build_accelerator
     from geoswc.train.retrieval import fit_retrieval_module
 
     feats, labels = cell_features(n_cells=12, per_cell=4, dim=16, seed=1)

@@ -8,7 +8,7 @@ import pytest
 
 import geoswc
 from geoswc.data.synth import make_world
-from geoswc.tag_output import read_rows
+from geoswc.tagging.output import read_rows
 
 # A randomly initialised small timm model at 64 px and few epochs: the test checks the plumbing, not accuracy.
 FAST = [
@@ -27,10 +27,10 @@ FAST = [
 
 
 def test_api_names_are_the_library_functions():
-    from geoswc.evaluate import evaluate_model
-    from geoswc.fit import fit_model
+    from geoswc.evaluation.run import evaluate_model
+    from geoswc.train.fit import fit_model
     from geoswc.geolocator import Geolocator
-    from geoswc.tag import tag_photos
+    from geoswc.tagging.run import tag_photos
 
     assert (geoswc.fit_model, geoswc.evaluate_model, geoswc.tag_photos, geoswc.Geolocator) == (
         fit_model,

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from geoswc.cli import main
 from geoswc.config import Config
 from geoswc.data.synth import make_world
-from geoswc.fit import STAGES, read_marker
+from geoswc.train.fit import STAGES, read_marker
 
 # A random-weight timm test model at 64 px: these tests check the plumbing, not accuracy.
 SETS = [

@@ -5,7 +5,7 @@ import numpy as np
 import yaml
 
 from geoswc.config import YAML_HEADER, Config, load_preset
-from geoswc.engine import rank_batches
+from geoswc.train.engine import rank_batches
 
 
 def test_each_of_two_ranks_takes_a_full_batch_so_a_step_sees_twice_the_batch():

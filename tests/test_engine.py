@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from geoswc.config import TrainConfig
-from geoswc.engine import (
+from geoswc.train.engine import (
     Checkpointer,
     EpochProgress,
     TrainPosition,

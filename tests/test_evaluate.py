@@ -7,7 +7,7 @@ from PIL import Image
 
 from geoswc.cli import main
 from geoswc.eval import haversine_km
-from geoswc.evaluate import TABLE_MODES, parse_mode
+from geoswc.evaluation.run import TABLE_MODES, parse_mode
 from geoswc.geolocator import Geolocator
 
 

@@ -1,7 +1,7 @@
 """EXIF GPS read by the decode workers from the bytes they decode: `PhotoDataset(exif_gps=True)` and
 ``geoswc tag``, whose main process no longer opens photos for their position.
 
-The positions are written with `geoswc.archive.write_gps_exif` at values whose degrees, minutes and hundredths
+The positions are written with `geoswc.tagging.exif_copies.write_gps_exif` at values whose degrees, minutes and hundredths
 of seconds are exact, so what the rows must hold is computed by hand.
 """
 
@@ -16,18 +16,18 @@ from torchvision import transforms as T
 
 import geoswc.data.exif
 import geoswc.data.photos
-import geoswc.tag
-from geoswc.archive import write_gps_exif
+import geoswc.tagging.run
+from geoswc.tagging.exif_copies import write_gps_exif
 from geoswc.data.exif import read_gps
 from geoswc.data.photos import batch_by_shape, group_with_gps, photo_batches, PhotoDataset
-from geoswc.tag import ReviewOptions, tag_photos
-from geoswc.tag_output import read_rows
+from geoswc.tagging.run import ReviewOptions, tag_photos
+from geoswc.tagging.output import read_rows
 
 # 48°30'00" N 2°15'36" E and 33°51'25.2" S 151°12'00" E: exact in the EXIF rationals.
 GEOTAGS = {"b.jpg": (48.5, 2.26), "d.jpg": (-33.857, 151.2)}
 BROKEN = "e.jpg"  # geotagged, image data cut short: unreadable, but its EXIF is intact
 BROKEN_GPS = (10.3, -20.5)  # 10°18' N 20°30' W
-# The rows publish 7 decimals ("exact") or the precision's decimals, as `geoswc.tag` rounds them.
+# The rows publish 7 decimals ("exact") or the precision's decimals, as `geoswc.tagging.run` rounds them.
 REGION = {"b.jpg": (48.5, 2.3), "d.jpg": (-33.9, 151.2)}
 
 
@@ -89,7 +89,7 @@ def exif_reads(monkeypatch, tmp_path):
             raise AssertionError(f"the main process opened {fp} with Pillow")
         return pil_open(fp, *args, **kwargs)
 
-    monkeypatch.setattr(geoswc.tag, "read_gps", refuse)
+    monkeypatch.setattr(geoswc.tagging.run, "read_gps", refuse)
     monkeypatch.setattr(geoswc.data.exif, "read_gps", refuse)
     monkeypatch.setattr(geoswc.data.photos, "gps_from_bytes", recorded)
     monkeypatch.setattr(Image, "open", open_checked)

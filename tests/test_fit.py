@@ -11,7 +11,7 @@ import pytest
 from geoswc.cli import main
 from geoswc.data.synth import make_world
 from geoswc.config import resolve_config
-from geoswc.fit import STAGES, FitRun, read_marker, run_pipeline
+from geoswc.train.fit import STAGES, FitRun, read_marker, run_pipeline
 
 TRAINING_STAGES = ["data", "cells", "backbone", "features", "heads"]
 # A randomly initialised small timm model at 64 px: the test checks the plumbing, not accuracy.

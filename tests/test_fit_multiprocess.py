@@ -13,7 +13,7 @@ import pytest
 from test_fit import FAST
 
 from geoswc.cli import main
-from geoswc.fit import STAGES, read_marker
+from geoswc.train.fit import STAGES, read_marker
 from geoswc.geolocator import Geolocator
 from conftest import two_rank_launch
 
@@ -35,7 +35,8 @@ def test_two_cpu_ranks_fit_one_model_and_only_the_main_process_draws_bars(tmp_pa
     cmd = [
         *two_rank_launch(),
         "-m",
-        "geoswc.fit",
+        "geoswc",
+        "fit",
         str(world / "train.csv"),
         "--images",
         str(world / "images"),

@@ -13,7 +13,7 @@ from safetensors import safe_open
 from torch import nn
 
 from geoswc.config import RetrievalConfig, TrainConfig
-from geoswc.engine import (
+from geoswc.train.engine import (
     Checkpointer,
     build_accelerator,
     load_tree,

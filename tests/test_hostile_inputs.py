@@ -119,8 +119,8 @@ def test_an_explicitly_named_fifo_is_a_photo_error(archive):
 
 @needs_fifo
 def test_tag_writes_an_error_row_for_a_fifo(archive, tiny_model_dir, tmp_path):
-    from geoswc.tag import tag_photos
-    from geoswc.tag_output import read_rows
+    from geoswc.tagging.run import tag_photos
+    from geoswc.tagging.output import read_rows
 
     root, fifos = archive
     out = tmp_path / "tags.csv"

@@ -20,8 +20,8 @@ import pytest
 from PIL import Image
 
 from conftest import two_rank_launch
-from geoswc.tag import summary_lines, tag_photos
-from geoswc.tag_output import read_rows
+from geoswc.tagging.run import summary_lines, tag_photos
+from geoswc.tagging.output import read_rows
 from test_tag import MeanColour
 
 TESTS = Path(__file__).resolve().parent
@@ -285,7 +285,7 @@ TWO_RANKS = """
 import sys
 sys.path.insert(0, {tests!r})
 from test_tag import MeanColour
-from geoswc.tag import Ranks, tag_photos
+from geoswc.tagging.run import Ranks, tag_photos
 ranks = Ranks()
 try:
     tag_photos([{root!r}], model=MeanColour(), out=sys.argv[1], workers=0, ranks=ranks)
@@ -374,7 +374,7 @@ LIMITED = """
 import resource, signal, sys
 sys.path.insert(0, {tests!r})
 from test_tag import MeanColour
-from geoswc.tag import tag_photos
+from geoswc.tagging.run import tag_photos
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing us
 resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))
 try:

@@ -47,7 +47,7 @@ def check_rows(rows, photos):
 
 def test_tag_photos_gives_every_mixed_photo_an_ok_row(tiny_model_dir, photos, folder, tmp_path):
     from geoswc import tag_photos
-    from geoswc.tag_output import read_rows
+    from geoswc.tagging.output import read_rows
 
     out = tmp_path / "tags.csv"
     summary = tag_photos([str(folder)], model=str(tiny_model_dir), out=str(out))
@@ -58,7 +58,7 @@ def test_tag_photos_gives_every_mixed_photo_an_ok_row(tiny_model_dir, photos, fo
 
 def test_cli_tag_gives_the_same_rows(tiny_model_dir, photos, folder, tmp_path, capsys):
     from geoswc.cli import main
-    from geoswc.tag_output import read_rows
+    from geoswc.tagging.output import read_rows
 
     out = tmp_path / "cli.csv"
     assert main(["tag", str(folder), "--model", str(tiny_model_dir), "-o", str(out), "--workers", "0"]) == 0

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from geoswc.classifiers.backbone import PretrainedWeightsUnavailable, check_pretrained_available
 from geoswc.cli import main
 from geoswc.config import load_preset
-from geoswc.fit import STAGES, read_marker
+from geoswc.train.fit import STAGES, read_marker
 from geoswc.geolocator import Geolocator
 
 HUB_ID = "timm/efficientnet_b4.ra2_in1k"

@@ -18,7 +18,7 @@ FAST = RetrievalConfig(hidden_dim=64, memory_size=128, epochs=60, batch_size=10,
 
 
 def _accelerator(tmp_path):
-    from geoswc.engine import build_accelerator
+    from geoswc.train.engine import build_accelerator
 
     return build_accelerator(TrainConfig(), cpu=True, out_dir=tmp_path)
 

@@ -15,8 +15,8 @@ from torch import nn
 from geoswc import runtime
 from geoswc.geolocator import Geolocator
 from geoswc.runtime import OnnxForward, check_runtime, has_input_dependent_padding, resolve_runtime
-from geoswc.tag import tag_photos
-from geoswc.tag_output import read_rows
+from geoswc.tagging.run import tag_photos
+from geoswc.tagging.output import read_rows
 
 pytestmark = pytest.mark.skipif(
     bool(runtime.missing_onnx_packages()),

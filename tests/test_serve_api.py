@@ -19,8 +19,8 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from geoswc.geolocator import Geolocator  # noqa: E402
 from geoswc.serve import ServeSettings, create_app  # noqa: E402
-from geoswc.serve.cells import EDGE_POINTS  # noqa: E402
-from geoswc.tag_output import COLUMNS, RowWriter, make_row  # noqa: E402
+from geoswc.geocells.polygons import EDGE_POINTS  # noqa: E402
+from geoswc.tagging.output import COLUMNS, RowWriter, make_row  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -520,7 +520,7 @@ def _great_circle_km(a, b):
 
 
 def test_uploads_exif_gps_is_reported_with_its_distance(client, tmp_path):
-    from geoswc.archive import write_gps_exif
+    from geoswc.tagging.exif_copies import write_gps_exif
 
     # 48.8584 N 2.2945 E is 48 51' 30.24", 2 17' 40.2"; 40.7484 N 73.9857 W is 40 44' 54.24", 73 59' 8.52":
     # whole hundredths of a second of arc, which the EXIF rationals hold exactly.

@@ -192,7 +192,7 @@ def test_switching_head_and_mode_relocates(page, tmp_path):
 def test_abstention_and_exif_gps_are_shown(page, server, tmp_path):
     import httpx
 
-    from geoswc.archive import write_gps_exif
+    from geoswc.tagging.exif_copies import write_gps_exif
 
     page.wait_for_selector("#map[data-basemap=ready]", timeout=30_000)
     photo = tmp_path / "eiffel.jpg"

@@ -10,7 +10,7 @@ from PIL import Image
 from conftest import build_tiny_model
 from geoswc.cli import main
 from geoswc.geolocator import Geolocator
-from geoswc.similar import find_similar, load_embeddings, search
+from geoswc.tagging.similar import find_similar, load_embeddings, search
 
 
 def scene(seed, size=(96, 72)):

@@ -10,7 +10,7 @@ from PIL import Image
 from geoswc.cli import main
 from geoswc.geolocator import Geolocator
 from geoswc.retrieval.index import BackgroundIndex
-from geoswc.sweep import EvalStore, Replayer, Setting, sweep_grid
+from geoswc.evaluation.sweep import EvalStore, Replayer, Setting, sweep_grid
 
 
 @pytest.fixture(scope="module")

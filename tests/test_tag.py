@@ -20,10 +20,10 @@ import pytest
 from PIL import Image
 from torchvision import transforms as T
 
-from geoswc.archive import dms_to_degrees, round_latlon
+from geoswc.tagging.exif_copies import dms_to_degrees, round_latlon
 from geoswc.data.images import discover, load_photo, PhotoError, sniff
-from geoswc.tag import resize_target, tag_photos
-from geoswc.tag_output import COLUMNS, make_row, read_appendable, read_rows, RowWriter
+from geoswc.tagging.run import resize_target, tag_photos
+from geoswc.tagging.output import COLUMNS, make_row, read_appendable, read_rows, RowWriter
 
 
 class MeanColour:
@@ -191,7 +191,7 @@ def test_unreadable_file_is_an_error_row(tmp_path):
             f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
             "import torch.utils.data, PIL.Image\n"
             "from test_tag import MeanColour\n"
-            "from geoswc.tag import tag_photos\n"
+            "from geoswc.tagging.run import tag_photos\n"
             "PIL.Image.init()\n"
             # Drop privileges once the interpreter's own files are loaded (they live under root's home).
             "if os.geteuid() == 0: os.setgid(65534); os.setuid(65534)\n"
@@ -370,7 +370,7 @@ def test_precision_rounding_and_exif_copies(tmp_path):
 
 
 def test_dms_rationals_hand_computed(tmp_path):
-    from geoswc.archive import gps_ifd
+    from geoswc.tagging.exif_copies import gps_ifd
 
     gps = gps_ifd(-33.8568, 151.2153)  # Sydney Opera House
     assert gps[piexif.GPSIFD.GPSLatitudeRef] == b"S"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from geoswc.tag_output import read_rows
+from geoswc.tagging.output import read_rows
 from conftest import two_rank_launch
 
 TESTS = Path(__file__).resolve().parent
@@ -19,7 +19,7 @@ RUNNER = """
 import sys
 sys.path.insert(0, {tests!r})
 from test_tag import MeanColour
-from geoswc.tag import summary_lines, tag_photos
+from geoswc.tagging.run import summary_lines, tag_photos
 resume = "--resume" in sys.argv
 summary = tag_photos([{root!r}], model=MeanColour(), out=sys.argv[1], batch_size=2, workers=1, resume=resume)
 for line in summary_lines(summary):
@@ -98,7 +98,7 @@ TWO_RANKS = """
 import sys
 sys.path.insert(0, {tests!r})
 from test_tag import MeanColour
-from geoswc.tag import Ranks, tag_photos
+from geoswc.tagging.run import Ranks, tag_photos
 ranks = Ranks()
 summary = tag_photos([{root!r}], model=MeanColour(), out=sys.argv[1], batch_size=3, workers=0, ranks=ranks)
 print(f"rank {{ranks.rank}} of {{ranks.world}} tagged {{summary['tagged']}}", flush=True)

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from geoswc.archive import write_gps_exif
+from geoswc.tagging.exif_copies import write_gps_exif
 from geoswc.cli import main
 from geoswc.data.exif import read_gps
 from geoswc.data.places import gazetteer
 from geoswc.geolocator import Geolocator
-from geoswc.similar import load_embeddings
-from geoswc.tag import ReviewOptions, tag_photos
-from geoswc.tag_output import COLUMNS, read_rows
+from geoswc.tagging.similar import load_embeddings
+from geoswc.tagging.run import ReviewOptions, tag_photos
+from geoswc.tagging.output import COLUMNS, read_rows
 
 # Positions written into the EXIF of two photos.
 GEOTAGS = {"p1.jpg": (48.858370, 2.294481), "p4.jpg": (-33.856784, 151.215297)}
@@ -33,7 +33,7 @@ def noise_photo(path, seed, size=(64, 48)):
 
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory):
-    """Six distinct JPEG photos, two of them carrying EXIF GPS (written by geoswc.archive)."""
+    """Six distinct JPEG photos, two of them carrying EXIF GPS (written by geoswc.tagging.exif_copies)."""
     root = tmp_path_factory.mktemp("review") / "archive"
     root.mkdir()
     plain = tmp_path_factory.mktemp("plain")
@@ -214,7 +214,7 @@ def test_bad_review_options_name_the_value(archive, model, tmp_path):
 
 TWO_RANKS = """
 import sys
-from geoswc.tag import Ranks, ReviewOptions, tag_photos
+from geoswc.tagging.run import Ranks, ReviewOptions, tag_photos
 ranks = Ranks()
 review = ReviewOptions(duplicates=True, top_k=2)
 summary = tag_photos([{root!r}], model={model!r}, out=sys.argv[1], batch_size=2, workers=0, ranks=ranks,

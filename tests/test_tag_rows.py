@@ -1,4 +1,4 @@
-"""`geoswc.tag.tag_rows`: the rows of ``geoswc tag`` for photos in memory, checked against the rows
+"""`geoswc.tagging.run.tag_rows`: the rows of ``geoswc tag`` for photos in memory, checked against the rows
 `tag_photos` writes for the same files, the model's own predictions and hand-written EXIF positions."""
 
 import json
@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from geoswc.archive import write_gps_exif
+from geoswc.tagging.exif_copies import write_gps_exif
 from geoswc.geolocator import Geolocator
-from geoswc.tag import ReviewOptions, tag_photos, tag_rows
-from geoswc.tag_output import COLUMNS, read_rows
+from geoswc.tagging.run import ReviewOptions, tag_photos, tag_rows
+from geoswc.tagging.output import COLUMNS, read_rows
 
 # 48.8584 N 2.2945 E is 48 51' 30.24", 2 17' 40.2": whole hundredths of a second, exact in EXIF rationals.
 EIFFEL = (48.8584, 2.2945)
@@ -23,7 +23,7 @@ def model(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
-    """Three JPEGs (the first with EXIF GPS written by geoswc.archive) and a file that is no photo."""
+    """Three JPEGs (the first with EXIF GPS written by geoswc.tagging.exif_copies) and a file that is no photo."""
     root = tmp_path_factory.mktemp("rows")
     plain = tmp_path_factory.mktemp("plain")
     paths = []

@@ -226,7 +226,7 @@ def test_frozen_padding_is_efficientnet_pytorchs_static_padding():
     import timm
 
     from geoswc.classifiers.padding import freeze_same_padding
-    from geoswc.visloc import efficientnet_to_timm
+    from geoswc.importers.visloc import efficientnet_to_timm
 
     torch.manual_seed(0)
     theirs = _random_bn_(efficientnet_pytorch.EfficientNet.from_name("efficientnet-b0", include_top=False))
@@ -266,7 +266,7 @@ def test_resize_shortest_is_torchvisions_resize():
 
 
 def test_assignment_pairs_and_component_cells():
-    from geoswc.visloc import assignment_pairs, component_partition
+    from geoswc.importers.visloc import assignment_pairs, component_partition
 
     comps, rows = assignment_pairs(
         {2: {5, 1}, 0: {3}, 1: set(), 4: [0, 5]}, n_components=5, n_rows=6, source="a.pkl"
@@ -288,7 +288,7 @@ def test_assignment_pairs_and_component_cells():
 
 
 def test_sources_are_files_or_urls_when_asked(tmp_path):
-    from geoswc.visloc import resolve_source
+    from geoswc.importers.visloc import resolve_source
 
     with pytest.raises(ValueError, match="--download"):
         resolve_source("https://mever.iti.gr/visloc/rrm_head.pt", "rrm")
@@ -303,7 +303,7 @@ def test_sources_are_files_or_urls_when_asked(tmp_path):
 
 @pytest.mark.slow
 def test_backbone_conversion_gives_the_same_pooled_features(release):
-    from geoswc.visloc import convert_backbone, efficientnet_to_timm
+    from geoswc.importers.visloc import convert_backbone, efficientnet_to_timm
 
     converted = convert_backbone(release.backbone.state_dict())
     # the photos (300 px short side) and a size whose strided layers see other parities than at 380 px

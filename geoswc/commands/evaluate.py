@@ -1,11 +1,11 @@
-"""`geoswc evaluate`: the paper's Table 1 for a model folder (`geoswc.evaluate.run_evaluation`)."""
+"""`geoswc evaluate`: the paper's Table 1 for a model folder (`geoswc.evaluation.run.run_evaluation`)."""
 
 from __future__ import annotations
 
 import argparse
 
 from geoswc.eval.metrics import format_table
-from geoswc.evaluate import BENCHMARK_NAMES, TABLE_MODES, evaluate_command, run_evaluation
+from geoswc.evaluation.run import BENCHMARK_NAMES, TABLE_MODES, evaluate_command, run_evaluation
 from geoswc.precision import PRECISION_MODES
 from geoswc.runtime import RUNTIMES
 

@@ -1,4 +1,4 @@
-"""`geoswc fit`: the whole pipeline from a CSV or shards to a model folder (`geoswc.fit.fit_model`)."""
+"""`geoswc fit`: the whole pipeline from a CSV or shards to a model folder (`geoswc.train.fit.fit_model`)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import argparse
 import time
 from pathlib import Path
 
-from geoswc import fit
-from geoswc.fit import STAGES, duration, fit_model, process_state
+from geoswc.train import fit
+from geoswc.train.fit import STAGES, duration, fit_model, process_state
 
 
 def add_fit_arguments(parser: argparse.ArgumentParser) -> None:

@@ -27,7 +27,7 @@ def _checksums(items: Optional[List[str]], roles) -> Dict[str, str]:
 
 
 def _visloc(args: argparse.Namespace) -> int:
-    from geoswc.visloc import ROLES, import_visloc, resolve_source
+    from geoswc.importers.visloc import ROLES, import_visloc, resolve_source
 
     sources = {role: getattr(args, role) for role in ROLES}
     checksums = _checksums(args.sha256, ROLES)

@@ -1,11 +1,11 @@
 """`geoswc similar QUERY... --model DIR --archive TAGRUN -o OUT.csv`: the photos of a tagged archive most
-similar to each query photo, from the embeddings the tag run kept (`geoswc.similar.find_similar`)."""
+similar to each query photo, from the embeddings the tag run kept (`geoswc.tagging.similar.find_similar`)."""
 
 from __future__ import annotations
 
 import argparse
 
-from geoswc.similar import find_similar, write_similar
+from geoswc.tagging.similar import find_similar, write_similar
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

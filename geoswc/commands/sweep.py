@@ -1,4 +1,4 @@
-"""`geoswc sweep EVAL_DIR -o OUT`: the last stages re-run over a grid of settings (`geoswc.sweep.run_sweep`)."""
+"""`geoswc sweep EVAL_DIR -o OUT`: the last stages re-run over a grid of settings (`geoswc.evaluation.sweep.run_sweep`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from geoswc.swc import AGGREGATIONS
 
 
 def run(args: argparse.Namespace) -> int:
-    from geoswc.sweep import run_sweep
+    from geoswc.evaluation.sweep import run_sweep
 
     done = run_sweep(
         args.eval_dir,
@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    from geoswc.sweep import INDEX_MODES, SCOPE_HELP
+    from geoswc.evaluation.sweep import INDEX_MODES, SCOPE_HELP
 
     parser = subparsers.add_parser(
         "sweep",

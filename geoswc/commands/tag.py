@@ -1,5 +1,5 @@
 """`geoswc tag PATH... --model DIR -o OUT.csv|.jsonl|.geojson|.parquet`: geotag photo archives
-(`geoswc.tag.tag_photos`)."""
+(`geoswc.tagging.run.tag_photos`)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ import argparse
 import os
 import sys
 
-from geoswc.archive import PRECISION_DECIMALS
+from geoswc.tagging.exif_copies import PRECISION_DECIMALS
 from geoswc.precision import COMPILE_MODES, PRECISION_MODES
 from geoswc.runtime import RUNTIMES
-from geoswc.similar import DUPLICATE_THRESHOLD
-from geoswc.tag import Ranks, ReviewOptions, summary_lines, tag_photos
-from geoswc.tag_output import output_format
+from geoswc.tagging.similar import DUPLICATE_THRESHOLD
+from geoswc.tagging.run import Ranks, ReviewOptions, summary_lines, tag_photos
+from geoswc.tagging.output import output_format
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -174,7 +174,7 @@ def register(subparsers) -> None:
         "tag",
         help="geotag photo archives (one row per photo; resumable)",
         description="Geotag photos into a CSV, JSONL, GeoJSON or Parquet file, one row per photo. "
-        "Run under `accelerate launch -m geoswc.tag ...` to split the photos over several GPUs or nodes.",
+        "Run under `accelerate launch -m geoswc tag ...` to split the photos over several GPUs or nodes.",
     )
     add_arguments(parser)
     parser.set_defaults(func=run)

@@ -8,7 +8,7 @@ and the database photos that support it).
   run on the map. Leaflet and the Natural Earth basemap ship with the package, so it works offline.
 - ``POST /v1/locate``: multipart, one or more ``file`` fields and the options ``head``, ``mode``, ``top_k``,
   ``area``, ``min_confidence``; one JSON row per file: the columns of a ``geoswc tag`` row
-  (`geoswc.tag.prediction_row`: status ``ok`` or ``abstain``, place names, alternatives, evidence, the
+  (`geoswc.tagging.run.prediction_row`: status ``ok`` or ``abstain``, place names, alternatives, evidence, the
   upload's own EXIF GPS) plus the top cells with their outlines and the neighbours.
 - ``GET /v1/model``, ``GET /healthz``, ``GET /docs`` (OpenAPI).
 
@@ -59,9 +59,9 @@ from geoswc.data.images import (
 from geoswc.eval.metrics import haversine_km
 from geoswc.geolocator import MODES, Geolocator, cells_in_area
 from geoswc.serve.batching import DynamicBatcher, Overloaded
-from geoswc.serve.cells import cell_polygon
-from geoswc.tag import ReviewOptions, prediction_row, with_cell_centres
-from geoswc.tag_output import make_row, output_format, read_rows
+from geoswc.geocells.polygons import cell_polygon
+from geoswc.tagging.run import ReviewOptions, prediction_row, with_cell_centres
+from geoswc.tagging.output import make_row, output_format, read_rows
 
 logger = logging.getLogger(__name__)
 

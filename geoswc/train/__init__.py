@@ -11,8 +11,8 @@ returns a `StageResult` (its folder, the files a later stage reads, a summary):
 
 Every stage runs on one process or, under ``accelerate launch``, on N: each rank reads its own rows,
 gradients are averaged by DDP, metrics are gathered, and the run records whether all ranks ended with
-identical weights. ``geoswc train STAGE ...`` and ``accelerate launch -m geoswc.train STAGE ...`` are the
-command line over these functions (`geoswc.train.cli`); ``geoswc fit`` composes them.
+identical weights. ``geoswc train STAGE ...`` and ``accelerate launch -m geoswc train STAGE ...`` are the
+command line over these functions (`geoswc.commands.train`); ``geoswc fit`` (`geoswc.train.fit`) composes them.
 """
 
 from geoswc.train.classifier import train_backbone, train_heads

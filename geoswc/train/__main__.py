@@ -1,7 +1,7 @@
-"""``accelerate launch -m geoswc.train STAGE ...``: the stages of ``geoswc train`` on every launched process."""
+"""``accelerate launch -m geoswc.train STAGE ...``: another spelling of ``-m geoswc train STAGE ...``."""
 
+import runpy
 import sys
 
-from geoswc.cli import main
-
-sys.exit(main(["train", *sys.argv[1:]]))
+sys.argv[1:1] = ["train"]
+runpy.run_module("geoswc", run_name="__main__", alter_sys=True)

@@ -9,7 +9,7 @@
 
 Batch sizes are per process (``accelerate launch`` with N processes trains on N x batch_size photos a step).
 
-Both run through `geoswc.engine.train_loop`, on one process or under ``accelerate launch`` on N.
+Both run through `geoswc.train.engine.train_loop`, on one process or under ``accelerate launch`` on N.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from geoswc.classifiers import HEADS, CellClassifier, create_backbone, create_he
 from geoswc.classifiers import load_backbone, load_head, save_backbone, save_head
 from geoswc.config import Config
 from geoswc.data.features import FeatureCache
-from geoswc.engine import prepare_for_speed, train_loop
+from geoswc.train.engine import prepare_for_speed, train_loop
 from geoswc.train.common import PathLike, StageResult, finish_stage, start_stage, unwrapped
 from geoswc.train.sources import Batches, Photos, Source, epoch_batches, head_of, open_photos, validate
 

@@ -29,7 +29,7 @@ from accelerate import Accelerator
 
 from geoswc.config import Config
 from geoswc.data.features import FeatureCache
-from geoswc.engine import train_loop
+from geoswc.train.engine import train_loop
 from geoswc.retrieval import (
     IdentityEmbedding,
     OnePairPerCellSampler,

@@ -27,7 +27,7 @@ from geoswc.data.loading import expand_urls, shard_loader, shard_sample_count
 from geoswc.data.metadata import read_metadata
 from geoswc.data.photos import PhotoBatch, PhotoDataset, group_by_shape, photo_batches
 from geoswc.data.transforms import build_transform
-from geoswc.engine import gather_by_row, rank_batches
+from geoswc.train.engine import gather_by_row, rank_batches
 from geoswc.eval import accuracy_at
 
 logger = logging.getLogger(__name__)
@@ -347,7 +347,7 @@ Source = Union[Batches, ShardBatches]
 
 
 def epoch_batches(train: Source, accelerator: Accelerator, *, batch_size: int, seed: int):
-    """The ``batches(epoch, skip)`` of `geoswc.engine.train_loop` over a training source."""
+    """The ``batches(epoch, skip)`` of `geoswc.train.engine.train_loop` over a training source."""
 
     def batches(epoch: int, skip: int):
         if isinstance(train, ShardBatches):

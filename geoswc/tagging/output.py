@@ -82,7 +82,7 @@ FLOAT_COLUMNS = (
 INT_COLUMNS = ("duplicate_group",)
 # List-valued columns: JSON arrays in JSONL and GeoJSON, the same JSON text in one CSV or Parquet field.
 LIST_COLUMNS = ("top_cells", "evidence")
-# Columns a prediction fills (make_row); the others are filled by the tag run (geoswc.tag.review_fields).
+# Columns a prediction fills (make_row); the others are filled by the tag run (geoswc.tagging.run.review_fields).
 PREDICTION_COLUMNS = ("lat", "lon", "method", "cell_token", "cell_probability", "confidence")
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".geojson": "geojson", ".parquet": "parquet"}
 # Paths are file names from the OS: bytes that are not UTF-8 survive a round trip through the output.
@@ -593,7 +593,7 @@ def merge(
         fmt: its format.
         order: the paths of this run, in discovery order.
         include_existing: keep the rows of an existing ``output`` (resuming).
-        key: what identifies the photo of a path (default: the path itself); `geoswc.tag` gives its real
+        key: what identifies the photo of a path (default: the path itself); `geoswc.tagging.run` gives its real
             path, so two spellings of one photo are one photo.
 
     Returns:

@@ -53,7 +53,7 @@ PAPER_SETTING = {
     "scope": "cell",
     "index_mode": "exact",
 }
-# Photos per search call, as `geoswc.evaluate` has always located them (the searches' matrix shapes, and so
+# Photos per search call, as `geoswc.evaluation.run` has always located them (the searches' matrix shapes, and so
 # their floating-point results, depend on it).
 LOCATE_CHUNK = 1024
 

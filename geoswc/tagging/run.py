@@ -4,7 +4,7 @@ Cell, section 3.4).
 Every photo gets exactly one row (``ok`` with its position, or ``error`` with the reason). Photos are decoded
 at reduced size in DataLoader worker processes (`geoswc.data.photos`, batched by shape) while the main process
 runs the model on the previous batch; rows are flushed after every batch, and ``resume`` completes an
-interrupted run. Under ``accelerate launch -m geoswc.tag ...`` the photos are split by rank and rank 0 merges
+interrupted run. Under ``accelerate launch -m geoswc tag ...`` the photos are split by rank and rank 0 merges
 one output.
 
 A run holds a lock on its output (``OUT.lock``) and records what it was started with (``OUT.run.json``: the
@@ -15,7 +15,7 @@ never go into the inputs' folders and never replace an existing file unless ``ov
 Rows also carry what a reviewer acts on (`ReviewOptions`, docs/tagging.md): the best alternative cells and
 the background photos behind a position, the nearest place's name (`geoswc.data.places`), an ``abstain``
 status below a confidence, the photo's own EXIF GPS and its distance to the prediction, and near-duplicate
-groups. A run over a retrieval model keeps the archive's embeddings beside ``OUT`` (`geoswc.similar`) and
+groups. A run over a retrieval model keeps the archive's embeddings beside ``OUT`` (`geoswc.tagging.similar`) and
 ends with a review page ``OUT.html``.
 
 `tag_photos` takes a model folder, a `Geolocator`, or any predictor with ``transform`` (image -> (3, H, W)
@@ -32,7 +32,6 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any, List, Optional, Sequence, Tuple, Union
@@ -44,17 +43,16 @@ from accelerate.utils import broadcast_object_list
 from torchvision import transforms as T
 from tqdm.auto import tqdm
 
-from geoswc.archive import PRECISION_DECIMALS, round_latlon, write_gps_exif
+from geoswc.tagging.exif_copies import PRECISION_DECIMALS, round_latlon, write_gps_exif
 from geoswc.data import places
 from geoswc.data.exif import gps_from_exif, read_gps
 from geoswc.data.images import Discovery, PhotoError, discover
 from geoswc.data.photos import PhotoDataset, photo_batches
-from geoswc.cli import main as cli_main
 from geoswc import __version__
 from geoswc.eval import haversine_km
 from geoswc.geolocator import FORMAT_VERSION, Geolocator
 from geoswc.precision import default_batch_size, default_workers
-from geoswc.similar import (
+from geoswc.tagging.similar import (
     DUPLICATE_THRESHOLD,
     EmbeddingJournal,
     duplicate_groups,
@@ -62,7 +60,7 @@ from geoswc.similar import (
     embedding_fingerprint,
     finalize_embeddings,
 )
-from geoswc.tag_output import (
+from geoswc.tagging.output import (
     OutputLock,
     RowWriter,
     journal_path,
@@ -185,13 +183,13 @@ def review_fields(
     exif_latlon: Optional[Tuple[float, float]] = None,
     place: Optional[places.Place] = None,
 ) -> dict:
-    """The reviewable columns of a placed photo's row (`geoswc.tag_output.COLUMNS`), positions rounded to
+    """The reviewable columns of a placed photo's row (`geoswc.tagging.output.COLUMNS`), positions rounded to
     ``precision``; includes ``status`` (``ok`` or ``abstain``) and the published ``lat``/``lon``.
 
     Args:
         prediction: the predictor's dict (``lat``, ``lon``, ``confidence``; from a `Geolocator` also
             ``top_cells`` with ``lat``/``lon`` centres, and ``neighbours``).
-        precision: publication precision (`geoswc.archive.PRECISION_DECIMALS`).
+        precision: publication precision (`geoswc.tagging.exif_copies.PRECISION_DECIMALS`).
         review: what to fill.
         exif_latlon: the photo's EXIF GPS position, if any.
         place: the place of the published position when already looked up (`batch_places`).
@@ -312,7 +310,7 @@ def tag_rows(
 ) -> List[dict]:
     """The rows ``geoswc tag`` writes, for photos in memory: one dict per photo, in input order.
 
-    A row has the columns of `geoswc.tag_output.COLUMNS` and is built by `prediction_row`, as the rows of
+    A row has the columns of `geoswc.tagging.output.COLUMNS` and is built by `prediction_row`, as the rows of
     `tag_photos` and of the server's ``POST /v1/locate`` are: ``status`` ``ok``, ``abstain`` (below
     ``review.min_confidence``: ``lat``/``lon`` None, the best guess in ``guess_lat``/``guess_lon``),
     ``skipped`` (``review.skip_geotagged``) or ``error`` (the reason in ``error``); the place names, the
@@ -325,7 +323,7 @@ def tag_rows(
             other photos are named ``photo <i>``.
         model: a loaded `Geolocator`, or a model folder (loaded with `Geolocator.from_pretrained`).
         head, mode, **options: as `Geolocator.locate`.
-        precision: publication precision of every position (`geoswc.archive.PRECISION_DECIMALS`).
+        precision: publication precision of every position (`geoswc.tagging.exif_copies.PRECISION_DECIMALS`).
         review: what the rows hold (`ReviewOptions`; default: place names only). ``duplicates`` needs a run
             over an archive (`tag_photos`); ``keep_embeddings`` and ``html`` concern an output file and are
             not used here.
@@ -1270,12 +1268,3 @@ def summary_lines(summary: dict) -> list:
     if summary.get("html"):
         lines.append(f"review page: {summary['html']}")
     return lines
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of ``accelerate launch -m geoswc.tag ...`` (the same arguments as ``geoswc tag``)."""
-    return cli_main(["tag", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -22,7 +22,7 @@ which then run again. ``--stages`` runs a subset (the stages before it must be c
 From shards, the backbone and feature stages read the shards and label every sample from its coordinates
 with the cells built here (``--relabel``): labels stored in shards written for another partition are ignored.
 
-Started with ``accelerate launch -m geoswc.fit ...`` the training stages run on every process; the others run
+Started with ``accelerate launch -m geoswc fit ...`` the training stages run on every process; the others run
 on the main process while the rest wait at a barrier.
 
 A variant goes to its own folder: ``--from RUN`` (``reuse``) links every stage of the run in ``RUN`` whose key
@@ -38,7 +38,6 @@ import hashlib
 import json
 import logging
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,13 +49,12 @@ from accelerate.utils import broadcast_object_list
 
 from geoswc.assemble import assemble_model, describe
 from geoswc.classifiers.backbone import check_pretrained_available
-from geoswc.cli import main as cli_main
 from geoswc.config import Config, resolve_config
 from geoswc.data.files import write_text_atomic
 from geoswc.data.images import image_path
 from geoswc.data.metadata import Exclusions, read_metadata
 from geoswc.data.shards import read_shard_metadata
-from geoswc.engine import use_cpu
+from geoswc.train.engine import use_cpu
 from geoswc.geocells import Geocells, S2Partitioner
 from geoswc.train import Photos, build_index, extract_features, train_backbone, train_heads, train_retrieval
 from geoswc.train.sources import shard_files
@@ -643,13 +641,3 @@ def fit_model(
     )
     run_pipeline(run, stages)
     return run.model_dir
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``accelerate launch -m geoswc.fit TRAIN.csv --images ROOT -o MODEL_DIR ...``: ``geoswc fit`` on every
-    launched process."""
-    return cli_main(["fit", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

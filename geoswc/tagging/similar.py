@@ -37,7 +37,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 
 from geoswc.data.files import atomic_path
-from geoswc.tag_output import os_errors
+from geoswc.tagging.output import os_errors
 
 logger = logging.getLogger(__name__)
 
@@ -615,7 +615,7 @@ def find_similar(
     from geoswc.data.images import discover
     from geoswc.data.photos import PhotoDataset, photo_batches
     from geoswc.geolocator import Geolocator
-    from geoswc.tag_output import output_format, read_rows
+    from geoswc.tagging.output import output_format, read_rows
 
     if top < 1:
         raise ValueError(f"--top must be at least 1, got {top}")
