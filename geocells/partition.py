@@ -25,6 +25,7 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import pandas as pd
 
+from geoswc.data.sphere import unit_to_latlon
 from geoswc.geocells import s2 as gs2
 
 logger = logging.getLogger(__name__)
@@ -39,10 +40,7 @@ def _fingerprint(parts: Sequence[str]) -> str:
 
 def xyz_to_latlng_deg(xyz: np.ndarray) -> np.ndarray:
     """Positions ``(N, 2)`` in degrees of (not necessarily unit) vectors ``(N, 3)``."""
-    xyz = np.asarray(xyz, dtype=np.float64)
-    lat = np.degrees(np.arctan2(xyz[:, 2], np.hypot(xyz[:, 0], xyz[:, 1])))
-    lon = np.degrees(np.arctan2(xyz[:, 1], xyz[:, 0]))
-    return np.stack([lat, lon], axis=1)
+    return unit_to_latlon(np.asarray(xyz, dtype=np.float64))
 
 
 def _nearest_rows(query_xyz: np.ndarray, target_xyz: np.ndarray) -> np.ndarray:
