@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from geoswc.classifiers.base import GeoHead, masked_cross_entropy
+from geoswc.data.files import read_safetensors_metadata
 from geoswc.classifiers.mvmf import MvMFHead
 
 
@@ -150,14 +151,7 @@ def read_head_metadata(path: Union[str, Path]) -> Dict[str, str]:
         FileNotFoundError: the file is missing.
         ValueError: the file is not a safetensors file (named in the message).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"head weights file not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return dict(f.metadata() or {})
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
+    return read_safetensors_metadata(path, what="head weights file")
 
 
 def load_head(path: Union[str, Path], *, geocells: Any) -> GeoHead:

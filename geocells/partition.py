@@ -25,6 +25,7 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import pandas as pd
 
+from geoswc.data.files import read_json_object
 from geoswc.data.sphere import unit_to_latlon
 from geoswc.geocells import s2 as gs2
 
@@ -473,12 +474,7 @@ class Geocells:
             raise FileNotFoundError(
                 f"geocells.json not found in {directory} (build cells with: geoswc cells build)"
             )
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{meta_path}: not valid JSON ({err})") from None
-        if not isinstance(meta, dict):
-            raise ValueError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
+        meta = read_json_object(meta_path)
         if not isinstance(meta.get("fingerprint"), str):
             raise ValueError(f"{meta_path}: 'fingerprint' must be a string, got {meta.get('fingerprint')!r}")
         entries = meta.get("partitions")

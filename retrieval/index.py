@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from geoswc.data.files import read_json_object
+
 logger = logging.getLogger(__name__)
 
 INDEX_DTYPES = ("float16", "float32")
@@ -703,12 +705,7 @@ class BackgroundIndex:
 def _read_index_meta(path: Path) -> Dict[str, Any]:
     """``index.json``, checked: ``dtype`` one of `INDEX_DTYPES`, ``count``/``dim``/``n_cells`` integers
     (``dim`` and ``n_cells`` >= 1), ``fingerprint`` a string."""
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(meta, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    meta = read_json_object(path)
     if meta.get("dtype") not in INDEX_DTYPES:
         raise ValueError(f"{path}: dtype {meta.get('dtype')!r}; choose one of: {', '.join(INDEX_DTYPES)}")
     for key, least in (("count", 0), ("dim", 1), ("n_cells", 1)):

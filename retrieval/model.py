@@ -28,9 +28,11 @@ from typing import Any, Dict, Optional, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from geoswc.data.files import read_safetensors_metadata
 
 RESIDUAL_INPUTS = ("normalized", "raw")
 # The ``architecture`` metadata of a retrieval weights file; files written before it existed are "residual".
@@ -295,11 +297,4 @@ def read_metadata(path: Union[str, Path]) -> Dict[str, str]:
         FileNotFoundError: the file is missing.
         ValueError: the file is not a safetensors file (named in the message).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"retrieval module weights not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return dict(handle.metadata() or {})
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
+    return read_safetensors_metadata(path, what="retrieval module weights")
