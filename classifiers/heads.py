@@ -19,6 +19,7 @@ from torch import nn
 from geoswc.classifiers.base import GeoHead, masked_cross_entropy
 from geoswc.data.files import read_safetensors_metadata
 from geoswc.classifiers.mvmf import MvMFHead
+from geoswc.data.validation import check_choice
 
 
 class CEHead(GeoHead):
@@ -103,8 +104,7 @@ def default_partitions(kind: str, geocells: Any) -> Optional[List[str]]:
         kind: ``backbone``, ``ce``, ``hc`` or ``mvmf``.
         geocells: the model's `Geocells`.
     """
-    if kind not in HEADS and kind != "backbone":
-        raise ValueError(f"unknown head {kind!r}; choose one of: backbone, {', '.join(HEADS)}")
+    check_choice("head", kind, ("backbone", *HEADS))
     by_rule = geocells.partitions_by_rule() if hasattr(geocells, "partitions_by_rule") else {}
     target, hierarchy = by_rule.get("target_cells") or [], by_rule.get("max_images") or []
     if not target or not hierarchy:
@@ -121,8 +121,7 @@ def create_head(kind: str, *, in_features: int, geocells: Any, **options: Any) -
         geocells: the ``Geocells`` (partitions coarse -> fine, hierarchy, fingerprint).
         **options: head-specific options (MvMF: ``train_means``, ``init_kappa``).
     """
-    if kind not in HEADS:
-        raise ValueError(f"unknown head {kind!r}; choose one of: {', '.join(HEADS)}")
+    check_choice("head", kind, HEADS)
     return HEADS[kind](in_features, geocells, **options)
 
 

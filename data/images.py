@@ -44,6 +44,8 @@ import numpy as np
 import simplejpeg
 from PIL import Image, ImageOps
 
+from geoswc.data.validation import check_choice
+
 logger = logging.getLogger(__name__)
 
 # Pillow's own error threshold (2 x Image.MAX_IMAGE_PIXELS); a 13,000 x 13,000 photo still decodes.
@@ -322,8 +324,7 @@ def _decode(
 ) -> Union[np.ndarray, Image.Image]:
     if target is not None and target <= 0:
         raise ValueError(f"target must be a positive side in pixels, got {target}")
-    if side not in TARGET_SIDES:
-        raise ValueError(f"unknown target_side {side!r}; choose one of: {', '.join(TARGET_SIDES)}")
+    check_choice("target_side", side, TARGET_SIDES)
     if max_target_pixels is None:
         max_target_pixels = MAX_TARGET_PIXELS
     if max_target_pixels <= 0:
@@ -429,10 +430,7 @@ def resize_array(array: np.ndarray, size: Tuple[int, int], *, interpolation: str
     size, the range left after DCT-scaled decoding; a stronger reduction on either axis averages pixel areas
     instead, so that nothing aliases.
     """
-    if interpolation not in RESIZE_INTERPOLATIONS:
-        raise ValueError(
-            f"unknown interpolation {interpolation!r}; choose one of: {', '.join(RESIZE_INTERPOLATIONS)}"
-        )
+    check_choice("interpolation", interpolation, RESIZE_INTERPOLATIONS)
     width, height = int(size[0]), int(size[1])
     if width <= 0 or height <= 0:
         raise ValueError(f"resize target must be positive, got {width}x{height}")

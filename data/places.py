@@ -27,6 +27,7 @@ import numpy as np
 
 from .sphere import EARTH_RADIUS_KM as EARTH_RADIUS_KM  # re-exported: geoswc.data.places.EARTH_RADIUS_KM
 from .sphere import chord_to_km, latlon_to_unit
+from .validation import check_choice
 
 logger = logging.getLogger(__name__)
 
@@ -207,8 +208,7 @@ def reverse_geocode(
     Raises:
         ValueError: bad shape, non-finite or out-of-range positions, or an unknown precision.
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
+    check_choice("precision", precision, PRECISIONS)
     gaz = gazetteer()
     idx, dist_km = gaz.nearest(latlon_deg)
     keep = _within(dist_km, max_distance_km)

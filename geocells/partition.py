@@ -27,6 +27,7 @@ import pandas as pd
 
 from geoswc.data.files import read_json_object
 from geoswc.data.sphere import unit_to_latlon
+from geoswc.data.validation import check_choice, choose_one_of
 from geoswc.geocells import s2 as gs2
 
 logger = logging.getLogger(__name__)
@@ -317,10 +318,7 @@ class Geocells:
         names = [p.name for p in self.partitions]
         if len(set(names)) != len(names):
             raise ValueError(f"partition names must be unique, got {names}")
-        if fallback not in self.FALLBACKS:
-            raise ValueError(
-                f"unknown hierarchy fallback {fallback!r}; choose one of: {', '.join(self.FALLBACKS)}"
-            )
+        check_choice("hierarchy fallback", fallback, self.FALLBACKS)
         self.fallback = fallback
         self.settings = dict(settings or {})
         self.hierarchy = self._build_hierarchy()
@@ -349,7 +347,7 @@ class Geocells:
         for part in self.partitions:
             if part.name == name:
                 return part
-        raise ValueError(f"no partition {name!r} in these cells; choose one of: {', '.join(self.names)}")
+        raise ValueError(f"no partition {name!r} in these cells; {choose_one_of(self.names)}")
 
     def select(self, names: Sequence[str]) -> "Geocells":
         """The named partitions alone, coarse -> fine in this object's order, with their own hierarchy (the
@@ -498,10 +496,7 @@ class Geocells:
             directory, hierarchy.get("file", "hierarchy.csv"), what="hierarchy file", source=meta_path
         )
         fallback = hierarchy.get("fallback", "none")
-        if fallback not in Geocells.FALLBACKS:
-            raise ValueError(
-                f"{meta_path}: unknown hierarchy fallback {fallback!r}; choose one of: {', '.join(Geocells.FALLBACKS)}"
-            )
+        check_choice("hierarchy fallback", fallback, Geocells.FALLBACKS, source=meta_path)
         settings = meta.get("settings")
         if settings is not None and not isinstance(settings, dict):
             raise ValueError(f"{meta_path}: 'settings' must be an object, got {settings!r}")
@@ -638,10 +633,7 @@ class S2Partitioner:
             raise ValueError(f"duplicate granularity in max_images={max_values} / target_cells={targets}")
         if not 0 <= int(self.start_level) <= gs2.MAX_LEVEL:
             raise ValueError(f"start_level {self.start_level!r} is outside [0, {gs2.MAX_LEVEL}]")
-        if self.fallback not in Geocells.FALLBACKS:
-            raise ValueError(
-                f"unknown hierarchy fallback {self.fallback!r}; choose one of: {', '.join(Geocells.FALLBACKS)}"
-            )
+        check_choice("hierarchy fallback", self.fallback, Geocells.FALLBACKS)
         return min_images, max_values, int(self.start_level), targets
 
     def fit(self, lat, lon) -> "S2Partitioner":

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from geoswc.classifiers import load_head
 from geoswc.data.features import FeatureCache
 from geoswc.data.metadata import Exclusions
+from geoswc.data.validation import check_choice
 from geoswc.geocells import Geocells
 from geoswc.retrieval.index import INDEX_DTYPES, BackgroundIndex
 from geoswc.retrieval.model import load_retrieval
@@ -75,10 +76,8 @@ def build_background(
         ValueError: an unknown ``dtype`` or ``background``, no head for ``placeable``, or parts that do not fit
             the cache (named).
     """
-    if dtype not in INDEX_DTYPES:
-        raise ValueError(f"unknown index dtype {dtype!r}; choose one of: {', '.join(INDEX_DTYPES)}")
-    if background not in BACKGROUNDS:
-        raise ValueError(f"unknown background {background!r}; choose one of: {', '.join(BACKGROUNDS)}")
+    check_choice("index dtype", dtype, INDEX_DTYPES)
+    check_choice("background", background, BACKGROUNDS)
     if background == "placeable" and head_path is None:
         raise ValueError(
             "the placeable background needs a head (its top-1 cell decides); or use background 'all'"

@@ -28,11 +28,13 @@ import torch
 from tqdm.auto import tqdm
 
 from geoswc.data.files import read_json_object
+from geoswc.data.validation import check_choice, choice_error, choose_one_of
 
 logger = logging.getLogger(__name__)
 
 INDEX_DTYPES = ("float16", "float32")
 SEARCH_MODES = ("flat", "ivf", "sq8", "pq", "binary")
+SEARCH_BACKENDS = ("auto", "faiss", "numpy")
 FAISS_INSTALL = 'pip install "geoswc[faiss]"  (or: pip install faiss-cpu)'
 # 2: index.json names the partition the rows are sorted by and the tables of other partitions (optional).
 FORMAT_VERSION = 2
@@ -93,8 +95,7 @@ class BackgroundIndex:
     """
 
     def __init__(self, *, dtype: str = "float16", chunk_size: int = 1 << 16) -> None:
-        if dtype not in INDEX_DTYPES:
-            raise ValueError(f"unknown index dtype {dtype!r}; choose one of: {', '.join(INDEX_DTYPES)}")
+        check_choice("index dtype", dtype, INDEX_DTYPES)
         self.dtype = dtype
         self.chunk_size = int(chunk_size)
         self.embeddings: Optional[np.ndarray] = None
@@ -592,10 +593,8 @@ class BackgroundIndex:
         Returns:
             ``(sims (Q, k), rows (Q, k))`` as numpy arrays, best first; -inf / -1 where fewer than k rows exist.
         """
-        if mode not in SEARCH_MODES:
-            raise ValueError(f"unknown search mode {mode!r}; choose one of: {', '.join(SEARCH_MODES)}")
-        if backend not in ("auto", "faiss", "numpy"):
-            raise ValueError(f"unknown backend {backend!r}; choose one of: auto, faiss, numpy")
+        check_choice("search mode", mode, SEARCH_MODES)
+        check_choice("backend", backend, SEARCH_BACKENDS)
         if int(k) < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         if _is_torch(queries):
@@ -686,7 +685,7 @@ class BackgroundIndex:
             # "np": no polysemous training, which only serves Hamming-filtered search and costs minutes.
             factory = f"PQ{m}x{bits}np"
         else:
-            raise ValueError(f"unknown search mode {mode!r}; choose one of: {', '.join(SEARCH_MODES)}")
+            raise choice_error("search mode", mode, SEARCH_MODES)
         index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
         if not index.is_trained:
             rng = np.random.default_rng(seed)
@@ -707,7 +706,7 @@ def _read_index_meta(path: Path) -> Dict[str, Any]:
     (``dim`` and ``n_cells`` >= 1), ``fingerprint`` a string."""
     meta = read_json_object(path)
     if meta.get("dtype") not in INDEX_DTYPES:
-        raise ValueError(f"{path}: dtype {meta.get('dtype')!r}; choose one of: {', '.join(INDEX_DTYPES)}")
+        raise ValueError(f"{path}: dtype {meta.get('dtype')!r}; {choose_one_of(INDEX_DTYPES)}")
     for key, least in (("count", 0), ("dim", 1), ("n_cells", 1)):
         value = meta.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or value < least:

@@ -23,6 +23,7 @@ from geoswc.data.sphere import (
     pairwise_haversine_km,
     unit_to_latlon,
 )
+from geoswc.data.validation import check_choice
 
 __all__ = [
     "AGGREGATIONS",
@@ -242,8 +243,7 @@ def aggregate(
         A `ClusterResult`: ``members`` are the neighbours the position is made of (one for ``top1``,
         ``medoid`` and ``kde-peak``).
     """
-    if method not in AGGREGATIONS:
-        raise ValueError(f"unknown aggregation {method!r}; choose one of: {', '.join(AGGREGATIONS)}")
+    check_choice("aggregation", method, AGGREGATIONS)
     latlon_deg = np.asarray(latlon_deg, dtype=np.float64)
     valid = np.asarray(valid, dtype=bool)
     _check_shapes(latlon_deg, valid)
