@@ -144,12 +144,7 @@ def save_head(head: GeoHead, path: Union[str, Path], *, config: Any = None) -> P
 
 
 def read_head_metadata(path: Union[str, Path]) -> Dict[str, str]:
-    """The safetensors metadata of a head file.
-
-    Raises:
-        FileNotFoundError: the file is missing.
-        ValueError: the file is not a safetensors file (named in the message).
-    """
+    """The metadata of a head file (``kind``, ``fingerprint``, ``options``; see `read_safetensors_metadata`)."""
     return read_safetensors_metadata(path, what="head weights file")
 
 

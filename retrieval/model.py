@@ -286,10 +286,6 @@ def _architecture(metadata: Dict[str, str], path: Path) -> str:
 
 
 def read_metadata(path: Union[str, Path]) -> Dict[str, str]:
-    """The safetensors metadata of a weights file (``dim``, ``hidden_dim``, ``fingerprint``, …).
-
-    Raises:
-        FileNotFoundError: the file is missing.
-        ValueError: the file is not a safetensors file (named in the message).
-    """
+    """The metadata of retrieval weights (``dim``, ``hidden_dim``, ``fingerprint``, …; errors as
+    `geoswc.data.files.read_safetensors_metadata`)."""
     return read_safetensors_metadata(path, what="retrieval module weights")

@@ -139,14 +139,7 @@ def largest_cluster_mean(
     valid = np.asarray(valid, dtype=bool)
     labels = dbscan_labels(latlon_deg, valid, eps_km=eps_km, min_samples=min_samples)
     n_rows, k = valid.shape
-
-    if similarity is None:
-        # Descending rank: earlier neighbours are more similar.
-        rank = np.broadcast_to(-np.arange(k, dtype=np.float64), (n_rows, k))
-    else:
-        rank = np.asarray(similarity, dtype=np.float64)
-        if rank.shape != valid.shape:
-            raise ValueError(f"similarity must have shape {valid.shape}, got {rank.shape}")
+    rank = _similarity_rank(similarity, valid)
 
     clustered = labels >= 0
     same = (labels[:, :, None] == labels[:, None, :]) & clustered[:, :, None]
@@ -194,6 +187,18 @@ def spherical_mean(latlon_deg: np.ndarray, weights: np.ndarray) -> np.ndarray:
     unit = total[ok] / norm[ok, None]
     out[ok] = unit_to_latlon(unit, assume_unit=True)
     return out
+
+
+def _similarity_rank(similarity: Optional[np.ndarray], valid: np.ndarray) -> np.ndarray:
+    """``(Q, K)`` float64 scores ranking each row's neighbours, higher first: ``similarity`` when given, else
+    the descending rank (earlier neighbours are more similar)."""
+    n_rows, k = valid.shape
+    if similarity is None:
+        return np.broadcast_to(-np.arange(k, dtype=np.float64), (n_rows, k))
+    rank = np.asarray(similarity, dtype=np.float64)
+    if rank.shape != valid.shape:
+        raise ValueError(f"similarity must have shape {valid.shape}, got {rank.shape}")
+    return rank
 
 
 def _check_shapes(latlon_deg: np.ndarray, valid: np.ndarray) -> None:
@@ -252,13 +257,7 @@ def aggregate(
             latlon_deg, valid, eps_km=eps_km, min_samples=min_samples, similarity=similarity
         )
     n_rows, k = valid.shape
-    if similarity is None:
-        rank = np.broadcast_to(-np.arange(k, dtype=np.float64), (n_rows, k))
-    else:
-        rank = np.asarray(similarity, dtype=np.float64)
-        if rank.shape != valid.shape:
-            raise ValueError(f"similarity must have shape {valid.shape}, got {rank.shape}")
-    rank = np.where(valid, rank, -np.inf)
+    rank = np.where(valid, _similarity_rank(similarity, valid), -np.inf)
     if method in ("weighted-mean", "medoid"):
         cluster = largest_cluster_mean(
             latlon_deg, valid, eps_km=eps_km, min_samples=min_samples, similarity=similarity
