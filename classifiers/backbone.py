@@ -23,13 +23,14 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import timm
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from timm.data import resolve_model_data_config
 from torch import nn
 
 from geoswc.classifiers.padding import ATTRIBUTE as STATIC_PADDING_KEY
 from geoswc.classifiers.padding import freeze_same_padding
+from geoswc.data.files import read_json_object, read_safetensors_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -314,17 +315,8 @@ def load_backbone(
                 f"{folder} has no {path.name}, so it is not a backbone folder "
                 f"(write one with: {_TRAIN_COMMAND})"
             )
-    try:
-        spec = json.loads(spec_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{spec_file}: not valid JSON ({err})") from None
-    if not isinstance(spec, dict):
-        raise ValueError(f"{spec_file}: expected a JSON object, got {type(spec).__name__}")
-    try:
-        with safe_open(str(weights_file), framework="pt") as handle:
-            metadata = dict(handle.metadata() or {})
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"{weights_file}: not a readable safetensors file ({err})") from None
+    spec = read_json_object(spec_file)
+    metadata = read_safetensors_metadata(weights_file)
     kind = metadata.get("kind", "backbone")
     if kind != "backbone":
         raise ValueError(f"{weights_file} holds a {kind!r}, not a backbone")

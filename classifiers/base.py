@@ -8,6 +8,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from geoswc.data.sphere import latlon_to_unit, unit_to_latlon
+
+__all__ = ["GeoHead", "head_cells", "latlon_to_unit", "partition_names", "partition_sizes", "unit_to_latlon"]
+
 
 def partition_sizes(geocells: Any) -> List[int]:
     """Number of cells of each granularity, coarse -> fine."""
@@ -32,27 +36,6 @@ def head_cells(geocells: Any, partitions: Optional[Sequence[str]] = None) -> Any
     if list(partitions) == partition_names(geocells):
         return geocells
     return geocells.select(list(partitions))
-
-
-def latlon_to_unit(latlon_deg: torch.Tensor) -> torch.Tensor:
-    """(..., 2) degrees -> (..., 3) unit vectors on the sphere."""
-    lat_rad, lon_rad = torch.deg2rad(latlon_deg).unbind(-1)
-    return torch.stack(
-        (
-            torch.cos(lat_rad) * torch.cos(lon_rad),
-            torch.cos(lat_rad) * torch.sin(lon_rad),
-            torch.sin(lat_rad),
-        ),
-        dim=-1,
-    )
-
-
-def unit_to_latlon(xyz: torch.Tensor) -> torch.Tensor:
-    """(..., 3) vectors (any norm > 0) -> (..., 2) degrees."""
-    x, y, z = xyz.unbind(-1)
-    lat_rad = torch.atan2(z, torch.hypot(x, y))
-    lon_rad = torch.atan2(y, x)
-    return torch.rad2deg(torch.stack((lat_rad, lon_rad), dim=-1))
 
 
 class GeoHead(nn.Module):

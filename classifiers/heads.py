@@ -12,12 +12,14 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from geoswc.classifiers.base import GeoHead, masked_cross_entropy
+from geoswc.data.files import read_safetensors_metadata
 from geoswc.classifiers.mvmf import MvMFHead
+from geoswc.data.validation import check_choice
 
 
 class CEHead(GeoHead):
@@ -102,8 +104,7 @@ def default_partitions(kind: str, geocells: Any) -> Optional[List[str]]:
         kind: ``backbone``, ``ce``, ``hc`` or ``mvmf``.
         geocells: the model's `Geocells`.
     """
-    if kind not in HEADS and kind != "backbone":
-        raise ValueError(f"unknown head {kind!r}; choose one of: backbone, {', '.join(HEADS)}")
+    check_choice("head", kind, ("backbone", *HEADS))
     by_rule = geocells.partitions_by_rule() if hasattr(geocells, "partitions_by_rule") else {}
     target, hierarchy = by_rule.get("target_cells") or [], by_rule.get("max_images") or []
     if not target or not hierarchy:
@@ -120,8 +121,7 @@ def create_head(kind: str, *, in_features: int, geocells: Any, **options: Any) -
         geocells: the ``Geocells`` (partitions coarse -> fine, hierarchy, fingerprint).
         **options: head-specific options (MvMF: ``train_means``, ``init_kappa``).
     """
-    if kind not in HEADS:
-        raise ValueError(f"unknown head {kind!r}; choose one of: {', '.join(HEADS)}")
+    check_choice("head", kind, HEADS)
     return HEADS[kind](in_features, geocells, **options)
 
 
@@ -144,20 +144,8 @@ def save_head(head: GeoHead, path: Union[str, Path], *, config: Any = None) -> P
 
 
 def read_head_metadata(path: Union[str, Path]) -> Dict[str, str]:
-    """The safetensors metadata of a head file.
-
-    Raises:
-        FileNotFoundError: the file is missing.
-        ValueError: the file is not a safetensors file (named in the message).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"head weights file not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return dict(f.metadata() or {})
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
+    """The metadata of a head file (``kind``, ``fingerprint``, ``options``; see `read_safetensors_metadata`)."""
+    return read_safetensors_metadata(path, what="head weights file")
 
 
 def load_head(path: Union[str, Path], *, geocells: Any) -> GeoHead:

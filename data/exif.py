@@ -31,12 +31,23 @@ def _rational(value) -> float:
     return float(value)
 
 
-def _degrees(dms: Sequence, ref) -> Optional[float]:
+def dms_to_degrees(dms: Sequence, ref) -> float:
+    """Signed degrees of an EXIF GPS degrees/minutes/seconds triple and its reference.
+
+    Args:
+        dms: three TIFF rationals, as Pillow (``IFDRational``) or piexif (``(num, den)`` pairs) gives them.
+        ref: ``N``, ``S``, ``E`` or ``W`` (str or bytes, NUL-padded or lower case accepted); S and W are
+            negative.
+
+    Raises:
+        ValueError: a reference other than N, S, E, W, or not three parts.
+        ZeroDivisionError: a rational with a zero denominator.
+    """
     if isinstance(ref, bytes):
         ref = ref.decode("ascii", "replace")
     ref = str(ref).strip("\x00 ").upper()
     if ref not in ("N", "S", "E", "W") or len(dms) != 3:
-        return None
+        raise ValueError(f"not an EXIF GPS position: {tuple(dms)!r} {ref!r}")
     d, m, s = (_rational(part) for part in dms)
     value = d + m / 60 + s / 3600
     return -value if ref in ("S", "W") else value
@@ -46,11 +57,11 @@ def gps_from_exif(exif: Image.Exif) -> Optional[Tuple[float, float]]:
     """The ``(lat, lon)`` degrees in a Pillow ``Image.Exif``, or None."""
     try:
         gps = exif.get_ifd(_GPS_IFD)
-        lat = _degrees(gps[_LAT], gps[_LAT_REF])
-        lon = _degrees(gps[_LON], gps[_LON_REF])
+        lat = dms_to_degrees(gps[_LAT], gps[_LAT_REF])
+        lon = dms_to_degrees(gps[_LON], gps[_LON_REF])
     except (KeyError, TypeError, ValueError, ZeroDivisionError):
         return None
-    if lat is None or lon is None or not (math.isfinite(lat) and math.isfinite(lon)):
+    if not (math.isfinite(lat) and math.isfinite(lon)):
         return None
     if abs(lat) > 90 or abs(lon) > 180:
         return None

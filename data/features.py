@@ -29,6 +29,7 @@ from typing import IO, Any, Iterable, Iterator, Sequence, Union
 import numpy as np
 
 from .files import atomic_path, remove_stale_temporaries, write_text_atomic
+from .validation import check_choice
 
 PathLike = Union[str, os.PathLike]
 
@@ -213,8 +214,7 @@ class FeatureCache:
         Raises:
             ValueError: the file's line count differs from the cache's rows.
         """
-        if name not in CACHE_LINES:
-            raise ValueError(f"unknown cache column {name!r}; choose one of: {', '.join(CACHE_LINES)}")
+        check_choice("cache column", name, CACHE_LINES)
         path = self.folder / f"{name}.txt"
         if not path.is_file():
             return np.full(len(self), "", dtype=object)

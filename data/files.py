@@ -1,19 +1,23 @@
-"""Files written whole or not at all: a temporary file with an unpredictable name beside the target, renamed
-over it when complete and removed when anything fails.
+"""Files written whole or not at all, and the small files every component reads back.
 
-Every output geoswc writes in place (tag outputs, feature caches and their parts, stage markers) goes through
-`atomic_path`, so a killed job leaves either the old file or the new one, never half of one, and a temporary
-name cannot be guessed (or planted as a link) in a shared folder.
+Writing: a temporary file with an unpredictable name beside the target, renamed over it when complete and
+removed when anything fails. Every output geoswc writes in place (tag outputs, feature caches and their parts,
+stage markers) goes through `atomic_path`, so a killed job leaves either the old file or the new one, never half
+of one, and a temporary name cannot be guessed (or planted as a link) in a shared folder.
+
+Reading: `read_json_object` (a JSON file that must hold an object) and `read_safetensors_metadata` (the string
+metadata of a weights file) turn every malformed file into one line that names it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from glob import escape as glob_escape
 import tempfile
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Any, Dict, Iterator, Union
 
 PathLike = Union[str, os.PathLike]
 
@@ -55,3 +59,49 @@ def write_text_atomic(path: PathLike, text: str) -> None:
     """Write ``text`` to ``path`` through `atomic_path`."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def read_json_object(path: PathLike, *, what: str = "a JSON object") -> Dict[str, Any]:
+    """The JSON object stored in the file ``path``.
+
+    Args:
+        path: the file.
+        what: what the object should be, for the message when it is something else (``"a JSON object"``).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is not UTF-8 JSON, or holds something other than an object (file named).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected {what}, got {type(value).__name__}")
+    return value
+
+
+def read_safetensors_metadata(path: PathLike, *, what: str = "safetensors file") -> Dict[str, str]:
+    """The string metadata of the safetensors file ``path`` (empty when it has none), tensors left unread.
+
+    Args:
+        path: the file.
+        what: what the file holds, for the message when it is missing (``"head weights file"``).
+
+    Raises:
+        FileNotFoundError: the file is missing.
+        ValueError: the file is not a readable safetensors file (named in the message).
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{path}: not a readable safetensors file ({err})") from None

@@ -11,13 +11,10 @@ return RGB.
 `decode_array` returns an ``(H, W, 3)`` uint8 array, the form the transforms work on; `resize_array` resizes
 one with OpenCV (SIMD), several times faster than Pillow's resampling.
 
-Photo collections: `discover(inputs)` expands files, folders (recursive, hidden entries skipped, symlink
-cycles visited once), globs and ``@list.txt`` files into one deterministic list of `PhotoFile`; `sniff(head)`
-names the format from a file's first bytes (JPEG, PNG, WebP, BMP, TIFF, GIF, HEIC/HEIF) whatever its extension
-says; `load_photo(path, target=...)` reads and decodes one photo (`decode_photo` decodes bytes already read),
-raising `PhotoError` with a one-line reason
-(empty, unreadable, not an image, corrupt, truncated, decompression bomb, too large for its target, not a
-regular file, HEIC without pillow-heif).
+`load_photo(path, target=...)` reads and decodes one photo (`decode_photo` decodes bytes already read), raising
+`PhotoError` with a one-line reason (empty, unreadable, not an image, corrupt, truncated, decompression bomb,
+too large for its target, not a regular file, HEIC without pillow-heif). Finding the photos of a collection
+(`discover`, `sniff`) is `geoswc.data.discovery`, re-exported here.
 
 Hostile inputs: only regular files are ever opened. A FIFO would block the reader forever and a device such
 as ``/dev/zero`` never ends, so folder walks and globs skip them (counted as not photos) and a path named
@@ -28,21 +25,53 @@ a few hundred KB of PNG can declare 13,000 x 13,000 pixels, half a gigabyte per 
 
 from __future__ import annotations
 
-import dataclasses
-import errno
-import glob
 import io
 import logging
 import os
-import stat
 import struct
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import cv2
 import numpy as np
 import simplejpeg
 from PIL import Image, ImageOps
+
+from geoswc.data.validation import check_choice
+
+from .discovery import HEIF_BRANDS, PHOTO_EXTENSIONS, SNIFF_BYTES, Discovery, PhotoFile, discover, sniff
+from .regular_files import NotRegularFile, open_regular
+
+__all__ = [
+    "Discovery",
+    "HEIF_BRANDS",
+    "ImageDecodeError",
+    "ImageMissingError",
+    "MAX_IMAGE_PIXELS",
+    "MAX_TARGET_PIXELS",
+    "PHOTO_EXTENSIONS",
+    "PhotoError",
+    "PhotoFile",
+    "RESIZE_INTERPOLATIONS",
+    "SNIFF_BYTES",
+    "TARGET_SIDES",
+    "decode_array",
+    "decode_image",
+    "decode_photo",
+    "discover",
+    "encode_jpeg",
+    "flip_left_right",
+    "image_path",
+    "jpeg_scale_denominator",
+    "load_photo",
+    "photo_format",
+    "read_bytes",
+    "read_photo_bytes",
+    "resize_array",
+    "resize_short_side",
+    "short_side_size",
+    "sniff",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -70,69 +99,17 @@ class ImageMissingError(ImageDecodeError, FileNotFoundError):
     """The photo's file does not exist (counted apart from corrupt files by the shard writer)."""
 
 
-class _NotRegularFile(Exception):
-    """A path that names a FIFO, device or socket; ``reason`` says which."""
-
-    def __init__(self, reason: str):
-        self.reason = reason
-        super().__init__(reason)
-
-
-_SPECIAL_KINDS = (
-    (stat.S_ISFIFO, "a FIFO"),
-    (stat.S_ISCHR, "a character device"),
-    (stat.S_ISBLK, "a block device"),
-    (stat.S_ISSOCK, "a socket"),
-)
-
-
-def _not_regular_reason(mode: int) -> str:
-    kind = next((name for test, name in _SPECIAL_KINDS if test(mode)), "a special file")
-    return f"not a regular file ({kind})"
-
-
-def _open_regular(path: Union[str, os.PathLike]):
-    """Open a regular file for binary reading; never a FIFO, device or socket.
-
-    A FIFO without a writer blocks ``open`` forever and a device such as ``/dev/zero`` never reaches its end,
-    so the path is checked before opening. The open itself is non-blocking and re-checked on the descriptor,
-    so a file swapped for a FIFO between the check and the open cannot block either.
-
-    Raises:
-        _NotRegularFile: the path is not a regular file (directories raise ``IsADirectoryError``).
-        OSError: as ``open`` does (``FileNotFoundError``, ``PermissionError``, ...).
-    """
-    mode = os.stat(path).st_mode
-    if stat.S_ISDIR(mode):
-        raise IsADirectoryError(errno.EISDIR, "Is a directory", os.fspath(path))
-    if not stat.S_ISREG(mode):
-        raise _NotRegularFile(_not_regular_reason(mode))
-    nonblock = getattr(os, "O_NONBLOCK", 0)
-    flags = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NOCTTY", 0) | nonblock
-    fd = os.open(path, flags)
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise _NotRegularFile(_not_regular_reason(mode))
-        if nonblock:
-            os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
-
-
 def read_bytes(path: Union[str, os.PathLike]) -> bytes:
     """Read a photo file, raising `ImageMissingError` when it is absent and `ImageDecodeError` when it is not a
     regular file (a FIFO, device or socket is never read)."""
     try:
-        with _open_regular(path) as f:
+        with open_regular(path) as f:
             return f.read()
     except FileNotFoundError:
         raise ImageMissingError("file not found", source=str(path)) from None
     except IsADirectoryError:
         raise ImageMissingError("is a directory", source=str(path)) from None
-    except _NotRegularFile as err:
+    except NotRegularFile as err:
         raise ImageDecodeError(err.reason, source=str(path)) from None
 
 
@@ -322,8 +299,7 @@ def _decode(
 ) -> Union[np.ndarray, Image.Image]:
     if target is not None and target <= 0:
         raise ValueError(f"target must be a positive side in pixels, got {target}")
-    if side not in TARGET_SIDES:
-        raise ValueError(f"unknown target_side {side!r}; choose one of: {', '.join(TARGET_SIDES)}")
+    check_choice("target_side", side, TARGET_SIDES)
     if max_target_pixels is None:
         max_target_pixels = MAX_TARGET_PIXELS
     if max_target_pixels <= 0:
@@ -429,10 +405,7 @@ def resize_array(array: np.ndarray, size: Tuple[int, int], *, interpolation: str
     size, the range left after DCT-scaled decoding; a stronger reduction on either axis averages pixel areas
     instead, so that nothing aliases.
     """
-    if interpolation not in RESIZE_INTERPOLATIONS:
-        raise ValueError(
-            f"unknown interpolation {interpolation!r}; choose one of: {', '.join(RESIZE_INTERPOLATIONS)}"
-        )
+    check_choice("interpolation", interpolation, RESIZE_INTERPOLATIONS)
     width, height = int(size[0]), int(size[1])
     if width <= 0 or height <= 0:
         raise ValueError(f"resize target must be positive, got {width}x{height}")
@@ -463,242 +436,8 @@ def image_path(root: Union[str, os.PathLike], img_id: str) -> Path:
     return Path(root) / img_id
 
 
-# ------------------------------------------------------------------------------------ photo collections
-# Extensions of the formats `sniff` recognises: a file with one of these is a photo candidate in a folder walk
-# even when its content is damaged, so that a corrupt or empty ``IMG_0001.jpg`` becomes an error row.
-PHOTO_EXTENSIONS = frozenset(
-    ".jpg .jpeg .jpe .jfif .png .webp .bmp .dib .tif .tiff .gif .heic .heif .hif".split()
-)
-HEIF_BRANDS = frozenset(
-    [b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1"]
-)
-SNIFF_BYTES = 32
-
-
 class PhotoError(Exception):
     """One photo that cannot be geotagged; ``str(err)`` is the one-line reason written in its error row."""
-
-
-@dataclasses.dataclass(frozen=True)
-class PhotoFile:
-    """A photo found by `discover`.
-
-    Attributes:
-        path: the path as written in the output (the input's spelling, normalised).
-        rel: the path relative to the common root of all inputs, used to lay out ``--write-exif`` copies.
-        explicit: named on the command line or in a list file (not found by a folder walk or glob).
-    """
-
-    path: str
-    rel: str
-    explicit: bool
-
-
-@dataclasses.dataclass
-class Discovery:
-    """The outcome of `discover`: the photos in order and what was passed over."""
-
-    photos: List[PhotoFile]
-    root: Optional[str] = None
-    skipped_not_photo: int = 0
-    skipped_hidden: int = 0
-    unreadable_folders: List[str] = dataclasses.field(default_factory=list)
-
-
-def sniff(head: bytes) -> Optional[str]:
-    """The image format the first bytes of a file announce, or None.
-
-    Returns one of ``JPEG``, ``PNG``, ``WEBP``, ``BMP``, ``TIFF``, ``GIF``, ``HEIF``.
-    """
-    if head[:3] == b"\xff\xd8\xff":
-        return "JPEG"
-    if head[:8] == b"\x89PNG\r\n\x1a\n":
-        return "PNG"
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "WEBP"
-    if head[:2] == b"BM" and len(head) >= 14:
-        return "BMP"
-    if head[:4] in (b"II*\x00", b"MM\x00*"):
-        return "TIFF"
-    if head[:6] in (b"GIF87a", b"GIF89a"):
-        return "GIF"
-    if head[4:8] == b"ftyp" and head[8:12] in HEIF_BRANDS:
-        return "HEIF"
-    return None
-
-
-def _has_glob_magic(text: str) -> bool:
-    return any(ch in text for ch in "*?[")
-
-
-def _glob_root(pattern: str) -> str:
-    """The folder a glob pattern is anchored at (its longest prefix without wildcards)."""
-    parts = pattern.split(os.sep)
-    fixed = []
-    for part in parts:
-        if _has_glob_magic(part):
-            break
-        fixed.append(part)
-    return os.sep.join(fixed) or os.curdir
-
-
-def _is_hidden(name: str) -> bool:
-    return name.startswith(".")
-
-
-def _is_photo_candidate(path: str) -> bool:
-    """Folder walks keep regular files with a photo extension, or whose content `sniff` recognises.
-
-    FIFOs, devices and sockets are never photos, whatever their name, and are never opened: reading a FIFO
-    blocks until someone writes to it and a device such as ``/dev/zero`` has no end.
-    """
-    try:
-        mode: Optional[int] = os.stat(path).st_mode
-    except OSError:
-        mode = None  # broken link, no permission, vanished: decided below as before
-    if mode is not None and not stat.S_ISREG(mode):
-        return False
-    if os.path.splitext(path)[1].lower() in PHOTO_EXTENSIONS:
-        return True
-    try:
-        with _open_regular(path) as f:
-            return sniff(f.read(SNIFF_BYTES)) is not None
-    except _NotRegularFile:
-        return False
-    except OSError:
-        # Cannot tell (no permission, vanished): keep it so its row says why instead of dropping it silently.
-        return True
-
-
-class _Walker:
-    def __init__(self):
-        self.found: List[Tuple[str, str, bool]] = []  # (path, root, explicit)
-        self.seen_paths = set()
-        self.seen_dirs = set()
-        self.result = Discovery(photos=[])
-
-    def add_file(self, path: str, root: str, explicit: bool):
-        path = os.path.normpath(path)
-        key = os.path.abspath(path)
-        if key in self.seen_paths:
-            return
-        self.seen_paths.add(key)
-        self.found.append((path, root, explicit))
-
-    def walk(self, folder: str, root: str):
-        try:
-            info = os.stat(folder)
-        except OSError as err:
-            self._unreadable(folder, err)
-            return
-        # A folder reached twice (symlink cycle or two links to it) is walked once.
-        ident = (info.st_dev, info.st_ino)
-        if ident in self.seen_dirs:
-            logger.debug("already walked %s", folder)
-            return
-        self.seen_dirs.add(ident)
-        try:
-            with os.scandir(folder) as it:
-                entries = sorted(it, key=lambda e: e.name)
-        except OSError as err:
-            self._unreadable(folder, err)
-            return
-        for entry in entries:
-            if _is_hidden(entry.name):
-                self.result.skipped_hidden += 1
-                continue
-            path = os.path.join(folder, entry.name)
-            try:
-                is_dir = entry.is_dir(follow_symlinks=True)
-                is_file = not is_dir and entry.is_file(follow_symlinks=True)
-            except OSError:
-                is_dir, is_file = False, True
-            if is_dir:
-                self.walk(path, root)
-            elif is_file:
-                if _is_photo_candidate(path):
-                    self.add_file(path, root, explicit=False)
-                else:
-                    self.result.skipped_not_photo += 1
-            # Broken symlinks, FIFOs, sockets and devices are not photos (and are never opened).
-            else:
-                self.result.skipped_not_photo += 1
-
-    def _unreadable(self, folder: str, err: OSError):
-        logger.warning("cannot read folder %s: %s", folder, err.strerror or err)
-        self.result.unreadable_folders.append(folder)
-
-    def add_input(self, item: str, *, from_list: Optional[str] = None):
-        if item.startswith("@") and from_list is None:
-            self.add_list(item[1:])
-        elif os.path.isdir(item):
-            self.walk(item, item)
-        elif os.path.lexists(item):
-            self.add_file(item, os.path.dirname(item) or os.curdir, explicit=True)
-        elif _has_glob_magic(item):
-            matches = sorted(glob.glob(item, recursive=True))
-            if not matches:
-                logger.warning("no file matches %s", item)
-            root = _glob_root(item)
-            for match in matches:
-                if any(_is_hidden(part) for part in os.path.relpath(match, root).split(os.sep)):
-                    self.result.skipped_hidden += 1
-                elif os.path.isdir(match):
-                    self.walk(match, root)
-                elif _is_photo_candidate(match):
-                    self.add_file(match, root, explicit=False)
-                else:
-                    self.result.skipped_not_photo += 1
-        elif from_list is not None:
-            # A listed file that is gone still gets its row: the list promised it.
-            self.add_file(item, os.path.dirname(item) or os.curdir, explicit=True)
-        else:
-            raise FileNotFoundError(f"input {item!r} is not a file, folder, glob or @list")
-
-    def add_list(self, list_path: str):
-        try:
-            with open(list_path, encoding="utf-8", errors="surrogateescape") as f:
-                lines = f.read().splitlines()
-        except OSError as err:
-            raise FileNotFoundError(f"cannot read list file {list_path!r}: {err.strerror or err}") from None
-        base = os.path.dirname(list_path)
-        for line in lines:
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            # Relative entries are relative to the list file, so a list travels with its archive.
-            self.add_input(os.path.join(base, line), from_list=list_path)
-
-
-def discover(inputs: Sequence[str]) -> Discovery:
-    """Expand command-line inputs into the photos to tag, in a deterministic order.
-
-    Args:
-        inputs: files, folders, glob patterns, or ``@list.txt`` (one file, folder or glob per line; relative
-            lines are relative to the list's folder; blank lines and ``#`` comments are ignored).
-
-    Files named explicitly (directly or in a list) are always kept, so that a non-photo among them gets an
-    error row (a FIFO or device named explicitly gets "not a regular file" from `load_photo`). Folder walks
-    and globs keep regular files with a photo extension or photo content and count the rest, FIFOs, devices
-    and sockets included, as skipped without opening them; hidden files and folders (name starting with
-    ``.``) are skipped there.
-
-    Raises:
-        FileNotFoundError: an input is neither an existing path, a glob nor a readable list.
-    """
-    walker = _Walker()
-    for item in inputs:
-        walker.add_input(item)
-    photos = []
-    if walker.found:
-        common = os.path.commonpath([os.path.abspath(root) for _, root, _ in walker.found])
-        for path, _, explicit in walker.found:
-            photos.append(
-                PhotoFile(path=path, rel=os.path.relpath(os.path.abspath(path), common), explicit=explicit)
-            )
-        walker.result.root = common
-    walker.result.photos = photos
-    return walker.result
 
 
 def _heif_opener():
@@ -716,11 +455,11 @@ def read_photo_bytes(path: str) -> bytes:
     read forever, ``/dev/zero`` would never end).
     """
     try:
-        with _open_regular(path) as f:
+        with open_regular(path) as f:
             data = f.read()
     except IsADirectoryError:
         raise PhotoError("is a folder, not a photo") from None
-    except _NotRegularFile as err:
+    except NotRegularFile as err:
         raise PhotoError(err.reason) from None
     except FileNotFoundError:
         raise PhotoError("file not found") from None

@@ -29,6 +29,8 @@ import msgpack
 import numpy as np
 import pandas as pd
 
+from geoswc.data.validation import check_choice
+
 logger = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
@@ -143,8 +145,7 @@ def standardize_locations(
     """
     if not isinstance(df, pd.DataFrame):
         raise ValueError(f"{source}: expected a pandas DataFrame, got {type(df).__name__}")
-    if unique not in _UNIQUE_CHOICES:
-        raise ValueError(f"unknown unique {unique!r}; choose one of: {', '.join(_UNIQUE_CHOICES)}")
+    check_choice("unique", unique, _UNIQUE_CHOICES)
     cols = resolve_columns(df.columns, source=source)
     df = df.reset_index(drop=True)
     where = "line" if lines is not None else "row"

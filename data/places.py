@@ -25,9 +25,12 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 
+from .sphere import EARTH_RADIUS_KM as EARTH_RADIUS_KM  # re-exported: geoswc.data.places.EARTH_RADIUS_KM
+from .sphere import chord_to_km, latlon_to_unit
+from .validation import check_choice
+
 logger = logging.getLogger(__name__)
 
-EARTH_RADIUS_KM = 6371.0
 # Beyond this distance from every place of >= 1,000 inhabitants a position gets no name and no country.
 MAX_PLACE_DISTANCE_KM = 250.0
 CONTINENTS = {
@@ -105,7 +108,7 @@ class Gazetteer:
         self.codes_ = table["cc"].to_numpy(dtype=object)
         # Nearest by chord length between unit vectors is nearest by great-circle distance, and a 3-D k-d tree
         # answers it an order of magnitude faster than a haversine ball tree.
-        self.tree_ = cKDTree(_unit_vectors(self.latlon_deg_))
+        self.tree_ = cKDTree(latlon_to_unit(self.latlon_deg_))
         logger.debug("gazetteer: %d places from %s", len(table), path)
 
     def nearest(self, latlon_deg: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -113,15 +116,8 @@ class Gazetteer:
         latlon_deg = _as_latlon(latlon_deg)
         if len(latlon_deg) == 0:
             return np.zeros(0, dtype=np.int64), np.zeros(0)
-        chord, idx = self.tree_.query(_unit_vectors(latlon_deg), k=1)
-        angle_rad = 2.0 * np.arcsin(np.clip(chord / 2.0, 0.0, 1.0))
-        return np.asarray(idx, dtype=np.int64), angle_rad * EARTH_RADIUS_KM
-
-
-def _unit_vectors(latlon_deg: np.ndarray) -> np.ndarray:
-    lat_rad, lon_rad = np.radians(latlon_deg[:, 0]), np.radians(latlon_deg[:, 1])
-    cos_lat = np.cos(lat_rad)
-    return np.column_stack([cos_lat * np.cos(lon_rad), cos_lat * np.sin(lon_rad), np.sin(lat_rad)])
+        chord, idx = self.tree_.query(latlon_to_unit(latlon_deg), k=1)
+        return np.asarray(idx, dtype=np.int64), chord_to_km(chord)
 
 
 @functools.lru_cache(maxsize=1)
@@ -212,8 +208,7 @@ def reverse_geocode(
     Raises:
         ValueError: bad shape, non-finite or out-of-range positions, or an unknown precision.
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
+    check_choice("precision", precision, PRECISIONS)
     gaz = gazetteer()
     idx, dist_km = gaz.nearest(latlon_deg)
     keep = _within(dist_km, max_distance_km)

@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from .files import write_text_atomic
 from .images import (
     ImageDecodeError,
     ImageMissingError,
@@ -379,6 +380,45 @@ def write_shards(
         ``skipped`` (id, reason, detail) and the settings. For a folder, ``written``, the ``skipped_*`` counts
         and the ``excluded_*`` counts add up to the metadata rows.
     """
+    _check_write_arguments(images_root, msgpack_paths, labeler, fingerprint, samples_per_shard, resize)
+    out = Path(out_dir)
+    (out / PROGRESS_DIR).mkdir(parents=True, exist_ok=True)
+    job = _Job(str(out), resize, samples_per_shard, quality, fingerprint)
+    from_folder = images_root is not None
+
+    by_author, by_id = _fill_table(metadata, images_root, labeler, exclusions)
+    keep = _TABLE["keep"]
+    settings = {
+        "source": "folder" if from_folder else "msgpack",
+        "rows": len(metadata),
+        "samples_per_shard": samples_per_shard,
+        "resize": resize,
+        "quality": quality,
+        "fingerprint": fingerprint,
+        "excluded": int((~keep).sum()),
+    }
+    _check_settings(out, settings)
+
+    paths = [str(p) for p in msgpack_paths] if not from_folder else []
+    units, func, total = _plan_units(job, keep, paths, samples_per_shard, from_folder=from_folder)
+    records, todo = _resume(out, units, from_folder=from_folder)
+    _run_units(func, units, records, todo, total, from_folder=from_folder, workers=workers, progress=progress)
+
+    ordered = [records[name] for name, _ in units]
+    if from_folder:
+        summary = _folder_summary(ordered, by_author, by_id)
+    else:
+        summary = _msgpack_summary(out, job, paths, ordered, by_author, keep)
+    summary.update(settings=settings)
+    write_text_atomic(out / SUMMARY, json.dumps(summary, indent=2))
+    _TABLE.clear()
+    return summary
+
+
+def _check_write_arguments(
+    images_root, msgpack_paths, labeler, fingerprint, samples_per_shard, resize
+) -> None:
+    """Raise ValueError / FileNotFoundError on arguments `write_shards` cannot work with."""
     if (images_root is None) == (msgpack_paths is None):
         raise ValueError("give exactly one image source: images_root (a folder) or msgpack_paths")
     if labeler is not None and not fingerprint:
@@ -389,20 +429,25 @@ def write_shards(
         raise ValueError(f"resize must be a short side of at least 8 pixels, got {resize}")
     if images_root is not None and not Path(images_root).is_dir():
         raise FileNotFoundError(f"image folder not found: {images_root}")
-    out = Path(out_dir)
-    (out / PROGRESS_DIR).mkdir(parents=True, exist_ok=True)
-    job = _Job(str(out), resize, samples_per_shard, quality, fingerprint)
 
+
+def _fill_table(
+    metadata: pd.DataFrame,
+    images_root: Optional[os.PathLike],
+    labeler: Optional[Labeler],
+    exclusions: Optional[Exclusions],
+) -> Tuple[np.ndarray, np.ndarray]:
+    """Fill `_TABLE`, the metadata the worker processes read (ids, authors, positions, which rows to keep,
+    labels); returns the rows excluded by author and by id."""
     n = len(metadata)
     by_author, by_id = (exclusions or Exclusions()).masks(metadata)
-    keep = ~(by_author | by_id)
     _TABLE.clear()
     _TABLE.update(
         ids=metadata["IMG_ID"].astype(str).tolist(),
         authors=(metadata["AUTHOR"].astype(str).tolist() if "AUTHOR" in metadata.columns else [""] * n),
         lat=metadata["LAT"].to_numpy(np.float64),
         lon=metadata["LON"].to_numpy(np.float64),
-        keep=keep,
+        keep=~(by_author | by_id),
         root=str(images_root) if images_root is not None else "",
     )
     if labeler is not None:
@@ -410,37 +455,37 @@ def write_shards(
         if labels.ndim != 2 or labels.shape[0] != n:
             raise ValueError(f"labeler returned shape {labels.shape}; expected ({n}, n_granularities)")
         _TABLE["labels"] = labels
-    settings = {
-        "source": "folder" if images_root is not None else "msgpack",
-        "rows": n,
-        "samples_per_shard": samples_per_shard,
-        "resize": resize,
-        "quality": quality,
-        "fingerprint": fingerprint,
-        "excluded": int((~keep).sum()),
-    }
-    _check_settings(out, settings)
+    return by_author, by_id
 
-    if images_root is not None:
+
+def _plan_units(
+    job: _Job, keep: np.ndarray, paths: List[str], samples_per_shard: int, *, from_folder: bool
+) -> Tuple[List[Tuple[str, tuple]], Callable[[tuple], dict], int]:
+    """The units of work, each ``(name, args of func)``, the function that writes one, and the progress total:
+    one unit per shard of kept rows for a folder (total: photos), one per msgpack file (total: files)."""
+    if from_folder:
         rows = np.flatnonzero(keep)
         units = [
             (f"{i:06d}", (job, i, rows[s : s + samples_per_shard]))
             for i, s in enumerate(range(0, len(rows), samples_per_shard))
         ]
-        func, total = _folder_unit, len(rows)
-    else:
-        paths = [str(p) for p in msgpack_paths]
-        _TABLE["row_of"] = {img_id: row for row, img_id in enumerate(_TABLE["ids"])}
-        units = [(f"m{i:05d}", (job, i, p)) for i, p in enumerate(paths)]
-        func, total = _msgpack_unit, len(units)
+        return units, _folder_unit, len(rows)
+    _TABLE["row_of"] = {img_id: row for row, img_id in enumerate(_TABLE["ids"])}
+    units = [(f"m{i:05d}", (job, i, p)) for i, p in enumerate(paths)]
+    return units, _msgpack_unit, len(units)
 
+
+def _resume(
+    out: Path, units: List[Tuple[str, tuple]], *, from_folder: bool
+) -> Tuple[Dict[str, dict], List[Tuple[str, tuple]]]:
+    """The records of units a previous run finished, and the units left to do."""
     records: Dict[str, dict] = {}
     todo = []
     for name, args in units:
         marker = out / PROGRESS_DIR / f"{name}.json"
         record = json.loads(marker.read_text()) if marker.exists() else None
         # Redo a unit that met an unreadable or damaged file, or whose record predates per-record accounting.
-        if record is not None and (record.get("retry") or (images_root is None and "listed" not in record)):
+        if record is not None and (record.get("retry") or (not from_folder and "listed" not in record)):
             logger.info("redoing unit %s (unreadable or damaged input last time)", name)
             marker.unlink()
             for shard in record["shards"]:
@@ -452,16 +497,32 @@ def write_shards(
             todo.append((name, args))
     if records:
         logger.info("resuming: %d of %d units already written", len(records), len(units))
+    return records, todo
+
+
+def _run_units(
+    func: Callable[[tuple], dict],
+    units: List[Tuple[str, tuple]],
+    records: Dict[str, dict],
+    todo: List[Tuple[str, tuple]],
+    total: int,
+    *,
+    from_folder: bool,
+    workers: int,
+    progress: bool,
+) -> None:
+    """Write the units in ``todo`` (in ``workers`` forked processes when more than one), adding their records
+    to ``records``, with a progress bar over ``total``."""
 
     def size(args) -> int:
-        return len(args[2]) if images_root is not None else 1
+        return len(args[2]) if from_folder else 1
 
     done_before = sum(size(args) for name, args in units if name in records)
     bar = tqdm(
         total=total,
         initial=done_before,
         desc="shards",
-        unit="img" if images_root is not None else "file",
+        unit="img" if from_folder else "file",
         disable=not progress,
     )
     if workers > 1 and len(todo) > 1:
@@ -476,53 +537,57 @@ def write_shards(
             bar.update(size(args))
     bar.close()
 
-    ordered = [records[name] for name, _ in units]
-    if images_root is not None:
-        skipped = [s for r in ordered for s in r["skipped"]]
-        summary = {
-            "written": sum(r["written"] for r in ordered),
-            "skipped_corrupt": sum(s["reason"] == "corrupt" for s in skipped),
-            "skipped_missing": sum(s["reason"] == "missing" for s in skipped),
-            "skipped_unreadable": sum(s["reason"] == "unreadable" for s in skipped),
-            "excluded_author": int(by_author.sum()),
-            "excluded_id": int(by_id.sum()),
-        }
-        shards = [s for r in ordered for s in r["shards"]]
-    else:
-        settled = _settle_msgpack(out, job, paths, ordered, by_author)
-        skipped, shards = settled["skipped"], settled["shards"]
-        never = np.flatnonzero(~settled["seen"] & keep)
-        file_errors = [e for r in ordered for e in r["file_errors"]]
-        detail = "not in any msgpack shard"
-        if file_errors:
-            detail = f"not in any record read ({len(file_errors)} problems in msgpack files: see file_errors)"
-        skipped += [{"id": _TABLE["ids"][row], "reason": "missing", "detail": detail} for row in never]
 
-        def files_with(reason: str) -> int:
-            return len({e["file"] for e in file_errors if e["reason"] == reason})
+def _folder_summary(ordered: List[dict], by_author: np.ndarray, by_id: np.ndarray) -> dict:
+    """The counts, shards and skipped photos of a run over an image folder."""
+    skipped = [s for r in ordered for s in r["skipped"]]
+    summary = {
+        "written": sum(r["written"] for r in ordered),
+        "skipped_corrupt": sum(s["reason"] == "corrupt" for s in skipped),
+        "skipped_missing": sum(s["reason"] == "missing" for s in skipped),
+        "skipped_unreadable": sum(s["reason"] == "unreadable" for s in skipped),
+        "excluded_author": int(by_author.sum()),
+        "excluded_id": int(by_id.sum()),
+    }
+    summary.update(shards=[s for r in ordered for s in r["shards"]], skipped=skipped)
+    return summary
 
-        summary = {
-            "written": settled["written"],
-            "skipped_corrupt": settled["skipped_corrupt"],
-            "skipped_missing": len(never),
-            "skipped_unreadable": 0,  # a record cannot be unreadable; its file can (unreadable_files)
-            # Excluded photos count only when the shards actually hold them.
-            "excluded_author": settled["excluded_author"],
-            "excluded_id": settled["excluded_id"],
-            "records": sum(r["records"] for r in ordered),
-            "skipped_unlisted": sum(r["unlisted"] for r in ordered),
-            "skipped_duplicate": settled["skipped_duplicate"],
-            "skipped_malformed": settled["skipped_malformed"],
-            "truncated_files": files_with("truncated"),
-            "damaged_files": files_with("damaged"),
-            "unreadable_files": files_with("unreadable"),
-            "file_errors": file_errors,
-        }
-    summary.update(shards=shards, skipped=skipped, settings=settings)
-    tmp = out / (SUMMARY + ".tmp")
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, out / SUMMARY)
-    _TABLE.clear()
+
+def _msgpack_summary(
+    out: Path, job: _Job, paths: List[str], ordered: List[dict], by_author: np.ndarray, keep: np.ndarray
+) -> dict:
+    """The counts, shards and skipped photos of a run over msgpack files, once duplicates across files are
+    settled (`_settle_msgpack`)."""
+    settled = _settle_msgpack(out, job, paths, ordered, by_author)
+    skipped, shards = settled["skipped"], settled["shards"]
+    never = np.flatnonzero(~settled["seen"] & keep)
+    file_errors = [e for r in ordered for e in r["file_errors"]]
+    detail = "not in any msgpack shard"
+    if file_errors:
+        detail = f"not in any record read ({len(file_errors)} problems in msgpack files: see file_errors)"
+    skipped += [{"id": _TABLE["ids"][row], "reason": "missing", "detail": detail} for row in never]
+
+    def files_with(reason: str) -> int:
+        return len({e["file"] for e in file_errors if e["reason"] == reason})
+
+    summary = {
+        "written": settled["written"],
+        "skipped_corrupt": settled["skipped_corrupt"],
+        "skipped_missing": len(never),
+        "skipped_unreadable": 0,  # a record cannot be unreadable; its file can (unreadable_files)
+        # Excluded photos count only when the shards actually hold them.
+        "excluded_author": settled["excluded_author"],
+        "excluded_id": settled["excluded_id"],
+        "records": sum(r["records"] for r in ordered),
+        "skipped_unlisted": sum(r["unlisted"] for r in ordered),
+        "skipped_duplicate": settled["skipped_duplicate"],
+        "skipped_malformed": settled["skipped_malformed"],
+        "truncated_files": files_with("truncated"),
+        "damaged_files": files_with("damaged"),
+        "unreadable_files": files_with("unreadable"),
+        "file_errors": file_errors,
+    }
+    summary.update(shards=shards, skipped=skipped)
     return summary
 
 

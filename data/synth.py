@@ -40,7 +40,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from .images import encode_jpeg
-from .sphere import EARTH_RADIUS_KM
+from .sphere import destination_deg, latlon_to_unit
 
 logger = logging.getLogger(__name__)
 
@@ -55,25 +55,6 @@ def load_coordinate_sample() -> np.ndarray:
     with resources.files("geoswc.data").joinpath("assets/mp16_coords_sample.csv").open("r") as f:
         frame = pd.read_csv(f)
     return frame[["LAT", "LON"]].to_numpy(dtype=np.float64)
-
-
-def _unit_vectors(latlon: np.ndarray) -> np.ndarray:
-    lat_rad, lon_rad = np.radians(latlon[:, 0]), np.radians(latlon[:, 1])
-    return np.stack(
-        [np.cos(lat_rad) * np.cos(lon_rad), np.cos(lat_rad) * np.sin(lon_rad), np.sin(lat_rad)], axis=1
-    )
-
-
-def _offset_latlon(latlon: np.ndarray, dist_km: np.ndarray, bearing_rad: np.ndarray) -> np.ndarray:
-    """Destination points ``dist_km`` away along ``bearing_rad`` on the sphere."""
-    lat_rad, lon_rad = np.radians(latlon[:, 0]), np.radians(latlon[:, 1])
-    delta = dist_km / EARTH_RADIUS_KM
-    lat2 = np.arcsin(np.sin(lat_rad) * np.cos(delta) + np.cos(lat_rad) * np.sin(delta) * np.cos(bearing_rad))
-    lon2 = lon_rad + np.arctan2(
-        np.sin(bearing_rad) * np.sin(delta) * np.cos(lat_rad), np.cos(delta) - np.sin(lat_rad) * np.sin(lat2)
-    )
-    lon2 = (lon2 + np.pi) % (2 * np.pi) - np.pi
-    return np.stack([np.degrees(lat2), np.degrees(lon2)], axis=1)
 
 
 @dataclass
@@ -104,7 +85,7 @@ class RegionalField:
 
     def __call__(self, latlon: np.ndarray) -> np.ndarray:
         """``(N, 2)`` degrees -> ``(N, n_params)`` parameters in [0, 1]."""
-        v = _unit_vectors(np.asarray(latlon, dtype=np.float64).reshape(-1, 2))
+        v = latlon_to_unit(np.asarray(latlon, dtype=np.float64).reshape(-1, 2))
         z = np.einsum("nd,pwd->npw", v, self.waves) + self.phases[None]
         s = np.sum(self.amplitudes[None] * np.sin(z), axis=-1)
         return 1.0 / (1.0 + np.exp(-s))
@@ -316,9 +297,11 @@ def make_world(
         else:
             landmark[shows] = rng.integers(0, n_landmarks, size=n_shown)
         latlon = coords[rng.integers(0, len(coords), size=n)]
-        latlon = _offset_latlon(latlon, np.abs(rng.normal(0, 3.0, size=n)), rng.uniform(0, 2 * np.pi, size=n))
+        latlon = destination_deg(
+            latlon, np.abs(rng.normal(0, 3.0, size=n)), rng.uniform(0, 2 * np.pi, size=n)
+        )
         radius = landmark_radius_km * np.sqrt(rng.random(n_shown))
-        latlon[shows] = _offset_latlon(
+        latlon[shows] = destination_deg(
             landmark_latlon[landmark[shows]], radius, rng.uniform(0, 2 * np.pi, n_shown)
         )
         return latlon, landmark

@@ -27,6 +27,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 from .images import flip_left_right, resize_array, short_side_size
+from .validation import check_choice
 
 EVAL_RESIZE_MODES = ("longest", "fixed", "shortest")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
@@ -235,10 +236,7 @@ def build_transform(
         crop_ratio: aspect ratio range of the training crop.
         hflip: probability of a horizontal flip.
     """
-    if eval_resize not in EVAL_RESIZE_MODES:
-        raise ValueError(
-            f"unknown eval_resize {eval_resize!r}; choose one of: {', '.join(EVAL_RESIZE_MODES)}"
-        )
+    check_choice("eval_resize", eval_resize, EVAL_RESIZE_MODES)
     if "mean" not in data_config or "std" not in data_config:
         raise ValueError(
             f"data_config needs 'mean' and 'std' (timm.data.resolve_model_data_config); got {dict(data_config)}"

@@ -21,6 +21,7 @@ from typing import NamedTuple, Union
 import numpy as np
 import pandas as pd
 
+from geoswc.data.validation import choice_error, choose_one_of
 from geoswc.data.metadata import (
     COLUMN_ALIASES,
     normalize_photo_id,
@@ -123,7 +124,7 @@ def published_results(benchmark: str) -> dict:
     """
     key = str(benchmark).lower()
     if key not in PUBLISHED:
-        raise ValueError(f"no published results for {benchmark!r}; choose one of: {', '.join(PUBLISHED)}")
+        raise ValueError(f"no published results for {benchmark!r}; {choose_one_of(PUBLISHED)}")
     return {mode: dict(acc) for mode, acc in PUBLISHED[key].items()}
 
 
@@ -176,12 +177,12 @@ def load_benchmark(
             logger.warning("%s: %d photos, the published %s set has %d", path, len(df), key, info.rows)
         return df
     if path is not None:
-        raise ValueError(f"unknown benchmark {str(name_or_path)!r}; choose one of: {', '.join(BENCHMARKS)}")
+        raise choice_error("benchmark", str(name_or_path), BENCHMARKS)
     candidate = Path(name_or_path)
     if candidate.suffix.lower() == ".csv" or candidate.exists():
         return read_locations(candidate)
     raise ValueError(
-        f"unknown benchmark {str(name_or_path)!r}; choose one of: {', '.join(BENCHMARKS)} (with a path), "
+        f"unknown benchmark {str(name_or_path)!r}; {choose_one_of(BENCHMARKS)} (with a path), "
         "or give the path of a CSV file"
     )
 

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from geoswc.data.metadata import normalize_photo_ids, standardize_locations
-from geoswc.data.sphere import EARTH_RADIUS_KM
+from geoswc.data.sphere import EARTH_RADIUS_KM, haversine_km
 
 logger = logging.getLogger(__name__)
 
@@ -54,37 +54,6 @@ __all__ = [
     "retrieval_metrics",
     "country_scores",
 ]
-
-
-def haversine_km(lat1, lon1, lat2, lon2, *, radius_km: float = EARTH_RADIUS_KM) -> np.ndarray:
-    """Great-circle distance between points given in degrees, vectorised with numpy broadcasting.
-
-    The haversine ``h = sin^2(dlat/2) + cos(lat1) cos(lat2) sin^2(dlon/2)`` is evaluated as
-    ``h = sin^2(dlat/2) cos^2(dlon/2) + cos^2(slat/2) sin^2(dlon/2)`` with ``slat = lat1 + lat2``, and
-    ``1 - h`` by the matching sum ``cos^2(dlat/2) cos^2(dlon/2) + sin^2(slat/2) sin^2(dlon/2)``. Both are sums of
-    non-negative terms, so neither suffers cancellation, and ``2 R atan2(sqrt(h), sqrt(1 - h))`` stays accurate
-    to well below a millimetre for identical, nearby and antipodal points alike (the textbook
-    ``2 R arcsin(sqrt(h))`` loses about 0.1 km near the antipode).
-
-    Args:
-        lat1, lon1: first points in degrees (scalars or arrays).
-        lat2, lon2: second points in degrees, broadcastable against the first.
-        radius_km: sphere radius; the protocol's 6371 km by default.
-
-    Returns:
-        Distances in km, a float64 array of the broadcast shape (0-d for scalar input).
-    """
-    lat1_rad, lon1_rad, lat2_rad, lon2_rad = (
-        np.radians(np.asarray(v, dtype=np.float64)) for v in (lat1, lon1, lat2, lon2)
-    )
-    half_dlat_rad = (lat2_rad - lat1_rad) / 2.0
-    half_dlon_rad = (lon2_rad - lon1_rad) / 2.0
-    half_slat_rad = (lat2_rad + lat1_rad) / 2.0
-    # Squares of sin and cos taken separately (not 1 - sin^2), so neither end of the range cancels.
-    sin2_dlon, cos2_dlon = np.sin(half_dlon_rad) ** 2, np.cos(half_dlon_rad) ** 2
-    h = np.sin(half_dlat_rad) ** 2 * cos2_dlon + np.cos(half_slat_rad) ** 2 * sin2_dlon
-    one_minus_h = np.cos(half_dlat_rad) ** 2 * cos2_dlon + np.sin(half_slat_rad) ** 2 * sin2_dlon
-    return 2.0 * radius_km * np.arctan2(np.sqrt(h), np.sqrt(one_minus_h))
 
 
 def radius_key(radius_km: float) -> str:

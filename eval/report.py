@@ -22,6 +22,7 @@ from typing import Mapping, Optional, Sequence, Union
 import numpy as np
 import pandas as pd
 
+from geoswc.data.files import read_json_object
 from geoswc.eval.benchmarks import normalize_image_ids, standardize_locations
 from geoswc.eval.metrics import EARTH_RADIUS_KM, RADII_KM, haversine_km, radius_key
 from geoswc.eval.report_extras import draw_coverage, extra_sections
@@ -60,14 +61,7 @@ def read_results_json(path: PathLike) -> dict[str, dict]:
         ValueError: not JSON, or a mode whose value is not a score dict.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such file: {path}")
-    try:
-        results = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(results, dict):
-        raise ValueError(f"{path}: expected an object {{mode: scores}}, got {type(results).__name__}")
+    results = read_json_object(path, what="an object {mode: scores}")
     for mode, res in results.items():
         _check_score(mode, res, str(path))
     return results

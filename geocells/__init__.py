@@ -1,6 +1,7 @@
 """Adaptive S2 partitions of the Earth into geographic cells (paper section 3.1)."""
 
-from geoswc.geocells.partition import Geocells, Partition, S2Partitioner
+from geoswc.geocells.partition import Geocells, Partition
+from geoswc.geocells.partitioner import S2Partitioner
 from geoswc.geocells.s2 import (
     cell_id_children,
     cell_id_level,

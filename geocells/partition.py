@@ -9,22 +9,25 @@ Two splitting rules over the same S2 hierarchy:
 * the PlaNet rule the paper follows for its single-partition heads: repeatedly split the most populated cell
   until ``target_cells`` cells exist, deleting children with ``<= min_images`` images.
 
-Everything works on the sorted leaf ids of the photos: a cell is a contiguous range of leaf ids, so counting
-the photos of any candidate cell is two binary searches and no per-point loop is needed.
+This module holds what a fitted partition is: `Partition` (one granularity) and `Geocells` (the partitions
+coarse -> fine with their hierarchy, saved as a cells folder). `S2Partitioner`, which applies the rules, is
+`geoswc.geocells.partitioner` (also importable from here).
 """
 
 from __future__ import annotations
 
 import hashlib
-import heapq
 import json
 import logging
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import Any, List, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
 
+from geoswc.data.files import read_json_object
+from geoswc.data.sphere import unit_to_latlon
+from geoswc.data.validation import check_choice, choose_one_of
 from geoswc.geocells import s2 as gs2
 
 logger = logging.getLogger(__name__)
@@ -39,10 +42,7 @@ def _fingerprint(parts: Sequence[str]) -> str:
 
 def xyz_to_latlng_deg(xyz: np.ndarray) -> np.ndarray:
     """Positions ``(N, 2)`` in degrees of (not necessarily unit) vectors ``(N, 3)``."""
-    xyz = np.asarray(xyz, dtype=np.float64)
-    lat = np.degrees(np.arctan2(xyz[:, 2], np.hypot(xyz[:, 0], xyz[:, 1])))
-    lon = np.degrees(np.arctan2(xyz[:, 1], xyz[:, 0]))
-    return np.stack([lat, lon], axis=1)
+    return unit_to_latlon(np.asarray(xyz, dtype=np.float64))
 
 
 def _nearest_rows(query_xyz: np.ndarray, target_xyz: np.ndarray) -> np.ndarray:
@@ -318,10 +318,7 @@ class Geocells:
         names = [p.name for p in self.partitions]
         if len(set(names)) != len(names):
             raise ValueError(f"partition names must be unique, got {names}")
-        if fallback not in self.FALLBACKS:
-            raise ValueError(
-                f"unknown hierarchy fallback {fallback!r}; choose one of: {', '.join(self.FALLBACKS)}"
-            )
+        check_choice("hierarchy fallback", fallback, self.FALLBACKS)
         self.fallback = fallback
         self.settings = dict(settings or {})
         self.hierarchy = self._build_hierarchy()
@@ -350,7 +347,7 @@ class Geocells:
         for part in self.partitions:
             if part.name == name:
                 return part
-        raise ValueError(f"no partition {name!r} in these cells; choose one of: {', '.join(self.names)}")
+        raise ValueError(f"no partition {name!r} in these cells; {choose_one_of(self.names)}")
 
     def select(self, names: Sequence[str]) -> "Geocells":
         """The named partitions alone, coarse -> fine in this object's order, with their own hierarchy (the
@@ -475,12 +472,7 @@ class Geocells:
             raise FileNotFoundError(
                 f"geocells.json not found in {directory} (build cells with: geoswc cells build)"
             )
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{meta_path}: not valid JSON ({err})") from None
-        if not isinstance(meta, dict):
-            raise ValueError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
+        meta = read_json_object(meta_path)
         if not isinstance(meta.get("fingerprint"), str):
             raise ValueError(f"{meta_path}: 'fingerprint' must be a string, got {meta.get('fingerprint')!r}")
         entries = meta.get("partitions")
@@ -504,10 +496,7 @@ class Geocells:
             directory, hierarchy.get("file", "hierarchy.csv"), what="hierarchy file", source=meta_path
         )
         fallback = hierarchy.get("fallback", "none")
-        if fallback not in Geocells.FALLBACKS:
-            raise ValueError(
-                f"{meta_path}: unknown hierarchy fallback {fallback!r}; choose one of: {', '.join(Geocells.FALLBACKS)}"
-            )
+        check_choice("hierarchy fallback", fallback, Geocells.FALLBACKS, source=meta_path)
         settings = meta.get("settings")
         if settings is not None and not isinstance(settings, dict):
             raise ValueError(f"{meta_path}: 'settings' must be an object, got {settings!r}")
@@ -579,211 +568,11 @@ class Geocells:
         return cls(parts, fallback=fallback, settings={"source": [str(p) for p in paths]})
 
 
-class S2Partitioner:
-    """Builds adaptive S2 partitions from photo positions (scikit-learn style).
+def __getattr__(name: str):
+    # S2Partitioner moved to geoswc.geocells.partitioner, which builds on this module; imported on first use
+    # so that both import paths name the same class.
+    if name == "S2Partitioner":
+        from geoswc.geocells.partitioner import S2Partitioner
 
-    Args:
-        min_images: Cells with ``<= min_images`` photos are deleted (their photos get no label).
-        max_images: One partition per value by the GeoEstimation rule: cells with more photos are split.
-            May be empty when ``target_cells`` is given.
-        start_level: S2 level of the initial cells.
-        target_cells: If set, add one partition per value by the PlaNet rule (split the most populated cell
-            until at least this many cells exist; each split adds up to three cells, so the result has at most
-            ``target + 2`` cells). Named ``cells_<min>_n<target>``.
-        fallback: Hierarchy rule for fine cells without a containing coarse cell, see `Geocells`.
-
-    All partitions are ordered coarse -> fine by their number of cells; the finest one defines the fine
-    classes. The usual combinations are ``max_images=(5000, 2000, 1000)`` (hierarchical heads) and
-    ``max_images=(), target_cells=32000`` (one partition for the CE or MvMF head); mixing both puts the
-    target partition wherever its cell count falls, with the hierarchy found by containment.
-
-    Attributes:
-        geocells_: The fitted `Geocells`.
-        n_images_: Number of photos `fit` was given.
-    """
-
-    def __init__(
-        self,
-        min_images: int = 50,
-        max_images: Sequence[int] = (5000, 2000, 1000),
-        start_level: int = 2,
-        target_cells: Union[None, int, Sequence[int]] = None,
-        fallback: str = "none",
-    ):
-        self.min_images = min_images
-        self.max_images = max_images
-        self.start_level = start_level
-        self.target_cells = target_cells
-        self.fallback = fallback
-
-    def _validated(self) -> Tuple[int, Tuple[int, ...], int, Tuple[int, ...]]:
-        min_images = int(self.min_images)
-        if min_images < 0:
-            raise ValueError(f"min_images must be >= 0, got {self.min_images!r}")
-        max_values = (
-            ()
-            if self.max_images is None
-            else ((self.max_images,) if np.isscalar(self.max_images) else tuple(self.max_images))
-        )
-        max_values = tuple(int(m) for m in max_values)
-        for m in max_values:
-            if m <= min_images:
-                raise ValueError(f"max_images {m} must be larger than min_images {min_images}")
-        targets = (
-            ()
-            if self.target_cells is None
-            else ((self.target_cells,) if np.isscalar(self.target_cells) else tuple(self.target_cells))
-        )
-        targets = tuple(int(t) for t in targets)
-        for t in targets:
-            if t < 1:
-                raise ValueError(f"target_cells must be >= 1, got {t}")
-        if not max_values and not targets:
-            raise ValueError("give at least one max_images value or a target_cells value")
-        if len(set(max_values)) != len(max_values) or len(set(targets)) != len(targets):
-            raise ValueError(f"duplicate granularity in max_images={max_values} / target_cells={targets}")
-        if not 0 <= int(self.start_level) <= gs2.MAX_LEVEL:
-            raise ValueError(f"start_level {self.start_level!r} is outside [0, {gs2.MAX_LEVEL}]")
-        if self.fallback not in Geocells.FALLBACKS:
-            raise ValueError(
-                f"unknown hierarchy fallback {self.fallback!r}; choose one of: {', '.join(Geocells.FALLBACKS)}"
-            )
-        return min_images, max_values, int(self.start_level), targets
-
-    def fit(self, lat, lon) -> "S2Partitioner":
-        """Partition the Earth for photos at ``lat``/``lon`` (degrees); sets ``geocells_``."""
-        min_images, max_values, start_level, targets = self._validated()
-        lat = np.asarray(lat, dtype=np.float64).reshape(-1)
-        lon = np.asarray(lon, dtype=np.float64).reshape(-1)
-        if lat.size == 0:
-            raise ValueError("no coordinates to partition")
-        leaves, xyz = gs2.latlng_to_cell_id_and_xyz(lat, lon)
-        order = np.argsort(leaves)
-        sorted_leaves = leaves[order]
-        del leaves
-        # Prefix sums of the unit vectors in leaf order: the vector sum of any cell (a contiguous range of
-        # sorted leaves) is then one subtraction. The absolute error, about 1e-9 after millions of photos,
-        # moves a centre of a 50-photo cell by well under a millimetre.
-        prefix_xyz = np.zeros((lat.size + 1, 3), dtype=np.float64)
-        for k in range(3):
-            np.cumsum(np.take(xyz[:, k], order), out=prefix_xyz[1:, k])
-        del xyz, order
-        start = _unique_sorted(gs2.cell_id_parent(sorted_leaves, start_level))
-
-        built = []
-        for m in max_values:
-            cells = _split_by_max(sorted_leaves, start, min_images=min_images, max_images=m)
-            built.append((f"cells_{min_images}_{m}", cells))
-        for t in targets:
-            cells = _split_to_target(sorted_leaves, start, min_images=min_images, target_cells=t)
-            built.append((f"cells_{min_images}_n{t}", cells))
-
-        partitions = []
-        for name, cells in built:
-            if cells.size == 0:
-                raise ValueError(
-                    f"{name}: no cell holds more than min_images={min_images} of the {lat.size} photos"
-                )
-            partitions.append(
-                _partition_from_cells(name, cells, sorted_leaves, prefix_xyz, num_images=lat.size)
-            )
-            logger.info(
-                "%s: %d cells, %d of %d photos", name, len(cells), partitions[-1].counts.sum(), lat.size
-            )
-        partitions.sort(key=len)
-        settings = {
-            "min_images": min_images,
-            "max_images": list(max_values),
-            "start_level": start_level,
-            "target_cells": list(targets) or None,
-            "num_images": int(lat.size),
-        }
-        self.n_images_ = int(lat.size)
-        self.geocells_ = Geocells(partitions, fallback=self.fallback, settings=settings)
-        return self
-
-
-def _unique_sorted(values: np.ndarray) -> np.ndarray:
-    if values.size == 0:
-        return values
-    keep = np.empty(values.size, dtype=bool)
-    keep[0] = True
-    np.not_equal(values[1:], values[:-1], out=keep[1:])
-    return values[keep]
-
-
-def _count(sorted_leaves: np.ndarray, cells: np.ndarray) -> np.ndarray:
-    lo, hi = gs2.cell_id_range(cells)
-    return np.searchsorted(sorted_leaves, hi, side="right") - np.searchsorted(sorted_leaves, lo, side="left")
-
-
-def _split_by_max(
-    sorted_leaves: np.ndarray, start: np.ndarray, *, min_images: int, max_images: int
-) -> np.ndarray:
-    """GeoEstimation rule, level by level. A cell with <= min_images is never split (min < max), so
-    dropping small cells at every level equals dropping them before and after the splitting."""
-    final = []
-    cells = start
-    level = int(gs2.cell_id_level(start[:1])[0]) if start.size else 0
-    while cells.size:
-        counts = _count(sorted_leaves, cells)
-        keep = counts > min_images
-        cells, counts = cells[keep], counts[keep]
-        split = counts > max_images if level < gs2.MAX_LEVEL else np.zeros(len(cells), dtype=bool)
-        final.append(cells[~split])
-        cells = gs2.cell_id_children(cells[split]).reshape(-1)
-        level += 1
-    return np.sort(np.concatenate(final)) if final else np.empty(0, dtype=np.uint64)
-
-
-def _split_to_target(
-    sorted_leaves: np.ndarray, start: np.ndarray, *, min_images: int, target_cells: int
-) -> np.ndarray:
-    """PlaNet rule: split the most populated cell until ``target_cells`` cells exist.
-
-    Children with <= min_images photos are deleted. A cell none of whose children would survive (or a leaf
-    cell) is kept whole and not tried again. Ties in the count are broken by the smaller cell id.
-    """
-    counts = _count(sorted_leaves, start)
-    keep = counts > min_images
-    heap = [(-int(c), int(cid)) for cid, c in zip(start[keep].tolist(), counts[keep].tolist())]
-    heapq.heapify(heap)
-    done = []
-    n_cells = len(heap)
-    while n_cells < target_cells and heap:
-        neg_count, cid = heapq.heappop(heap)
-        lsb = cid & -cid
-        if lsb == 1:
-            done.append(cid)
-            continue
-        child_lsb = lsb >> 2
-        children = [cid - lsb + child_lsb * (2 * k + 1) for k in range(4)]
-        lo = np.array([c - child_lsb + 1 for c in children], dtype=np.uint64)
-        hi = np.array([c + child_lsb - 1 for c in children], dtype=np.uint64)
-        child_counts = np.searchsorted(sorted_leaves, hi, side="right") - np.searchsorted(sorted_leaves, lo)
-        survivors = [(int(n), c) for n, c in zip(child_counts.tolist(), children) if n > min_images]
-        if not survivors:
-            done.append(cid)
-            continue
-        for n, c in survivors:
-            heapq.heappush(heap, (-n, c))
-        n_cells += len(survivors) - 1
-    if n_cells < target_cells:
-        logger.warning(
-            "only %d cells can be made with min_images=%d (target %d)", n_cells, min_images, target_cells
-        )
-    cells = np.array([c for _, c in heap] + done, dtype=np.uint64)
-    return np.sort(cells)
-
-
-def _partition_from_cells(
-    name: str, cells: np.ndarray, sorted_leaves: np.ndarray, prefix_xyz: np.ndarray, *, num_images: int
-) -> Partition:
-    """Counts and spherical-mean centres of sorted disjoint ``cells``."""
-    lo, hi = gs2.cell_id_range(cells)
-    first = np.searchsorted(sorted_leaves, lo, side="left")
-    end = np.searchsorted(sorted_leaves, hi, side="right")
-    sums = prefix_xyz[end] - prefix_xyz[first]
-    return Partition(
-        cells, counts=end - first, centers_deg=xyz_to_latlng_deg(sums), name=name, num_images=num_images
-    )
+        return S2Partitioner
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

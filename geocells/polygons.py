@@ -13,20 +13,13 @@ from typing import List, Tuple
 
 import numpy as np
 
+from geoswc.data.sphere import slerp_arc, unit_to_latlon
+
 __all__ = ["cell_polygon"]
 
 # Points per edge, the first vertex included: enough for a level-2 cell (about 2,500 km across) to bend
 # smoothly, cheap for the small cells of a fine partition.
 EDGE_POINTS = 8
-
-
-def _slerp(a: np.ndarray, b: np.ndarray, n: int) -> np.ndarray:
-    """``n`` points of the great-circle arc from unit vector ``a`` towards ``b`` (``b`` excluded)."""
-    omega = np.arccos(np.clip(np.dot(a, b), -1.0, 1.0))
-    t = np.arange(n)[:, None] / n
-    if omega < 1e-12:
-        return np.repeat(a[None], n, axis=0)
-    return (np.sin((1 - t) * omega) * a + np.sin(t * omega) * b) / np.sin(omega)
 
 
 @lru_cache(maxsize=4096)
@@ -50,9 +43,8 @@ def cell_polygon(token: str, edge_points: int = EDGE_POINTS) -> Tuple[Tuple[floa
     for k in range(4):
         v = cell.GetVertex(k)
         vertices.append(np.array([v.x(), v.y(), v.z()]) / np.sqrt(v.x() ** 2 + v.y() ** 2 + v.z() ** 2))
-    points = np.concatenate([_slerp(vertices[k], vertices[(k + 1) % 4], edge_points) for k in range(4)])
-    lat = np.degrees(np.arcsin(np.clip(points[:, 2], -1.0, 1.0)))
-    lon = np.degrees(np.arctan2(points[:, 1], points[:, 0]))
+    points = np.concatenate([slerp_arc(vertices[k], vertices[(k + 1) % 4], edge_points) for k in range(4)])
+    lat, lon = unit_to_latlon(points, assume_unit=True).T
     # Unwrap so the outline never jumps by a whole turn.
     lon = lon[0] + np.concatenate([[0.0], np.cumsum((np.diff(lon) + 180.0) % 360.0 - 180.0)])
     out: List[Tuple[float, float]] = [(round(float(a), 6), round(float(b), 6)) for a, b in zip(lat, lon)]

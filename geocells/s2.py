@@ -17,6 +17,8 @@ from typing import Iterable, Tuple
 
 import numpy as np
 
+from geoswc.data.sphere import lat_lon_to_unit
+
 logger = logging.getLogger(__name__)
 
 MAX_LEVEL = 30
@@ -77,11 +79,7 @@ def _as_degrees(lat, lon) -> Tuple[np.ndarray, np.ndarray]:
 
 def latlng_to_xyz(lat, lon) -> np.ndarray:
     """Unit vectors ``(..., 3)`` of positions in degrees, computed as ``S2LatLng::ToPoint`` does."""
-    lat, lon = _as_degrees(lat, lon)
-    lat_rad = lat * (np.pi / 180)
-    lon_rad = lon * (np.pi / 180)
-    cos_lat = np.cos(lat_rad)
-    return np.stack([np.cos(lon_rad) * cos_lat, np.sin(lon_rad) * cos_lat, np.sin(lat_rad)], axis=-1)
+    return lat_lon_to_unit(*_as_degrees(lat, lon))
 
 
 def _uv_to_st(u: np.ndarray) -> np.ndarray:

@@ -15,6 +15,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import yaml
 
+from geoswc.data.validation import check_choice, choose_one_of
+
 
 # What every saved config.yaml says first: how to read its batch sizes.
 YAML_HEADER = (
@@ -164,7 +166,7 @@ class Config:
         for section, values in (data or {}).items():
             if not hasattr(out, section) or not dataclasses.is_dataclass(getattr(out, section)):
                 raise ValueError(
-                    f"unknown config section {section!r} in {source}; choose one of: {', '.join(_sections())}"
+                    f"unknown config section {section!r} in {source}; {choose_one_of(_sections())}"
                 )
             current = getattr(out, section)
             if not isinstance(values, dict):
@@ -173,9 +175,7 @@ class Config:
             updates = {}
             for key, value in values.items():
                 if key not in names:
-                    raise ValueError(
-                        f"unknown setting {section}.{key} in {source}; choose one of: {', '.join(names)}"
-                    )
+                    raise ValueError(f"unknown setting {section}.{key} in {source}; {choose_one_of(names)}")
                 if isinstance(value, list):
                     value = tuple(value)
                 updates[key] = value
@@ -224,8 +224,7 @@ def available_presets() -> List[str]:
 
 def load_preset(name: str) -> Config:
     """The configuration of a named preset shipped with the package (``paper``, ``tiny``)."""
-    if name not in available_presets():
-        raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(available_presets())}")
+    check_choice("preset", name, available_presets())
     text = resources.files("geoswc").joinpath("presets", f"{name}.yaml").read_text()
     return Config().merge(yaml.safe_load(text) or {}, source=f"preset {name}")
 

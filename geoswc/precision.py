@@ -29,6 +29,8 @@ from typing import Callable, FrozenSet, Optional, Union
 import torch
 from torch import nn
 
+from geoswc.data.validation import check_choice
+
 logger = logging.getLogger(__name__)
 
 PRECISION_MODES = ("auto", "fp32", "bf16", "fp16")
@@ -64,9 +66,7 @@ def check_precision_mode(mode: str) -> str:
     Raises:
         ValueError: naming the mode and the valid choices.
     """
-    if mode not in PRECISION_MODES:
-        raise ValueError(f"unknown precision mode {mode!r}; choose one of: {', '.join(PRECISION_MODES)}")
-    return mode
+    return check_choice("precision mode", mode, PRECISION_MODES)
 
 
 def resolve_dtype(mode: str, device: Union[str, torch.device]) -> torch.dtype:
@@ -137,8 +137,7 @@ def use_compile(mode: Union[str, bool, None], device: Union[str, torch.device]) 
     if isinstance(mode, bool):
         return mode
     mode = "auto" if mode is None else mode
-    if mode not in COMPILE_MODES:
-        raise ValueError(f"unknown compile mode {mode!r}; choose one of: {', '.join(COMPILE_MODES)}")
+    check_choice("compile mode", mode, COMPILE_MODES)
     if mode == "auto":
         return torch.device(device).type == "cuda"
     return mode == "on"

@@ -29,6 +29,8 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from geoswc.data.validation import check_choice
+
 logger = logging.getLogger(__name__)
 
 RUNTIMES = ("auto", "torch", "onnx")
@@ -53,9 +55,7 @@ def check_runtime(runtime: str) -> str:
     Raises:
         ValueError: naming the runtime and the valid choices.
     """
-    if runtime not in RUNTIMES:
-        raise ValueError(f"unknown runtime {runtime!r}; choose one of: {', '.join(RUNTIMES)}")
-    return runtime
+    return check_choice("runtime", runtime, RUNTIMES)
 
 
 def resolve_runtime(

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from geoswc.classifiers import load_head
 from geoswc.data.features import FeatureCache
 from geoswc.data.metadata import Exclusions
+from geoswc.data.validation import check_choice
 from geoswc.geocells import Geocells
 from geoswc.retrieval.index import INDEX_DTYPES, BackgroundIndex
 from geoswc.retrieval.model import load_retrieval
@@ -75,10 +76,8 @@ def build_background(
         ValueError: an unknown ``dtype`` or ``background``, no head for ``placeable``, or parts that do not fit
             the cache (named).
     """
-    if dtype not in INDEX_DTYPES:
-        raise ValueError(f"unknown index dtype {dtype!r}; choose one of: {', '.join(INDEX_DTYPES)}")
-    if background not in BACKGROUNDS:
-        raise ValueError(f"unknown background {background!r}; choose one of: {', '.join(BACKGROUNDS)}")
+    check_choice("index dtype", dtype, INDEX_DTYPES)
+    check_choice("background", background, BACKGROUNDS)
     if background == "placeable" and head_path is None:
         raise ValueError(
             "the placeable background needs a head (its top-1 cell decides); or use background 'all'"
@@ -99,14 +98,7 @@ def build_background(
     column = head.label_columns[-1] if head is not None else len(cells.partitions) - 1
     fine = cache.labels[:, column]
     module = load_retrieval(retrieval_path, fingerprint=fingerprint)
-    parts = [("retrieval module", module.dim)]
-    if head is not None:
-        parts.insert(0, ("head", int(head.in_features)))
-    for name, size in parts:
-        if size != dim:
-            raise ValueError(
-                f"the {name} expects {size}-dimensional features but the cache holds {dim}-dimensional"
-            )
+    _check_feature_width(head, module, dim)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if head is not None:
         head.to(device).eval()
@@ -123,22 +115,18 @@ def build_background(
     staging = np.lib.format.open_memmap(
         staging_path, mode="w+", dtype=dtype, shape=(max(len(candidates), 1), dim)
     )
-    kept_rows = []
-    count = 0
-    for start in tqdm(range(0, len(candidates), batch_size), desc=background, unit="batch"):
-        rows = candidates[start : start + batch_size]
-        x = torch.from_numpy(np.asarray(features[rows], dtype=np.float32)).to(device)
-        if head is None:
-            placed = np.ones(len(rows), bool)
-        else:
-            top1 = head.fine_log_probs(head(x)).argmax(dim=1).cpu().numpy()
-            placed = top1 == fine[rows]
-        if placed.any():
-            emb = module(x[torch.from_numpy(placed).to(device)]).cpu().numpy()
-            staging[count : count + len(emb)] = emb
-            count += len(emb)
-            kept_rows.append(rows[placed])
-    kept = np.concatenate(kept_rows) if kept_rows else np.zeros(0, np.int64)
+    kept = _embed_placed(
+        features,
+        candidates,
+        fine,
+        staging,
+        head=head,
+        module=module,
+        device=device,
+        batch_size=batch_size,
+        desc=background,
+    )
+    count = len(kept)
     staging.flush()
 
     index = BackgroundIndex(dtype=dtype).build(
@@ -175,3 +163,48 @@ def build_background(
     (out_dir / "build_report.json").write_text(json.dumps(report, indent=2) + "\n")
     logger.info("background: kept %d of %d photos", count, n)
     return report
+
+
+def _check_feature_width(head, module, dim: int) -> None:
+    """Raise ValueError when the head or the retrieval module expects features of another width."""
+    parts = [("retrieval module", module.dim)]
+    if head is not None:
+        parts.insert(0, ("head", int(head.in_features)))
+    for name, size in parts:
+        if size != dim:
+            raise ValueError(
+                f"the {name} expects {size}-dimensional features but the cache holds {dim}-dimensional"
+            )
+
+
+@torch.no_grad()
+def _embed_placed(
+    features,
+    candidates: np.ndarray,
+    fine: np.ndarray,
+    staging: np.ndarray,
+    *,
+    head,
+    module,
+    device,
+    batch_size: int,
+    desc: str,
+) -> np.ndarray:
+    """Embed the ``candidates`` rows the head places in their own fine cell (all of them without a head) into
+    ``staging``, in order; returns the rows kept."""
+    kept_rows = []
+    count = 0
+    for start in tqdm(range(0, len(candidates), batch_size), desc=desc, unit="batch"):
+        rows = candidates[start : start + batch_size]
+        x = torch.from_numpy(np.asarray(features[rows], dtype=np.float32)).to(device)
+        if head is None:
+            placed = np.ones(len(rows), bool)
+        else:
+            top1 = head.fine_log_probs(head(x)).argmax(dim=1).cpu().numpy()
+            placed = top1 == fine[rows]
+        if placed.any():
+            emb = module(x[torch.from_numpy(placed).to(device)]).cpu().numpy()
+            staging[count : count + len(emb)] = emb
+            count += len(emb)
+            kept_rows.append(rows[placed])
+    return np.concatenate(kept_rows) if kept_rows else np.zeros(0, np.int64)

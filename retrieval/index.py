@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
@@ -27,56 +26,54 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from geoswc.data.validation import check_choice
+from geoswc.retrieval.index_files import (
+    FORMAT_VERSION,
+    INDEX_DTYPES,
+    INDEX_FILES,
+    index_files,
+    partition_files,
+    read_cell_idx,
+    read_embeddings,
+    read_ids,
+    read_index_meta,
+    read_latlon,
+    read_offsets,
+    read_partition_table,
+)
+from geoswc.retrieval.topk import (
+    FAISS_INSTALL,
+    SEARCH_MODES,
+    binary_topk,
+    brute_force_topk,
+    build_faiss_index,
+    faiss_available,
+    faiss_factory,
+    faiss_missing,
+    import_faiss,
+    is_torch,
+    merge_topk,
+    recall_at_k,
+    sign_codes,
+)
+
+__all__ = [
+    "FAISS_INSTALL",
+    "FORMAT_VERSION",
+    "INDEX_DTYPES",
+    "INDEX_FILES",
+    "SEARCH_BACKENDS",
+    "SEARCH_MODES",
+    "BackgroundIndex",
+    "import_faiss",
+    "index_files",
+    "partition_files",
+    "recall_at_k",
+]
+
 logger = logging.getLogger(__name__)
 
-INDEX_DTYPES = ("float16", "float32")
-SEARCH_MODES = ("flat", "ivf", "sq8", "pq", "binary")
-FAISS_INSTALL = 'pip install "geoswc[faiss]"  (or: pip install faiss-cpu)'
-# 2: index.json names the partition the rows are sorted by and the tables of other partitions (optional).
-FORMAT_VERSION = 2
-# The files of an index folder (`BackgroundIndex.save`), what a model folder checksums; each extra partition
-# adds two (`partition_files`, `index_files`).
-INDEX_FILES = ("index.json", "embeddings.npy", "offsets.npy", "cell_idx.npy", "latlon.npy", "ids.txt")
-_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}")
-_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
-
-
-def import_faiss():
-    """Import faiss or raise with the install command."""
-    try:
-        import faiss
-    except ImportError as err:
-        raise ImportError(
-            f"this search mode needs faiss, which is not installed; run: {FAISS_INSTALL}"
-        ) from err
-    return faiss
-
-
-def _is_torch(x) -> bool:
-    return type(x).__module__.startswith("torch")
-
-
-def partition_files(name: str) -> Tuple[str, str]:
-    """The files of an extra partition's table: rows sorted by its cells, and its offsets.
-
-    Raises:
-        ValueError: a name that cannot be a file name inside the index folder.
-    """
-    if not isinstance(name, str) or not _SAFE_NAME.fullmatch(name) or ".." in name:
-        raise ValueError(
-            f"partition name {name!r} cannot name an index file; use letters, digits, '_', '-' and '.' "
-            "(not '..'), starting with a letter or digit"
-        )
-    return f"partition_{name}_rows.npy", f"partition_{name}_offsets.npy"
-
-
-def index_files(directory: Union[str, Path]) -> list:
-    """Every file of a saved index folder, as its validated ``index.json`` names them (relative names)."""
-    meta = _read_index_meta(Path(directory) / "index.json")
-    files = list(INDEX_FILES)
-    for name in meta.get("partitions") or {}:
-        files += list(partition_files(name))
-    return files
+SEARCH_BACKENDS = ("auto", "faiss", "numpy")
 
 
 class BackgroundIndex:
@@ -91,8 +88,7 @@ class BackgroundIndex:
     """
 
     def __init__(self, *, dtype: str = "float16", chunk_size: int = 1 << 16) -> None:
-        if dtype not in INDEX_DTYPES:
-            raise ValueError(f"unknown index dtype {dtype!r}; choose one of: {', '.join(INDEX_DTYPES)}")
+        check_choice("index dtype", dtype, INDEX_DTYPES)
         self.dtype = dtype
         self.chunk_size = int(chunk_size)
         self.embeddings: Optional[np.ndarray] = None
@@ -139,7 +135,7 @@ class BackgroundIndex:
             partition: Name of the partition ``cell_idx`` refers to (default: unnamed, the finest of the
                 model's cells).
         """
-        if _is_torch(embeddings):
+        if is_torch(embeddings):
             embeddings = embeddings.detach().cpu().numpy()
         if getattr(embeddings, "ndim", None) != 2:
             raise ValueError(f"embeddings must be (N, D), got shape {getattr(embeddings, 'shape', None)}")
@@ -349,87 +345,14 @@ class BackgroundIndex:
         meta_path = directory / "index.json"
         if not meta_path.is_file():
             raise FileNotFoundError(f"no background index at {directory} (missing index.json)")
-        meta = _read_index_meta(meta_path)
-        count, dim, n_cells = meta["count"], meta["dim"], meta["n_cells"]
+        meta = read_index_meta(meta_path)
+        count, n_cells = meta["count"], meta["n_cells"]
         index = cls(dtype=meta["dtype"])
-
-        path = directory / "embeddings.npy"
-        embeddings = _load_npy(path, mmap_mode="r" if mmap else None)
-        if embeddings.ndim != 2 or embeddings.shape[0] != count or embeddings.shape[1] != dim:
-            raise ValueError(
-                f"{path}: shape {embeddings.shape}, but {meta_path} records {count} rows of dim {dim}"
-            )
-        if str(embeddings.dtype) != meta["dtype"]:
-            raise ValueError(f"{path}: dtype {embeddings.dtype}, but {meta_path} records {meta['dtype']}")
-
-        path = directory / "offsets.npy"
-        offsets = _load_npy(path)
-        if offsets.ndim != 1 or not np.issubdtype(offsets.dtype, np.integer):
-            raise ValueError(
-                f"{path}: expected a 1-D integer array, got {offsets.dtype} of shape {offsets.shape}"
-            )
-        if len(offsets) != n_cells + 1:
-            raise ValueError(
-                f"{path}: {len(offsets)} entries, but an index of {n_cells} cells ({meta_path}) needs {n_cells + 1}"
-            )
-        offsets = offsets.astype(np.int64)
-        if offsets[0] != 0:
-            raise ValueError(f"{path}: offsets must start at 0, got {int(offsets[0])}")
-        drops = np.flatnonzero(np.diff(offsets) < 0)
-        if len(drops):
-            c = int(drops[0])
-            raise ValueError(
-                f"{path}: offsets must be non-decreasing, but cell {c} starts at row {int(offsets[c])} and "
-                f"ends at row {int(offsets[c + 1])}"
-            )
-        if offsets[-1] != count:
-            raise ValueError(
-                f"{path}: offsets end at row {int(offsets[-1])}, but they must end at the row count {count}"
-            )
-
-        path = directory / "cell_idx.npy"
-        cell_idx = _load_npy(path)
-        if cell_idx.shape != (count,) or not np.issubdtype(cell_idx.dtype, np.integer):
-            raise ValueError(
-                f"{path}: expected {count} integer cells (one per row), got {cell_idx.dtype} of shape {cell_idx.shape}"
-            )
-        expected = np.repeat(np.arange(n_cells, dtype=np.int64), np.diff(offsets))
-        wrong = np.flatnonzero(cell_idx != expected)
-        if len(wrong):
-            r = int(wrong[0])
-            raise ValueError(
-                f"{path}: row {r} is in cell {int(cell_idx[r])}, but offsets.npy puts it in cell {int(expected[r])}; "
-                "the rows must be sorted by cell as the offsets say"
-            )
-
-        path = directory / "latlon.npy"
-        latlon = _load_npy(path)
-        if latlon.shape != (count, 2) or not np.issubdtype(latlon.dtype, np.floating):
-            raise ValueError(
-                f"{path}: expected float coordinates of shape ({count}, 2), got {latlon.dtype} of shape {latlon.shape}"
-            )
-        for col, name, limit in ((0, "latitude", 90.0), (1, "longitude", 180.0)):
-            bad = np.flatnonzero(~(np.abs(latlon[:, col]) <= limit))
-            if len(bad):
-                r = int(bad[0])
-                raise ValueError(
-                    f"{path}: row {r} has {name} {latlon[r, col]!r}, outside [-{limit:g}, {limit:g}] degrees"
-                )
-
-        path = directory / "ids.txt"
-        if not path.is_file():
-            raise FileNotFoundError(f"background index {directory} has no ids.txt")
-        try:
-            text = path.read_text()
-        except UnicodeDecodeError as err:
-            raise ValueError(f"{path}: not readable text ({err})") from None
-        # One id per line, as save writes them; split on newlines only (splitlines would also split ids
-        # holding form feeds or Unicode line separators).
-        ids = text.split("\n")
-        if ids and ids[-1] == "":
-            ids.pop()
-        if len(ids) != count:
-            raise ValueError(f"{path}: {len(ids)} ids, but the index has {count} rows")
+        embeddings = read_embeddings(directory, meta, mmap=mmap)
+        offsets = read_offsets(directory, n_cells=n_cells, count=count)
+        cell_idx = read_cell_idx(directory, offsets)
+        latlon = read_latlon(directory, count)
+        ids = read_ids(directory, count)
 
         index.embeddings = embeddings
         index.offsets = offsets
@@ -440,7 +363,7 @@ class BackgroundIndex:
         index.config = meta.get("config") or {}
         index.partition = meta.get("partition")
         for name, entry in (meta.get("partitions") or {}).items():
-            index._tables[name] = _load_table(directory, name, entry, count)
+            index._tables[name] = read_partition_table(directory, name, entry, count)
         index._directory = directory
         index.check_compatible(fingerprint=fingerprint)
         return index
@@ -485,8 +408,8 @@ class BackgroundIndex:
         self._check_queries(queries)
         table_rows, offsets = self._table(partition)
         n_cells = len(offsets) - 1
-        torch_in = _is_torch(queries)
-        cells_np = np.asarray(cells.cpu() if _is_torch(cells) else cells, dtype=np.int64)
+        torch_in = is_torch(queries)
+        cells_np = np.asarray(cells.cpu() if is_torch(cells) else cells, dtype=np.int64)
         q = queries.shape[0]
         if cells_np.ndim == 1:
             cells_np = cells_np[:, None]
@@ -515,7 +438,7 @@ class BackgroundIndex:
             )
         if t == 1:
             return sims, rows
-        return _merge_topk(sims.reshape(q, t * k), rows.reshape(q, t * k), k)
+        return merge_topk(sims.reshape(q, t * k), rows.reshape(q, t * k), k)
 
     def _groups(self, flat_cells: np.ndarray, offsets: np.ndarray, table_rows: Optional[np.ndarray]):
         """``(members, rows)`` per searched cell holding photos: the positions in ``flat_cells`` asking for it
@@ -590,36 +513,27 @@ class BackgroundIndex:
         Returns:
             ``(sims (Q, k), rows (Q, k))`` as numpy arrays, best first; -inf / -1 where fewer than k rows exist.
         """
-        if mode not in SEARCH_MODES:
-            raise ValueError(f"unknown search mode {mode!r}; choose one of: {', '.join(SEARCH_MODES)}")
-        if backend not in ("auto", "faiss", "numpy"):
-            raise ValueError(f"unknown backend {backend!r}; choose one of: auto, faiss, numpy")
+        check_choice("search mode", mode, SEARCH_MODES)
+        check_choice("backend", backend, SEARCH_BACKENDS)
         if int(k) < 1:
             raise ValueError(f"k must be >= 1, got {k}")
-        if _is_torch(queries):
+        if is_torch(queries):
             queries = queries.detach().cpu().numpy()
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         self._check_queries(queries)
         if backend == "auto":
-            try:
-                import faiss  # noqa: F401
-
-                backend = "faiss"
-            except ImportError:
-                backend = "numpy"
+            backend = "faiss" if faiss_available() else "numpy"
         if backend == "numpy":
             if mode == "flat":
-                return _brute_force_topk(self.embeddings, queries, int(k), self.chunk_size)
+                return brute_force_topk(self.embeddings, queries, int(k), self.chunk_size)
             if mode == "binary":
-                return _binary_topk(self.binary_codes(), _sign_codes(queries), int(k), self.dim)
-            raise ImportError(
-                f"search mode {mode!r} needs faiss, which is not installed; run: {FAISS_INSTALL}"
-            )
+                return binary_topk(self.binary_codes(), sign_codes(queries), int(k), self.dim)
+            raise faiss_missing(f"search mode {mode!r}")
         searcher = self.faiss_index(mode, **options)
         if mode == "ivf":
             searcher.nprobe = int(options.get("nprobe", 16))
         if mode == "binary":
-            dist, rows = searcher.search(_sign_codes(queries), int(k))
+            dist, rows = searcher.search(sign_codes(queries), int(k))
             sims = np.where(rows >= 0, 1.0 - 2.0 * dist / self.dim, -np.inf).astype(np.float32)
         else:
             sims, rows = searcher.search(queries, int(k))
@@ -631,7 +545,7 @@ class BackgroundIndex:
         key = ("codes",)
         if key not in self._searchers:
             parts = [
-                _sign_codes(np.asarray(self.embeddings[s : s + self.chunk_size], dtype=np.float32))
+                sign_codes(np.asarray(self.embeddings[s : s + self.chunk_size], dtype=np.float32))
                 for s in range(0, len(self), self.chunk_size)
             ]
             self._searchers[key] = (
@@ -656,201 +570,21 @@ class BackgroundIndex:
         if key in self._searchers:
             return self._searchers[key]
         self._check_built()
-        d, n = self.dim, len(self)
         if mode == "binary":
             codes = self.binary_codes()
             index = faiss.IndexBinaryFlat(codes.shape[1] * 8)
             index.add(codes)
-            self._searchers[key] = index
-            return index
-        if mode == "flat":
-            factory = "Flat"
-        elif mode == "ivf":
-            nlist = int(nlist or max(1, min(65536, int(4 * np.sqrt(max(n, 1))))))
-            factory = f"IVF{nlist},Flat"
-        elif mode == "sq8":
-            factory = "SQ8"
-        elif mode == "pq":
-            m = int(pq_m or _default_pq_m(d))
-            if d % m:
-                raise ValueError(f"pq_m={m} must divide the dimension {d}")
-            bits = int(pq_bits)
-            if min(n, train_size) < 2**bits:
-                # k-means cannot fit more centroids than training rows: fewer bits for a small background.
-                bits = max(1, int(np.log2(max(min(n, train_size), 2))))
-                logger.warning(
-                    "pq: %d training rows, %d-bit codes instead of %d", min(n, train_size), bits, pq_bits
-                )
-            # "np": no polysemous training, which only serves Hamming-filtered search and costs minutes.
-            factory = f"PQ{m}x{bits}np"
         else:
-            raise ValueError(f"unknown search mode {mode!r}; choose one of: {', '.join(SEARCH_MODES)}")
-        index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
-        if not index.is_trained:
-            rng = np.random.default_rng(seed)
-            sample = np.sort(rng.choice(n, size=min(n, train_size), replace=False))
-            index.train(np.ascontiguousarray(self.embeddings[sample], dtype=np.float32))
-        for start in tqdm(
-            range(0, n, self.chunk_size), desc=f"faiss {mode}", disable=n < 4 * self.chunk_size
-        ):
-            index.add(
-                np.ascontiguousarray(self.embeddings[start : start + self.chunk_size], dtype=np.float32)
+            factory = faiss_factory(
+                mode, len(self), self.dim, nlist=nlist, pq_m=pq_m, pq_bits=pq_bits, train_size=train_size
+            )
+            index = build_faiss_index(
+                self.embeddings,
+                factory,
+                chunk_size=self.chunk_size,
+                train_size=train_size,
+                seed=seed,
+                desc=f"faiss {mode}",
             )
         self._searchers[key] = index
         return index
-
-
-def _read_index_meta(path: Path) -> Dict[str, Any]:
-    """``index.json``, checked: ``dtype`` one of `INDEX_DTYPES`, ``count``/``dim``/``n_cells`` integers
-    (``dim`` and ``n_cells`` >= 1), ``fingerprint`` a string."""
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(meta, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(meta).__name__}")
-    if meta.get("dtype") not in INDEX_DTYPES:
-        raise ValueError(f"{path}: dtype {meta.get('dtype')!r}; choose one of: {', '.join(INDEX_DTYPES)}")
-    for key, least in (("count", 0), ("dim", 1), ("n_cells", 1)):
-        value = meta.get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise ValueError(f"{path}: {key} must be an integer >= {least}, got {value!r}")
-    if not isinstance(meta.get("fingerprint"), str):
-        raise ValueError(f"{path}: fingerprint must be a string, got {meta.get('fingerprint')!r}")
-    if meta.get("config") is not None and not isinstance(meta["config"], dict):
-        raise ValueError(f"{path}: config must be an object, got {meta['config']!r}")
-    version = meta.get("format_version", 1)
-    if isinstance(version, bool) or not isinstance(version, int) or version > FORMAT_VERSION:
-        raise ValueError(
-            f"{path}: format_version {version!r}; this geoswc reads index folders up to version {FORMAT_VERSION}"
-        )
-    if meta.get("partition") is not None and not isinstance(meta["partition"], str):
-        raise ValueError(f"{path}: partition must be a partition name or null, got {meta['partition']!r}")
-    tables = meta.get("partitions") or {}
-    if not isinstance(tables, dict):
-        raise ValueError(f"{path}: partitions must map partition names to tables, got {tables!r}")
-    for name, entry in tables.items():
-        try:
-            partition_files(name)
-        except ValueError as err:
-            raise ValueError(f"{path}: {err}") from None
-        if name == meta.get("partition"):
-            raise ValueError(f"{path}: partition {name!r} is the rows' own and cannot also have a table")
-        for key, least in (("n_cells", 1), ("count", 0)):
-            value = entry.get(key) if isinstance(entry, dict) else None
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ValueError(
-                    f"{path}: partitions[{name!r}].{key} must be an integer >= {least}, got {value!r}"
-                )
-    return meta
-
-
-def _load_table(
-    directory: Path, name: str, entry: Dict[str, int], count: int
-) -> Tuple[np.ndarray, np.ndarray]:
-    """An extra partition's rows and offsets, checked: offsets from 0, non-decreasing, ending at the table's
-    length; every row an index row, none twice."""
-    rows_file, offsets_file = partition_files(name)
-    rows, offsets = _load_npy(directory / rows_file), _load_npy(directory / offsets_file)
-    n_cells = entry["n_cells"]
-    for path, array, shape in (
-        (directory / rows_file, rows, (entry["count"],)),
-        (directory / offsets_file, offsets, (n_cells + 1,)),
-    ):
-        if array.shape != shape or not np.issubdtype(array.dtype, np.integer):
-            raise ValueError(
-                f"{path}: expected integers of shape {shape} (index.json), got {array.dtype} of shape {array.shape}"
-            )
-    rows, offsets = rows.astype(np.int64), offsets.astype(np.int64)
-    path = directory / offsets_file
-    if offsets[0] != 0 or (np.diff(offsets) < 0).any() or offsets[-1] != len(rows):
-        raise ValueError(
-            f"{path}: offsets must start at 0, never decrease and end at the table's {len(rows)} rows"
-        )
-    path = directory / rows_file
-    if len(rows) and (rows.min() < 0 or rows.max() >= count):
-        raise ValueError(f"{path}: rows must be index rows 0..{count - 1}")
-    if len(np.unique(rows)) != len(rows):
-        raise ValueError(f"{path}: a row is listed twice; each background photo is in at most one cell")
-    return rows, offsets
-
-
-def _load_npy(path: Path, *, mmap_mode: Optional[str] = None) -> np.ndarray:
-    """A ``.npy`` array (never pickled objects), or an error naming the file."""
-    if not path.is_file():
-        raise FileNotFoundError(f"background index {path.parent} has no {path.name}")
-    try:
-        array = np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as err:
-        raise ValueError(f"{path}: not a readable .npy array ({err})") from None
-    if not isinstance(array, np.ndarray):
-        raise ValueError(f"{path}: not a single .npy array")
-    return array
-
-
-def _default_pq_m(dim: int) -> int:
-    """Largest divisor of ``dim`` giving sub-vectors of at least 16 dimensions (at most dim / 16 sub-quantisers:
-    80 bytes a row for 1280-d embeddings, half the 1-bit codes), the usual faiss trade-off."""
-    for m in range(max(1, dim // 16), 0, -1):
-        if dim % m == 0:
-            return m
-    return 1
-
-
-def _merge_topk(sims, rows, k):
-    """Top-k of each row of candidate lists (Q, C) -> (Q, k), best first; works on numpy and torch."""
-    if _is_torch(sims):
-        top_sims, pos = torch.topk(sims, k, dim=1)
-        return top_sims, torch.gather(rows, 1, pos)
-    pos = np.argsort(-sims, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(sims, pos, axis=1), np.take_along_axis(rows, pos, axis=1)
-
-
-def _brute_force_topk(embeddings, queries, k, chunk_size):
-    """Exact top-k inner product over all rows, streaming the rows in chunks (numpy)."""
-    q = len(queries)
-    best_sims = np.full((q, k), -np.inf, dtype=np.float32)
-    best_rows = np.full((q, k), -1, dtype=np.int64)
-    for start in range(0, len(embeddings), chunk_size):
-        block = np.asarray(embeddings[start : start + chunk_size], dtype=np.float32)
-        scores = queries @ block.T
-        cand_sims = np.concatenate([best_sims, scores], axis=1)
-        cand_rows = np.concatenate(
-            [best_rows, np.broadcast_to(start + np.arange(len(block)), scores.shape)], axis=1
-        )
-        kk = min(k, cand_sims.shape[1])
-        part = np.argpartition(-cand_sims, kk - 1, axis=1)[:, :kk]
-        best_sims = np.take_along_axis(cand_sims, part, axis=1)
-        best_rows = np.take_along_axis(cand_rows, part, axis=1)
-    order = np.argsort(-best_sims, axis=1, kind="stable")
-    return np.take_along_axis(best_sims, order, axis=1), np.take_along_axis(best_rows, order, axis=1)
-
-
-def _sign_codes(x: np.ndarray) -> np.ndarray:
-    """1 bit per dimension (positive -> 1), packed into bytes; the padding bits of D % 8 are zero."""
-    return np.packbits(np.asarray(x) > 0, axis=1)
-
-
-def _binary_topk(codes, query_codes, k, dim):
-    """Exact Hamming top-k with numpy popcount; sims = 1 - 2 * hamming / dim."""
-    q = len(query_codes)
-    kk = min(k, len(codes))
-    sims = np.full((q, k), -np.inf, dtype=np.float32)
-    rows = np.full((q, k), -1, dtype=np.int64)
-    if kk == 0:
-        return sims, rows
-    for i in range(q):
-        dist = _POPCOUNT[np.bitwise_xor(codes, query_codes[i])].sum(axis=1, dtype=np.int64)
-        top = np.argpartition(dist, kk - 1)[:kk]
-        top = top[np.lexsort((top, dist[top]))]
-        rows[i, :kk] = top
-        sims[i, :kk] = 1.0 - 2.0 * dist[top] / dim
-    return sims, rows
-
-
-def recall_at_k(approx_rows: np.ndarray, exact_rows: np.ndarray) -> float:
-    """Mean fraction of the exact top-k rows that the approximate top-k also returns."""
-    hits = [
-        len(set(a[a >= 0]) & set(e[e >= 0])) / max(1, (e >= 0).sum()) for a, e in zip(approx_rows, exact_rows)
-    ]
-    return float(np.mean(hits)) if hits else 0.0

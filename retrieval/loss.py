@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from geoswc.data.validation import choice_error
+
 # ``retrieval.loss``: "none" trains nothing (the backbone features are the embeddings).
 RETRIEVAL_LOSSES = ("infonce", "triplet", "none")
 
@@ -284,4 +286,4 @@ def create_retrieval_loss(
         raise ValueError(
             "retrieval.loss=none trains no retrieval module (the backbone features are the embeddings)"
         )
-    raise ValueError(f"unknown retrieval loss {kind!r}; choose one of: {', '.join(RETRIEVAL_LOSSES)}")
+    raise choice_error("retrieval loss", kind, RETRIEVAL_LOSSES)

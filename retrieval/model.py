@@ -28,9 +28,12 @@ from typing import Any, Dict, Optional, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from geoswc.data.files import read_safetensors_metadata
+from geoswc.data.validation import check_choice
 
 RESIDUAL_INPUTS = ("normalized", "raw")
 # The ``architecture`` metadata of a retrieval weights file; files written before it existed are "residual".
@@ -57,10 +60,7 @@ class ResidualRetrievalModule(nn.Module):
         super().__init__()
         if dim <= 0 or hidden_dim <= 0:
             raise ValueError(f"dim and hidden_dim must be positive, got dim={dim}, hidden_dim={hidden_dim}")
-        if residual_input not in RESIDUAL_INPUTS:
-            raise ValueError(
-                f"unknown residual_input {residual_input!r}; choose one of: {', '.join(RESIDUAL_INPUTS)}"
-            )
+        check_choice("residual_input", residual_input, RESIDUAL_INPUTS)
         self.dim = int(dim)
         self.hidden_dim = int(hidden_dim)
         self.residual = bool(residual)
@@ -281,25 +281,11 @@ def _checked_metadata(path: Path, fingerprint: Optional[str]) -> Dict[str, str]:
 
 def _architecture(metadata: Dict[str, str], path: Path) -> str:
     architecture = metadata.get("architecture", "residual")
-    if architecture not in ARCHITECTURES:
-        raise ValueError(
-            f"{path}: unknown retrieval architecture {architecture!r}; choose one of: {', '.join(ARCHITECTURES)}"
-        )
+    check_choice("retrieval architecture", architecture, ARCHITECTURES, source=path)
     return architecture
 
 
 def read_metadata(path: Union[str, Path]) -> Dict[str, str]:
-    """The safetensors metadata of a weights file (``dim``, ``hidden_dim``, ``fingerprint``, …).
-
-    Raises:
-        FileNotFoundError: the file is missing.
-        ValueError: the file is not a safetensors file (named in the message).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"retrieval module weights not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return dict(handle.metadata() or {})
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
+    """The metadata of retrieval weights (``dim``, ``hidden_dim``, ``fingerprint``, …; errors as
+    `geoswc.data.files.read_safetensors_metadata`)."""
+    return read_safetensors_metadata(path, what="retrieval module weights")

@@ -17,7 +17,25 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from geoswc.data.sphere import EARTH_RADIUS_KM
+from geoswc.data.sphere import (
+    EARTH_RADIUS_KM,
+    latlon_to_unit,
+    pairwise_haversine_km,
+    unit_to_latlon,
+)
+from geoswc.data.validation import check_choice
+
+__all__ = [
+    "AGGREGATIONS",
+    "DEFAULT_AGGREGATION",
+    "EARTH_RADIUS_KM",
+    "ClusterResult",
+    "aggregate",
+    "dbscan_labels",
+    "largest_cluster_mean",
+    "pairwise_haversine_km",
+    "spherical_mean",
+]
 
 # Rows per block: (rows, K, K) float64 work arrays stay around 100 MB for K = 10.
 _BLOCK_ROWS = 65536
@@ -36,24 +54,6 @@ class ClusterResult(NamedTuple):
     latlon_deg: np.ndarray
     size: np.ndarray
     members: np.ndarray
-
-
-def pairwise_haversine_km(latlon_deg: np.ndarray) -> np.ndarray:
-    """Great-circle distances between the points of every row.
-
-    Args:
-        latlon_deg: ``(Q, K, 2)`` latitude/longitude in degrees.
-
-    Returns:
-        ``(Q, K, K)`` distances in km on a sphere of radius ``EARTH_RADIUS_KM``.
-    """
-    lat_rad = np.radians(latlon_deg[..., 0])
-    lon_rad = np.radians(latlon_deg[..., 1])
-    dlat = lat_rad[:, :, None] - lat_rad[:, None, :]
-    dlon = lon_rad[:, :, None] - lon_rad[:, None, :]
-    cos_lat = np.cos(lat_rad)
-    hav = np.sin(dlat / 2) ** 2 + cos_lat[:, :, None] * cos_lat[:, None, :] * np.sin(dlon / 2) ** 2
-    return 2 * EARTH_RADIUS_KM * np.arcsin(np.sqrt(np.clip(hav, 0.0, 1.0)))
 
 
 def dbscan_labels(
@@ -139,14 +139,7 @@ def largest_cluster_mean(
     valid = np.asarray(valid, dtype=bool)
     labels = dbscan_labels(latlon_deg, valid, eps_km=eps_km, min_samples=min_samples)
     n_rows, k = valid.shape
-
-    if similarity is None:
-        # Descending rank: earlier neighbours are more similar.
-        rank = np.broadcast_to(-np.arange(k, dtype=np.float64), (n_rows, k))
-    else:
-        rank = np.asarray(similarity, dtype=np.float64)
-        if rank.shape != valid.shape:
-            raise ValueError(f"similarity must have shape {valid.shape}, got {rank.shape}")
+    rank = _similarity_rank(similarity, valid)
 
     clustered = labels >= 0
     same = (labels[:, :, None] == labels[:, None, :]) & clustered[:, :, None]
@@ -184,21 +177,28 @@ def spherical_mean(latlon_deg: np.ndarray, weights: np.ndarray) -> np.ndarray:
     Returns:
         ``(Q, 2)`` degrees; NaN where a row has zero total weight.
     """
-    lat_rad = np.radians(latlon_deg[..., 0])
-    lon_rad = np.radians(latlon_deg[..., 1])
     w = np.asarray(weights, dtype=np.float64)
     with np.errstate(invalid="ignore"):
-        xyz = np.stack(
-            [np.cos(lat_rad) * np.cos(lon_rad), np.cos(lat_rad) * np.sin(lon_rad), np.sin(lat_rad)], axis=-1
-        )
+        xyz = latlon_to_unit(latlon_deg)
         total = np.where(w[..., None] > 0, xyz * w[..., None], 0.0).sum(axis=1)
     norm = np.linalg.norm(total, axis=1)
     out = np.full((len(total), 2), np.nan)
     ok = norm > 0
     unit = total[ok] / norm[ok, None]
-    out[ok, 0] = np.degrees(np.arcsin(np.clip(unit[:, 2], -1.0, 1.0)))
-    out[ok, 1] = np.degrees(np.arctan2(unit[:, 1], unit[:, 0]))
+    out[ok] = unit_to_latlon(unit, assume_unit=True)
     return out
+
+
+def _similarity_rank(similarity: Optional[np.ndarray], valid: np.ndarray) -> np.ndarray:
+    """``(Q, K)`` float64 scores ranking each row's neighbours, higher first: ``similarity`` when given, else
+    the descending rank (earlier neighbours are more similar)."""
+    n_rows, k = valid.shape
+    if similarity is None:
+        return np.broadcast_to(-np.arange(k, dtype=np.float64), (n_rows, k))
+    rank = np.asarray(similarity, dtype=np.float64)
+    if rank.shape != valid.shape:
+        raise ValueError(f"similarity must have shape {valid.shape}, got {rank.shape}")
+    return rank
 
 
 def _check_shapes(latlon_deg: np.ndarray, valid: np.ndarray) -> None:
@@ -248,8 +248,7 @@ def aggregate(
         A `ClusterResult`: ``members`` are the neighbours the position is made of (one for ``top1``,
         ``medoid`` and ``kde-peak``).
     """
-    if method not in AGGREGATIONS:
-        raise ValueError(f"unknown aggregation {method!r}; choose one of: {', '.join(AGGREGATIONS)}")
+    check_choice("aggregation", method, AGGREGATIONS)
     latlon_deg = np.asarray(latlon_deg, dtype=np.float64)
     valid = np.asarray(valid, dtype=bool)
     _check_shapes(latlon_deg, valid)
@@ -258,13 +257,7 @@ def aggregate(
             latlon_deg, valid, eps_km=eps_km, min_samples=min_samples, similarity=similarity
         )
     n_rows, k = valid.shape
-    if similarity is None:
-        rank = np.broadcast_to(-np.arange(k, dtype=np.float64), (n_rows, k))
-    else:
-        rank = np.asarray(similarity, dtype=np.float64)
-        if rank.shape != valid.shape:
-            raise ValueError(f"similarity must have shape {valid.shape}, got {rank.shape}")
-    rank = np.where(valid, rank, -np.inf)
+    rank = np.where(valid, _similarity_rank(similarity, valid), -np.inf)
     if method in ("weighted-mean", "medoid"):
         cluster = largest_cluster_mean(
             latlon_deg, valid, eps_km=eps_km, min_samples=min_samples, similarity=similarity

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from geoswc.data.validation import choice_error
 from geoswc.tagging.similar import find_similar, write_similar
 
 
@@ -29,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run `geoswc similar` from parsed arguments; prints where the results went."""
     if not args.output.lower().endswith(".csv"):
-        raise ValueError(f"unknown output format {args.output!r}; choose one of: .csv")
+        raise choice_error("output format", args.output, (".csv",))
     results = find_similar(
         args.queries, model=args.model, archive=args.archive, top=args.top, batch_size=args.batch_size
     )
