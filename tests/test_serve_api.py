@@ -23,6 +23,10 @@ from geoswc.geocells.polygons import EDGE_POINTS  # noqa: E402
 from geoswc.tagging.output import COLUMNS, RowWriter, make_row  # noqa: E402
 
 
+# The server answers only to its own names (DNS rebinding): the clients name it as a browser on this machine.
+LOCAL = "http://localhost"
+
+
 @pytest.fixture(scope="module")
 def model(tiny_model_dir):
     return Geolocator.from_pretrained(tiny_model_dir, device="cpu")
@@ -64,7 +68,7 @@ def _post(client, files, **form):
 
 @pytest.fixture(scope="module")
 def client(model):
-    with TestClient(create_app(model, ServeSettings(max_upload_mb=1.0, max_files=4))) as c:
+    with TestClient(create_app(model, ServeSettings(max_upload_mb=1.0, max_files=4)), base_url=LOCAL) as c:
         yield c
 
 
@@ -246,7 +250,7 @@ def test_streamed_body_over_the_limit_is_413_without_reading_it_whole(model):
 
     async def go():
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+        async with httpx.AsyncClient(transport=transport, base_url=LOCAL) as c:
             return await c.post(
                 "/v1/locate",
                 content=body(),
@@ -268,11 +272,11 @@ def test_uploads_are_kept_only_when_asked(model, tmp_path, monkeypatch):
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
-    with TestClient(create_app(model, ServeSettings())) as c:
+    with TestClient(create_app(model, ServeSettings()), base_url=LOCAL) as c:
         assert _post(c, [("big.jpg", photo)]).json()["results"][0]["status"] == "ok"
     assert list(scratch.iterdir()) == []
     kept = tmp_path / "kept"
-    with TestClient(create_app(model, ServeSettings(keep_uploads=str(kept)))) as c:
+    with TestClient(create_app(model, ServeSettings(keep_uploads=str(kept))), base_url=LOCAL) as c:
         assert _post(c, [("../../evil name.jpg", photo)]).json()["results"][0]["status"] == "ok"
     (saved,) = list(kept.iterdir())
     assert saved.read_bytes() == photo and saved.name.endswith("-evil name.jpg")
@@ -292,7 +296,7 @@ def test_concurrent_requests_share_forward_passes(model, monkeypatch):
 
     async def burst(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as c:
+        async with httpx.AsyncClient(transport=transport, base_url=LOCAL, timeout=60) as c:
             responses = await asyncio.gather(
                 *(
                     c.post("/v1/locate", files={"file": (f"{i}.jpg", p, "image/jpeg")})
@@ -360,7 +364,7 @@ def test_thumbnails_of_background_photos_only(model, tmp_path):
     some_id = str(model.index.ids[0])
     Image.new("RGB", (640, 480), (200, 30, 30)).save(root / some_id, "JPEG")
     (tmp_path / "secret.jpg").write_bytes((root / some_id).read_bytes())
-    with TestClient(create_app(model, ServeSettings(images=str(root)))) as c:
+    with TestClient(create_app(model, ServeSettings(images=str(root))), base_url=LOCAL) as c:
         response = c.get("/v1/thumbnail", params={"id": some_id})
         assert response.status_code == 200 and response.headers["content-type"] == "image/jpeg"
         assert max(Image.open(io.BytesIO(response.content)).size) <= 192
@@ -369,7 +373,7 @@ def test_thumbnails_of_background_photos_only(model, tmp_path):
         assert c.get("/v1/thumbnail", params={"id": missing}).status_code == 404  # no file
         row = _post(c, [("a.jpg", _jpeg(3))], head="ce", area="48,1,50,4").json()["results"][0]
         assert all(n["thumbnail"].startswith("/v1/thumbnail?id=") for n in row["neighbours"])
-    with TestClient(create_app(model, ServeSettings())) as c:
+    with TestClient(create_app(model, ServeSettings()), base_url=LOCAL) as c:
         assert c.get("/v1/thumbnail", params={"id": some_id}).status_code == 404
 
 
@@ -386,7 +390,7 @@ def test_tag_run_view_serves_its_rows_and_photos(model, tmp_path):
                 make_row(str(tmp_path / "gone.jpg"), error="file not found"),
             ]
         )
-    with TestClient(create_app(model, ServeSettings(tags=str(tags)))) as c:
+    with TestClient(create_app(model, ServeSettings(tags=str(tags))), base_url=LOCAL) as c:
         body = c.get("/v1/tags").json()
         assert [r["status"] for r in body["rows"]] == ["ok", "error"]
         assert body["rows"][0]["lat"] == pytest.approx(48.85)

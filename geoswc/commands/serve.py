@@ -33,6 +33,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_upload_mb <= 0:
         raise ValueError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
+    if args.max_decode_mb <= 0:
+        raise ValueError(f"--max-decode-mb must be positive, got {args.max_decode_mb}")
     if args.max_files < 1:
         raise ValueError(f"--max-files must be >= 1, got {args.max_files}")
     if args.images is not None and not os.path.isdir(args.images):
@@ -45,6 +47,11 @@ def run(args: argparse.Namespace) -> int:
         logger.warning(
             "serving on %s: anyone who can reach this address can upload photos to the model", args.host
         )
+        if args.host in ("0.0.0.0", "::") and not args.allowed_host:
+            logger.warning(
+                "bound to every address: requests are answered only when their Host header names localhost, "
+                "127.0.0.1 or [::1]; name the server's other names with --allowed-host"
+            )
     model = load_predictor(args.model, device=args.device, runtime=args.runtime)
     settings = ServeSettings(
         max_upload_mb=args.max_upload_mb,
@@ -55,6 +62,9 @@ def run(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         batch_wait_ms=args.batch_wait_ms,
         tile_url=None if args.offline else args.tiles,
+        host=args.host,
+        allowed_hosts=tuple(args.allowed_host),
+        max_decode_mb=args.max_decode_mb,
     )
     app = create_app(model, settings)
     print(f"geoswc serve: {args.model} on http://{args.host}:{args.port}/  (API docs: /docs; Ctrl-C stops)")
@@ -63,8 +73,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    from geoswc.serve.app import DEFAULT_TILE_URL
-
     parser = subparsers.add_parser(
         "serve",
         help="web app and HTTP API: drop a photo, see where it was taken and why",
@@ -77,6 +85,14 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    parser.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a further name the server answers to in the Host header (repeatable; the --host address, "
+        "localhost, 127.0.0.1 and [::1] always are); others are refused with 400 (DNS rebinding)",
+    )
     parser.add_argument(
         "--images",
         metavar="ROOT",
@@ -92,6 +108,13 @@ def register(subparsers) -> None:
         help="largest request body in MiB (default 25; 413 beyond)",
     )
     parser.add_argument("--max-files", type=int, default=16, help="most photos per request (default 16)")
+    parser.add_argument(
+        "--max-decode-mb",
+        type=float,
+        default=1024.0,
+        help="memory budget in MiB for the uploads and decoded pixels of all requests in flight "
+        "(default 1024; 503 with Retry-After beyond)",
+    )
     parser.add_argument(
         "--keep-uploads",
         metavar="DIR",
@@ -115,11 +138,14 @@ def register(subparsers) -> None:
     )
     parser.add_argument(
         "--tiles",
-        default=DEFAULT_TILE_URL,
+        default=None,
         metavar="URL",
-        help="online map tiles the page offers when they load (default OpenStreetMap)",
+        help="online map tiles the page may switch to, e.g. https://tile.openstreetmap.org/{z}/{x}/{y}.png "
+        "(default: none; the page uses the shipped Natural Earth basemap and requests nothing elsewhere)",
     )
     parser.add_argument(
-        "--offline", action="store_true", help="never offer online tiles (the shipped basemap only)"
+        "--offline",
+        action="store_true",
+        help="never offer online tiles, even with --tiles (the shipped basemap only; the default)",
     )
     parser.set_defaults(func=run)

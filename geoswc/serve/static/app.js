@@ -18,18 +18,25 @@
       else if (k === 'text') node.textContent = v;
       else node.setAttribute(k, v);
     }
+    return append(node, ...children);
+  }
+  // node.append prints null as the word "null": absent parts are left out instead.
+  function append(node, ...children) {
     for (const child of children) {
       if (child !== null && child !== undefined) node.append(child);
     }
     return node;
   }
+  // Text for a Leaflet tooltip or popup: Leaflet inserts a string as HTML, an element as it is.
+  const textNode = (text) => el('span', { text: String(text) });
   // A row with a position to show: placed (ok), or an abstention with its best guess.
   const placed = (r) => r.status === 'ok' || r.status === 'abstain';
   const position = (r) => (r.status === 'abstain' ? [r.guess_lat, r.guess_lon] : [r.lat, r.lon]);
   const fmt = (x, digits) => (x === null || x === undefined || Number.isNaN(x) ? '–' : Number(x).toFixed(digits));
 
   // ------------------------------------------------------------------------------------------- the map
-  const map = L.map('map', { worldCopyJump: true, minZoom: 1, maxZoom: 18, zoomSnap: 0.5 }).setView([20, 0], 2);
+  // No fade-in: a popup caught mid-fade (or a screenshot of it) is drawn faint.
+  const map = L.map('map', { fadeAnimation: false, worldCopyJump: true, minZoom: 1, maxZoom: 18, zoomSnap: 0.5 }).setView([20, 0], 2);
   window.geoswcMap = map; // for scripted checks (tests/test_serve_browser.py) and the console
   const offline = L.layerGroup().addTo(map);
   const resultLayer = L.featureGroup().addTo(map);
@@ -225,14 +232,14 @@
       L.polygon(c.polygon, {
         className: 'cell-polygon', color: '#2b6cb0', weight: rank === 0 ? 2 : 1,
         fillColor: '#2b6cb0', fillOpacity: 0.05 + 0.35 * share,
-      }).bindTooltip(`cell ${c.token}: p = ${fmt(c.probability, 3)}`).addTo(resultLayer);
+      }).bindTooltip(textNode(`cell ${c.token}: p = ${fmt(c.probability, 3)}`)).addTo(resultLayer);
     });
     (r.neighbours || []).forEach((n) => {
       L.circleMarker([n.lat, n.lon], {
         className: n.in_cluster ? 'neighbour-marker in-cluster' : 'neighbour-marker',
         radius: n.in_cluster ? 6 : 4, color: n.in_cluster ? '#c62828' : '#555', weight: 1,
         fillOpacity: 0.8,
-      }).bindTooltip(`${n.id} · similarity ${fmt(n.similarity, 3)}${n.in_cluster ? ' · in the winning cluster' : ''}`)
+      }).bindTooltip(textNode(`${n.id} · similarity ${fmt(n.similarity, 3)}${n.in_cluster ? ' · in the winning cluster' : ''}`))
         .addTo(resultLayer);
     });
     const hasExif = r.exif_lat !== null && r.exif_lat !== undefined;
@@ -251,7 +258,7 @@
 
     const words = r.confidence_words || 'unknown';
     const where = [r.place, r.country].filter((x) => x).join(', ');
-    detail.append(
+    append(detail,
       el('h3', { text: r.path }),
       abstained
         ? el('p', { class: 'abstain-note' }, 'Abstained: the confidence is below the minimum; best guess below.')
@@ -383,10 +390,11 @@
     list.replaceChildren();
     let placed = 0;
     rows.forEach((r, i) => {
+      r._marker = null; // a row read from a file may carry any key
       const lat = parseFloat(r.lat ?? r.guess_lat), lon = parseFloat(r.lon ?? r.guess_lon);
       if (Number.isFinite(lat) && Number.isFinite(lon)) {
         placed++;
-        const marker = L.marker([lat, lon], { title: String(r.path) });
+        const marker = L.marker([lat, lon], { title: String(r.path) }).bindPopup(textNode(r.path));
         marker.on('click', () => selectTag(i, false));
         r._marker = marker;
         tagLayer.addLayer(marker);
@@ -424,8 +432,8 @@
     detail.append(table);
     if (r._marker) {
       if (fly) map.setView(r._marker.getLatLng(), Math.max(map.getZoom(), 8));
-      tagLayer.zoomToShowLayer ? tagLayer.zoomToShowLayer(r._marker, () => r._marker.bindPopup(String(r.path)).openPopup())
-        : r._marker.bindPopup(String(r.path)).openPopup();
+      const popup = () => r._marker.openPopup();
+      if (tagLayer.zoomToShowLayer) tagLayer.zoomToShowLayer(r._marker, popup); else popup();
     }
   }
 
