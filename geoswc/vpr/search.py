@@ -39,6 +39,13 @@ def database_index(descriptors: np.ndarray) -> BackgroundIndex:
     )
 
 
+def pq_options(n_database: int) -> Dict[str, int]:
+    """Product-quantiser bits for a database of ``n_database`` photos: 8 bits (256 centroids per sub-vector)
+    when there are the 39 training points per centroid faiss asks for, fewer on small databases."""
+    bits = int(np.clip(np.floor(np.log2(max(n_database, 1) / 39)), 1, 8))
+    return {"pq_bits": bits}
+
+
 def bytes_per_photo(mode: str, dim: int, **options) -> float:
     """Bytes one database photo takes in the index of ``mode``."""
     if mode == "flat":

@@ -1,0 +1,140 @@
+"""`geoswc vpr evaluate | synth`: street-scale place recognition (docs/place-recognition.md)."""
+
+from __future__ import annotations
+
+import argparse
+
+from geoswc.classifiers.aggregation import DEFAULT_CLUSTERS, POOLS
+
+
+def _load(args: argparse.Namespace):
+    from geoswc.vpr.model import from_folder, off_the_shelf
+
+    given = [x for x in (args.model, args.backbone, args.preset) if x is not None]
+    if len(given) != 1:
+        raise ValueError("give exactly one of --model MODEL, --backbone NAME or --preset tiny")
+    if args.model is not None:
+        return from_folder(args.model, pool=args.pool, clusters=args.clusters)
+    return off_the_shelf(
+        backbone=args.backbone, preset=args.preset, pool=args.pool or "gem", clusters=args.clusters
+    )
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from geoswc.vpr.evaluate import EvalSettings, evaluate_vpr
+
+    loaded = _load(args)
+    settings = EvalSettings(
+        split=args.split,
+        test_method=args.test_method,
+        resize=tuple(args.resize) if args.resize else None,
+        recalls=args.recall,
+        top=args.top,
+        radius_m=args.radius,
+        index_mode=args.index_mode,
+        pca_dim=args.pca_dim,
+        whiten=args.whiten,
+        batch_size=args.batch_size,
+        device=args.device,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
+    results = evaluate_vpr(loaded, args.root, args.out, settings)
+    recalls = ", ".join(f"{k}: {v:.1f}" for k, v in results.items() if k.startswith("recall@"))
+    print(
+        f"{results['split']}: {results['n_database']} database photos, {results['n_queries']} queries; {recalls}; "
+        f"median distance of the first result {results['median_top1_m']:.1f} m"
+    )
+    print(f"wrote {args.out}/results.json, predictions.csv, report.md, report.html")
+    return 0
+
+
+def write_street_world(args: argparse.Namespace) -> int:
+    from geoswc.data.synth_street import make_street_world
+
+    spec = make_street_world(
+        args.out,
+        streets={"train": args.train_streets, "val": args.val_streets, "test": args.test_streets},
+        street_length_m=args.length,
+        db_step_m=args.step,
+        queries_per_street=args.queries,
+        seed=args.seed,
+    )
+    counts = "; ".join(
+        f"{s}: {c['database']} database, {c['queries']} queries" for s, c in spec.counts.items()
+    )
+    print(f"wrote a street world to {args.out}/images ({counts})")
+    return 0
+
+
+def add_street_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of the synthetic street world (shared by `geoswc vpr synth` and `geoswc data synth --street`)."""
+    parser.add_argument("--train-streets", type=int, default=3, help="streets of the train split (default 3)")
+    parser.add_argument("--val-streets", type=int, default=1, help="streets of the val split (default 1)")
+    parser.add_argument("--test-streets", type=int, default=2, help="streets of the test split (default 2)")
+    parser.add_argument("--length", type=float, default=200.0, help="street length in metres (default 200)")
+    parser.add_argument(
+        "--step", type=float, default=10.0, help="metres between database photos (default 10)"
+    )
+    parser.add_argument("--queries", type=int, default=8, help="queries per street (default 8)")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "vpr", help="street-scale place recognition: evaluate models, synthetic streets"
+    )
+    commands = parser.add_subparsers(dest="vpr_command", metavar="VPR_COMMAND", required=True)
+
+    ev = commands.add_parser(
+        "evaluate",
+        help="recall@N, median distances and compact-index recall of a model on a place-recognition split",
+    )
+    ev.add_argument("root", help="dataset folder with images/{train,val,test}/{database,queries}/")
+    ev.add_argument(
+        "-o", "--out", required=True, help="output folder (results.json, predictions.csv, reports)"
+    )
+    src = ev.add_argument_group("model (exactly one)")
+    src.add_argument("--model", help="a model folder (geoswc fit / train backbone / vpr index)")
+    src.add_argument(
+        "--backbone", help="a timm model name with ImageNet weights (off the shelf, no training)"
+    )
+    src.add_argument(
+        "--preset", choices=("tiny",), help="the tiny preset's backbone, offline ImageNet weights"
+    )
+    ev.add_argument(
+        "--pool", choices=POOLS, help="aggregation layer (default: the model's, else gem off the shelf)"
+    )
+    ev.add_argument("--clusters", type=int, default=DEFAULT_CLUSTERS, help="NetVLAD clusters (default 64)")
+    ev.add_argument("--split", default="test", choices=("train", "val", "test"), help="split (default test)")
+    ev.add_argument(
+        "--test-method",
+        default="hard_resize",
+        choices=("hard_resize", "central_crop", "five_crops", "nearest_crop", "maj_voting"),
+        help="how queries are fed to the network (default hard_resize)",
+    )
+    ev.add_argument(
+        "--resize", type=int, nargs=2, metavar=("H", "W"), help="evaluation size (default: the photos')"
+    )
+    ev.add_argument("--recall", type=int, nargs="+", default=[1, 5, 10, 20], help="the Ns of recall@N")
+    ev.add_argument("--top", type=int, default=20, help="results per query in predictions.csv (default 20)")
+    ev.add_argument("--radius", type=float, default=25.0, help="positive radius in metres (default 25)")
+    ev.add_argument(
+        "--index-mode", default="flat", choices=("flat", "sq8", "pq", "bits"), help="database codes"
+    )
+    ev.add_argument(
+        "--pca-dim", type=int, help="reduce descriptors with PCA fitted on the train split's photos"
+    )
+    ev.add_argument("--whiten", action="store_true", help="whiten the PCA components")
+    ev.add_argument("--batch-size", type=int, default=16, help="photos per forward pass (default 16)")
+    ev.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    ev.add_argument("--seed", type=int, default=0, help="seed of NetVLAD's k-means and PCA sampling")
+    ev.add_argument("--quiet", action="store_true", help="no progress bars")
+    ev.set_defaults(func=_evaluate)
+
+    synth = commands.add_parser(
+        "synth", help="write a synthetic street world in the place-recognition layout"
+    )
+    synth.add_argument("out", help="new output folder")
+    add_street_arguments(synth)
+    synth.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    synth.set_defaults(func=write_street_world)
