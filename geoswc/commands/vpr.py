@@ -1,4 +1,4 @@
-"""`geoswc vpr evaluate | synth`: street-scale place recognition (docs/place-recognition.md)."""
+"""`geoswc vpr evaluate | index | locate | synth`: street-scale place recognition (docs/place-recognition.md)."""
 
 from __future__ import annotations
 
@@ -49,6 +49,87 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _index(args: argparse.Namespace) -> int:
+    from geoswc.vpr.locate import index_database
+
+    summary = index_database(
+        _load(args),
+        args.source,
+        args.out,
+        split=args.split,
+        csv_path=args.csv,
+        size=tuple(args.resize) if args.resize else None,
+        batch_size=args.batch_size,
+        device=args.device,
+        progress=not args.quiet,
+        seed=args.seed,
+    )
+    print(
+        f"indexed {summary['photos']} photos of {summary['root']} ({summary['dim']}-d descriptors) into {args.out}"
+    )
+    return 0
+
+
+def _locate(args: argparse.Namespace) -> int:
+    import csv
+    import sys
+
+    from geoswc.vpr.locate import PlaceLocator, photo_files
+
+    area = [float(v) for v in args.area.split(",")] if args.area else None
+    if area is not None and len(area) != 4:
+        raise ValueError(f"--area takes south,west,north,east in degrees; got {args.area!r}")
+    locator = PlaceLocator.from_pretrained(args.model)
+    records = locator.locate(photo_files(args.photos), k=args.k, eps_m=args.eps_m, area=area)
+    handle = sys.stdout if args.out is None else open(args.out, "w", newline="")
+    writer = csv.writer(handle)
+    writer.writerow(["photo", "lat", "lon", "match", "match_lat", "match_lon", "similarity", "method"])
+    for r in records:
+        first = r["matches"][0]
+        writer.writerow(
+            [
+                r["photo"],
+                f"{r['lat']:.6f}",
+                f"{r['lon']:.6f}",
+                first["path"],
+                f"{first['lat']:.6f}",
+                f"{first['lon']:.6f}",
+                f"{first['similarity']:.4f}",
+                r["method"],
+            ]
+        )
+    if args.out is not None:
+        handle.close()
+    return 0
+
+
+def _model_arguments(parser: argparse.ArgumentParser) -> None:
+    src = parser.add_argument_group("model (exactly one)")
+    src.add_argument("--model", help="a model folder (geoswc fit / train backbone / vpr index)")
+    src.add_argument(
+        "--backbone", help="a timm model name with ImageNet weights (off the shelf, no training)"
+    )
+    src.add_argument(
+        "--preset", choices=("tiny",), help="the tiny preset's backbone, offline ImageNet weights"
+    )
+    parser.add_argument(
+        "--pool", choices=POOLS, help="aggregation layer (default: the model's, else gem off the shelf)"
+    )
+    parser.add_argument(
+        "--clusters", type=int, default=DEFAULT_CLUSTERS, help="NetVLAD clusters (default 64)"
+    )
+    parser.add_argument(
+        "--split", default="test", choices=("train", "val", "test"), help="split (default test)"
+    )
+    parser.add_argument(
+        "--resize", type=int, nargs=2, metavar=("H", "W"), help="input size (default: the photos')"
+    )
+    parser.add_argument("--batch-size", type=int, default=16, help="photos per forward pass (default 16)")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of NetVLAD's k-means and PCA sampling")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def write_street_world(args: argparse.Namespace) -> int:
     from geoswc.data.synth_street import make_street_world
 
@@ -93,27 +174,12 @@ def register(subparsers) -> None:
     ev.add_argument(
         "-o", "--out", required=True, help="output folder (results.json, predictions.csv, reports)"
     )
-    src = ev.add_argument_group("model (exactly one)")
-    src.add_argument("--model", help="a model folder (geoswc fit / train backbone / vpr index)")
-    src.add_argument(
-        "--backbone", help="a timm model name with ImageNet weights (off the shelf, no training)"
-    )
-    src.add_argument(
-        "--preset", choices=("tiny",), help="the tiny preset's backbone, offline ImageNet weights"
-    )
-    ev.add_argument(
-        "--pool", choices=POOLS, help="aggregation layer (default: the model's, else gem off the shelf)"
-    )
-    ev.add_argument("--clusters", type=int, default=DEFAULT_CLUSTERS, help="NetVLAD clusters (default 64)")
-    ev.add_argument("--split", default="test", choices=("train", "val", "test"), help="split (default test)")
+    _model_arguments(ev)
     ev.add_argument(
         "--test-method",
         default="hard_resize",
         choices=("hard_resize", "central_crop", "five_crops", "nearest_crop", "maj_voting"),
         help="how queries are fed to the network (default hard_resize)",
-    )
-    ev.add_argument(
-        "--resize", type=int, nargs=2, metavar=("H", "W"), help="evaluation size (default: the photos')"
     )
     ev.add_argument("--recall", type=int, nargs="+", default=[1, 5, 10, 20], help="the Ns of recall@N")
     ev.add_argument("--top", type=int, default=20, help="results per query in predictions.csv (default 20)")
@@ -125,11 +191,27 @@ def register(subparsers) -> None:
         "--pca-dim", type=int, help="reduce descriptors with PCA fitted on the train split's photos"
     )
     ev.add_argument("--whiten", action="store_true", help="whiten the PCA components")
-    ev.add_argument("--batch-size", type=int, default=16, help="photos per forward pass (default 16)")
-    ev.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    ev.add_argument("--seed", type=int, default=0, help="seed of NetVLAD's k-means and PCA sampling")
-    ev.add_argument("--quiet", action="store_true", help="no progress bars")
     ev.set_defaults(func=_evaluate)
+
+    ix = commands.add_parser("index", help="index a database of geotagged photos into a model folder")
+    ix.add_argument(
+        "source", help="a dataset with the place-recognition layout, or a folder of photos with --csv"
+    )
+    ix.add_argument("-o", "--out", required=True, help="new model folder")
+    ix.add_argument("--csv", help="IMG_ID,LAT,LON of the photos of a plain folder (IMG_ID relative to it)")
+    _model_arguments(ix)
+    ix.set_defaults(func=_index)
+
+    lo = commands.add_parser("locate", help="place photos at their first match in an indexed database")
+    lo.add_argument("model", help="a model folder written by geoswc vpr index")
+    lo.add_argument("photos", nargs="+", help="photos or folders")
+    lo.add_argument("-k", type=int, default=1, help="matches clustered when > 1 (default 1: the first match)")
+    lo.add_argument(
+        "--eps-m", type=float, default=25.0, help="cluster radius in metres for -k > 1 (default 25)"
+    )
+    lo.add_argument("--area", help="restrict the database to south,west,north,east (degrees)")
+    lo.add_argument("-o", "--out", help="CSV to write (default: standard output)")
+    lo.set_defaults(func=_locate)
 
     synth = commands.add_parser(
         "synth", help="write a synthetic street world in the place-recognition layout"
