@@ -131,3 +131,10 @@ def test_pca_whitening(tmp_path):
     with pytest.raises(ValueError, match="lower --pca-dim"):
         DescriptorPCA(10).fit(x)
     assert F.normalize(torch.ones(1, 2)).shape == (1, 2)
+
+
+def test_command_choices_are_the_layers():
+    from geoswc.classifiers import aggregation
+    from geoswc.commands import vpr
+
+    assert vpr.POOLS == aggregation.POOLS and vpr.DEFAULT_CLUSTERS == aggregation.DEFAULT_CLUSTERS

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from geoswc.classifiers.aggregation import DEFAULT_CLUSTERS, POOLS
+# The choices of geoswc.classifiers.aggregation, repeated so that `geoswc vpr --help` does not load torch.
+POOLS = ("avg", "gem", "netvlad")
+DEFAULT_CLUSTERS = 64
 
 
 def _load(args: argparse.Namespace):
@@ -162,7 +164,7 @@ def add_street_arguments(parser: argparse.ArgumentParser) -> None:
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "vpr", help="street-scale place recognition: evaluate models, synthetic streets"
+        "vpr", help="street-scale place recognition: recall@N of GeM/NetVLAD models, street worlds"
     )
     commands = parser.add_subparsers(dest="vpr_command", metavar="VPR_COMMAND", required=True)
 
