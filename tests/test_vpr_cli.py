@@ -79,10 +79,10 @@ def test_evaluate_gem_writes_results_that_an_independent_scorer_reproduces(world
 
 
 @pytest.mark.slow
-def test_evaluate_netvlad_pca_five_crops_bits(world, tmp_path):
+def test_evaluate_netvlad_pca_voting_bits(world, tmp_path):
     out = tmp_path / "eval"
     args = ["vpr", "evaluate", str(world), "--preset", "tiny", "--pool", "netvlad", "--clusters", "8"]
-    args += ["--pca-dim", "32", "--test-method", "five_crops", "--index-mode", "bits", "--recall", "1", "3"]
+    args += ["--pca-dim", "32", "--test-method", "maj_voting", "--index-mode", "bits", "--recall", "1", "3"]
     args += ["--top", "5", "-o", str(out), "--quiet"]
     assert main(args) == 0
     results = json.loads((out / "results.json").read_text())

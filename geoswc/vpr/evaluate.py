@@ -96,10 +96,12 @@ def _swap_in(tmp: Path, out: Path) -> None:
 
 def _similarities(queries: np.ndarray, database: np.ndarray, predictions: np.ndarray) -> np.ndarray:
     """Inner product of every query with its predicted rows (the best crop's, for per-crop descriptors)."""
-    picked = database[predictions]  # (Q, K, D)
+    picked = database[np.maximum(predictions, 0)]  # (Q, K, D)
     if queries.ndim == 3:
-        return np.einsum("qcd,qkd->qck", queries, picked).max(axis=1)
-    return np.einsum("qd,qkd->qk", queries, picked)
+        sims = np.einsum("qcd,qkd->qck", queries, picked).max(axis=1)
+    else:
+        sims = np.einsum("qd,qkd->qk", queries, picked)
+    return np.where(predictions >= 0, sims, np.nan)
 
 
 def compact_table(
@@ -107,12 +109,15 @@ def compact_table(
 ) -> List[Dict[str, Any]]:
     """recall@1 and bytes per photo of every index mode on the same descriptors."""
     rows = []
+    options = pq_options(len(index))
+    # The lists as long as the main ranking's, so that crop voting sees the same candidates.
+    k = min(len(index), DEFAULT_TOP)
     for mode in INDEX_MODES:
-        preds = rank(index, queries, 1, method=method, mode=mode)
+        preds = rank(index, queries, k, method=method, mode=mode, per_crop=k, **options)[:, :1]
         rows.append(
             {
                 "mode": mode,
-                "bytes_per_photo": bytes_per_photo(mode, dim),
+                "bytes_per_photo": bytes_per_photo(mode, dim, **options),
                 "recall@1": recall_at(preds, positives, [1])[1],
             }
         )
@@ -130,11 +135,20 @@ def score(
     recalls = sorted({int(n) for n in settings.recalls})
     k = min(len(split.database), max(max(recalls), settings.top, BEST_OF_K))
     index = database_index(database)
+    # Crops are searched as deep as the benchmark searches them (max of the recall values, 20 by default), so
+    # the first 20 of the merged lists are its lists; longer lists continue with the crops' further rows.
+    per_crop = max(DEFAULT_TOP, max(recalls))
     predictions = rank(
-        index, queries, k, method=settings.test_method, mode=settings.index_mode, **pq_options(len(index))
+        index,
+        queries,
+        k,
+        method=settings.test_method,
+        mode=settings.index_mode,
+        per_crop=per_crop,
+        **pq_options(len(index)),
     )
     q_idx = np.arange(len(split.queries))[:, None]
-    distances = split.distances_m(q_idx, predictions)
+    distances = np.where(predictions >= 0, split.distances_m(q_idx, predictions), np.inf)
     results: Dict[str, Any] = {}
     for n, value in recall_at(predictions, positives, recalls).items():
         results[f"recall@{n}"] = value
@@ -160,6 +174,8 @@ def _write_predictions(
         writer.writerow(["query", "rank", "database", "similarity", "distance_m"])
         for q, name in enumerate(split.queries):
             for r in range(top):
+                if predictions[q, r] < 0:  # the merged crop lists held fewer distinct photos
+                    break
                 writer.writerow(
                     [name, r + 1, split.database[predictions[q, r]], f"{sims[q, r]:.6f}", f"{dist[q, r]:.2f}"]
                 )

@@ -9,7 +9,7 @@ crops retrieve among their first 1, 5 and 10 by ``weight * count / n``.
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 
@@ -95,23 +95,28 @@ def rank(
     method: str = "hard_resize",
     mode: str = "flat",
     majority_weight: float = MAJORITY_WEIGHT,
+    per_crop: Optional[int] = None,
     **options,
 ) -> np.ndarray:
     """``(Q, k)`` database rows for every query, best first.
 
-    ``queries`` is ``(Q, D)``, or ``(Q, 5, D)`` for ``nearest_crop`` and ``maj_voting``.
+    ``queries`` is ``(Q, D)``, or ``(Q, 5, D)`` for ``nearest_crop`` and ``maj_voting``: every crop is searched
+    for ``per_crop`` rows (default ``k``; the benchmark searches max(recall values), 20) and the merged list
+    keeps the first ``k`` distinct rows, ``-1`` where the crops found fewer.
     """
     if method not in ("nearest_crop", "maj_voting"):
         return search(index, queries, k, mode, **options)[1]
     q, crops, dim = queries.shape
     k = min(int(k), len(index))
-    dist, rows = search(index, queries.reshape(q * crops, dim), k, mode, **options)
-    dist, rows = dist.reshape(q, crops, k).copy(), rows.reshape(q, crops, k)
-    out = np.empty((q, k), np.int64)
+    per_crop = min(int(per_crop or k), len(index))
+    dist, rows = search(index, queries.reshape(q * crops, dim), per_crop, mode, **options)
+    dist, rows = dist.reshape(q, crops, per_crop).copy(), rows.reshape(q, crops, per_crop)
+    out = np.full((q, k), -1, np.int64)
     for i in range(q):
         if method == "maj_voting":
             _vote(rows[i], dist[i], majority_weight)
-        out[i] = _merge_unique(dist[i].ravel(), rows[i].ravel(), k)
+        merged = _merge_unique(dist[i].ravel(), rows[i].ravel(), k)
+        out[i, : len(merged)] = merged
     return out
 
 
