@@ -47,6 +47,10 @@ COMMANDS: Dict[str, Tuple[str, str]] = {
         "geoswc.commands.import_",
         "turn a model released in another format into a geoswc model folder",
     ),
+    "vpr": (
+        "geoswc.commands.vpr",
+        "street-scale place recognition: recall@N of GeM/NetVLAD models, street worlds",
+    ),
     "demo": (
         "geoswc.commands.demo",
         "synthetic world -> fit (tiny preset) -> evaluate -> tag, in minutes on a CPU",

@@ -60,6 +60,9 @@ class BackboneConfig:
     model: str = "efficientnet_b4"
     pretrained: bool = True
     weights: Optional[str] = None  # local .safetensors/.pth with ImageNet weights, for offline machines
+    # How place recognition (geoswc vpr) pools the last feature map: avg, gem or netvlad
+    # (docs/place-recognition.md); the classification stages always pool by average.
+    pool: str = "avg"
     epochs: int = 25
     # Photos per process and step (every batch_size in the config is per process): N processes train on
     # N x batch_size photos per step with the learning rates as written (docs/training.md, "Batch sizes").

@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+from geoswc.commands.vpr import add_street_arguments
 from geoswc.data.metadata import Exclusions, expand_globs, find_leaks, read_metadata
 from geoswc.data.shards import write_shards
 from geoswc.data.synth import make_world
@@ -14,6 +15,10 @@ from geoswc.geocells import Geocells
 
 
 def _synth(args: argparse.Namespace) -> int:
+    if args.street:
+        from geoswc.commands.vpr import write_street_world
+
+        return write_street_world(args)
     spec = make_world(
         args.out,
         n_train=args.train,
@@ -109,6 +114,12 @@ def register(subparsers) -> None:
         "--size", type=int, default=128, help="long side of the 4:3 photos in pixels (default 128)"
     )
     synth.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="rendering processes")
+    synth.add_argument(
+        "--street",
+        action="store_true",
+        help="a street world in the place-recognition layout instead (geoswc vpr)",
+    )
+    add_street_arguments(synth)
     synth.set_defaults(func=_synth)
 
     shards = commands.add_parser(
