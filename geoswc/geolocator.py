@@ -37,6 +37,7 @@ from geoswc.config import Config
 from geoswc.data.photos import PhotoDataset, photo_batches
 from geoswc.data.sphere import EARTH_RADIUS_KM
 from geoswc.data.transforms import build_transform
+from geoswc.folder_checks import naming, read_folder_config, refuse_outside_links
 from geoswc.geocells import Geocells
 from geoswc.precision import (
     CompiledForward,
@@ -715,9 +716,12 @@ class Geolocator(nn.Module):
         meta_path = directory / META_FILE
         if not meta_path.is_file():
             raise FileNotFoundError(f"not a geoswc model folder (no geolocator.json): {directory}")
+        refuse_outside_links(directory)
         meta = _read_meta(meta_path)
-        config = Config.load(directory / "config.yaml") if (directory / "config.yaml").is_file() else Config()
-        geocells = Geocells.load(directory / "cells")
+        _verify_checksums(directory, meta)  # before any part is parsed
+        config = read_folder_config(directory / "config.yaml")
+        with naming(directory / "cells"):
+            geocells = Geocells.load(directory / "cells")
         fingerprint = str(geocells.fingerprint)
         _check_part(meta.get("fingerprint"), fingerprint, meta_path)
 
@@ -758,7 +762,8 @@ class Geolocator(nn.Module):
         index = None
         index_dir = directory / "index"
         if index_dir.is_dir():
-            index = BackgroundIndex.load(index_dir)
+            with naming(index_dir):
+                index = BackgroundIndex.load(index_dir)
             _check_part(getattr(index, "fingerprint", None), fingerprint, index_dir)
             for name, n_cells in index.partitions.items():
                 own = name is None or name == index.partition
@@ -782,7 +787,7 @@ class Geolocator(nn.Module):
         elif meta.get("index"):
             raise FileNotFoundError(f"{meta_path} lists a background index, but {index_dir} is missing")
 
-        _verify_checksums(
+        _check_recorded(
             directory,
             meta,
             _part_files(
@@ -920,8 +925,8 @@ def _recorded_path(directory: Path, rel: Any, meta_path: Path) -> Path:
     return directory / rel
 
 
-def _verify_checksums(directory: Path, meta: Dict[str, Any], parts: Sequence[str]) -> None:
-    """Every recorded file matches its SHA-256, and every part that was loaded is recorded."""
+def _verify_checksums(directory: Path, meta: Dict[str, Any]) -> None:
+    """Every recorded file matches its SHA-256 (checked before any part is parsed)."""
     meta_path = directory / META_FILE
     record = meta.get("sha256")
     if record is None:
@@ -947,6 +952,14 @@ def _verify_checksums(directory: Path, meta: Dict[str, Any], parts: Sequence[str
                 f"{path}: SHA-256 {actual} does not match {expected} recorded in {meta_path}; the file was "
                 "changed or replaced after the model folder was saved"
             )
+
+
+def _check_recorded(directory: Path, meta: Dict[str, Any], parts: Sequence[str]) -> None:
+    """Every part that was loaded is recorded (a folder without checksums was warned about already)."""
+    meta_path = directory / META_FILE
+    record = meta.get("sha256")
+    if record is None:
+        return
     for rel in parts:
         if rel not in record:
             raise ValueError(
