@@ -691,13 +691,14 @@ class Geolocator(nn.Module):
     ) -> "Geolocator":
         """Load a model folder written by `save_pretrained`, validated completely before it is used.
 
-        Every part is checked against the others: file names stay inside the folder, the cells' centres and
-        counts are in range, the heads are the kinds their files are named after and listed in
-        ``geolocator.json``, the backbone's feature width matches the heads' and the retrieval module's, the
-        index covers exactly the fine cells with monotonic offsets, one cell, position and id per row, and
-        embeddings as wide as the retrieval module's. Then every file is checked against the SHA-256
-        recorded at save time, so a part swapped for another built on the same cells is refused too. A
-        folder saved before checksums existed loads with a warning.
+        Before any part is parsed, a symbolic link leading out of the folder is refused and every file is
+        checked against the SHA-256 recorded at save time, so a part swapped for another built on the same
+        cells is refused too (`geoswc.folder_checks`). Then every part is checked against the others: file
+        names stay inside the folder, the cells' centres and counts are in range, the heads are the kinds
+        their files are named after and listed in ``geolocator.json``, the backbone's feature width matches
+        the heads' and the retrieval module's, the index covers exactly the fine cells with monotonic offsets,
+        one cell, position and id per row, and embeddings as wide as the retrieval module's. A folder saved
+        before checksums existed loads with a warning.
 
         Args:
             directory: the model folder.
