@@ -45,6 +45,8 @@ logger = logging.getLogger(__name__)
 PathLike = Union[str, Path]
 
 RETRIEVAL_FILE = "retrieval.safetensors"
+# The file `BackgroundIndex.save` writes last, naming the others: a folder with it holds a complete index.
+INDEX_META_FILE = "index.json"
 # Written beside the assembled parts by `assemble_from`: where each part came from.
 ASSEMBLY_FILE = "assembly.json"
 # Settings of the ``retrieval`` section that belong to the index build (the background selection), not to
@@ -98,7 +100,7 @@ def parts_of(source: PathLike) -> ModelParts:
             backbone=work / "backbone",
             heads=work / "heads" / "heads",
             retrieval=retrieval if retrieval.is_file() else None,
-            index=index if (index / "meta.json").is_file() else None,
+            index=index if (index / INDEX_META_FILE).is_file() else None,
             config=work / "config.yaml" if (work / "config.yaml").is_file() else None,
         )
     if (source / "geolocator.json").is_file():

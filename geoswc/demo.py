@@ -8,14 +8,12 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
-
-import pandas as pd
+from typing import Any, Callable, Dict, Optional, Sequence
 
 from geoswc.data.synth import make_world
+from geoswc.demo_folder import check_photos_folder, claim_demo_folder, copy_photos, remove_world
 from geoswc.eval import format_table
 from geoswc.evaluation.run import evaluate_command, run_evaluation
 from geoswc.train.fit import duration, fit_model
@@ -36,24 +34,19 @@ def _make_world(folder: Path, *, n_train: int, n_test: int, seed: int) -> bool:
     """Write the synthetic world unless the same one is already there; returns whether it was written."""
     spec_file = folder / "world.json"
     if spec_file.is_file() and (folder / "test.csv").is_file():
-        spec = json.loads(spec_file.read_text())
-        if (spec.get("n_train"), spec.get("n_test"), spec.get("seed")) == (n_train, n_test, seed):
+        try:
+            spec = json.loads(spec_file.read_text())
+        except ValueError:
+            spec = None  # damaged: written again
+        if isinstance(spec, dict) and (spec.get("n_train"), spec.get("n_test"), spec.get("seed")) == (
+            n_train,
+            n_test,
+            seed,
+        ):
             return False
-    if folder.exists():
-        shutil.rmtree(folder)
+    remove_world(folder)
     make_world(folder, n_train=n_train, n_test=n_test, seed=seed, workers=min(4, os.cpu_count() or 1))
     return True
-
-
-def _copy_photos(world: Path, target: Path, count: int) -> List[str]:
-    """A folder of test photos as an archive would hold them (flat, original file names)."""
-    if target.exists():
-        shutil.rmtree(target)
-    target.mkdir(parents=True)
-    ids = pd.read_csv(world / "test.csv")["IMG_ID"].astype(str).tolist()[:count]
-    for img_id in ids:
-        shutil.copy2(world / "images" / img_id, target / Path(img_id).name)
-    return ids
 
 
 def paper_effect(results: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
@@ -101,7 +94,8 @@ def run_demo(
     """Synthetic world -> fit (tiny preset) -> evaluate -> tag, then a summary; a rerun reuses what is done.
 
     Args:
-        out: the demo folder: ``world/``, ``model/``, ``eval/``, ``photos/``, ``tags.csv``, ``demo.json``.
+        out: the demo folder: ``world/``, ``model/``, ``eval/``, ``photos/``, ``tags.csv``, ``demo.json``; new,
+            empty, or written by an earlier demo (`geoswc.demo_folder`: a folder of anything else is refused).
         n_train, n_test: photos of the synthetic world; seed: its seed.
         overrides: ``section.key=value`` settings applied to the tiny preset.
         cpu: run on CPU even when a GPU is there.
@@ -113,6 +107,9 @@ def run_demo(
     out = Path(out)
     world, model_dir, eval_dir = out / "world", out / "model", out / "eval"
     photos, tags = out / "photos", out / "tags.csv"
+    # Refused here, before anything is written: a folder of the user's, or photos the demo did not copy.
+    copied = claim_demo_folder(out)
+    check_photos_folder(photos, copied)
     started = time.perf_counter()
     timings: Dict[str, float] = {}
     sets = list(DEMO_SETTINGS) + list(overrides)
@@ -170,7 +167,7 @@ def run_demo(
 
     echo(f"[demo 4/4] geoswc tag on a folder of {DEMO_TAG_PHOTOS} test photos -> {tags}")
     t = time.perf_counter()
-    _copy_photos(world, photos, DEMO_TAG_PHOTOS)
+    copy_photos(out, world, DEMO_TAG_PHOTOS, copied)
     tag_photos([str(photos)], model=evaluation.model, out=tags, overwrite=True, workers=0)
     timings["tag"] = time.perf_counter() - t
 

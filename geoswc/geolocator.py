@@ -37,6 +37,7 @@ from geoswc.config import Config
 from geoswc.data.photos import PhotoDataset, photo_batches
 from geoswc.data.sphere import EARTH_RADIUS_KM
 from geoswc.data.transforms import build_transform
+from geoswc.folder_checks import naming, read_folder_config, refuse_outside_links
 from geoswc.geocells import Geocells
 from geoswc.precision import (
     CompiledForward,
@@ -690,13 +691,14 @@ class Geolocator(nn.Module):
     ) -> "Geolocator":
         """Load a model folder written by `save_pretrained`, validated completely before it is used.
 
-        Every part is checked against the others: file names stay inside the folder, the cells' centres and
-        counts are in range, the heads are the kinds their files are named after and listed in
-        ``geolocator.json``, the backbone's feature width matches the heads' and the retrieval module's, the
-        index covers exactly the fine cells with monotonic offsets, one cell, position and id per row, and
-        embeddings as wide as the retrieval module's. Then every file is checked against the SHA-256
-        recorded at save time, so a part swapped for another built on the same cells is refused too. A
-        folder saved before checksums existed loads with a warning.
+        Before any part is parsed, a symbolic link leading out of the folder is refused and every file is
+        checked against the SHA-256 recorded at save time, so a part swapped for another built on the same
+        cells is refused too (`geoswc.folder_checks`). Then every part is checked against the others: file
+        names stay inside the folder, the cells' centres and counts are in range, the heads are the kinds
+        their files are named after and listed in ``geolocator.json``, the backbone's feature width matches
+        the heads' and the retrieval module's, the index covers exactly the fine cells with monotonic offsets,
+        one cell, position and id per row, and embeddings as wide as the retrieval module's. A folder saved
+        before checksums existed loads with a warning.
 
         Args:
             directory: the model folder.
@@ -715,9 +717,12 @@ class Geolocator(nn.Module):
         meta_path = directory / META_FILE
         if not meta_path.is_file():
             raise FileNotFoundError(f"not a geoswc model folder (no geolocator.json): {directory}")
+        refuse_outside_links(directory)
         meta = _read_meta(meta_path)
-        config = Config.load(directory / "config.yaml") if (directory / "config.yaml").is_file() else Config()
-        geocells = Geocells.load(directory / "cells")
+        _verify_checksums(directory, meta)  # before any part is parsed
+        config = read_folder_config(directory / "config.yaml")
+        with naming(directory / "cells"):
+            geocells = Geocells.load(directory / "cells")
         fingerprint = str(geocells.fingerprint)
         _check_part(meta.get("fingerprint"), fingerprint, meta_path)
 
@@ -758,7 +763,8 @@ class Geolocator(nn.Module):
         index = None
         index_dir = directory / "index"
         if index_dir.is_dir():
-            index = BackgroundIndex.load(index_dir)
+            with naming(index_dir):
+                index = BackgroundIndex.load(index_dir)
             _check_part(getattr(index, "fingerprint", None), fingerprint, index_dir)
             for name, n_cells in index.partitions.items():
                 own = name is None or name == index.partition
@@ -782,7 +788,7 @@ class Geolocator(nn.Module):
         elif meta.get("index"):
             raise FileNotFoundError(f"{meta_path} lists a background index, but {index_dir} is missing")
 
-        _verify_checksums(
+        _check_recorded(
             directory,
             meta,
             _part_files(
@@ -920,8 +926,8 @@ def _recorded_path(directory: Path, rel: Any, meta_path: Path) -> Path:
     return directory / rel
 
 
-def _verify_checksums(directory: Path, meta: Dict[str, Any], parts: Sequence[str]) -> None:
-    """Every recorded file matches its SHA-256, and every part that was loaded is recorded."""
+def _verify_checksums(directory: Path, meta: Dict[str, Any]) -> None:
+    """Every recorded file matches its SHA-256 (checked before any part is parsed)."""
     meta_path = directory / META_FILE
     record = meta.get("sha256")
     if record is None:
@@ -947,6 +953,14 @@ def _verify_checksums(directory: Path, meta: Dict[str, Any], parts: Sequence[str
                 f"{path}: SHA-256 {actual} does not match {expected} recorded in {meta_path}; the file was "
                 "changed or replaced after the model folder was saved"
             )
+
+
+def _check_recorded(directory: Path, meta: Dict[str, Any], parts: Sequence[str]) -> None:
+    """Every part that was loaded is recorded (a folder without checksums was warned about already)."""
+    meta_path = directory / META_FILE
+    record = meta.get("sha256")
+    if record is None:
+        return
     for rel in parts:
         if rel not in record:
             raise ValueError(

@@ -1,6 +1,7 @@
 """`geoswc demo` on a small synthetic world: every artefact is written and the paper's effect shows."""
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -79,3 +80,59 @@ def test_demo_shows_search_within_cell_beating_the_heads_at_1_km(tmp_path, capsy
     again = capsys.readouterr().out
     assert "already there, reused" in again
     assert again.count("up to date, skipped") == 8
+
+
+def test_a_folder_the_demo_did_not_write_is_refused_before_anything_is_written(tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.docx").write_bytes(b"four years of work")
+    assert main(["demo", "-o", str(mine), "--cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(mine) in err and "thesis.docx" in err, err
+    assert sorted(p.name for p in mine.iterdir()) == ["thesis.docx"]
+
+
+def test_photos_the_demo_did_not_copy_are_never_deleted(tmp_path, capsys):
+    from geoswc.demo_folder import DEMO_MARKER, claim_demo_folder
+
+    out = tmp_path / "demo"
+    assert claim_demo_folder(out) == [] and (out / DEMO_MARKER).is_file()
+    family = out / "photos" / "family"
+    family.mkdir(parents=True)
+    (family / "grandma.jpg").write_bytes(b"irreplaceable")
+    assert main(["demo", "-o", str(out), "--cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(family) in err and "not written by geoswc demo" in err, err
+    assert (family / "grandma.jpg").read_bytes() == b"irreplaceable"
+    assert not (out / "world").exists()
+
+
+def test_a_rerun_replaces_only_what_the_demo_wrote(tmp_path):
+    from geoswc.data.synth import make_world
+    from geoswc.demo_folder import check_photos_folder, claim_demo_folder, copy_photos, remove_world
+
+    out = tmp_path / "demo"
+    claim_demo_folder(out)
+    world = out / "world"
+    make_world(world, n_train=6, n_test=4, seed=0, progress=False, workers=1)
+    ids = copy_photos(out, world, 3, [])
+    names = sorted(Path(i).name for i in ids)
+    assert sorted(p.name for p in (out / "photos").iterdir()) == names
+    assert sorted(claim_demo_folder(out)) == names  # recorded in the marker
+
+    # A file of the user's inside the world's images is kept when the world is written again.
+    keep = world / "images" / "mine.txt"
+    keep.write_text("mine")
+    remove_world(world)
+    assert sorted(p.relative_to(world).as_posix() for p in world.rglob("*")) == ["images", "images/mine.txt"]
+    (world / "notes.txt").write_text("mine too")
+    with pytest.raises(ValueError, match="notes.txt was not written by geoswc demo"):
+        remove_world(world)
+
+    # The demo's own photos are replaced; one more file in photos/ stops the rerun first.
+    make_world(world, n_train=6, n_test=4, seed=1, progress=False, workers=1)
+    again = copy_photos(out, world, 2, names)
+    assert sorted(p.name for p in (out / "photos").iterdir()) == sorted(Path(i).name for i in again)
+    (out / "photos" / "extra.jpg").write_bytes(b"x")
+    with pytest.raises(ValueError, match="extra.jpg was not written by geoswc demo"):
+        check_photos_folder(out / "photos", claim_demo_folder(out))

@@ -205,6 +205,10 @@ def test_mismatched_fingerprint_is_refused(model, tiny_model_dir, tmp_path):
 
     broken = tmp_path / "broken"
     shutil.copytree(tiny_model_dir, broken)
+    # Checksums are verified before any part is read; without them the fingerprints must still be checked.
+    meta = json.loads((broken / "geolocator.json").read_text())
+    del meta["sha256"]
+    (broken / "geolocator.json").write_text(json.dumps(meta))
     head = model.heads["ce"]
     original = head.fingerprint
     head.fingerprint = "0123456789abcdef"

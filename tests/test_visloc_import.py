@@ -420,7 +420,7 @@ def test_crafted_inputs_are_refused(release, tmp_path, capsys):
     torch.save({"fc.weight": torch.zeros(2, 2)}, wrong_pt)
     for role, path, expected in (
         ("assignments", evil_pkl, "system"),
-        ("mvmf", evil_pt, "weights_only"),
+        ("mvmf", evil_pt, "refused: the MvMF head file calls"),
         ("rrm", wrong_pt, "not the authors' retrieval module"),
     ):
         files = {
@@ -433,6 +433,7 @@ def test_crafted_inputs_are_refused(release, tmp_path, capsys):
         assert main(args) == 2
         err = capsys.readouterr().err
         assert str(path) in err and expected in err, err
+        assert "weights_only set to False" not in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "pwned").exists()
 
 

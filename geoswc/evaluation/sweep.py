@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from geoswc.eval.metrics import RADII_KM, geoguessr_points, haversine_km, radius_key
 from geoswc.eval.selective import DENSITY_SCALES_KM, prediction_density
+from geoswc.folder_checks import naming
 from geoswc.swc import AGGREGATIONS, aggregate, search_within_cell
 from geoswc.swc.cluster import DEFAULT_AGGREGATION
 
@@ -146,7 +147,10 @@ class EvalStore:
                 f"no evaluation store at {folder} (missing meta.json); run geoswc evaluate -o DIR first and "
                 "give DIR"
             )
-        meta = json.loads(meta_path.read_text())
+        with naming(meta_path):
+            meta = json.loads(meta_path.read_text())
+        if not isinstance(meta, dict):
+            raise ValueError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
         if meta.get("format_version", 0) > STORE_VERSION:
             raise ValueError(
                 f"{meta_path}: format_version {meta['format_version']} is newer than this geoswc reads "
@@ -155,8 +159,10 @@ class EvalStore:
         ids = (folder / "ids.txt").read_text().split("\n")
         if ids and ids[-1] == "":
             ids.pop()
-        truth = np.load(folder / "truth_latlon.npy")
-        evaluated = np.load(folder / "evaluated.npy")
+        with naming(folder / "truth_latlon.npy"):
+            truth = np.load(folder / "truth_latlon.npy")
+        with naming(folder / "evaluated.npy"):
+            evaluated = np.load(folder / "evaluated.npy")
         if truth.shape != (len(ids), 2) or evaluated.shape != (len(ids),):
             raise ValueError(
                 f"{folder}: {len(ids)} ids, but truth_latlon.npy is {truth.shape} and evaluated.npy "
@@ -168,7 +174,8 @@ class EvalStore:
             path = folder / name
             if not path.is_file():
                 return None
-            array = np.load(path, mmap_mode="r" if mmap else None)
+            with naming(path):
+                array = np.load(path, mmap_mode="r" if mmap else None)
             if len(array) != n:
                 raise ValueError(f"{path}: {len(array)} rows, but {n} photos were evaluated")
             return array

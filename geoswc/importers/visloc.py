@@ -19,7 +19,9 @@ command uses as it is:
   the model's configuration (``data.eval_resize: shortest``), so the model sees what theirs saw.
 
 The ``.pt`` files are read with ``torch.load(weights_only=True)`` and the pickle with the restricted
-unpickler of `geoswc.data.pickles`; no code from the files runs. docs/visloc.md explains the mapping.
+unpickler of `geoswc.data.pickles`; no code from the files runs. Every input is checked against the others
+before the model is built, and the model is built beside the target folder and swapped in only when complete
+(`geoswc.importers.staging`). docs/visloc.md explains the mapping.
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ import logging
 import math
 import os
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
@@ -42,10 +43,16 @@ from tqdm.auto import tqdm
 from geoswc.classifiers import create_head
 from geoswc.classifiers.padding import freeze_same_padding
 from geoswc.config import Config
-from geoswc.data.download import check_sha256, download, is_url
+from geoswc.data.download import check_sha256
 from geoswc.data.pickles import load_plain_pickle
 from geoswc.geocells import Geocells, Partition, latlng_to_cell_id
 from geoswc.geolocator import Geolocator
+from geoswc.importers.assignments import assignment_pairs
+from geoswc.importers.background import BackgroundFile, RowsView
+from geoswc.importers.sources import PathOrUrl as PathOrUrl  # still importable from here
+from geoswc.importers.sources import read_torch_state
+from geoswc.importers.sources import resolve_source as resolve_source
+from geoswc.importers.staging import check_target, staged_model_folder
 from geoswc.retrieval.index import BackgroundIndex
 from geoswc.retrieval.model import ResidualRetrievalModule
 
@@ -78,9 +85,6 @@ DATA_CONFIG = {
 }
 PARTITION_NAME = "visloc_mvmf_components"
 IMPORT_FILE = "import.json"
-_COPY_ROWS = 1 << 14
-
-PathOrUrl = Union[str, os.PathLike]
 
 # efficientnet_pytorch block submodules -> timm's, for the blocks with an expansion (InvertedResidual) and for
 # the first stage's blocks without one (DepthwiseSeparableConv).
@@ -104,37 +108,6 @@ _DEPTHWISE_SEPARABLE = {
 }
 _STEM_AND_HEAD = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2"}
 _BLOCK_KEY = re.compile(r"_blocks\.(\d+)\.(\w+?)\.(.+)")
-
-
-# ---------------------------------------------------------------------------------------------- reading files
-def read_torch_state(path: Union[str, os.PathLike], what: str) -> Dict[str, torch.Tensor]:
-    """The tensors of a ``.pt`` state dict, loaded with ``torch.load(weights_only=True)`` (no code runs).
-
-    A ``state_dict`` wrapper and ``module.`` prefixes (DataParallel) are removed.
-
-    Raises:
-        FileNotFoundError: the file is missing.
-        ValueError: the file is not a state dict of tensors (``what`` names the part in the message).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} file not found: {path}")
-    try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises UnpicklingError, RuntimeError or others for a foreign file
-        raise ValueError(f"{path}: not a PyTorch weights file torch.load(weights_only=True) can read ({err})")
-    if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
-        state = state["state_dict"]
-    if not isinstance(state, Mapping) or not state:
-        raise ValueError(
-            f"{path}: expected the {what}'s state dict (a mapping of tensors), got {type(state)}"
-        )
-    out = {}
-    for key, value in state.items():
-        if not isinstance(value, torch.Tensor):
-            raise ValueError(f"{path}: entry {key!r} of the {what}'s state dict is not a tensor")
-        out[str(key).removeprefix("module.")] = value
-    return out
 
 
 def _require(state: Mapping[str, torch.Tensor], keys: Sequence[str], path: Path, what: str) -> None:
@@ -336,134 +309,53 @@ def convert_rrm(path: Union[str, os.PathLike]) -> ResidualRetrievalModule:
 
 
 # ---------------------------------------------------------------------------------------------- background
-def _open_background(path: Path) -> Tuple[Any, Any, bool]:
-    """``(file, features dataset, transposed)`` of their HDF5; ``transposed`` when features are stored (D, N)."""
-    try:
-        import h5py
-    except ImportError as err:
-        raise ImportError("reading the background HDF5 needs h5py: pip install h5py") from err
-    if not path.is_file():
-        raise FileNotFoundError(f"background file not found: {path}")
-    try:
-        handle = h5py.File(path, "r")
-    except OSError as err:
-        raise ValueError(f"{path}: not an HDF5 file ({err})") from None
-    for name in ("features", "labels"):
-        if name not in handle:
-            handle.close()
-            raise ValueError(
-                f"{path}: no dataset {name!r}; the authors' background file holds 'features' (embeddings) "
-                "and 'labels' (lat, lon per photo)"
-            )
-    labels, features = handle["labels"], handle["features"]
-    if labels.ndim != 2 or labels.shape[1] != 2 or features.ndim != 2:
-        handle.close()
+@dataclass
+class _Background:
+    """What the background and assignments files give the index: ``(component, row)`` pairs and the
+    positions of the rows listed."""
+
+    comps: np.ndarray
+    rows: np.ndarray
+    counts: np.ndarray
+    latlon: np.ndarray
+    n_rows: int
+    unassigned: int
+
+
+def _read_background(
+    background: BackgroundFile, assignments: Path, *, n_components: int, dim: int
+) -> _Background:
+    """The background's rows checked against the retrieval module's width and the assignments' rows checked
+    against the background, before any embedding is read."""
+    if background.dim != dim:
         raise ValueError(
-            f"{path}: expected labels (N, 2) and features (N, D), got labels {labels.shape} and features "
-            f"{features.shape}"
+            f"{background.path}: embeddings of dim {background.dim}, but the retrieval module gives {dim}"
         )
-    n = labels.shape[0]
-    # Their evaluation.py reads features[:, :].T and indexes its columns by row: (N, D) on disk. A (D, N)
-    # layout is accepted too, recognised by which side matches the labels.
-    if features.shape[0] == n:
-        transposed = False
-    elif features.shape[1] == n:
-        transposed = True
-    else:
-        handle.close()
-        raise ValueError(f"{path}: features {features.shape} do not have one row per label ({n} labels)")
-    return handle, features, transposed
-
-
-class _Rows:
-    """A read-only (P, D) view of ``array`` whose row ``p`` is ``array[rows[p]]`` (what `BackgroundIndex.build`
-    reads, chunk by chunk)."""
-
-    def __init__(self, array: np.ndarray, rows: np.ndarray):
-        self.array, self.rows = array, rows
-        self.shape = (len(rows), array.shape[1])
-        self.ndim = 2
-        self.dtype = array.dtype
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __getitem__(self, index):
-        return self.array[self.rows[index]]
-
-
-def assignment_pairs(
-    assignments: Any, *, n_components: int, n_rows: int, source: str
-) -> Tuple[np.ndarray, np.ndarray]:
-    """``(component, row)`` pairs of ``{component: set of background rows}``, sorted by component then row.
-
-    Raises:
-        ValueError: not such a dict, or a component or row index out of range (both named with ``source``).
-    """
-    if not isinstance(assignments, dict):
-        raise ValueError(
-            f"{source}: expected a dict {{component: set of rows}}, got {type(assignments).__name__}"
+    comps, rows = assignment_pairs(
+        load_plain_pickle(assignments),
+        n_components=n_components,
+        n_rows=background.n_rows,
+        source=str(assignments),
+    )
+    listed = np.unique(rows)
+    unassigned = background.n_rows - len(listed)
+    if unassigned:
+        logger.warning(
+            "%d of %d background photos belong to no component in %s; Search within Cell never reaches "
+            "them (as in the authors' code), so they are left out of the index",
+            unassigned,
+            background.n_rows,
+            assignments,
         )
-    comps, rows = [], []
-    for comp, members in assignments.items():
-        if (
-            isinstance(comp, bool)
-            or not isinstance(comp, (int, np.integer))
-            or not 0 <= int(comp) < n_components
-        ):
-            raise ValueError(
-                f"{source}: component {comp!r} is not an index of the MvMF head's {n_components} components"
-            )
-        if not isinstance(members, (set, frozenset, list, tuple)):
-            raise ValueError(
-                f"{source}: component {comp}: expected a set of rows, got {type(members).__name__}"
-            )
-        members = np.fromiter((int(r) for r in members), dtype=np.int64, count=len(members))
-        if len(members) and (members.min() < 0 or members.max() >= n_rows):
-            bad = int(members[(members < 0) | (members >= n_rows)][0])
-            raise ValueError(
-                f"{source}: component {comp} lists row {bad}; the background has rows 0..{n_rows - 1}"
-            )
-        comps.append(np.full(len(members), int(comp), dtype=np.int64))
-        rows.append(np.sort(members))
-    comp_arr = np.concatenate(comps) if comps else np.zeros(0, np.int64)
-    row_arr = np.concatenate(rows) if rows else np.zeros(0, np.int64)
-    order = np.lexsort((row_arr, comp_arr))
-    return comp_arr[order], row_arr[order]
-
-
-# ---------------------------------------------------------------------------------------------- sources
-def resolve_source(
-    value: PathOrUrl,
-    role: str,
-    *,
-    download_ok: bool = False,
-    download_dir: Optional[Union[str, os.PathLike]] = None,
-    sha256: Optional[str] = None,
-    progress: bool = True,
-) -> Path:
-    """The local file for one input: ``value`` itself, or for a URL the file downloaded into ``download_dir``
-    (only with ``download_ok``), checked against ``sha256`` when given.
-
-    Raises:
-        ValueError: a URL without ``download_ok`` (the message says how to allow it), or a checksum mismatch.
-        FileNotFoundError: a local file that does not exist.
-    """
-    if is_url(value):
-        url = str(value)
-        if not download_ok:
-            raise ValueError(
-                f"--{role} is a URL ({url}); geoswc downloads only when asked: add --download (files go to "
-                "--download-dir), or download it yourself and pass the file"
-            )
-        name = Path(url.split("?", 1)[0].rstrip("/")).name or role
-        return download(url, Path(download_dir or ".") / name, sha256=sha256, progress=progress)
-    path = Path(value)
-    if not path.is_file():
-        raise FileNotFoundError(f"--{role} file not found: {path}")
-    if sha256 is not None:
-        check_sha256(path, sha256)
-    return path
+    latlon = background.labels(listed)[np.searchsorted(listed, rows)]
+    return _Background(
+        comps=comps,
+        rows=rows,
+        counts=np.bincount(comps, minlength=n_components),
+        latlon=latlon,
+        n_rows=background.n_rows,
+        unassigned=unassigned,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- the import
@@ -497,6 +389,91 @@ def _file_record(path: Path, url: Optional[str]) -> Dict[str, Any]:
     return record
 
 
+def _input_paths(files: Mapping[str, Union[str, os.PathLike]]) -> Dict[str, Path]:
+    paths = {role: Path(files[role]) for role in ROLES}
+    for role, path in paths.items():
+        if not path.is_file():
+            raise FileNotFoundError(f"--{role} file not found: {path}")
+    return paths
+
+
+def _read_heads(paths: Mapping[str, Path], prekappa0: float) -> Tuple[MvMFWeights, ResidualRetrievalModule]:
+    """The MvMF head and the retrieval module, checked to take features of the same width."""
+    heads_state = read_mvmf(paths["mvmf"], prekappa0=prekappa0)
+    retrieval = convert_rrm(paths["rrm"])
+    dim = heads_state.weight.shape[1]
+    if retrieval.dim != dim:
+        raise ValueError(
+            f"the parts do not fit together: the MvMF head ({paths['mvmf']}) takes {dim} features and the "
+            f"retrieval module ({paths['rrm']}) {retrieval.dim}"
+        )
+    return heads_state, retrieval
+
+
+def _read_backbone(path: Path, dim: int) -> torch.nn.Module:
+    model = convert_backbone(read_torch_state(path, "backbone"), source=str(path))
+    if model.num_features != dim:
+        raise ValueError(
+            f"the parts do not fit together: the backbone ({path}) gives {model.num_features} features, the "
+            f"heads take {dim}"
+        )
+    return model
+
+
+def _provenance(
+    paths: Mapping[str, Path], urls: Mapping[str, str], prekappa0: float, bg: _Background, *, progress: bool
+) -> Dict[str, Any]:
+    return {
+        "source": "visloc-estimation: the ICMR 2021 authors' released model (Kordopatis-Zilos et al.)",
+        "cells": "one cell per MvMF component, named by the level-30 S2 leaf containing its mean",
+        "prekappa0": float(prekappa0),
+        "files": {
+            role: _file_record(path, urls.get(role))
+            for role, path in tqdm(paths.items(), desc="sha256", disable=not progress)
+        },
+        "background_rows": int(bg.n_rows),
+        "index_rows": int(len(bg.rows)),
+        "unassigned_rows": int(bg.unassigned),
+        "components_with_background": int((bg.counts > 0).sum()),
+    }
+
+
+def _build_head(heads_state: MvMFWeights, geocells: Geocells, prekappa0: float) -> torch.nn.Module:
+    n_components, dim = heads_state.weight.shape
+    head = create_head("mvmf", in_features=int(dim), geocells=geocells, init_kappa=math.exp(prekappa0))
+    with torch.no_grad():
+        head.fc.weight.copy_(heads_state.weight)
+        head.fc.bias.copy_(heads_state.bias)
+        head.log_kappa.copy_(torch.as_tensor(heads_state.log_kappa, dtype=head.log_kappa.dtype))
+    return head.eval()
+
+
+def _build_index(
+    background: BackgroundFile, bg: _Background, folder: Path, *, dtype: str, fingerprint: str, progress: bool
+) -> BackgroundIndex:
+    """The index of the listed rows, sorted by component, written to ``folder / "index"``."""
+    listed = np.unique(bg.rows)
+    staging = folder / ".visloc-background.npy"
+    try:
+        background.copy_rows(listed, staging, dtype, progress=progress)
+        source = np.load(staging, mmap_mode="r")
+        index = BackgroundIndex(dtype=dtype).build(
+            RowsView(source, np.searchsorted(listed, bg.rows)),
+            cell_idx=bg.comps,
+            latlon=bg.latlon,
+            ids=[str(r) for r in bg.rows],
+            n_cells=len(bg.counts),
+            fingerprint=fingerprint,
+            directory=folder / "index",
+            config={"import": {"ids": "row numbers of the background file", "dtype": str(background.dtype)}},
+        )
+        del source
+    finally:
+        staging.unlink(missing_ok=True)
+    _warn_unnormalised(index)
+    return index
+
+
 def import_visloc(
     *,
     backbone: Union[str, os.PathLike],
@@ -513,6 +490,10 @@ def import_visloc(
 ) -> ImportResult:
     """Write a geoswc model folder from the authors' five files (local paths; see `resolve_source` for URLs).
 
+    Every input is read and checked against the others first; the model is then built in a folder beside
+    ``out``, loaded back with `Geolocator.from_pretrained` as a check, and only then swapped into ``out``
+    (`geoswc.importers.staging`): a failure at any step leaves ``out`` as it was.
+
     Args:
         backbone: ``efficientnet_backbone.pt``.
         mvmf: ``mvmf_head.pt``.
@@ -523,178 +504,61 @@ def import_visloc(
         prekappa0: the offset of their concentrations (kappa = exp(kappas + prekappa0)).
         index_dtype: ``float16`` or ``float32``; default the background file's own precision.
         urls: where each file came from, by role, recorded in the provenance.
-        overwrite: replace an existing ``out``.
+        overwrite: replace an existing ``out`` (only a model folder, or an empty folder).
         progress: show progress bars.
 
     Raises:
         FileNotFoundError: an input is missing.
-        FileExistsError: ``out`` exists and ``overwrite`` is false.
+        FileExistsError: ``out`` exists and ``overwrite`` is false, or it is not a model folder.
         ValueError: an input is not the file the role expects (the file and the problem named).
     """
-    paths = {
-        "backbone": Path(backbone),
-        "mvmf": Path(mvmf),
-        "rrm": Path(rrm),
-        "background": Path(background),
-        "assignments": Path(assignments),
+    paths = _input_paths(
+        {"backbone": backbone, "mvmf": mvmf, "rrm": rrm, "background": background, "assignments": assignments}
+    )
+    out = check_target(out, overwrite=overwrite)
+    heads_state, retrieval = _read_heads(paths, prekappa0)
+    n_components, dim = heads_state.weight.shape
+    with BackgroundFile(paths["background"]) as bg_file:
+        bg = _read_background(bg_file, paths["assignments"], n_components=n_components, dim=dim)
+        if index_dtype is None:
+            index_dtype = "float16" if bg_file.dtype == np.float16 else "float32"
+        backbone_model = _read_backbone(paths["backbone"], dim)
+        provenance = _provenance(paths, urls or {}, prekappa0, bg, progress=progress)
+        geocells = Geocells(
+            [component_partition(heads_state.centers_deg, bg.counts)], settings={"import": provenance}
+        )
+        fingerprint = str(geocells.fingerprint)
+        with staged_model_folder(out, overwrite=overwrite) as staging:
+            index = _build_index(
+                bg_file, bg, staging, dtype=index_dtype, fingerprint=fingerprint, progress=progress
+            )
+            retrieval.fingerprint = fingerprint
+            Geolocator(
+                backbone=backbone_model,
+                geocells=geocells,
+                heads={"mvmf": _build_head(heads_state, geocells, prekappa0)},
+                retrieval=retrieval,
+                index=index,
+                config=imported_config(index_dtype=index_dtype),
+                backbone_name=TIMM_MODEL,
+                data_config=dict(DATA_CONFIG),
+            ).save_pretrained(staging)
+            (staging / IMPORT_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
+            Geolocator.from_pretrained(
+                staging, device="cpu", precision_mode="fp32", compile="off", runtime="torch"
+            )
+    summary = {
+        "components": int(n_components),
+        "feature_dim": int(dim),
+        "background_rows": int(bg.n_rows),
+        "index_rows": int(len(bg.rows)),
+        "components_with_background": provenance["components_with_background"],
+        "unassigned_rows": int(bg.unassigned),
+        "index_dtype": index_dtype,
+        "fingerprint": fingerprint,
     }
-    for role, path in paths.items():
-        if not path.is_file():
-            raise FileNotFoundError(f"--{role} file not found: {path}")
-    out = Path(out)
-    if out.exists():
-        if not overwrite:
-            raise FileExistsError(f"{out} already exists; choose another folder or pass --overwrite")
-        if not out.is_dir():
-            raise FileExistsError(f"{out} exists and is not a folder")
-
-    created = False
-    try:
-        heads_state = read_mvmf(paths["mvmf"], prekappa0=prekappa0)
-        n_components, dim = heads_state.weight.shape
-        retrieval = convert_rrm(paths["rrm"])
-        backbone_model = convert_backbone(
-            read_torch_state(paths["backbone"], "backbone"), source=str(paths["backbone"])
-        )
-        if backbone_model.num_features != dim or retrieval.dim != dim:
-            raise ValueError(
-                f"the parts do not fit together: the backbone gives {backbone_model.num_features} features, the MvMF "
-                f"head ({paths['mvmf']}) takes {dim} and the retrieval module ({paths['rrm']}) {retrieval.dim}"
-            )
-
-        handle, features, transposed = _open_background(paths["background"])
-        try:
-            n_rows, emb_dim = (features.shape[1], features.shape[0]) if transposed else features.shape
-            if emb_dim != retrieval.dim:
-                raise ValueError(
-                    f"{paths['background']}: embeddings of dim {emb_dim}, but the retrieval module gives {retrieval.dim}"
-                )
-            latlon = np.asarray(handle["labels"][:, :], dtype=np.float64)
-            for col, name, limit in ((0, "latitude", 90.0), (1, "longitude", 180.0)):
-                bad = np.flatnonzero(~(np.abs(latlon[:, col]) <= limit))
-                if len(bad):
-                    raise ValueError(
-                        f"{paths['background']}: labels row {int(bad[0])} has {name} {latlon[bad[0], col]!r}, "
-                        f"outside [-{limit:g}, {limit:g}] degrees"
-                    )
-            source_dtype = np.dtype(features.dtype)
-            if index_dtype is None:
-                index_dtype = "float16" if source_dtype == np.float16 else "float32"
-            comps, rows = assignment_pairs(
-                load_plain_pickle(paths["assignments"]),
-                n_components=n_components,
-                n_rows=n_rows,
-                source=str(paths["assignments"]),
-            )
-            counts = np.bincount(comps, minlength=n_components)
-            unassigned = n_rows - len(np.unique(rows))
-            if unassigned:
-                logger.warning(
-                    "%d of %d background photos belong to no component in %s; Search within Cell never reaches "
-                    "them (as in the authors' code), so they are left out of the index",
-                    unassigned,
-                    n_rows,
-                    paths["assignments"],
-                )
-            partition = component_partition(heads_state.centers_deg, counts)
-            provenance = {
-                "source": "visloc-estimation: the ICMR 2021 authors' released model (Kordopatis-Zilos et al.)",
-                "cells": "one cell per MvMF component, named by the level-30 S2 leaf containing its mean",
-                "prekappa0": float(prekappa0),
-                "files": {
-                    role: _file_record(path, (urls or {}).get(role))
-                    for role, path in tqdm(paths.items(), desc="sha256", disable=not progress)
-                },
-                "background_rows": int(n_rows),
-                "index_rows": int(len(rows)),
-                "unassigned_rows": int(unassigned),
-                "components_with_background": int((counts > 0).sum()),
-            }
-            geocells = Geocells([partition], settings={"import": provenance})
-            fingerprint = str(geocells.fingerprint)
-
-            head = create_head(
-                "mvmf", in_features=int(dim), geocells=geocells, init_kappa=math.exp(prekappa0)
-            )
-            with torch.no_grad():
-                head.fc.weight.copy_(heads_state.weight)
-                head.fc.bias.copy_(heads_state.bias)
-                head.log_kappa.copy_(torch.as_tensor(heads_state.log_kappa, dtype=head.log_kappa.dtype))
-            head.eval()
-
-            if out.exists():
-                shutil.rmtree(out)  # --overwrite, now that every input has been read
-            out.mkdir(parents=True)
-            created = True
-            staging = out / ".visloc-background.npy"
-            try:
-                _copy_features(features, transposed, staging, index_dtype, progress=progress)
-                source = np.load(staging, mmap_mode="r")
-                index = BackgroundIndex(dtype=index_dtype).build(
-                    _Rows(source, rows),
-                    cell_idx=comps,
-                    latlon=latlon[rows],
-                    ids=[str(r) for r in rows],
-                    n_cells=n_components,
-                    fingerprint=fingerprint,
-                    directory=out / "index",
-                    config={
-                        "import": {"ids": "row numbers of the background file", "dtype": str(source_dtype)}
-                    },
-                )
-                del source
-            finally:
-                staging.unlink(missing_ok=True)
-        finally:
-            handle.close()
-        _warn_unnormalised(index)
-
-        retrieval.fingerprint = fingerprint
-        model = Geolocator(
-            backbone=backbone_model,
-            geocells=geocells,
-            heads={"mvmf": head},
-            retrieval=retrieval,
-            index=index,
-            config=imported_config(index_dtype=index_dtype),
-            backbone_name=TIMM_MODEL,
-            data_config=dict(DATA_CONFIG),
-        )
-        model.save_pretrained(out)
-        (out / IMPORT_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
-        summary = {
-            "components": int(n_components),
-            "feature_dim": int(dim),
-            "background_rows": int(n_rows),
-            "index_rows": int(len(rows)),
-            "components_with_background": provenance["components_with_background"],
-            "unassigned_rows": int(unassigned),
-            "index_dtype": index_dtype,
-            "fingerprint": fingerprint,
-        }
-        logger.info("imported the authors' model into %s: %s", out, summary)
-        return ImportResult(out=out, summary=summary)
-    except BaseException:
-        # A half-written model folder is never left behind: it would pass for a model until loaded.
-        if created:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
-
-
-def _copy_features(features: Any, transposed: bool, target: Path, dtype: str, *, progress: bool) -> None:
-    """Copy the HDF5 embeddings, in file order, into an ``(N, D)`` ``.npy`` of ``dtype``, block by block."""
-    n, dim = (features.shape[1], features.shape[0]) if transposed else features.shape
-    out = np.lib.format.open_memmap(target, mode="w+", dtype=dtype, shape=(n, dim))
-    for start in tqdm(range(0, n, _COPY_ROWS), desc="background", unit="block", disable=not progress):
-        stop = min(start + _COPY_ROWS, n)
-        block = features[:, start:stop].T if transposed else features[start:stop]
-        block = np.asarray(block, dtype=np.float32)
-        if not np.isfinite(block).all():
-            bad = start + int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0])
-            raise ValueError(f"background embedding of row {bad} holds NaN or infinite values")
-        out[start:stop] = block
-    out.flush()
-    del out
+    logger.info("imported the authors' model into %s: %s", out, summary)
+    return ImportResult(out=out, summary=summary)
 
 
 def _warn_unnormalised(index: BackgroundIndex) -> None:
