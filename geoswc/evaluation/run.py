@@ -9,9 +9,9 @@ The backbone runs once over the test photos; its features feed each mode the mod
 
 Photos that are missing or unreadable are listed in ``missing.csv`` and scored as missing (wrong at every
 radius), never a crash. Outputs: ``predictions_<mode>.csv``, ``results.json`` and ``report.md``/``report.html``,
-and ``store/`` (`geoswc.evaluation.sweep.EvalStore`): the features, head outputs and embeddings of the test photos, from
+and ``store/`` (`geoswc.evaluation.store.EvalStore`): the features, head outputs and embeddings of the test photos, from
 which ``geoswc sweep`` re-runs the last stages without the backbone. The modes are placed from that store
-(`geoswc.evaluation.sweep.Replayer`), so a sweep's row of the same settings reproduces these numbers exactly.
+(`geoswc.evaluation.replay.Replayer`), so a sweep's row of the same settings reproduces these numbers exactly.
 
 Beyond Table 1, ``results.json`` holds per mode the GeoGuessr score, the selective-prediction split and
 coverage curve of the head's prediction density (`geoswc.eval.selective`), accuracy by country and continent
@@ -38,13 +38,12 @@ from geoswc.eval.metrics import geographic_breakdown, retrieval_metrics
 from geoswc.eval.report import write_report, write_results_json
 from geoswc.eval.selective import DENSITY_SCALES_KM, selective_summary
 from geoswc.geolocator import Geolocator
-from geoswc.evaluation.sweep import (
+from geoswc.evaluation.replay import Replayer, model_setting
+from geoswc.evaluation.store import (
     STORE_DIR,
     STORE_TOP_CELLS,
     EvalStore,
-    Replayer,
     head_outputs,
-    model_setting,
     search_partition,
 )
 
@@ -168,7 +167,7 @@ def build_store(
 def evaluate_store(store: EvalStore, index, *, modes: Sequence[str]):
     """Predictions ``{mode: (n, 2) degrees}`` and method counts ``{mode: {method: n}}`` of the evaluated photos.
 
-    Every mode runs through `geoswc.evaluation.sweep.Replayer` with the store's settings, the path ``geoswc sweep``
+    Every mode runs through `geoswc.evaluation.replay.Replayer` with the store's settings, the path ``geoswc sweep``
     takes, so its row of these settings is this result exactly.
     """
     replayer = Replayer(store, index)
