@@ -27,6 +27,7 @@ from geoswc.classifiers import load_backbone, load_head, save_backbone, save_hea
 from geoswc.config import Config
 from geoswc.data.features import FeatureCache
 from geoswc.train.engine import prepare_for_speed, train_loop
+from geoswc.train.optim import create_optimizer, create_schedule
 from geoswc.train.common import PathLike, StageResult, finish_stage, start_stage, unwrapped
 from geoswc.train.sources import Batches, Photos, Source, epoch_batches, head_of, open_photos, validate
 
@@ -126,10 +127,13 @@ def train_backbone(
     train = open_photos(photos, cells, backbone, config, train=True)
     val_source = open_photos(val, cells, backbone, config, train=False) if val is not None else None
     model = prepare_for_speed(model, config.train, accelerator)
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=bc.lr, momentum=bc.momentum, weight_decay=bc.weight_decay
+    optimizer = create_optimizer(
+        model, opt=bc.opt, lr=bc.lr, momentum=bc.momentum, weight_decay=bc.weight_decay
     )
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=bc.lr_step_epochs, gamma=bc.lr_gamma)
+    steps = bc.epochs * max(1, len(train) // (bc.batch_size * accelerator.num_processes))
+    scheduler, schedule_per = create_schedule(
+        optimizer, bc.sched, total_updates=steps, step_epochs=bc.lr_step_epochs, gamma=bc.lr_gamma
+    )
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     summary = _train_classifier(
         accelerator,
@@ -143,7 +147,7 @@ def train_backbone(
         seed=config.train.seed,
         out=out,
         name="backbone",
-        schedule_per="epoch",
+        schedule_per=schedule_per,
         resume=resume,
         max_steps=max_steps,
         checkpoint_every=checkpoint_every,
@@ -263,9 +267,9 @@ def train_heads(
                 CellClassifier(frozen, head, freeze_backbone=True), config.train, accelerator
             )
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=hc.lr, weight_decay=hc.weight_decay)
+        optimizer = create_optimizer(params, opt=hc.opt, lr=hc.lr, weight_decay=hc.weight_decay)
         steps = hc.epochs * max(1, len(train) // (hc.batch_size * accelerator.num_processes))
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+        scheduler, schedule_per = create_schedule(optimizer, hc.sched, total_updates=steps)
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
         summary = _train_classifier(
             accelerator,
@@ -279,7 +283,7 @@ def train_heads(
             seed=config.train.seed,
             out=out,
             name=kind,
-            schedule_per="step",
+            schedule_per=schedule_per,
             resume=resume,
             max_steps=max_steps,
             checkpoint_every=checkpoint_every,
