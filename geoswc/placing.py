@@ -9,7 +9,7 @@ index, partition); `Geolocator.locate` strings them together and returns `Predic
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -18,9 +18,6 @@ from sklearn.neighbors import BallTree
 from geoswc.area_filter import restrict_to_area
 from geoswc.data.sphere import EARTH_RADIUS_KM
 from geoswc.swc import nearest_background, search_within_cell
-
-if TYPE_CHECKING:
-    from geoswc.geolocator import Geolocator
 
 MODES = ("swc", "cell", "rrm")
 CONFIDENCE_RADIUS_KM = 25.0
@@ -61,7 +58,7 @@ class Predictions:
     def __len__(self) -> int:
         return len(self.latlon_deg)
 
-    def to_records(self, geolocator: "Geolocator") -> List[Dict[str, Any]]:
+    def to_records(self, geolocator: Any) -> List[Dict[str, Any]]:
         """One JSON-ready dict per photo, with cell tokens and neighbour ids resolved."""
         tokens = geolocator.head_partition(self.head).tokens if self.head is not None else np.empty(0, str)
         index = geolocator.index
@@ -117,7 +114,7 @@ def density_neighbour_table(centers_deg: np.ndarray) -> torch.Tensor:
 
 
 def classify(
-    model: "Geolocator",
+    model: Any,
     features: torch.Tensor,
     kind: str,
     n_top: int,
@@ -164,7 +161,7 @@ def unclassified(n: int) -> Dict[str, np.ndarray]:
 
 
 def search_background(
-    model: "Geolocator",
+    model: Any,
     features: torch.Tensor,
     cls: Dict[str, np.ndarray],
     *,
