@@ -68,3 +68,25 @@ def create_schedule(
     if sched == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_updates)), "step"
     raise ValueError(f"unknown schedule {sched!r}; choose one of: {', '.join(SCHEDULES)}")
+
+
+def optimizer_and_schedule(
+    params: Union[nn.Module, Iterable[torch.Tensor]], section: Any, *, total_updates: int
+) -> Tuple[torch.optim.Optimizer, Any, str]:
+    """``(optimizer, scheduler, schedule_per)`` from a config section's ``opt``, ``lr``, ``weight_decay``,
+    ``momentum``, ``sched``, ``lr_step_epochs`` and ``lr_gamma`` (the last three only where it has them)."""
+    optimizer = create_optimizer(
+        params,
+        opt=section.opt,
+        lr=section.lr,
+        weight_decay=section.weight_decay,
+        momentum=getattr(section, "momentum", 0.9),
+    )
+    scheduler, schedule_per = create_schedule(
+        optimizer,
+        section.sched,
+        total_updates=total_updates,
+        step_epochs=getattr(section, "lr_step_epochs", 1),
+        gamma=getattr(section, "lr_gamma", 1.0),
+    )
+    return optimizer, scheduler, schedule_per

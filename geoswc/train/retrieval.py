@@ -30,7 +30,7 @@ from accelerate import Accelerator
 from geoswc.config import Config
 from geoswc.data.features import FeatureCache
 from geoswc.train.engine import train_loop
-from geoswc.train.optim import create_optimizer, create_schedule
+from geoswc.train.optim import optimizer_and_schedule
 from geoswc.retrieval import (
     IdentityEmbedding,
     OnePairPerCellSampler,
@@ -122,8 +122,9 @@ def fit_retrieval_module(
         labels, seed=seed, num_replicas=accelerator.num_processes, rank=accelerator.process_index
     )
     steps_per_epoch = math.ceil(len(sampler) / rc.batch_size)
-    optimizer = create_optimizer(model, opt=rc.opt, lr=rc.lr, weight_decay=rc.weight_decay)
-    scheduler, schedule_per = create_schedule(optimizer, rc.sched, total_updates=rc.epochs * steps_per_epoch)
+    optimizer, scheduler, schedule_per = optimizer_and_schedule(
+        model, rc, total_updates=rc.epochs * steps_per_epoch
+    )
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     # The memory is training state: the engine's Checkpointer saves registered objects as tensors (never
     # accelerate's save_state, whose pickles of registered objects are loaded with weights_only=False).
