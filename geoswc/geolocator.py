@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from geoswc import __version__  # noqa: F401
 from geoswc.classifiers import load_backbone, load_head, save_backbone, save_head  # noqa: F401
-from geoswc.classifiers.backbone import BACKBONE_WEIGHTS_FILE
+from geoswc.classifiers.backbone import BACKBONE_JSON_FILE, BACKBONE_WEIGHTS_FILE  # noqa: F401
 from geoswc.classifiers.heads import HEADS, read_head_metadata
 from geoswc.config import Config
 from geoswc.data.photos import PhotoDataset, photo_batches
