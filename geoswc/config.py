@@ -72,6 +72,10 @@ class BackboneConfig:
     weight_decay: float = 1e-4
     lr_step_epochs: int = 5
     lr_gamma: float = 0.5
+    # Optimiser (a timm optimizer name: "momentum" is SGD with momentum, without Nesterov) and schedule ("step":
+    # x lr_gamma every lr_step_epochs epochs; "cosine": to 0 over every update), see geoswc.train.optim.
+    opt: str = "momentum"
+    sched: str = "step"
 
 
 @dataclass
@@ -83,6 +87,8 @@ class HeadsConfig:
     batch_size: int = 64
     lr: float = 1e-5
     weight_decay: float = 1e-4
+    opt: str = "adamw"
+    sched: str = "cosine"
     # Train from cached backbone features (fast) or end to end on images with augmentation (the paper).
     from_features: bool = True
 
@@ -98,6 +104,8 @@ class RetrievalConfig:
     batch_size: int = 64  # (query, positive) pairs
     lr: float = 1e-5
     weight_decay: float = 1e-4
+    opt: str = "adamw"
+    sched: str = "cosine"
     # Head whose top-1 cell decides which training photos are "placeable" background.
     placeable_head: str = "ce"
     index_dtype: str = "float16"

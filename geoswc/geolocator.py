@@ -13,11 +13,9 @@ one model folder (layout in docs/architecture.md). Three ways to place a photo:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
@@ -25,17 +23,16 @@ import numpy as np
 import timm
 import torch
 from PIL import Image
-from sklearn.neighbors import BallTree
 from torch import nn
 from tqdm.auto import tqdm
 
-from geoswc import __version__
-from geoswc.classifiers import load_backbone, load_head, save_backbone, save_head
-from geoswc.classifiers.backbone import BACKBONE_JSON_FILE, BACKBONE_WEIGHTS_FILE
+from geoswc import __version__  # noqa: F401
+from geoswc.classifiers import load_backbone, load_head, save_backbone, save_head  # noqa: F401
+from geoswc.classifiers.backbone import BACKBONE_JSON_FILE, BACKBONE_WEIGHTS_FILE  # noqa: F401
 from geoswc.classifiers.heads import HEADS, read_head_metadata
 from geoswc.config import Config
 from geoswc.data.photos import PhotoDataset, photo_batches
-from geoswc.data.sphere import EARTH_RADIUS_KM
+from geoswc.data.sphere import EARTH_RADIUS_KM  # noqa: F401
 from geoswc.data.transforms import build_transform
 from geoswc.folder_checks import naming, read_folder_config, refuse_outside_links
 from geoswc.geocells import Geocells
@@ -48,137 +45,41 @@ from geoswc.precision import (
     use_compile,
 )
 from geoswc.runtime import OnnxForward, resolve_runtime
-from geoswc.retrieval.index import INDEX_FILES, BackgroundIndex, index_files
+from geoswc.retrieval.index import INDEX_FILES, BackgroundIndex, index_files  # noqa: F401
 from geoswc.retrieval.model import load_retrieval, read_metadata
-from geoswc.swc import nearest_background, search_within_cell
+from geoswc.swc import nearest_background, search_within_cell  # noqa: F401
+
+# Names defined here before the prediction path, the area filter and the model folder's writing moved to
+# modules of their own; still importable from here.
+from geoswc.area_filter import cells_in_area  # noqa: F401
+from geoswc.composition import check_fingerprints, check_index_partitions, check_parts_fit
+from geoswc.model_folder import (  # noqa: F401
+    _HASH_CHUNK,
+    FORMAT_VERSION,
+    META_FILE,
+    _jsonable,
+    _part_files,
+    _sha256,
+    remove_stale_parts,
+    save_model_folder,
+)
+from geoswc.placing import (  # noqa: F401
+    CONFIDENCE_RADIUS_KM,
+    MODES,
+    Predictions,
+    classify,
+    density_neighbour_table,
+    search_background,
+    unclassified,
+)
 
 logger = logging.getLogger(__name__)
 
-MODES = ("swc", "cell", "rrm")
 # Preferred head when the caller names none: the paper's best system first (Table 1: MvMF + Search within
 # Cell), then CE (PlaNet), then HC.
 HEAD_PREFERENCE = ("mvmf", "ce", "hc")
-CONFIDENCE_RADIUS_KM = 25.0
-# 2: geolocator.json records the SHA-256 of every part ("sha256"); folders of version 1 still load.
-# 3: the cells may hold several partitions, each head names its own ("partitions": {head: [names]}) and the
-#    index holds the rows per cell of each; folders of versions 1 and 2 (every head on all partitions) load.
-FORMAT_VERSION = 3
-META_FILE = "geolocator.json"
-_HASH_CHUNK = 1 << 22
 
 ImageInput = Union[str, Path, Image.Image, np.ndarray]
-
-
-def cells_in_area(centers_deg: np.ndarray, area: Sequence[float]) -> np.ndarray:
-    """Which cells have their centre in a lat/lon box.
-
-    Args:
-        centers_deg: ``(n, 2)`` cell centres, (lat, lon) degrees.
-        area: ``(south, west, north, east)`` degrees, edges included; ``west > east`` is a box that crosses
-            the antimeridian.
-
-    Returns:
-        ``(n,)`` bool.
-
-    Raises:
-        ValueError: ``area`` is not four finite numbers with -90 <= south <= north <= 90 and longitudes in
-            [-180, 180], or no cell centre lies in it.
-    """
-    values = [float(v) for v in area]
-    if len(values) != 4 or not all(np.isfinite(values)):
-        raise ValueError(
-            f"area must be four numbers (south, west, north, east) in degrees, got {list(area)!r}"
-        )
-    south, west, north, east = values
-    if not (-90.0 <= south <= north <= 90.0) or not all(-180.0 <= v <= 180.0 for v in (west, east)):
-        raise ValueError(
-            f"area must be (south, west, north, east) with -90 <= south <= north <= 90 and longitudes in "
-            f"[-180, 180], got {values}"
-        )
-    lat, lon = centers_deg[:, 0], centers_deg[:, 1]
-    in_lon = (lon >= west) & (lon <= east) if west <= east else (lon >= west) | (lon <= east)
-    inside = (lat >= south) & (lat <= north) & in_lon
-    if not inside.any():
-        raise ValueError(f"no cell of the model has its centre inside the area {values}; draw a larger one")
-    return inside
-
-
-@dataclass
-class Predictions:
-    """Predictions for N photos as arrays (``Geolocator.locate``); `to_records` gives one dict per photo.
-
-    Attributes:
-        latlon_deg: ``(N, 2)`` predicted positions.
-        method: ``(N,)`` str: ``swc``, ``cell``, ``fallback`` (Search within Cell found no background photo in
-            the cell, so the head's prediction is used) or ``rrm``.
-        cell_idx: ``(N,)`` the head's best fine cell, in the head's own partition (-1 without a head).
-        cell_prob: ``(N,)`` its probability.
-        top_cells: ``(N, T)`` the head's T best fine cells, best first; ``top_probs`` their probabilities.
-        confidence: ``(N,)`` probability mass of the fine cells whose centres lie within 25 km of the best
-            cell's centre (the ICMR authors' "prediction density"); NaN without a head.
-        neighbour_rows: ``(N, K)`` background index rows used, most similar first, -1 padding.
-        neighbour_sims: ``(N, K)`` their similarities.
-        neighbour_in_cluster: ``(N, K)`` bool, the neighbours that make up the prediction.
-        head: the head used (None for ``rrm`` without heads); mode: the mode.
-    """
-
-    latlon_deg: np.ndarray
-    method: np.ndarray
-    cell_idx: np.ndarray
-    cell_prob: np.ndarray
-    top_cells: np.ndarray
-    top_probs: np.ndarray
-    confidence: np.ndarray
-    neighbour_rows: np.ndarray
-    neighbour_sims: np.ndarray
-    neighbour_in_cluster: np.ndarray
-    head: Optional[str]
-    mode: str
-
-    def __len__(self) -> int:
-        return len(self.latlon_deg)
-
-    def to_records(self, geolocator: "Geolocator") -> List[Dict[str, Any]]:
-        """One JSON-ready dict per photo, with cell tokens and neighbour ids resolved."""
-        tokens = geolocator.head_partition(self.head).tokens if self.head is not None else np.empty(0, str)
-        index = geolocator.index
-        index_latlon = np.asarray(index.latlon) if index is not None else None
-        records = []
-        for i in range(len(self)):
-            cell = int(self.cell_idx[i])
-            rows = self.neighbour_rows[i]
-            keep = rows >= 0
-            neighbours = [
-                {
-                    "id": str(index.ids[r]),
-                    "similarity": float(s),
-                    "lat": float(index_latlon[r, 0]),
-                    "lon": float(index_latlon[r, 1]),
-                    "in_cluster": bool(c),
-                }
-                for r, s, c in zip(
-                    rows[keep], self.neighbour_sims[i][keep], self.neighbour_in_cluster[i][keep]
-                )
-            ]
-            records.append(
-                {
-                    "lat": float(self.latlon_deg[i, 0]),
-                    "lon": float(self.latlon_deg[i, 1]),
-                    "method": str(self.method[i]),
-                    "head": self.head,
-                    "cell_idx": cell,
-                    "cell_token": str(tokens[cell]) if cell >= 0 else None,
-                    "cell_prob": float(self.cell_prob[i]),
-                    "top_cells": [
-                        {"cell_idx": int(c), "token": str(tokens[c]), "prob": float(p)}
-                        for c, p in zip(self.top_cells[i], self.top_probs[i])
-                        if c >= 0
-                    ],
-                    "confidence": float(self.confidence[i]),
-                    "neighbours": neighbours,
-                }
-            )
-        return records
 
 
 class Geolocator(nn.Module):
@@ -233,6 +134,47 @@ class Geolocator(nn.Module):
         self._check_index_partitions()
         self.eval()
 
+    @classmethod
+    def from_parts(
+        cls,
+        *,
+        backbone: nn.Module,
+        geocells: Any,
+        heads: Optional[Mapping[str, nn.Module]] = None,
+        retrieval: Optional[nn.Module] = None,
+        index: Any = None,
+        config: Optional[Config] = None,
+        backbone_name: Optional[str] = None,
+        data_config: Optional[Dict[str, Any]] = None,
+        sources: Optional[Mapping[str, Any]] = None,
+    ) -> "Geolocator":
+        """The one way to compose a Geolocator from loaded parts (a model folder, ``geoswc assemble``, an
+        import): the parts are checked against each other, then composed.
+
+        Besides the partition checks of the constructor (every part built on ``geocells``; every head's
+        partition searchable in the index), the heads and the retrieval module must take the backbone's
+        feature width and the index must hold embeddings of the retrieval module's width.
+
+        Args:
+            backbone, geocells, heads, retrieval, index, config, backbone_name, data_config: as the constructor.
+            sources: where the parts were read from, to name in errors: ``backbone`` (its weights file),
+                ``heads`` (``{kind: file}``), ``retrieval`` (its file), ``index`` (its folder).
+
+        Raises:
+            ValueError: the parts do not fit together (the part, its source and both values named).
+        """
+        check_parts_fit(backbone, heads=heads, retrieval=retrieval, index=index, sources=sources)
+        return cls(
+            backbone=backbone,
+            geocells=geocells,
+            heads=heads,
+            retrieval=retrieval,
+            index=index,
+            config=config,
+            backbone_name=backbone_name,
+            data_config=data_config,
+        )
+
     # ------------------------------------------------------------------ composition checks and properties
     @property
     def fingerprint(self) -> str:
@@ -247,15 +189,7 @@ class Geolocator(nn.Module):
         return list(self.heads.keys())
 
     def _check_fingerprints(self) -> None:
-        parts = [(f"head {kind!r}", getattr(head, "fingerprint", None)) for kind, head in self.heads.items()]
-        parts.append(("retrieval module", getattr(self.retrieval, "fingerprint", None)))
-        parts.append(("background index", getattr(self.index, "fingerprint", None)))
-        for name, fingerprint in parts:
-            if fingerprint is not None and str(fingerprint) != self.fingerprint:
-                raise ValueError(
-                    f"{name} was built on partition {fingerprint!r} but the geocells have fingerprint "
-                    f"{self.fingerprint!r}; use the cells it was trained with"
-                )
+        check_fingerprints(self)
 
     def head_partition(self, kind: str):
         """The `Partition` whose cells head ``kind`` predicts (its finest; the cells' finest for heads saved
@@ -268,24 +202,7 @@ class Geolocator(nn.Module):
         return self.index.partition or self.geocells.fine.name
 
     def _check_index_partitions(self) -> None:
-        """Every head's partition is one the background index can search within, with as many cells."""
-        if self.index is None or not hasattr(self.index, "partitions"):
-            return
-        own = self._index_partition()
-        sizes = {(own if name is None else name): n for name, n in self.index.partitions.items()}
-        for kind in self.heads:
-            part = self.head_partition(kind)
-            if part.name not in sizes:
-                raise ValueError(
-                    f"head {kind!r} predicts the cells of partition {part.name!r}, but the background index has "
-                    f"rows per cell of {', '.join(sizes)} only; rebuild the index (geoswc index build adds "
-                    "every partition of the cells) or add it with BackgroundIndex.add_partition"
-                )
-            if sizes[part.name] != len(part):
-                raise ValueError(
-                    f"the background index has {sizes[part.name]} cells for partition {part.name!r}, but the "
-                    f"cells have {len(part)}"
-                )
+        check_index_partitions(self)
 
     def resolve_head(self, head: Optional[str] = None) -> str:
         """The head to use: ``head`` if given, else the first available of mvmf, ce, hc."""
@@ -404,48 +321,13 @@ class Geolocator(nn.Module):
         ``partition`` (default: the finest)."""
         part = self.geocells.fine if partition is None else self.geocells.partition(partition)
         if part.name not in self._density_neighbours:
-            centers_rad = np.radians(np.asarray(part.centers_deg, dtype=np.float64))
-            tree = BallTree(centers_rad, metric="haversine")
-            lists = tree.query_radius(centers_rad, r=CONFIDENCE_RADIUS_KM / EARTH_RADIUS_KM)
-            width = max(len(x) for x in lists)
-            table = np.full((len(lists), width), -1, dtype=np.int64)
-            for i, members in enumerate(lists):
-                table[i, : len(members)] = members
-            self._density_neighbours[part.name] = torch.from_numpy(table)
+            self._density_neighbours[part.name] = density_neighbour_table(part.centers_deg)
         return self._density_neighbours[part.name]
 
     def _classify(
         self, features: torch.Tensor, kind: str, n_top: int, area: Optional[Sequence[float]] = None
     ) -> Dict[str, np.ndarray]:
-        head = self.heads[kind]
-        with torch.inference_mode(), self._autocast():
-            outputs = head(features.to(self.device))
-            log_probs = head.fine_log_probs(outputs).float()
-            head_latlon = head.predict_latlon(outputs).double()
-        # HC scores are products over the hierarchy, not a distribution over fine cells: normalise them.
-        probs = torch.softmax(log_probs, dim=1).cpu()
-        if area is not None:
-            # The area filter (thesis 4.2.10.4): only cells whose centre lies in the box compete; their
-            # probabilities are renormalised and the head's position becomes the best one's centre.
-            centers = np.asarray(self.head_partition(kind).centers_deg, dtype=np.float64)
-            inside = torch.from_numpy(cells_in_area(centers, area))
-            probs = torch.where(inside, probs, 0.0)
-            probs = probs / probs.sum(dim=1, keepdim=True).clamp(min=1e-30)
-            n_top = min(n_top, int(inside.sum()))
-        n_top = min(n_top, probs.shape[1])
-        top_probs, top_cells = probs.topk(n_top, dim=1)
-        if area is not None:
-            head_latlon = torch.from_numpy(centers[top_cells[:, 0].numpy()])
-        neighbours = self.density_neighbours(self.head_partition(kind).name)[top_cells[:, 0]]
-        near_mass = torch.where(neighbours >= 0, probs.gather(1, neighbours.clamp(min=0)), 0.0).sum(dim=1)
-        return {
-            "latlon": head_latlon.cpu().numpy(),
-            "cell_idx": top_cells[:, 0].numpy().astype(np.int64),
-            "cell_prob": top_probs[:, 0].numpy().astype(np.float64),
-            "top_cells": top_cells.numpy().astype(np.int64),
-            "top_probs": top_probs.numpy().astype(np.float64),
-            "confidence": near_mass.numpy().astype(np.float64),
-        }
+        return classify(self, features, kind, n_top, area)
 
     def locate(
         self,
@@ -485,49 +367,30 @@ class Geolocator(nn.Module):
             raise ValueError(f"top_cells must be >= 1, got {top_cells}")
         n = len(features)
         kind = self.resolve_head(head) if (mode != "rrm" or head is not None or self.heads) else None
-
         if area is not None and kind is None:
             raise ValueError("area needs a classification head; mode 'rrm' without a head cannot use it")
-        if kind is not None:
-            cls = self._classify(features, kind, max(top_k, top_cells), area)
-        else:
-            cls = {
-                "latlon": np.full((n, 2), np.nan),
-                "cell_idx": np.full(n, -1, np.int64),
-                "cell_prob": np.full(n, np.nan),
-                "top_cells": np.full((n, 0), -1, np.int64),
-                "top_probs": np.full((n, 0), np.nan),
-                "confidence": np.full(n, np.nan),
-            }
-        latlon = cls["latlon"].copy()
-        method = np.full(n, "cell", dtype=object)
+        cls = (
+            self._classify(features, kind, max(top_k, top_cells), area)
+            if kind is not None
+            else unclassified(n)
+        )
+        latlon, method = cls["latlon"].copy(), np.full(n, "cell", dtype=object)
         rows = np.full((n, 0), -1, np.int64)
         sims = np.full((n, 0), np.nan, np.float32)
         in_cluster = np.zeros((n, 0), bool)
-
         if mode in ("swc", "rrm"):
-            if self.index is None:
-                raise ValueError(
-                    f"mode {mode!r} needs a background index; this model has none, use mode='cell'"
-                )
-            emb = self.embed(features) if embeddings is None else embeddings
-            if mode == "swc":
-                cells = cls["top_cells"][:, :top_cells]
-                # The head's cells are searched in its own partition (paper 4.1: HC's differ from CE's).
-                own = self.head_partition(kind).name
-                partition = None if own == self._index_partition() else own
-                res = search_within_cell(
-                    emb, cells, self.index, k=k, eps_km=eps_km, min_samples=min_samples, partition=partition
-                )
-                latlon[res.found] = res.latlon_deg[res.found]
-                method[:] = np.where(res.found, "swc", "fallback")
-                rows, sims, in_cluster = res.rows, res.similarities, res.members
-            else:
-                res = nearest_background(emb, self.index, k=1)
-                latlon[res.found] = res.latlon_deg[res.found]
-                method[:] = np.where(res.found, "rrm", "fallback")
-                rows, sims, in_cluster = res.rows, res.similarities, res.rows >= 0
-
+            latlon, method, rows, sims, in_cluster = search_background(
+                self,
+                features,
+                cls,
+                kind=kind,
+                mode=mode,
+                k=k,
+                eps_km=eps_km,
+                min_samples=min_samples,
+                top_cells=top_cells,
+                embeddings=embeddings,
+            )
         top_k = min(top_k, cls["top_cells"].shape[1])
         return Predictions(
             latlon_deg=latlon,
@@ -621,63 +484,11 @@ class Geolocator(nn.Module):
         ``geolocator.json`` records the SHA-256 of every part written (``"sha256": {relative path: digest}``),
         which `from_pretrained` checks.
         """
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.config.save(directory / "config.yaml")
-        self.geocells.save(directory / "cells")
-        save_backbone(
-            self.backbone,
-            directory,
-            name=self.backbone_name,
-            fingerprint=self.fingerprint,
-            data_config=_jsonable(self.data_config),
-        )
-        for kind, head in self.heads.items():
-            save_head(head, directory / "heads" / f"{kind}.safetensors", config=self.config)
-        if self.retrieval is not None:
-            self.retrieval.save(directory / "retrieval.safetensors", fingerprint=self.fingerprint)
-        if self.index is not None:
-            self.index.save(directory / "index")
-        self._remove_stale_parts(directory)
-        parts = _part_files(
-            directory,
-            heads=self.head_names,
-            retrieval=self.retrieval is not None,
-            index=self.index is not None,
-        )
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "geoswc_version": __version__,
-            "fingerprint": self.fingerprint,
-            "backbone": self.backbone_name,
-            "heads": self.head_names,
-            "partitions": {
-                kind: list(getattr(head, "partitions", self.geocells.names))
-                for kind, head in self.heads.items()
-            },
-            "retrieval": self.retrieval is not None,
-            "index": self.index is not None,
-            "sha256": {rel: _sha256(directory / rel) for rel in parts},
-        }
-        (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        logger.info("saved geolocator to %s", directory)
-        return directory
+        return save_model_folder(self, directory)
 
     def _remove_stale_parts(self, directory: Path) -> None:
-        """Remove parts an earlier save left in ``directory`` that this model does not have (a head, the
-        retrieval module, the index), so that the folder loads as exactly this model."""
-        stale = [p for p in sorted((directory / "heads").glob("*.safetensors")) if p.stem not in self.heads]
-        if self.retrieval is None:
-            stale.append(directory / "retrieval.safetensors")
-        if self.index is None:
-            stale += [directory / "index" / name for name in INDEX_FILES]
-            stale += sorted((directory / "index").glob("partition_*.npy"))
-        for path in stale:
-            if path.is_file():
-                logger.info("removing %s: left by an earlier save, not part of this model", path)
-                path.unlink()
-        if self.index is None and (directory / "index").is_dir() and not any((directory / "index").iterdir()):
-            (directory / "index").rmdir()
+        """Remove parts an earlier save left in ``directory`` that this model does not have."""
+        remove_stale_parts(self, directory)
 
     @classmethod
     def from_pretrained(
@@ -796,7 +607,7 @@ class Geolocator(nn.Module):
             ),
         )
 
-        model = cls(
+        model = cls.from_parts(
             backbone=backbone,
             geocells=geocells,
             heads=heads,
@@ -891,27 +702,6 @@ def _head_names(directory: Path, meta: Dict[str, Any], meta_path: Path) -> List[
     return sorted(listed)
 
 
-def _part_files(directory: Path, *, heads: Sequence[str], retrieval: bool, index: bool) -> List[str]:
-    """The files of a model folder's parts, relative to it (``/``-separated): what is checksummed."""
-    files = ["config.yaml"] if (directory / "config.yaml").is_file() else []
-    files += [path.relative_to(directory).as_posix() for path in Geocells.folder_files(directory / "cells")]
-    files += [BACKBONE_WEIGHTS_FILE, BACKBONE_JSON_FILE]
-    files += [f"heads/{kind}.safetensors" for kind in heads]
-    if retrieval:
-        files.append("retrieval.safetensors")
-    if index:
-        files += [f"index/{name}" for name in index_files(directory / "index")]
-    return files
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_HASH_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _recorded_path(directory: Path, rel: Any, meta_path: Path) -> Path:
     """The file a checksum entry names; refused (before it is opened) unless it is a relative path inside
     the model folder."""
@@ -971,13 +761,3 @@ def _check_recorded(directory: Path, meta: Dict[str, Any], parts: Sequence[str])
 
 def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    return value

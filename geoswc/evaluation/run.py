@@ -9,9 +9,9 @@ The backbone runs once over the test photos; its features feed each mode the mod
 
 Photos that are missing or unreadable are listed in ``missing.csv`` and scored as missing (wrong at every
 radius), never a crash. Outputs: ``predictions_<mode>.csv``, ``results.json`` and ``report.md``/``report.html``,
-and ``store/`` (`geoswc.evaluation.sweep.EvalStore`): the features, head outputs and embeddings of the test photos, from
+and ``store/`` (`geoswc.evaluation.store.EvalStore`): the features, head outputs and embeddings of the test photos, from
 which ``geoswc sweep`` re-runs the last stages without the backbone. The modes are placed from that store
-(`geoswc.evaluation.sweep.Replayer`), so a sweep's row of the same settings reproduces these numbers exactly.
+(`geoswc.evaluation.replay.Replayer`), so a sweep's row of the same settings reproduces these numbers exactly.
 
 Beyond Table 1, ``results.json`` holds per mode the GeoGuessr score, the selective-prediction split and
 coverage curve of the head's prediction density (`geoswc.eval.selective`), accuracy by country and continent
@@ -38,13 +38,12 @@ from geoswc.eval.metrics import geographic_breakdown, retrieval_metrics
 from geoswc.eval.report import write_report, write_results_json
 from geoswc.eval.selective import DENSITY_SCALES_KM, selective_summary
 from geoswc.geolocator import Geolocator
-from geoswc.evaluation.sweep import (
+from geoswc.evaluation.replay import Replayer, model_setting
+from geoswc.evaluation.store import (
     STORE_DIR,
     STORE_TOP_CELLS,
     EvalStore,
-    Replayer,
     head_outputs,
-    model_setting,
     search_partition,
 )
 
@@ -168,7 +167,7 @@ def build_store(
 def evaluate_store(store: EvalStore, index, *, modes: Sequence[str]):
     """Predictions ``{mode: (n, 2) degrees}`` and method counts ``{mode: {method: n}}`` of the evaluated photos.
 
-    Every mode runs through `geoswc.evaluation.sweep.Replayer` with the store's settings, the path ``geoswc sweep``
+    Every mode runs through `geoswc.evaluation.replay.Replayer` with the store's settings, the path ``geoswc sweep``
     takes, so its row of these settings is this result exactly.
     """
     replayer = Replayer(store, index)
@@ -296,6 +295,55 @@ def evaluate_command(
     return shlex.join(parts)
 
 
+def _ground_truth(meta_csv: Optional[Union[str, Path]], benchmark: Optional[str]) -> pd.DataFrame:
+    """The test set's ``IMG_ID, LAT, LON`` (a named benchmark's, or any CSV's)."""
+    if benchmark:
+        if not meta_csv:
+            load_benchmark(benchmark)  # explains where the ground-truth file comes from
+        return load_benchmark(benchmark, meta_csv)
+    if meta_csv:
+        return load_benchmark(meta_csv)
+    raise ValueError("give the test metadata with --meta TEST.csv (and --benchmark NAME for a named set)")
+
+
+def _open_model(
+    model: Union[str, Path, Geolocator],
+    *,
+    device: Optional[str],
+    precision_mode: Optional[str],
+    runtime: Optional[str],
+) -> Geolocator:
+    """A loaded model as given (re-optimised only when a precision mode or runtime is asked for), or the model
+    folder loaded."""
+    if isinstance(model, Geolocator):
+        if precision_mode is None and runtime is None:
+            return model
+        return model.optimize(precision_mode=precision_mode or "auto", runtime=runtime or "auto")
+    return Geolocator.from_pretrained(
+        model, device=device, precision_mode=precision_mode or "auto", runtime=runtime or "auto"
+    )
+
+
+def _write_predictions(
+    out: Path,
+    ids: Sequence[str],
+    latlon: Dict[str, np.ndarray],
+    methods: Dict[str, Any],
+    truth: pd.DataFrame,
+) -> Tuple[Dict[str, pd.DataFrame], Dict[str, Dict[str, Any]]]:
+    """Write ``predictions_<mode>.csv`` of every mode (the photos with a position) and score it: the
+    predictions and the results, by mode."""
+    predictions, results = {}, {}
+    for mode in latlon:
+        frame = pd.DataFrame({"IMG_ID": ids, "LAT": latlon[mode][:, 0], "LON": latlon[mode][:, 1]})
+        frame = frame.dropna(subset=["LAT", "LON"])
+        frame.to_csv(out / f"predictions_{mode}.csv", index=False)
+        predictions[mode] = frame
+        results[mode] = score_predictions(frame, truth)
+        results[mode]["methods"] = methods[mode]
+    return predictions, results
+
+
 def run_evaluation(
     model: Union[str, Path, Geolocator],
     meta_csv: Optional[Union[str, Path]],
@@ -321,26 +369,11 @@ def run_evaluation(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if workers < 0:
         raise ValueError(f"workers must be >= 0, got {workers}")
-    if benchmark:
-        if not meta_csv:
-            load_benchmark(benchmark)  # explains where the ground-truth file comes from
-        truth = load_benchmark(benchmark, meta_csv)
-    elif meta_csv:
-        truth = load_benchmark(meta_csv)
-    else:
-        raise ValueError("give the test metadata with --meta TEST.csv (and --benchmark NAME for a named set)")
+    truth = _ground_truth(meta_csv, benchmark)
     images = Path(images)
     if not images.is_dir():
         raise FileNotFoundError(f"image folder not found: {images}")
-    if isinstance(model, Geolocator):
-        if precision_mode is None and runtime is None:
-            geolocator = model
-        else:
-            geolocator = model.optimize(precision_mode=precision_mode or "auto", runtime=runtime or "auto")
-    else:
-        geolocator = Geolocator.from_pretrained(
-            model, device=device, precision_mode=precision_mode or "auto", runtime=runtime or "auto"
-        )
+    geolocator = _open_model(model, device=device, precision_mode=precision_mode, runtime=runtime)
     supported = available_modes(geolocator)
     modes = list(modes or supported)
     for mode in modes:
@@ -377,14 +410,7 @@ def run_evaluation(
     out.mkdir(parents=True, exist_ok=True)
     store.save(out / STORE_DIR)
     ok_ids = [img_id for img_id, good in zip(ids, ok) if good]
-    predictions, results = {}, {}
-    for mode in modes:
-        frame = pd.DataFrame({"IMG_ID": ok_ids, "LAT": latlon[mode][:, 0], "LON": latlon[mode][:, 1]})
-        frame = frame.dropna(subset=["LAT", "LON"])
-        frame.to_csv(out / f"predictions_{mode}.csv", index=False)
-        predictions[mode] = frame
-        results[mode] = score_predictions(frame, truth)
-        results[mode]["methods"] = methods[mode]
+    predictions, results = _write_predictions(out, ok_ids, latlon, methods, truth)
     for mode, more in extra_metrics(geolocator, store, predictions, truth, modes=modes).items():
         results[mode].update(more)
     pd.DataFrame(

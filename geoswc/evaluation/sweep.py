@@ -1,10 +1,9 @@
-"""Ablations of the last stages without the backbone: the evaluation store and ``geoswc sweep``.
+"""Ablations of the last stages without the backbone: ``geoswc sweep``.
 
-`geoswc evaluate` keeps in ``OUT/store/`` what the backbone and the networks computed for the test photos: the
-backbone features (float16), every head's best fine cells, its own prediction and its prediction density, and
-the retrieval embeddings (float32, the values the searches ran on), with the ground truth and the model's
-partition fingerprint. `replay` re-runs the stages that follow (retrieval within the predicted cell or
-anywhere, clustering, aggregation) from that store, and `run_sweep` does so over a grid of settings: the
+`geoswc evaluate` keeps in ``OUT/store/`` what the backbone and the networks computed for the test photos
+(`geoswc.evaluation.store`). `geoswc.evaluation.replay` re-runs the stages that follow (retrieval within the
+predicted cell or anywhere, clustering, aggregation) from that store, and `run_sweep` does so over a grid of
+settings: the
 paper's ablations of K (Table 5) and of the aggregation (Table 6), DBSCAN's eps and min_samples, the search
 scope and compressed indexes (SQ8, PQ, and the 1-bit codes of McAleese, "Learning Global Features for Fast
 Visual Localisation"). `geoswc evaluate` places its photos through `replay` too, so the row of the model's
@@ -13,36 +12,45 @@ own settings is `evaluate`'s result by construction.
 
 from __future__ import annotations
 
-import copy
 import itertools
-import json
 import logging
-import re
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
-import torch
 from tqdm.auto import tqdm
 
 from geoswc.eval.metrics import RADII_KM, geoguessr_points, haversine_km, radius_key
-from geoswc.eval.selective import DENSITY_SCALES_KM, prediction_density
-from geoswc.folder_checks import naming
-from geoswc.swc import AGGREGATIONS, aggregate, search_within_cell
+from geoswc.eval.selective import DENSITY_SCALES_KM, prediction_density  # noqa: F401
+from geoswc.swc import AGGREGATIONS, aggregate, search_within_cell  # noqa: F401
 from geoswc.swc.cluster import DEFAULT_AGGREGATION
+from geoswc.evaluation.replay import (  # noqa: F401  (re-exported: defined here before the store and the replay moved)
+    _FAISS_MODE,
+    INDEX_MODES,
+    SCOPE_HELP,
+    Replayed,
+    Replayer,
+    Setting,
+    model_setting,
+    scope_cells,
+    scope_name,
+)
+from geoswc.evaluation.store import (  # noqa: F401
+    LOCATE_CHUNK,
+    STORE_DIR,
+    STORE_TOP_CELLS,
+    STORE_VERSION,
+    EvalStore,
+    HeadOutputs,
+    head_cells,
+    head_outputs,
+    search_partition,
+)
 
 logger = logging.getLogger(__name__)
 
-STORE_DIR = "store"
-STORE_VERSION = 1
-# Best fine cells kept per head and photo: enough for any top-n scope a sweep asks for.
-STORE_TOP_CELLS = 32
-INDEX_MODES = ("exact", "sq8", "pq", "binary")
-_FAISS_MODE = {"exact": "flat", "sq8": "sq8", "pq": "pq", "binary": "binary"}
-SCOPE_HELP = "cell (the head's best cell), top<n> (its n best cells, e.g. top3) or global (the whole index)"
 PARAMETERS = ("head", "k", "eps_km", "min_samples", "aggregation", "scope", "index_mode")
 # The paper's Search within Cell (section 3.4 and Tables 5-6): K = 10, eps = 1 km, the mean of the largest
 # cluster of the neighbours in the predicted cell of an exact index.
@@ -54,427 +62,6 @@ PAPER_SETTING = {
     "scope": "cell",
     "index_mode": "exact",
 }
-# Photos per search call, as `geoswc.evaluation.run` has always located them (the searches' matrix shapes, and so
-# their floating-point results, depend on it).
-LOCATE_CHUNK = 1024
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The store.
-
-
-@dataclass
-class HeadOutputs:
-    """What one head said about the evaluated photos.
-
-    Attributes:
-        top_cells: ``(n, T)`` its best fine cells, best first.
-        top_probs: ``(n, T)`` their probabilities.
-        latlon_deg: ``(n, 2)`` its own prediction (cell centre, or the MvMF mean).
-        density: ``(n, S)`` prediction density at `DENSITY_SCALES_KM`.
-    """
-
-    top_cells: np.ndarray
-    top_probs: np.ndarray
-    latlon_deg: np.ndarray
-    density: np.ndarray
-
-
-@dataclass
-class EvalStore:
-    """The evaluation store of one ``geoswc evaluate`` run (``OUT/store``).
-
-    Attributes:
-        ids: every ground-truth photo, in metadata order; ``truth_deg`` ``(N, 2)`` their positions.
-        evaluated: ``(N,)`` bool, the photos that could be read (the rows of the arrays below).
-        features: ``(n, D)`` float16 backbone features; ``embeddings`` ``(n, E)`` float32 retrieval embeddings
-            (None without a retrieval module).
-        heads: ``{kind: HeadOutputs}``.
-        meta: ``fingerprint``, ``model``, ``settings`` (the Search within Cell settings evaluate used),
-            ``density_scales_km``, ``preferred_head``, ``format_version``.
-    """
-
-    ids: List[str]
-    truth_deg: np.ndarray
-    evaluated: np.ndarray
-    features: Optional[np.ndarray]
-    embeddings: Optional[np.ndarray]
-    heads: Dict[str, HeadOutputs]
-    meta: Dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def evaluated_ids(self) -> List[str]:
-        return [i for i, ok in zip(self.ids, self.evaluated) if ok]
-
-    def truth_frame(self) -> pd.DataFrame:
-        """The ground truth as ``IMG_ID, LAT, LON``."""
-        return pd.DataFrame({"IMG_ID": self.ids, "LAT": self.truth_deg[:, 0], "LON": self.truth_deg[:, 1]})
-
-    def save(self, folder: Union[str, Path]) -> Path:
-        """Write the store into ``folder`` (created)."""
-        folder = Path(folder)
-        (folder / "heads").mkdir(parents=True, exist_ok=True)
-        (folder / "ids.txt").write_text("".join(f"{i}\n" for i in self.ids))
-        np.save(folder / "truth_latlon.npy", np.asarray(self.truth_deg, dtype=np.float64))
-        np.save(folder / "evaluated.npy", np.asarray(self.evaluated, dtype=bool))
-        if self.features is not None:
-            np.save(folder / "features.npy", np.asarray(self.features, dtype=np.float16))
-        if self.embeddings is not None:
-            np.save(folder / "embeddings.npy", np.asarray(self.embeddings, dtype=np.float32))
-        for kind, head in self.heads.items():
-            np.save(folder / "heads" / f"{kind}_top_cells.npy", head.top_cells.astype(np.int32))
-            np.save(folder / "heads" / f"{kind}_top_probs.npy", head.top_probs.astype(np.float32))
-            np.save(folder / "heads" / f"{kind}_latlon.npy", head.latlon_deg.astype(np.float64))
-            np.save(folder / "heads" / f"{kind}_density.npy", head.density.astype(np.float64))
-        meta = dict(self.meta, format_version=STORE_VERSION, heads=list(self.heads))
-        (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        return folder
-
-    @classmethod
-    def load(cls, folder: Union[str, Path]) -> "EvalStore":
-        """Read a store written by `save`; ``folder`` may also be the evaluation folder holding ``store/``.
-
-        Raises:
-            FileNotFoundError: no store there.
-            ValueError: a file disagrees with the others or with ``meta.json``.
-        """
-        folder = Path(folder)
-        if not (folder / "meta.json").is_file() and (folder / STORE_DIR / "meta.json").is_file():
-            folder = folder / STORE_DIR
-        meta_path = folder / "meta.json"
-        if not meta_path.is_file():
-            raise FileNotFoundError(
-                f"no evaluation store at {folder} (missing meta.json); run geoswc evaluate -o DIR first and "
-                "give DIR"
-            )
-        with naming(meta_path):
-            meta = json.loads(meta_path.read_text())
-        if not isinstance(meta, dict):
-            raise ValueError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
-        if meta.get("format_version", 0) > STORE_VERSION:
-            raise ValueError(
-                f"{meta_path}: format_version {meta['format_version']} is newer than this geoswc reads "
-                f"({STORE_VERSION})"
-            )
-        ids = (folder / "ids.txt").read_text().split("\n")
-        if ids and ids[-1] == "":
-            ids.pop()
-        with naming(folder / "truth_latlon.npy"):
-            truth = np.load(folder / "truth_latlon.npy")
-        with naming(folder / "evaluated.npy"):
-            evaluated = np.load(folder / "evaluated.npy")
-        if truth.shape != (len(ids), 2) or evaluated.shape != (len(ids),):
-            raise ValueError(
-                f"{folder}: {len(ids)} ids, but truth_latlon.npy is {truth.shape} and evaluated.npy "
-                f"{evaluated.shape}"
-            )
-        n = int(evaluated.sum())
-
-        def optional(name: str, mmap: bool = False) -> Optional[np.ndarray]:
-            path = folder / name
-            if not path.is_file():
-                return None
-            with naming(path):
-                array = np.load(path, mmap_mode="r" if mmap else None)
-            if len(array) != n:
-                raise ValueError(f"{path}: {len(array)} rows, but {n} photos were evaluated")
-            return array
-
-        heads = {}
-        for kind in meta.get("heads", []):
-            parts = [
-                optional(f"heads/{kind}_{name}.npy")
-                for name in ("top_cells", "top_probs", "latlon", "density")
-            ]
-            if any(p is None for p in parts):
-                raise FileNotFoundError(f"{folder / 'heads'}: the outputs of head {kind!r} are incomplete")
-            heads[kind] = HeadOutputs(parts[0].astype(np.int64), *parts[1:])
-        embeddings = optional("embeddings.npy")
-        return cls(
-            ids=ids,
-            truth_deg=truth,
-            evaluated=evaluated,
-            features=optional("features.npy", mmap=True),
-            embeddings=None if embeddings is None else np.asarray(embeddings, dtype=np.float32),
-            heads=heads,
-            meta=meta,
-        )
-
-
-def head_cells(model, kind: str):
-    """The partition whose cells head ``kind`` predicts (the finest for a model of one partition)."""
-    own = getattr(model, "head_partition", None)
-    return own(kind) if own is not None else model.geocells.fine
-
-
-def search_partition(model, kind: str) -> Optional[str]:
-    """The partition to name when searching the index within head ``kind``'s cells: None when the index rows
-    are sorted by that partition (the only case for a model of one partition)."""
-    own = head_cells(model, kind).name
-    index_own = getattr(model.index, "partition", None) or model.geocells.fine.name
-    return None if own == index_own else own
-
-
-def head_outputs(
-    model, features: torch.Tensor, kind: str, *, top_cells: int = STORE_TOP_CELLS
-) -> HeadOutputs:
-    """A head's best cells, own prediction and prediction density for backbone features.
-
-    The best cells and the prediction are those `Geolocator.locate` gives (its ``cell`` mode); the density is
-    taken over all fine cells (`geoswc.eval.selective.prediction_density`).
-    """
-    cells = head_cells(model, kind)
-    n_top = min(top_cells, len(cells))
-    parts = []
-    head = model.heads[kind]
-    centers = np.asarray(cells.centers_deg, dtype=np.float64)
-    for start in range(0, len(features), LOCATE_CHUNK):
-        chunk = features[start : start + LOCATE_CHUNK]
-        pred = model.locate(chunk, head=kind, mode="cell", top_k=n_top)
-        with torch.inference_mode():
-            log_probs = head.fine_log_probs(head(chunk.to(model.device))).float()
-            probs = torch.softmax(log_probs, dim=1).cpu().numpy()
-        density = prediction_density(probs, centers, best=pred.top_cells[:, 0])
-        parts.append((pred.top_cells, pred.top_probs, pred.latlon_deg, density))
-    if not parts:
-        return HeadOutputs(
-            np.zeros((0, n_top), np.int64),
-            np.zeros((0, n_top)),
-            np.zeros((0, 2)),
-            np.zeros((0, len(DENSITY_SCALES_KM))),
-        )
-    return HeadOutputs(*(np.concatenate(arrays) for arrays in zip(*parts)))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Replaying the last stages.
-
-
-@dataclass(frozen=True)
-class Setting:
-    """One setting of the stages after the networks.
-
-    Attributes:
-        head: the head whose cells are searched (and whose prediction is the fallback); None for pure
-            retrieval (scope ``global``).
-        k: neighbours retrieved; eps_km, min_samples: DBSCAN; aggregation: one of `AGGREGATIONS`.
-        scope: ``cell``, ``top<n>`` or ``global``; index_mode: one of `INDEX_MODES`.
-    """
-
-    head: Optional[str]
-    k: int = 10
-    eps_km: float = 1.0
-    min_samples: int = 1
-    aggregation: str = DEFAULT_AGGREGATION
-    scope: str = "cell"
-    index_mode: str = "exact"
-
-    def check(self) -> "Setting":
-        if self.k < 1:
-            raise ValueError(f"k must be >= 1, got {self.k}")
-        if self.eps_km < 0:
-            raise ValueError(f"eps_km must be >= 0, got {self.eps_km}")
-        if self.min_samples < 1:
-            raise ValueError(f"min_samples must be >= 1, got {self.min_samples}")
-        if self.aggregation not in AGGREGATIONS:
-            raise ValueError(
-                f"unknown aggregation {self.aggregation!r}; choose one of: {', '.join(AGGREGATIONS)}"
-            )
-        if self.index_mode not in INDEX_MODES:
-            raise ValueError(
-                f"unknown index mode {self.index_mode!r}; choose one of: {', '.join(INDEX_MODES)}"
-            )
-        scope_cells(self.scope)
-        if self.head is None and self.scope != "global":
-            raise ValueError(
-                f"scope {self.scope!r} needs a head to name the cells; without one use scope global"
-            )
-        return self
-
-
-def scope_cells(scope: str) -> Optional[int]:
-    """Cells searched per photo for a scope: ``cell`` -> 1, ``top3`` -> 3, ``global`` -> None."""
-    if scope == "cell":
-        return 1
-    if scope == "global":
-        return None
-    match = re.fullmatch(r"top(\d+)", str(scope))
-    if not match or int(match.group(1)) < 1:
-        raise ValueError(f"unknown scope {scope!r}; choose {SCOPE_HELP}")
-    return int(match.group(1))
-
-
-def scope_name(top_cells: int) -> str:
-    """The scope of a ``top_cells`` setting: 1 -> ``cell``, n -> ``top<n>``."""
-    return "cell" if int(top_cells) == 1 else f"top{int(top_cells)}"
-
-
-@dataclass
-class Replayed:
-    """Positions of the evaluated photos under one setting.
-
-    Attributes:
-        latlon_deg: ``(n, 2)``; method: ``(n,)`` ``swc``, ``rrm``, ``fallback`` (no background photo where
-            searched: the head's prediction) or ``cell``; rows, sims: ``(n, K)`` neighbours; seconds: time taken.
-    """
-
-    latlon_deg: np.ndarray
-    method: np.ndarray
-    rows: np.ndarray
-    sims: np.ndarray
-    seconds: float
-
-
-class Replayer:
-    """Runs `Setting`s on an `EvalStore` and a background index (compressed indexes are built once)."""
-
-    def __init__(self, store: EvalStore, index: Any = None):
-        self.store = store
-        self.index = index
-        self._decoded: Dict[str, Any] = {}
-
-    def fallback(self, head: Optional[str]) -> np.ndarray:
-        """The positions used where retrieval finds nothing: the head's, or NaN without a head."""
-        n = int(self.store.evaluated.sum())
-        if head is None:
-            head = self.store.meta.get("preferred_head")
-        if head is None or head not in self.store.heads:
-            return np.full((n, 2), np.nan)
-        return self.store.heads[head].latlon_deg.astype(np.float64).copy()
-
-    def head_only(self, head: str) -> Replayed:
-        """The head's own prediction (the ``ce``/``hc``/``mvmf`` rows of Table 1)."""
-        self._check_head(head)
-        latlon = self.store.heads[head].latlon_deg.astype(np.float64).copy()
-        n = len(latlon)
-        return Replayed(
-            latlon, np.full(n, "cell", dtype=object), np.zeros((n, 0), np.int64), np.zeros((n, 0)), 0.0
-        )
-
-    def _check_head(self, head: Optional[str]) -> None:
-        if head is not None and head not in self.store.heads:
-            raise ValueError(
-                f"head {head!r} is not in the store; it has: {', '.join(self.store.heads) or 'none'}"
-            )
-
-    def _searchable(self, mode: str):
-        """The index whose embeddings are what ``mode`` stores (decoded), for exact search within cells."""
-        if mode == "exact":
-            return self.index
-        if mode not in self._decoded:
-            index = self.index
-            if mode == "binary":
-                parts = [
-                    np.where(
-                        np.asarray(index.embeddings[s : s + index.chunk_size], np.float32) > 0, 1.0, -1.0
-                    )
-                    for s in range(0, len(index), index.chunk_size)
-                ]
-                decoded = (
-                    np.concatenate(parts).astype(np.float32)
-                    if parts
-                    else np.zeros((0, index.dim), np.float32)
-                )
-            else:
-                decoded = index.faiss_index(_FAISS_MODE[mode]).reconstruct_n(0, len(index))
-            proxy = copy.copy(index)
-            proxy.embeddings = np.ascontiguousarray(decoded, dtype=np.float32)
-            proxy.dtype = "float32"
-            proxy._searchers = {}
-            proxy._device_embeddings = {}
-            self._decoded[mode] = proxy
-        return self._decoded[mode]
-
-    def run(self, setting: Setting) -> Replayed:
-        """Place the evaluated photos under ``setting``."""
-        setting.check()
-        self._check_head(setting.head)
-        store = self.store
-        if store.embeddings is None or self.index is None:
-            raise ValueError(
-                "this store has no retrieval embeddings or no background index; only heads can run"
-            )
-        started = time.perf_counter()
-        n = len(store.embeddings)
-        latlon = self.fallback(setting.head)
-        method = np.full(n, "fallback", dtype=object)
-        emb = store.embeddings
-        top = scope_cells(setting.scope)
-        if setting.index_mode != "exact":
-            self._searchable(setting.index_mode)  # built (and trained) outside the timed part
-            started = time.perf_counter()
-        if top is None:
-            rows_parts, sims_parts = [], []
-            for start in range(0, n, LOCATE_CHUNK):
-                sims, rows = self.index.search(
-                    emb[start : start + LOCATE_CHUNK], setting.k, mode=_FAISS_MODE[setting.index_mode]
-                )
-                rows_parts.append(rows)
-                sims_parts.append(np.where(rows >= 0, sims, -np.inf).astype(np.float32))
-            rows = np.concatenate(rows_parts) if rows_parts else np.zeros((0, setting.k), np.int64)
-            sims = np.concatenate(sims_parts) if sims_parts else np.zeros((0, setting.k), np.float32)
-            valid = rows >= 0
-            coords = np.full(rows.shape + (2,), np.nan)
-            coords[valid] = np.asarray(self.index.latlon, dtype=np.float64)[rows[valid]]
-            result = aggregate(
-                coords,
-                valid,
-                method=setting.aggregation,
-                eps_km=setting.eps_km,
-                min_samples=setting.min_samples,
-                similarity=sims,
-            )
-            found = valid.any(axis=1)
-            latlon[found] = result.latlon_deg[found]
-            method[found] = "rrm"
-        else:
-            cells = store.heads[setting.head].top_cells
-            if top > cells.shape[1]:
-                raise ValueError(
-                    f"scope {setting.scope!r} needs {top} cells per photo; the store keeps {cells.shape[1]}"
-                )
-            index = self._searchable(setting.index_mode)
-            binary = setting.index_mode == "binary"
-            partition = (store.meta.get("search_partitions") or {}).get(setting.head)
-            options = {} if partition is None else {"partition": partition}
-            rows_parts, sims_parts = [], []
-            for start in range(0, n, LOCATE_CHUNK):
-                stop = start + LOCATE_CHUNK
-                queries = torch.from_numpy(np.ascontiguousarray(emb[start:stop]))
-                if binary:
-                    queries = torch.where(queries > 0, 1.0, -1.0)
-                res = search_within_cell(
-                    queries,
-                    cells[start:stop, :top],
-                    index,
-                    k=setting.k,
-                    eps_km=setting.eps_km,
-                    min_samples=setting.min_samples,
-                    aggregation=setting.aggregation,
-                    **options,
-                )
-                chunk_latlon = latlon[start:stop]
-                chunk_latlon[res.found] = res.latlon_deg[res.found]
-                method[start:stop] = np.where(res.found, "swc", "fallback")
-                rows_parts.append(res.rows)
-                sims_parts.append(res.similarities / index.dim if binary else res.similarities)
-            rows = np.concatenate(rows_parts) if rows_parts else np.zeros((0, setting.k), np.int64)
-            sims = np.concatenate(sims_parts) if sims_parts else np.zeros((0, setting.k), np.float32)
-        return Replayed(latlon, method, rows, sims, time.perf_counter() - started)
-
-
-def model_setting(store: EvalStore, head: Optional[str]) -> Setting:
-    """The setting `geoswc evaluate` used for ``head+rrm`` (``rrm`` when ``head`` is None)."""
-    if head is None:
-        return Setting(head=None, k=1, aggregation="top1", scope="global")
-    cfg = store.meta.get("settings", {})
-    return Setting(
-        head=head,
-        k=int(cfg.get("k", 10)),
-        eps_km=float(cfg.get("eps_km", 1.0)),
-        min_samples=int(cfg.get("min_samples", 1)),
-        scope=scope_name(int(cfg.get("top_cells", 1))),
-    )
 
 
 def predictions_frame(ids: Sequence[str], latlon_deg: np.ndarray) -> pd.DataFrame:

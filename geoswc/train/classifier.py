@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 from accelerate import Accelerator
@@ -27,6 +27,7 @@ from geoswc.classifiers import load_backbone, load_head, save_backbone, save_hea
 from geoswc.config import Config
 from geoswc.data.features import FeatureCache
 from geoswc.train.engine import prepare_for_speed, train_loop
+from geoswc.train.optim import optimizer_and_schedule
 from geoswc.train.common import PathLike, StageResult, finish_stage, start_stage, unwrapped
 from geoswc.train.sources import Batches, Photos, Source, epoch_batches, head_of, open_photos, validate
 
@@ -36,23 +37,28 @@ logger = logging.getLogger(__name__)
 def _train_classifier(
     accelerator: Accelerator,
     model: nn.Module,
-    optimizer,
-    scheduler,
+    section: Any,
     *,
+    params: Optional[Sequence[nn.Parameter]] = None,
     train: Source,
     val: Optional[Source],
-    batch_size: int,
-    epochs: int,
     seed: int,
     out: Path,
     name: str,
-    schedule_per: str,
     resume: bool,
     max_steps: Optional[int],
     checkpoint_every: int,
     meta: Dict[str, Any],
-) -> Optional[Dict[str, Any]]:
-    """`train_loop` with the loss of the model's own head."""
+) -> Tuple[nn.Module, Optional[Dict[str, Any]]]:
+    """`train_loop` with the loss of the model's own head and the optimiser and schedule of ``section``
+    (``config.backbone`` or ``config.heads``) over ``params`` (default: all of the model's): the prepared
+    model and the loop's summary."""
+    batch_size, epochs = section.batch_size, section.epochs
+    steps = epochs * max(1, len(train) // (batch_size * accelerator.num_processes))
+    optimizer, scheduler, schedule_per = optimizer_and_schedule(
+        model if params is None else params, section, total_updates=steps
+    )
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     head = head_of(accelerator, model)
 
     def loss(batch):
@@ -61,7 +67,7 @@ def _train_classifier(
             outputs = model(inputs)
         return head.loss(outputs, labels, latlon), len(labels)
 
-    return train_loop(
+    return model, train_loop(
         accelerator,
         model,
         optimizer,
@@ -126,24 +132,15 @@ def train_backbone(
     train = open_photos(photos, cells, backbone, config, train=True)
     val_source = open_photos(val, cells, backbone, config, train=False) if val is not None else None
     model = prepare_for_speed(model, config.train, accelerator)
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=bc.lr, momentum=bc.momentum, weight_decay=bc.weight_decay
-    )
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=bc.lr_step_epochs, gamma=bc.lr_gamma)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    summary = _train_classifier(
+    model, summary = _train_classifier(
         accelerator,
         model,
-        optimizer,
-        scheduler,
+        bc,
         train=train,
         val=val_source,
-        batch_size=bc.batch_size,
-        epochs=bc.epochs,
         seed=config.train.seed,
         out=out,
         name="backbone",
-        schedule_per="epoch",
         resume=resume,
         max_steps=max_steps,
         checkpoint_every=checkpoint_every,
@@ -171,6 +168,88 @@ def _head_kinds(kinds: Optional[Sequence[str]], config: Config) -> list:
     if "mvmf" in kinds and "ce" in kinds:
         kinds = ["ce"] + [k for k in kinds if k != "ce"]  # the MvMF layer starts from the trained CE layer
     return kinds
+
+
+def _head_inputs(
+    config: Config,
+    cells: Any,
+    on_images: bool,
+    *,
+    backbone_dir: Optional[Path],
+    photos: Optional[Photos],
+    val: Optional[Photos],
+    features: Optional[PathLike],
+    val_features: Optional[PathLike],
+) -> Tuple[Optional[nn.Module], Source, Optional[Source], int]:
+    """``(frozen backbone or None, training source, validation source or None, feature width)``: augmented
+    images through the backbone of ``backbone_dir``, or the feature caches."""
+    if on_images:
+        frozen, _ = load_backbone(backbone_dir)
+        train = open_photos(photos, cells, frozen, config, train=True)
+        val_source = open_photos(val, cells, frozen, config, train=False) if val is not None else None
+        return frozen, train, val_source, int(frozen.num_features)
+    cache = FeatureCache(features).check(cells)
+    val_source = Batches(FeatureCache(val_features).check(cells)) if val_features is not None else None
+    return None, Batches(cache), val_source, cache.dim
+
+
+def _reuse_ce(
+    accelerator: Accelerator,
+    config: Config,
+    cells: Any,
+    reuse: Path,
+    file: Path,
+    *,
+    frozen: Optional[nn.Module],
+    val: Optional[Source],
+) -> Tuple[nn.Module, Dict[str, Any]]:
+    """The backbone stage's CE layer as the ``ce`` head, copied to ``file`` (and validated): the head and its
+    summary."""
+    ce_head = load_head(reuse, geocells=cells)
+    if accelerator.is_main_process:
+        save_head(ce_head, file, config=config)
+    summary: Dict[str, Any] = {"reused": str(reuse)}
+    if val is not None:
+        model = ce_head if frozen is None else CellClassifier(frozen, ce_head, freeze_backbone=True)
+        summary["val"] = validate(accelerator, model.to(accelerator.device), val, config.heads.batch_size)
+    return ce_head, summary
+
+
+def _head_model(
+    accelerator: Accelerator,
+    config: Config,
+    cells: Any,
+    kind: str,
+    in_features: int,
+    *,
+    reuse: Optional[Path],
+    ce_head: Optional[nn.Module],
+    frozen: Optional[nn.Module],
+) -> nn.Module:
+    """A new head of ``kind`` to train (the backbone stage's CE layer for ``ce``, to fine-tune; MvMF started
+    from the trained CE layer), on the frozen backbone when training on images."""
+    head = create_head(
+        kind, in_features=in_features, geocells=cells, partitions=default_partitions(kind, cells)
+    )
+    if kind == "ce" and reuse is not None and reuse.is_file():
+        head = load_head(reuse, geocells=cells)  # fine-tune the backbone's CE layer
+    if kind == "mvmf" and ce_head is not None:
+        head.init_from_classifier(ce_head)
+    if frozen is None:
+        return head.to(accelerator.device)
+    return prepare_for_speed(CellClassifier(frozen, head, freeze_backbone=True), config.train, accelerator)
+
+
+def _unchanged(accelerator: Accelerator, frozen: nn.Module, start_state: Dict[str, torch.Tensor]) -> bool:
+    """Whether the frozen backbone ends as it started: the paper keeps it fixed while the heads train, weights
+    and BatchNorm statistics alike."""
+    end_state = unwrapped(accelerator, frozen).state_dict()
+    unchanged = all(
+        torch.equal(value, end_state[key].detach().to(value.device)) for key, value in start_state.items()
+    )
+    if not unchanged:
+        logger.error("heads: the frozen backbone changed while the heads trained")
+    return unchanged
 
 
 def train_heads(
@@ -220,18 +299,18 @@ def train_heads(
     if on_images and (backbone_dir is None or photos is None):
         raise ValueError("heads on images need a backbone stage folder and the training photos")
     accelerator = start_stage(config, out, stage="heads", cpu=cpu, log_with=log_with)
-    frozen = None
-    if on_images:
-        frozen, _ = load_backbone(backbone_dir)
+    frozen, train, val_source, in_features = _head_inputs(
+        config,
+        cells,
+        on_images,
+        backbone_dir=backbone_dir,
+        photos=photos,
+        val=val,
+        features=features,
+        val_features=val_features,
+    )
+    if frozen is not None:
         start_state = {k: v.detach().clone() for k, v in frozen.state_dict().items()}
-        in_features = int(frozen.num_features)
-        train = open_photos(photos, cells, frozen, config, train=True)
-        val_source = open_photos(val, cells, frozen, config, train=False) if val is not None else None
-    else:
-        cache = FeatureCache(features).check(cells)
-        train = Batches(cache)
-        val_source = Batches(FeatureCache(val_features).check(cells)) if val_features is not None else None
-        in_features = cache.dim
     reuse = backbone_dir / "heads" / "ce.safetensors" if backbone_dir is not None else None
     summaries: Dict[str, Any] = {}
     files: Dict[str, Path] = {"cells": out / "cells"}
@@ -239,47 +318,24 @@ def train_heads(
     for kind in kinds:
         files[kind] = out / "heads" / f"{kind}.safetensors"
         if kind == "ce" and reuse is not None and reuse.is_file() and not train_ce:
-            ce_head = load_head(reuse, geocells=cells)
-            if accelerator.is_main_process:
-                save_head(ce_head, files[kind], config=config)
-            summaries["ce"] = {"reused": str(reuse)}
-            if val_source is not None:
-                model = ce_head if frozen is None else CellClassifier(frozen, ce_head, freeze_backbone=True)
-                summaries["ce"]["val"] = validate(
-                    accelerator, model.to(accelerator.device), val_source, hc.batch_size
-                )
-            continue
-        head = create_head(
-            kind, in_features=in_features, geocells=cells, partitions=default_partitions(kind, cells)
-        )
-        if kind == "ce" and reuse is not None and reuse.is_file():
-            head = load_head(reuse, geocells=cells)  # fine-tune the backbone's CE layer
-        if kind == "mvmf" and ce_head is not None:
-            head.init_from_classifier(ce_head)
-        if frozen is None:
-            model = head.to(accelerator.device)
-        else:
-            model = prepare_for_speed(
-                CellClassifier(frozen, head, freeze_backbone=True), config.train, accelerator
+            ce_head, summaries["ce"] = _reuse_ce(
+                accelerator, config, cells, reuse, files[kind], frozen=frozen, val=val_source
             )
+            continue
+        model = _head_model(
+            accelerator, config, cells, kind, in_features, reuse=reuse, ce_head=ce_head, frozen=frozen
+        )
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=hc.lr, weight_decay=hc.weight_decay)
-        steps = hc.epochs * max(1, len(train) // (hc.batch_size * accelerator.num_processes))
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-        summary = _train_classifier(
+        model, summary = _train_classifier(
             accelerator,
             model,
-            optimizer,
-            scheduler,
+            hc,
+            params=params,
             train=train,
             val=val_source,
-            batch_size=hc.batch_size,
-            epochs=hc.epochs,
             seed=config.train.seed,
             out=out,
             name=kind,
-            schedule_per="step",
             resume=resume,
             max_steps=max_steps,
             checkpoint_every=checkpoint_every,
@@ -303,12 +359,6 @@ def train_heads(
         "on_images": on_images,
     }
     if frozen is not None:
-        # The paper keeps the backbone fixed while the heads train: weights and BatchNorm statistics alike.
-        end_state = unwrapped(accelerator, frozen).state_dict()
-        summary["backbone_unchanged"] = all(
-            torch.equal(value, end_state[key].detach().to(value.device)) for key, value in start_state.items()
-        )
-        if not summary["backbone_unchanged"]:
-            logger.error("heads: the frozen backbone changed while the heads trained")
+        summary["backbone_unchanged"] = _unchanged(accelerator, frozen, start_state)
     finish_stage(accelerator, out, "heads", summary)
     return StageResult("heads", out, files, summary)

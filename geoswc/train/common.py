@@ -12,7 +12,7 @@ from typing import Any, Dict, Sequence, Union
 from accelerate import Accelerator
 
 from geoswc.config import Config
-from geoswc.train.engine import build_accelerator, finish_trackers, seed_everything
+from geoswc.train.accelerator import build_accelerator, finish_trackers, seed_everything
 
 logger = logging.getLogger(__name__)
 

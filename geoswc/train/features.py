@@ -16,7 +16,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import numpy as np
 import torch
@@ -28,7 +28,8 @@ from geoswc.classifiers import create_backbone, load_backbone
 from geoswc.config import Config
 from geoswc.data.files import atomic_path, write_text_atomic
 from geoswc.data.features import merge_image_parts, merge_shard_parts, write_meta
-from geoswc.train.engine import prepare_for_speed, weights_digest
+from geoswc.train.accelerator import prepare_for_speed
+from geoswc.train.distributed import weights_digest
 from geoswc.train.common import PathLike, StageResult, finish_stage, start_stage
 from geoswc.train.sources import Batches, Photos, PhotoTable, ShardBatches, open_photos
 
@@ -146,9 +147,8 @@ def _table_features(
                 images += len(inputs)
         with atomic_path(target) as tmp, open(tmp, "wb") as f:
             np.save(f, block)
-    elapsed = time.perf_counter() - start
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+
+    def merge() -> int:
         merge_image_parts(
             parts_dir,
             out,
@@ -159,24 +159,21 @@ def _table_features(
             part_size=part_size,
             dim=dim,
         )
-        write_meta(
-            out,
-            {
-                "fingerprint": fingerprint,
-                "backbone": model_name,
-                "dim": dim,
-                "count": n,
-                "image_size": config.data.image_size,
-            },
-        )
-        shutil.rmtree(parts_dir)
-    accelerator.wait_for_everyone()
-    return {
-        "count": n,
-        "dim": dim,
-        "images_per_s_rank0": images / max(elapsed, 1e-9),
-        "num_processes": accelerator.num_processes,
-    }
+        return n
+
+    return _finish_cache(
+        accelerator,
+        out,
+        parts_dir,
+        merge,
+        config=config,
+        model_name=model_name,
+        fingerprint=fingerprint,
+        dim=dim,
+        images=images,
+        start=start,
+        count=n,
+    )
 
 
 def _shard_features(
@@ -239,11 +236,42 @@ def _shard_features(
                 latlon=np.concatenate(latlon) if latlon else np.zeros((0, 2)),
                 labels=np.concatenate(labels) if labels else np.zeros((0, n_gran), np.int64),
             )
+    return _finish_cache(
+        accelerator,
+        out,
+        parts_dir,
+        lambda: merge_shard_parts(parts_dir, out, n_parts=len(shards.urls), dim=dim),
+        config=config,
+        model_name=model_name,
+        fingerprint=fingerprint,
+        dim=dim,
+        images=images,
+        start=start,
+        count=len(shards),
+    )
+
+
+def _finish_cache(
+    accelerator: Accelerator,
+    out: Path,
+    parts_dir: Path,
+    merge: Callable[[], int],
+    *,
+    config: Config,
+    model_name: str,
+    fingerprint: str,
+    dim: int,
+    images: int,
+    start: float,
+    count: int,
+) -> Dict[str, Any]:
+    """Once every rank has written its parts, rank 0 merges them (``merge()`` -> the rows merged), writes the
+    cache's meta.json and removes the parts; the summary (``count``: the rows where rank 0 merged none)."""
     elapsed = time.perf_counter() - start
     accelerator.wait_for_everyone()
     n = 0
     if accelerator.is_main_process:
-        n = merge_shard_parts(parts_dir, out, n_parts=len(shards.urls), dim=dim)
+        n = merge()
         write_meta(
             out,
             {
@@ -257,7 +285,7 @@ def _shard_features(
         shutil.rmtree(parts_dir)
     accelerator.wait_for_everyone()
     return {
-        "count": n or len(shards),
+        "count": n or count,
         "dim": dim,
         "images_per_s_rank0": images / max(elapsed, 1e-9),
         "num_processes": accelerator.num_processes,

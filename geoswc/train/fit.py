@@ -54,7 +54,7 @@ from geoswc.data.files import write_text_atomic
 from geoswc.data.images import image_path
 from geoswc.data.metadata import Exclusions, read_metadata
 from geoswc.data.shards import read_shard_metadata
-from geoswc.train.engine import use_cpu
+from geoswc.train.accelerator import use_cpu
 from geoswc.geocells import Geocells, S2Partitioner
 from geoswc.train import Photos, build_index, extract_features, train_backbone, train_heads, train_retrieval
 from geoswc.train.sources import shard_files

@@ -30,6 +30,7 @@ from accelerate import Accelerator
 from geoswc.config import Config
 from geoswc.data.features import FeatureCache
 from geoswc.train.engine import train_loop
+from geoswc.train.optim import optimizer_and_schedule
 from geoswc.retrieval import (
     IdentityEmbedding,
     OnePairPerCellSampler,
@@ -121,9 +122,8 @@ def fit_retrieval_module(
         labels, seed=seed, num_replicas=accelerator.num_processes, rank=accelerator.process_index
     )
     steps_per_epoch = math.ceil(len(sampler) / rc.batch_size)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=rc.lr, weight_decay=rc.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-        optimizer, T_max=max(1, rc.epochs * steps_per_epoch)
+    optimizer, scheduler, schedule_per = optimizer_and_schedule(
+        model, rc, total_updates=rc.epochs * steps_per_epoch
     )
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     # The memory is training state: the engine's Checkpointer saves registered objects as tensors (never
@@ -170,7 +170,7 @@ def fit_retrieval_module(
         epochs=rc.epochs,
         batches=batches,
         loss=loss,
-        schedule_per="step",
+        schedule_per=schedule_per,
         validate=validate if val_features is not None else None,
         resume=resume,
         max_steps=max_steps,

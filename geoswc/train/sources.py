@@ -27,7 +27,7 @@ from geoswc.data.loading import expand_urls, shard_loader, shard_sample_count
 from geoswc.data.metadata import read_metadata
 from geoswc.data.photos import PhotoBatch, PhotoDataset, group_by_shape, photo_batches
 from geoswc.data.transforms import build_transform
-from geoswc.train.engine import gather_by_row, rank_batches
+from geoswc.train.distributed import gather_by_row, rank_batches
 from geoswc.eval import accuracy_at
 
 logger = logging.getLogger(__name__)
