@@ -25,7 +25,6 @@ import numpy as np
 import timm
 import torch
 from PIL import Image
-from sklearn.neighbors import BallTree
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -403,6 +402,9 @@ class Geolocator(nn.Module):
         ``partition`` (default: the finest)."""
         part = self.geocells.fine if partition is None else self.geocells.partition(partition)
         if part.name not in self._density_neighbours:
+            # Imported here: scikit-learn and scipy take seconds to load, and a tag run does not need them.
+            from sklearn.neighbors import BallTree
+
             centers_rad = np.radians(np.asarray(part.centers_deg, dtype=np.float64))
             tree = BallTree(centers_rad, metric="haversine")
             lists = tree.query_radius(centers_rad, r=CONFIDENCE_RADIUS_KM / EARTH_RADIUS_KM)
