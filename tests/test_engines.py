@@ -49,7 +49,9 @@ def test_cache_folder_honours_the_override_then_xdg_then_home(monkeypatch, tmp_p
 
 
 @needs_openvino
-@pytest.mark.parametrize("name", ["test_efficientnet", "tf_efficientnet_lite0"])
+@pytest.mark.parametrize(
+    "name", ["test_efficientnet", pytest.param("tf_efficientnet_lite0", marks=pytest.mark.slow)]
+)
 def test_openvino_computes_pytorchs_features_at_every_size(name):
     from geoswc.engines.openvino import OpenVinoForward
 
@@ -134,6 +136,7 @@ def test_an_engine_that_disagrees_is_measured_but_not_chosen(small_model, monkey
 
 
 @needs_onnx
+@pytest.mark.slow
 def test_the_choice_is_stored_and_measured_again_when_the_key_changes(small_model, monkeypatch, cache):
     measured = []
     real = choice.measure
