@@ -4,7 +4,8 @@ On CPUs, ONNX Runtime's convolution kernels run EfficientNet about twice as fast
 channels_last path (EfficientNet-B4 at 300 x 400 on 2 AVX2 cores: 11.3 against 5.2 images/s at batch 1;
 docs/performance.md), with the same float32 arithmetic: features agree with PyTorch's within about 1e-6
 (relative), so predictions do not change. The network is exported from the loaded weights in memory
-(``torch.onnx.export``, a few seconds for B4) when the first batch arrives; nothing is written to disk.
+(``torch.onnx.export``, a few seconds for B4) when the first batch arrives, and kept in the cache folder by
+model fingerprint and input size (`geoswc.engines.graphs`), so a later run reads it instead of exporting.
 
 - ``torch``: the backbone runs in PyTorch (with the precision mode and ``torch.compile`` of `geoswc.precision`);
 - ``onnx``: ONNX Runtime's CPU provider, float32 (needs the ``onnxruntime`` and ``onnx`` packages);
