@@ -173,7 +173,10 @@ def main() -> None:
     )
     parser.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="with --authors")
     parser.add_argument(
-        "--runtime", default="auto", choices=["auto", "torch", "onnx"], help="with --authors (geoswc.runtime)"
+        "--runtime",
+        default="auto",
+        choices=["auto", "torch", "onnx", "openvino"],
+        help="with --authors (geoswc.runtime)",
     )
     args = parser.parse_args()
     if args.authors:

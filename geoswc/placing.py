@@ -13,7 +13,6 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from sklearn.neighbors import BallTree
 
 from geoswc.area_filter import restrict_to_area
 from geoswc.data.sphere import EARTH_RADIUS_KM
@@ -103,6 +102,9 @@ class Predictions:
 
 def density_neighbour_table(centers_deg: np.ndarray) -> torch.Tensor:
     """``(n, M)`` cells whose centres lie within `CONFIDENCE_RADIUS_KM` of each cell's centre, -1 padded."""
+    # Imported here: scikit-learn and scipy take seconds to load, and a tag run does not need them.
+    from sklearn.neighbors import BallTree
+
     centers_rad = np.radians(np.asarray(centers_deg, dtype=np.float64))
     tree = BallTree(centers_rad, metric="haversine")
     lists = tree.query_radius(centers_rad, r=CONFIDENCE_RADIUS_KM / EARTH_RADIUS_KM)

@@ -1,15 +1,19 @@
-"""Which runtime executes the backbone at inference: PyTorch, or ONNX Runtime on the CPU.
+"""Which runtime executes the backbone at inference: PyTorch, or ONNX Runtime or OpenVINO on the CPU.
 
 On CPUs, ONNX Runtime's convolution kernels run EfficientNet about twice as fast as PyTorch's eager
 channels_last path (EfficientNet-B4 at 300 x 400 on 2 AVX2 cores: 11.3 against 5.2 images/s at batch 1;
 docs/performance.md), with the same float32 arithmetic: features agree with PyTorch's within about 1e-6
 (relative), so predictions do not change. The network is exported from the loaded weights in memory
-(``torch.onnx.export``, a few seconds for B4) when the first batch arrives; nothing is written to disk.
+(``torch.onnx.export``, a few seconds for B4) when the first batch arrives, and kept in the cache folder by
+model fingerprint and input size (`geoswc.engines.graphs`), so a later run reads it instead of exporting.
 
 - ``torch``: the backbone runs in PyTorch (with the precision mode and ``torch.compile`` of `geoswc.precision`);
 - ``onnx``: ONNX Runtime's CPU provider, float32 (needs the ``onnxruntime`` and ``onnx`` packages);
-- ``auto`` (default): ``onnx`` when the model runs on the CPU in float32, is not compiled, and both packages
-  are installed; ``torch`` otherwise (GPUs: PyTorch's float16 and ``torch.compile``).
+- ``openvino``: OpenVINO's CPU plugin, float32, from the same exported graph (`geoswc.engines.openvino`; needs
+  the ``openvino`` and ``onnx`` packages);
+- ``auto`` (default): on the CPU in float32, not compiled, with ONNX Runtime or OpenVINO installed, the engine
+  that a measurement on the first batch finds fastest among those that agree with PyTorch, stored per machine
+  and model (`geoswc.engines.choice`); ``torch`` otherwise (GPUs: PyTorch's float16 and ``torch.compile``).
 
 Every exported graph is checked against PyTorch on the first photo of each new input shape; a graph that
 disagrees, or any failure to export or run, sends the backbone back to PyTorch with one warning, so the
@@ -33,7 +37,11 @@ from geoswc.data.validation import check_choice
 
 logger = logging.getLogger(__name__)
 
-RUNTIMES = ("auto", "torch", "onnx")
+RUNTIMES = ("auto", "torch", "onnx", "openvino")
+# The engines besides PyTorch that run a float32 backbone on the CPU.
+CPU_ENGINES = ("onnx", "openvino")
+# How the log names a runtime other than torch.
+RUNTIME_LABELS = {"onnx": "ONNX Runtime", "openvino": "OpenVINO", "auto": "the engine measured fastest"}
 ONNX_PACKAGES = ("onnxruntime", "onnx")
 # Largest |ONNX - PyTorch| difference accepted on the check photo, relative to the largest |feature|.
 AGREEMENT_TOLERANCE = 1e-3
@@ -58,41 +66,64 @@ def check_runtime(runtime: str) -> str:
     return check_choice("runtime", runtime, RUNTIMES)
 
 
+def missing_packages(runtime: str) -> Tuple[str, ...]:
+    """The packages the CPU engine ``runtime`` (``onnx``, ``openvino``) needs that are not installed."""
+    if runtime == "openvino":
+        from geoswc.engines.openvino import missing_packages as missing_openvino
+
+        return missing_openvino()
+    return missing_onnx_packages()
+
+
 def resolve_runtime(
     runtime: str, device: Union[str, torch.device], dtype: torch.dtype, *, compiled: bool = False
 ) -> str:
-    """``torch`` or ``onnx``: the runtime the backbone runs in for ``runtime`` (``auto``, ``torch``, ``onnx``)
-    on ``device``, in ``dtype``, compiled or not.
+    """The runtime the backbone runs in for ``runtime`` (`RUNTIMES`) on ``device``, in ``dtype``, compiled or
+    not: ``torch``, ``onnx``, ``openvino``, or ``auto`` where a measurement on the first batch chooses among
+    PyTorch and the installed CPU engines (`geoswc.engines.choice`; a float32 backbone on the CPU, not compiled).
 
     Raises:
-        ValueError: an unknown runtime, or ``onnx`` asked for where it cannot run (not on the CPU, not float32,
-            with ``torch.compile``, or without its packages); the message says what to change.
+        ValueError: an unknown runtime, or ``onnx``/``openvino`` asked for where it cannot run (not on the CPU,
+            not float32, with ``torch.compile``, or without its packages); the message says what to change.
     """
     check_runtime(runtime)
     device = torch.device(device)
     if runtime == "torch":
         return "torch"
-    if runtime == "onnx":
+    if runtime in CPU_ENGINES:
         if device.type != "cpu":
             raise ValueError(
-                f"runtime 'onnx' runs the backbone on the CPU, but the model is on {device}; use runtime torch "
-                "(or auto) there"
+                f"runtime {runtime!r} runs the backbone on the CPU, but the model is on {device}; use runtime "
+                "torch (or auto) there"
             )
         if dtype != torch.float32:
             raise ValueError(
-                f"runtime 'onnx' runs in float32, but the precision mode asks for {str(dtype).replace('torch.', '')}; "
-                "use precision mode fp32 or auto"
+                f"runtime {runtime!r} runs in float32, but the precision mode asks for "
+                f"{str(dtype).replace('torch.', '')}; use precision mode fp32 or auto"
             )
         if compiled:
-            raise ValueError("runtime 'onnx' and compile 'on' exclude each other; choose one")
-        missing = missing_onnx_packages()
+            raise ValueError(f"runtime {runtime!r} and compile 'on' exclude each other; choose one")
+        missing = missing_packages(runtime)
         if missing:
             raise ValueError(
-                f"runtime 'onnx' needs the package(s) {', '.join(missing)}: pip install {' '.join(missing)}"
+                f"runtime {runtime!r} needs the package(s) {', '.join(missing)}: pip install {' '.join(missing)}"
             )
-        return "onnx"
-    usable = device.type == "cpu" and dtype == torch.float32 and not compiled and not missing_onnx_packages()
-    return "onnx" if usable else "torch"
+        return runtime
+    usable = device.type == "cpu" and dtype == torch.float32 and not compiled
+    return "auto" if usable and any(not missing_packages(name) for name in CPU_ENGINES) else "torch"
+
+
+def engine_forward(runtime: str, module: nn.Module):
+    """The forward that runs ``module`` in the resolved ``runtime`` (`resolve_runtime`; not ``torch``)."""
+    if runtime == "onnx":
+        return OnnxForward(module)
+    if runtime == "openvino":
+        from geoswc.engines.openvino import OpenVinoForward
+
+        return OpenVinoForward(module)
+    from geoswc.engines.choice import MeasuredForward
+
+    return MeasuredForward(module)
 
 
 def has_input_dependent_padding(module: nn.Module) -> bool:
@@ -167,10 +198,25 @@ class OnnxForward:
         self._lock = threading.Lock()  # the server calls from several threads
         self.exports: List[Optional[Tuple[int, int]]] = []
 
+    engine_name = "ONNX Runtime"
+
+    def _graph(self, example: torch.Tensor, *, dynamic_size: bool) -> bytes:
+        """The ONNX graph of the module for ``example``'s size (`geoswc.engines.graphs` keeps one per model
+        fingerprint and input size on disk, so a later run does not export again)."""
+        from geoswc.engines.graphs import cached_export
+
+        return cached_export(self.module, example, dynamic_size=dynamic_size, export=_export)
+
+    def _open(self, graph: bytes):
+        return _session(graph, self.threads)
+
+    def _infer(self, session, array):
+        return session.run(None, {"pixels": array})[0]
+
     def _fail(self, err: BaseException) -> None:
         self.failed = f"{type(err).__name__}: {err}".splitlines()[0]
         self._sessions.clear()
-        logger.warning("ONNX Runtime backbone failed (%s); running it in PyTorch", self.failed)
+        logger.warning("%s backbone failed (%s); running it in PyTorch", self.engine_name, self.failed)
 
     def _graph_for(self, pixels: torch.Tensor):
         """The session for ``pixels``' size, exported on first use; None for a size beyond `MAX_GRAPHS`."""
@@ -185,11 +231,12 @@ class OnnxForward:
                     )
                     self._full_logged = True
                 return None
-            graph = _export(self.module, pixels[:1], dynamic_size=not self.per_size)
-            session = _session(graph, self.threads)
+            graph = self._graph(pixels[:1], dynamic_size=not self.per_size)
+            session = self._open(graph)
             self.exports.append(key)
             logger.info(
-                "backbone exported to ONNX Runtime (%s)",
+                "backbone exported to %s (%s)",
+                self.engine_name,
                 f"for {size[0]}x{size[1]} inputs" if self.per_size else "any input size",
             )
             self._sessions[key] = session
@@ -203,7 +250,7 @@ class OnnxForward:
         if session is None:
             return self.module(pixels)
         array = pixels.detach().to("cpu", torch.float32).contiguous().numpy()
-        features = torch.from_numpy(session.run(None, {"pixels": array})[0])
+        features = torch.from_numpy(self._infer(session, array))
         if not checked:
             reference = self.module(pixels[:1]).float()
             scale = float(reference.abs().max().clamp(min=1e-12))

@@ -6,6 +6,11 @@ import pytest
 # No test touches the network: model hubs are offline, models are randomly initialised.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Engine choices and exported graphs (geoswc.engines) go to a folder of the test session, not the user's cache.
+if "GEOSWC_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["GEOSWC_CACHE"] = tempfile.mkdtemp(prefix="geoswc-test-cache-")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TEST_DATA = Path(__file__).resolve().parent / "data"

@@ -28,8 +28,8 @@ def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
-def test_auto_picks_onnx_only_for_an_uncompiled_float32_cpu_backbone():
-    assert resolve_runtime("auto", "cpu", torch.float32) == "onnx"
+def test_auto_measures_only_for_an_uncompiled_float32_cpu_backbone():
+    assert resolve_runtime("auto", "cpu", torch.float32) == "auto"
     assert resolve_runtime("auto", "cpu", torch.bfloat16) == "torch"
     assert resolve_runtime("auto", "cpu", torch.float32, compiled=True) == "torch"
     assert resolve_runtime("auto", torch.device("cuda", 0), torch.float32) == "torch"
@@ -52,9 +52,12 @@ def test_onnx_where_it_cannot_run_says_what_to_change(device, dtype, compiled, m
 
 
 def test_unknown_runtime_and_missing_packages(monkeypatch):
-    with pytest.raises(ValueError, match=r"unknown runtime 'tensorrt'; choose one of: auto, torch, onnx"):
+    with pytest.raises(
+        ValueError, match=r"unknown runtime 'tensorrt'; choose one of: auto, torch, onnx, openvino"
+    ):
         check_runtime("tensorrt")
     monkeypatch.setattr(runtime, "missing_onnx_packages", lambda: ("onnxruntime",))
+    monkeypatch.setattr(runtime, "missing_packages", lambda name: runtime.missing_onnx_packages())
     assert resolve_runtime("auto", "cpu", torch.float32) == "torch"
     with pytest.raises(ValueError, match="needs the package\\(s\\) onnxruntime: pip install onnxruntime"):
         resolve_runtime("onnx", "cpu", torch.float32)

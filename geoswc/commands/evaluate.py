@@ -125,7 +125,7 @@ def register(subparsers) -> None:
         "--runtime",
         choices=RUNTIMES,
         default=None,
-        help="what runs the backbone: auto (default: ONNX Runtime for fp32 on a CPU, PyTorch otherwise), "
-        "torch, onnx",
+        help="what runs the backbone: auto (default: on a CPU in fp32, the fastest engine that agrees, "
+        "measured once per machine and model; PyTorch otherwise), torch, onnx, openvino",
     )
     parser.set_defaults(func=run)

@@ -134,7 +134,8 @@ def register(subparsers) -> None:
         "--runtime",
         choices=RUNTIMES,
         default="auto",
-        help="what runs the backbone: auto (default: ONNX Runtime on a CPU, PyTorch on a GPU), torch, onnx",
+        help="what runs the backbone: auto (default: on a CPU the fastest engine that agrees, measured once per "
+        "machine and model; PyTorch on a GPU), torch, onnx, openvino",
     )
     parser.add_argument(
         "--tiles",

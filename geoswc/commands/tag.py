@@ -126,8 +126,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--runtime",
         choices=RUNTIMES,
         default="auto",
-        help="what runs the backbone: auto (default: ONNX Runtime for fp32 on a CPU, about 2x faster there; "
-        "PyTorch otherwise), torch, onnx",
+        help="what runs the backbone: auto (default: on a CPU in fp32, the fastest of PyTorch, ONNX Runtime and "
+        "OpenVINO that agrees, measured once per machine and model, -v prints it; PyTorch otherwise), torch, "
+        "onnx, openvino",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
