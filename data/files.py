@@ -5,8 +5,9 @@ removed when anything fails. Every output geoswc writes in place (tag outputs, f
 stage markers) goes through `atomic_path`, so a killed job leaves either the old file or the new one, never half
 of one, and a temporary name cannot be guessed (or planted as a link) in a shared folder.
 
-Reading: `read_json_object` (a JSON file that must hold an object) and `read_safetensors_metadata` (the string
-metadata of a weights file) turn every malformed file into one line that names it.
+Reading: `read_json_object` (a JSON file that must hold an object), `read_safetensors_metadata` (the string
+metadata of a weights file) and `load_safetensors_weights` (its tensors into a module) turn every malformed
+file into one line that names it.
 """
 
 from __future__ import annotations
@@ -105,3 +106,26 @@ def read_safetensors_metadata(path: PathLike, *, what: str = "safetensors file")
             return dict(handle.metadata() or {})
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
+
+
+def load_safetensors_weights(module, path: PathLike, *, describe: str, device="cpu") -> None:
+    """Load the tensors of the safetensors file ``path`` into ``module`` (a torch ``nn.Module``, strictly).
+
+    Args:
+        module: the module whose ``state_dict`` the file must match.
+        path: the file.
+        describe: what the tensors should fit, for the message (``"a 'ce' head of 1280 features"``).
+        device: where the tensors are loaded.
+
+    Raises:
+        ValueError: ``"<path>: the tensors do not fit <describe>: <detail>"``, one line, when names or shapes
+            differ or the file is damaged.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        module.load_state_dict(load_file(str(path), device=device))
+    except (RuntimeError, SafetensorError) as err:
+        detail = " ".join(str(err).split())
+        raise ValueError(f"{path}: the tensors do not fit {describe}: {detail}") from None
