@@ -17,7 +17,7 @@ import json
 import os
 from glob import escape as glob_escape
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Dict, Iterator, Union
 
 PathLike = Union[str, os.PathLike]
@@ -129,3 +129,36 @@ def load_safetensors_weights(module, path: PathLike, *, describe: str, device="c
     except (RuntimeError, SafetensorError) as err:
         detail = " ".join(str(err).split())
         raise ValueError(f"{path}: the tensors do not fit {describe}: {detail}") from None
+
+
+def file_inside(
+    directory: Path, name: Any, *, what: str, source: PathLike, folder: str = "a cells folder"
+) -> Path:
+    """``directory / name`` for a file name read from ``source`` (a manifest inside ``directory``).
+
+    Refuses, without reading the file, a name that is not a relative path inside ``directory`` (absolute, with
+    a drive, or with ``..``) or that resolves outside it through a link: error messages may quote a file's
+    first lines, which must never come from an arbitrary file.
+
+    Args:
+        directory: the folder the names are relative to.
+        name: the name as read.
+        what: what the name is, for the message (``"partitions[0] file"``).
+        source: the file the name was read from, named first in the message.
+        folder: what ``directory`` is, for the message.
+
+    Raises:
+        ValueError: one line naming ``source``, the name and what is wrong.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"{source}: {what} must be a file name inside {directory}, got {name!r}")
+    posix, windows = PurePosixPath(name), PureWindowsPath(name)
+    if posix.is_absolute() or windows.is_absolute() or windows.drive or ".." in posix.parts + windows.parts:
+        raise ValueError(
+            f"{source}: {what} {name!r} points outside {directory}; files of {folder} are named "
+            "relative to it, without '..'"
+        )
+    path = Path(directory) / name
+    if not path.resolve().is_relative_to(Path(directory).resolve()):
+        raise ValueError(f"{source}: {what} {name!r} is a link that points outside {directory}")
+    return path
