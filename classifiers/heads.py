@@ -12,12 +12,11 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from geoswc.classifiers.base import GeoHead, masked_cross_entropy
-from geoswc.data.files import read_safetensors_metadata
+from geoswc.data.files import load_safetensors_weights, read_safetensors_metadata
 from geoswc.classifiers.mvmf import MvMFHead
 from geoswc.data.validation import check_choice
 
@@ -183,12 +182,7 @@ def load_head(path: Union[str, Path], *, geocells: Any) -> GeoHead:
         head = create_head(meta["kind"], in_features=in_features, geocells=geocells, **options)
     except (ValueError, TypeError) as err:
         raise ValueError(f"{path}: {err}") from None
-    try:
-        head.load_state_dict(load_file(str(path)))
-    except (RuntimeError, SafetensorError) as err:
-        detail = " ".join(str(err).split())
-        raise ValueError(
-            f"{path}: the tensors do not fit a {meta['kind']!r} head of {in_features} features on these "
-            f"geocells: {detail}"
-        ) from None
+    load_safetensors_weights(
+        head, path, describe=f"a {meta['kind']!r} head of {in_features} features on these geocells"
+    )
     return head

@@ -88,58 +88,10 @@ def download(
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     offset = part.stat().st_size if part.is_file() else 0
-    request = urllib.request.Request(url, headers={"User-Agent": "geoswc"})
-    if offset:
-        request.add_header("Range", f"bytes={offset}-")
-    try:
-        response = urllib.request.urlopen(request, timeout=timeout_s)
-    except urllib.error.HTTPError as err:
-        if err.code == 416 and offset:
-            # Nothing left to send: the partial file is already whole.
-            response = None
-        else:
-            raise ValueError(f"{url}: the server answered HTTP {err.code} ({err.reason})") from None
+    response = _request_from(url, offset, timeout_s)
     if response is not None:
         with response:
-            status = response.status
-            if status == 206:
-                match = _CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", "").strip())
-                if not match or int(match.group(1)) != offset:
-                    raise ValueError(
-                        f"{url}: asked for bytes from {offset}, the server sent the range "
-                        f"{response.headers.get('Content-Range')!r}"
-                    )
-                total = None if match.group(3) == "*" else int(match.group(3))
-                mode = "ab"
-            elif status == 200:
-                if offset:
-                    logger.info("%s does not resume downloads; starting %s over", url, dest.name)
-                offset, mode = 0, "wb"
-                length = response.headers.get("Content-Length")
-                total = int(length) if length and length.isdigit() else None
-            else:
-                raise ValueError(f"{url}: unexpected HTTP status {status}")
-            with (
-                open(part, mode) as f,
-                tqdm(
-                    total=total,
-                    initial=offset,
-                    unit="B",
-                    unit_scale=True,
-                    unit_divisor=1024,
-                    desc=dest.name,
-                    disable=not progress,
-                ) as bar,
-            ):
-                for block in iter(lambda: response.read(_CHUNK), b""):
-                    f.write(block)
-                    bar.update(len(block))
-            size = part.stat().st_size
-            if total is not None and size != total:
-                raise OSError(
-                    f"{url}: the connection ended after {size} of {total} bytes; run again to resume "
-                    f"from {part}"
-                )
+            _receive(response, url, part, offset, progress=progress)
     try:
         check_sha256(part, sha256)
     except ValueError:
@@ -148,3 +100,71 @@ def download(
     os.replace(part, dest)
     logger.info("downloaded %s to %s", url, dest)
     return dest
+
+
+def _request_from(url: str, offset: int, timeout_s: float):
+    """The server's response for ``url`` from byte ``offset`` on, or None when a resumed file is already whole
+    (HTTP 416 for a range that starts at its end).
+
+    Raises:
+        ValueError: any other HTTP error status.
+    """
+    request = urllib.request.Request(url, headers={"User-Agent": "geoswc"})
+    if offset:
+        request.add_header("Range", f"bytes={offset}-")
+    try:
+        return urllib.request.urlopen(request, timeout=timeout_s)
+    except urllib.error.HTTPError as err:
+        if err.code == 416 and offset:
+            # Nothing left to send: the partial file is already whole.
+            return None
+        raise ValueError(f"{url}: the server answered HTTP {err.code} ({err.reason})") from None
+
+
+def _receive(response, url: str, part: Path, offset: int, *, progress: bool) -> None:
+    """Append the body of a 206 answer to ``part`` (or write a 200 answer's over it), checking the range
+    and, when the server announced it, the length.
+
+    Raises:
+        ValueError: another status, or a range other than the one asked for.
+        OSError: the connection ended early (the partial file is kept).
+    """
+    dest_name = part.name[: -len(".part")]
+    status = response.status
+    if status == 206:
+        match = _CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", "").strip())
+        if not match or int(match.group(1)) != offset:
+            raise ValueError(
+                f"{url}: asked for bytes from {offset}, the server sent the range "
+                f"{response.headers.get('Content-Range')!r}"
+            )
+        total = None if match.group(3) == "*" else int(match.group(3))
+        mode = "ab"
+    elif status == 200:
+        if offset:
+            logger.info("%s does not resume downloads; starting %s over", url, dest_name)
+        offset, mode = 0, "wb"
+        length = response.headers.get("Content-Length")
+        total = int(length) if length and length.isdigit() else None
+    else:
+        raise ValueError(f"{url}: unexpected HTTP status {status}")
+    with (
+        open(part, mode) as f,
+        tqdm(
+            total=total,
+            initial=offset,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc=dest_name,
+            disable=not progress,
+        ) as bar,
+    ):
+        for block in iter(lambda: response.read(_CHUNK), b""):
+            f.write(block)
+            bar.update(len(block))
+    size = part.stat().st_size
+    if total is not None and size != total:
+        raise OSError(
+            f"{url}: the connection ended after {size} of {total} bytes; run again to resume from {part}"
+        )

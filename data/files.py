@@ -5,8 +5,9 @@ removed when anything fails. Every output geoswc writes in place (tag outputs, f
 stage markers) goes through `atomic_path`, so a killed job leaves either the old file or the new one, never half
 of one, and a temporary name cannot be guessed (or planted as a link) in a shared folder.
 
-Reading: `read_json_object` (a JSON file that must hold an object) and `read_safetensors_metadata` (the string
-metadata of a weights file) turn every malformed file into one line that names it.
+Reading: `read_json_object` (a JSON file that must hold an object), `read_safetensors_metadata` (the string
+metadata of a weights file) and `load_safetensors_weights` (its tensors into a module) turn every malformed
+file into one line that names it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import json
 import os
 from glob import escape as glob_escape
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Dict, Iterator, Union
 
 PathLike = Union[str, os.PathLike]
@@ -105,3 +106,59 @@ def read_safetensors_metadata(path: PathLike, *, what: str = "safetensors file")
             return dict(handle.metadata() or {})
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
+
+
+def load_safetensors_weights(module, path: PathLike, *, describe: str, device="cpu") -> None:
+    """Load the tensors of the safetensors file ``path`` into ``module`` (a torch ``nn.Module``, strictly).
+
+    Args:
+        module: the module whose ``state_dict`` the file must match.
+        path: the file.
+        describe: what the tensors should fit, for the message (``"a 'ce' head of 1280 features"``).
+        device: where the tensors are loaded.
+
+    Raises:
+        ValueError: ``"<path>: the tensors do not fit <describe>: <detail>"``, one line, when names or shapes
+            differ or the file is damaged.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        module.load_state_dict(load_file(str(path), device=device))
+    except (RuntimeError, SafetensorError) as err:
+        detail = " ".join(str(err).split())
+        raise ValueError(f"{path}: the tensors do not fit {describe}: {detail}") from None
+
+
+def file_inside(
+    directory: Path, name: Any, *, what: str, source: PathLike, folder: str = "a cells folder"
+) -> Path:
+    """``directory / name`` for a file name read from ``source`` (a manifest inside ``directory``).
+
+    Refuses, without reading the file, a name that is not a relative path inside ``directory`` (absolute, with
+    a drive, or with ``..``) or that resolves outside it through a link: error messages may quote a file's
+    first lines, which must never come from an arbitrary file.
+
+    Args:
+        directory: the folder the names are relative to.
+        name: the name as read.
+        what: what the name is, for the message (``"partitions[0] file"``).
+        source: the file the name was read from, named first in the message.
+        folder: what ``directory`` is, for the message.
+
+    Raises:
+        ValueError: one line naming ``source``, the name and what is wrong.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"{source}: {what} must be a file name inside {directory}, got {name!r}")
+    posix, windows = PurePosixPath(name), PureWindowsPath(name)
+    if posix.is_absolute() or windows.is_absolute() or windows.drive or ".." in posix.parts + windows.parts:
+        raise ValueError(
+            f"{source}: {what} {name!r} points outside {directory}; files of {folder} are named "
+            "relative to it, without '..'"
+        )
+    path = Path(directory) / name
+    if not path.resolve().is_relative_to(Path(directory).resolve()):
+        raise ValueError(f"{source}: {what} {name!r} is a link that points outside {directory}")
+    return path

@@ -284,30 +284,14 @@ def make_world(
     landmark_latlon = coords[rng.choice(len(coords), size=n_landmarks, replace=False)]
     landmark_seeds = rng.integers(0, 2**31, size=n_landmarks).tolist()
 
-    def place(n: int, split: int) -> Tuple[np.ndarray, np.ndarray]:
-        shows = rng.random(n) < landmark_fraction if n_landmarks else np.zeros(n, bool)
-        landmark = np.full(n, -1, np.int64)
-        n_shown = int(shows.sum())
-        if split == 0:
-            # Every landmark gets at least two training photos (when there are enough), so each test photo of
-            # a landmark has matches to retrieve.
-            base = np.tile(np.arange(n_landmarks), 2)[:n_shown]
-            extra = rng.integers(0, n_landmarks, size=n_shown - len(base))
-            landmark[shows] = rng.permutation(np.concatenate([base, extra]))
-        else:
-            landmark[shows] = rng.integers(0, n_landmarks, size=n_shown)
-        latlon = coords[rng.integers(0, len(coords), size=n)]
-        latlon = destination_deg(
-            latlon, np.abs(rng.normal(0, 3.0, size=n)), rng.uniform(0, 2 * np.pi, size=n)
-        )
-        radius = landmark_radius_km * np.sqrt(rng.random(n_shown))
-        latlon[shows] = destination_deg(
-            landmark_latlon[landmark[shows]], radius, rng.uniform(0, 2 * np.pi, n_shown)
-        )
-        return latlon, landmark
-
-    train_latlon, train_landmark = place(n_train, 0)
-    test_latlon, test_landmark = place(n_test, 1)
+    placing = dict(
+        coords=coords,
+        landmark_latlon=landmark_latlon,
+        landmark_fraction=landmark_fraction,
+        landmark_radius_km=landmark_radius_km,
+    )
+    train_latlon, train_landmark = _place_photos(rng, n_train, training=True, **placing)
+    test_latlon, test_landmark = _place_photos(rng, n_test, training=False, **placing)
     photo_ids = _photo_ids(rng, n_train + n_test)
     used: set = set()
     train_pool = _authors(rng, max(1, n_train // 8), used)
@@ -338,26 +322,10 @@ def make_world(
         ]
 
     width, height = image_size, max(1, round(image_size * 3 / 4))
-    chunks = [specs[i : i + 64] for i in range(0, len(specs), 64)]
-    jobs = [(chunk, seed, (height, width), landmark_seeds, str(out / "images")) for chunk in chunks]
-    bar = tqdm(total=len(specs), desc="synth images", unit="img", disable=not progress)
-    if workers > 1:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            for done in pool.map(_render_chunk, jobs):
-                bar.update(done)
-    else:
-        for job in jobs:
-            bar.update(_render_chunk(job))
-    bar.close()
-
-    for name, frame in zip(("train.csv", "test.csv"), frames):
-        frame[["IMG_ID", "AUTHOR", "LAT", "LON"]].to_csv(out / name, index=False, float_format="%.6f")
-    pd.DataFrame(
-        {"LANDMARK": np.arange(n_landmarks), "LAT": landmark_latlon[:, 0], "LON": landmark_latlon[:, 1]}
-    ).to_csv(out / "landmarks.csv", index=False, float_format="%.6f")
-    pd.concat(
-        [f.assign(SPLIT=s)[["SPLIT", "IMG_ID", "LANDMARK"]] for s, f in zip(("train", "test"), frames)]
-    ).to_csv(out / "photo_landmarks.csv", index=False)
+    _render_images(
+        specs, seed, (height, width), landmark_seeds, out / "images", workers=workers, progress=progress
+    )
+    _write_tables(out, frames, landmark_latlon)
     spec = WorldSpec(
         seed=seed,
         n_train=n_train,
@@ -373,3 +341,77 @@ def make_world(
         "synthetic world: %d train, %d test photos, %d landmarks in %s", n_train, n_test, n_landmarks, out
     )
     return spec
+
+
+def _place_photos(
+    rng: np.random.Generator,
+    n: int,
+    *,
+    training: bool,
+    coords: np.ndarray,
+    landmark_latlon: np.ndarray,
+    landmark_fraction: float,
+    landmark_radius_km: float,
+) -> Tuple[np.ndarray, np.ndarray]:
+    """Positions ``(n, 2)`` and landmark indices (-1 for none) of ``n`` photos of one split: a share
+    ``landmark_fraction`` within ``landmark_radius_km`` of a landmark, the others a few km from a sampled
+    MP16 coordinate."""
+    n_landmarks = len(landmark_latlon)
+    shows = rng.random(n) < landmark_fraction if n_landmarks else np.zeros(n, bool)
+    landmark = np.full(n, -1, np.int64)
+    n_shown = int(shows.sum())
+    if training:
+        # Every landmark gets at least two training photos (when there are enough), so each test photo of
+        # a landmark has matches to retrieve.
+        base = np.tile(np.arange(n_landmarks), 2)[:n_shown]
+        extra = rng.integers(0, n_landmarks, size=n_shown - len(base))
+        landmark[shows] = rng.permutation(np.concatenate([base, extra]))
+    else:
+        landmark[shows] = rng.integers(0, n_landmarks, size=n_shown)
+    latlon = coords[rng.integers(0, len(coords), size=n)]
+    latlon = destination_deg(latlon, np.abs(rng.normal(0, 3.0, size=n)), rng.uniform(0, 2 * np.pi, size=n))
+    radius = landmark_radius_km * np.sqrt(rng.random(n_shown))
+    latlon[shows] = destination_deg(
+        landmark_latlon[landmark[shows]], radius, rng.uniform(0, 2 * np.pi, n_shown)
+    )
+    return latlon, landmark
+
+
+def _render_images(
+    specs: list,
+    seed: int,
+    shape: Tuple[int, int],
+    landmark_seeds: list,
+    images_dir: Path,
+    *,
+    workers: int,
+    progress: bool,
+) -> None:
+    """Render and write every photo of ``specs`` (64 to a job, in ``workers`` processes when more than one)."""
+    chunks = [specs[i : i + 64] for i in range(0, len(specs), 64)]
+    jobs = [(chunk, seed, shape, landmark_seeds, str(images_dir)) for chunk in chunks]
+    bar = tqdm(total=len(specs), desc="synth images", unit="img", disable=not progress)
+    if workers > 1:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            for done in pool.map(_render_chunk, jobs):
+                bar.update(done)
+    else:
+        for job in jobs:
+            bar.update(_render_chunk(job))
+    bar.close()
+
+
+def _write_tables(out: Path, frames: List[pd.DataFrame], landmark_latlon: np.ndarray) -> None:
+    """``train.csv`` and ``test.csv`` (MP16 columns), ``landmarks.csv`` and ``photo_landmarks.csv``."""
+    for name, frame in zip(("train.csv", "test.csv"), frames):
+        frame[["IMG_ID", "AUTHOR", "LAT", "LON"]].to_csv(out / name, index=False, float_format="%.6f")
+    pd.DataFrame(
+        {
+            "LANDMARK": np.arange(len(landmark_latlon)),
+            "LAT": landmark_latlon[:, 0],
+            "LON": landmark_latlon[:, 1],
+        }
+    ).to_csv(out / "landmarks.csv", index=False, float_format="%.6f")
+    pd.concat(
+        [f.assign(SPLIT=s)[["SPLIT", "IMG_ID", "LANDMARK"]] for s, f in zip(("train", "test"), frames)]
+    ).to_csv(out / "photo_landmarks.csv", index=False)

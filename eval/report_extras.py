@@ -26,7 +26,16 @@ def _fmt(value, spec: str = ".1f") -> str:
 def extra_sections(results: Mapping[str, Mapping], benchmark: Optional[str] = None) -> List[Section]:
     """The extra sections for the results of `geoswc evaluate` (those whose figures are present)."""
     sections: List[Section] = []
-    radii = [radius_key(r) for r in RADII_KM]
+    _error_sections(results, sections)
+    _paper_sections(results, benchmark, sections)
+    _selective_sections(results, sections)
+    _geography_sections(results, sections)
+    _retrieval_sections(results, sections)
+    return sections
+
+
+def _error_sections(results: Mapping[str, Mapping], sections: List[Section]) -> None:
+    """Mean and median error, GeoGuessr score and right country, one row per mode."""
     rows = []
     for mode, res in results.items():
         geo = res.get("geography") or {}
@@ -50,6 +59,13 @@ def extra_sections(results: Mapping[str, Mapping], benchmark: Optional[str] = No
             "geoswc.data.places).",
         )
     )
+
+
+def _paper_sections(
+    results: Mapping[str, Mapping], benchmark: Optional[str], sections: List[Section]
+) -> None:
+    """The measured accuracies beside the paper's Table 1, when ``benchmark`` is one it reports."""
+    radii = [radius_key(r) for r in RADII_KM]
     if benchmark and str(benchmark).lower() in PUBLISHED:
         published = published_results(benchmark)
         rows = []
@@ -68,6 +84,10 @@ def extra_sections(results: Mapping[str, Mapping], benchmark: Optional[str] = No
                     "their PlaNet re-implementation).",
                 )
             )
+
+
+def _selective_sections(results: Mapping[str, Mapping], sections: List[Section]) -> None:
+    """Localizable versus non-localizable photos, and the coverage-accuracy curve."""
     selective = [(mode, res["selective"]) for mode, res in results.items() if res.get("selective")]
     if selective:
         rows = []
@@ -118,6 +138,10 @@ def extra_sections(results: Mapping[str, Mapping], benchmark: Optional[str] = No
                 "prediction density at 25 km), is kept; the least confident are set aside first.",
             )
         )
+
+
+def _geography_sections(results: Mapping[str, Mapping], sections: List[Section]) -> None:
+    """Accuracy by continent and by country of the true position."""
     geo_modes = [(mode, res["geography"]) for mode, res in results.items() if res.get("geography")]
     if geo_modes:
         continents = []
@@ -155,6 +179,10 @@ def extra_sections(results: Mapping[str, Mapping], benchmark: Optional[str] = No
                 "Country (ISO 3166 alpha-2) of the true position.",
             )
         )
+
+
+def _retrieval_sections(results: Mapping[str, Mapping], sections: List[Section]) -> None:
+    """Recall and mAP of same-cell neighbours."""
     retrieval = [(mode, res["retrieval"]) for mode, res in results.items() if res.get("retrieval")]
     if retrieval:
         ns = list(retrieval[0][1]["recall"])
@@ -175,7 +203,6 @@ def extra_sections(results: Mapping[str, Mapping], benchmark: Optional[str] = No
                 "precision over the N best, normalised by min(relevant photos in the background, N).",
             )
         )
-    return sections
 
 
 def draw_coverage(results: Mapping[str, Mapping]):

@@ -19,13 +19,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any, List, Optional, Sequence, Union
+from pathlib import Path
+from typing import List, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
 
-from geoswc.data.files import read_json_object
+from geoswc.data.files import file_inside, read_json_object
 from geoswc.data.sphere import unit_to_latlon
 from geoswc.data.validation import check_choice, choose_one_of
 from geoswc.geocells import s2 as gs2
@@ -65,26 +65,6 @@ def _check_centres(centers_deg: np.ndarray, where: str) -> None:
             raise ValueError(
                 f"{where}: cell {k} has centre {name} {values[k]!r}, outside [-{limit:g}, {limit:g}] degrees"
             )
-
-
-def _inside(directory: Path, name: Any, *, what: str, source: Path) -> Path:
-    """``directory / name`` for a file name read from ``source``; refuses, without reading the file, a name
-    that is not a relative path inside ``directory`` (absolute, with a drive, or with ``..``) or that
-    resolves outside it through a link."""
-    if not isinstance(name, str) or not name.strip():
-        raise ValueError(f"{source}: {what} must be a file name inside {directory}, got {name!r}")
-    posix, windows = PurePosixPath(name), PureWindowsPath(name)
-    if posix.is_absolute() or windows.is_absolute() or windows.drive or ".." in posix.parts + windows.parts:
-        raise ValueError(
-            f"{source}: {what} {name!r} points outside {directory}; files of a cells folder are named "
-            "relative to it, without '..'"
-        )
-    path = directory / name
-    # A link inside the folder to a file outside it is refused too: error messages quote a cells file's
-    # first lines, which must never come from an arbitrary file.
-    if not path.resolve().is_relative_to(directory.resolve()):
-        raise ValueError(f"{source}: {what} {name!r} is a link that points outside {directory}")
-    return path
 
 
 class Partition:
@@ -487,12 +467,12 @@ class Geocells:
                     raise ValueError(
                         f"{meta_path}: partitions[{k}] needs a string {key!r}, got {entry.get(key)!r}"
                     )
-            path = _inside(directory, entry["file"], what=f"partitions[{k}] file", source=meta_path)
+            path = file_inside(directory, entry["file"], what=f"partitions[{k}] file", source=meta_path)
             partitions.append((entry, path))
         hierarchy = meta.get("hierarchy", {})
         if not isinstance(hierarchy, dict):
             raise ValueError(f"{meta_path}: 'hierarchy' must be an object, got {hierarchy!r}")
-        hierarchy_path = _inside(
+        hierarchy_path = file_inside(
             directory, hierarchy.get("file", "hierarchy.csv"), what="hierarchy file", source=meta_path
         )
         fallback = hierarchy.get("fallback", "none")

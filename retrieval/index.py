@@ -157,25 +157,7 @@ class BackgroundIndex:
         if directory is not None:
             directory = Path(directory)
             directory.mkdir(parents=True, exist_ok=True)
-            out = np.lib.format.open_memmap(
-                directory / "embeddings.npy", mode="w+", dtype=self.dtype, shape=(n, dim)
-            )
-        else:
-            out = np.empty((n, dim), dtype=self.dtype)
-        for start in tqdm(
-            range(0, n, self.chunk_size), desc="index rows", unit="chunk", disable=n < 4 * self.chunk_size
-        ):
-            src = order[start : start + self.chunk_size]
-            ascending = np.argsort(src)  # read the source in file order
-            block = np.empty((len(src), dim), dtype=self.dtype)
-            block[ascending] = np.asarray(embeddings[src[ascending]], dtype=np.float32)
-            if not np.isfinite(block).all():
-                raise ValueError("embeddings contain NaN or infinite values")
-            out[start : start + len(src)] = block
-        if isinstance(out, np.memmap):
-            out.flush()
-
-        self.embeddings = out
+        self.embeddings = self._copy_in_order(embeddings, order, directory)
         # Input position of every row (rows are in cell order), to label the rows in other partitions.
         self.source_rows = order
         self.cell_idx = cell_idx[order]
@@ -193,6 +175,34 @@ class BackgroundIndex:
             self._directory = directory
             self.save(directory)
         return self
+
+    def _copy_in_order(self, embeddings, order: np.ndarray, directory: Optional[Path]) -> np.ndarray:
+        """The rows ``embeddings[order]`` in this index's dtype, copied a chunk at a time into
+        ``directory/embeddings.npy`` (memory-mapped) or into memory without a directory.
+
+        Raises:
+            ValueError: a row holds NaN or infinite values.
+        """
+        n, dim = embeddings.shape
+        if directory is not None:
+            out = np.lib.format.open_memmap(
+                directory / "embeddings.npy", mode="w+", dtype=self.dtype, shape=(n, dim)
+            )
+        else:
+            out = np.empty((n, dim), dtype=self.dtype)
+        for start in tqdm(
+            range(0, n, self.chunk_size), desc="index rows", unit="chunk", disable=n < 4 * self.chunk_size
+        ):
+            src = order[start : start + self.chunk_size]
+            ascending = np.argsort(src)  # read the source in file order
+            block = np.empty((len(src), dim), dtype=self.dtype)
+            block[ascending] = np.asarray(embeddings[src[ascending]], dtype=np.float32)
+            if not np.isfinite(block).all():
+                raise ValueError("embeddings contain NaN or infinite values")
+            out[start : start + len(src)] = block
+        if isinstance(out, np.memmap):
+            out.flush()
+        return out
 
     @property
     def n_cells(self) -> int:

@@ -28,11 +28,10 @@ from typing import Any, Dict, Optional, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from geoswc.data.files import read_safetensors_metadata
+from geoswc.data.files import load_safetensors_weights, read_safetensors_metadata
 from geoswc.data.validation import check_choice
 
 RESIDUAL_INPUTS = ("normalized", "raw")
@@ -148,14 +147,12 @@ class ResidualRetrievalModule(nn.Module):
             )
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from None
-        try:
-            module.load_state_dict(load_file(str(path), device=map_location))
-        except (RuntimeError, SafetensorError) as err:
-            detail = " ".join(str(err).split())
-            raise ValueError(
-                f"{path}: the tensors do not fit a retrieval module of dim {sizes['dim']}, hidden_dim "
-                f"{sizes['hidden_dim']}: {detail}"
-            ) from None
+        load_safetensors_weights(
+            module,
+            path,
+            describe=f"a retrieval module of dim {sizes['dim']}, hidden_dim {sizes['hidden_dim']}",
+            device=map_location,
+        )
         module.fingerprint = metadata.get("fingerprint")
         return module
 
