@@ -31,6 +31,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence, Union
 
+from geoswc.data.files import read_json_object
 from geoswc.classifiers import load_backbone, load_head
 from geoswc.classifiers.backbone import BACKBONE_JSON_FILE, BACKBONE_WEIGHTS_FILE
 from geoswc.config import Config, read_config_file
@@ -232,7 +233,7 @@ def _copy_verbatim(source: Path, out: Path, names: Sequence[str]) -> None:
     if source.resolve() == out.resolve():
         return
     meta_path = out / META_FILE
-    meta = json.loads(meta_path.read_text())
+    meta = read_json_object(meta_path)
     for name in names:
         shutil.copyfile(source / name, out / name)
         digest = hashlib.sha256()

@@ -17,7 +17,6 @@ import yaml
 
 from geoswc.data.validation import check_choice, choose_one_of
 
-
 # What every saved config.yaml says first: how to read its batch sizes.
 YAML_HEADER = (
     "# geoswc resolved configuration. Every batch_size is per process: under accelerate launch with N\n"

@@ -16,8 +16,8 @@ from geoswc.data.synth import make_world
 from geoswc.demo_folder import check_photos_folder, claim_demo_folder, copy_photos, remove_world
 from geoswc.eval import format_table
 from geoswc.evaluation.run import evaluate_command, run_evaluation
-from geoswc.train.fit import duration, fit_model
 from geoswc.tagging.run import tag_photos
+from geoswc.train.fit import duration, fit_model
 
 DEMO_TRAIN = 3000
 DEMO_TEST = 300

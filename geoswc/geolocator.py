@@ -13,7 +13,6 @@ one model folder (layout in docs/architecture.md). Three ways to place a photo:
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -31,6 +30,7 @@ from geoswc.classifiers import load_backbone, load_head, save_backbone, save_hea
 from geoswc.classifiers.backbone import BACKBONE_JSON_FILE, BACKBONE_WEIGHTS_FILE  # noqa: F401
 from geoswc.classifiers.heads import HEADS, read_head_metadata
 from geoswc.config import Config
+from geoswc.data.files import read_json_object
 from geoswc.data.photos import PhotoDataset, photo_batches
 from geoswc.data.sphere import EARTH_RADIUS_KM  # noqa: F401
 from geoswc.data.transforms import build_transform
@@ -72,6 +72,7 @@ from geoswc.placing import (  # noqa: F401
     search_background,
     unclassified,
 )
+from geoswc.data.validation import check_choice
 
 logger = logging.getLogger(__name__)
 
@@ -356,8 +357,7 @@ class Geolocator(nn.Module):
             area: ``(south, west, north, east)`` degrees: only the cells whose centres lie in this box compete
                 (`cells_in_area`; ``west > east`` crosses the antimeridian). Needs a head.
         """
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
+        check_choice("mode", mode, MODES)
         swc_cfg = self.config.swc
         k = swc_cfg.k if k is None else int(k)
         eps_km = swc_cfg.eps_km if eps_km is None else float(eps_km)
@@ -642,12 +642,7 @@ def _check_part(found: Optional[str], expected: str, path: Path) -> None:
 
 def _read_meta(path: Path) -> Dict[str, Any]:
     """``geolocator.json``, checked for the form `save_pretrained` writes."""
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(meta, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    meta = read_json_object(path)
     version = meta.get("format_version", 1)
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise ValueError(f"{path}: format_version must be a positive integer, got {version!r}")

@@ -139,7 +139,7 @@ def test_exclude_drops_benchmark_authors_and_ids(world, tmp_path):
 def test_stages_need_the_earlier_ones_and_bad_input_names_the_value(world, tmp_path, capsys):
     with pytest.raises(ValueError, match="needs stage 'data'"):
         _run(world, tmp_path / "m", stages=["cells"])
-    with pytest.raises(ValueError, match="unknown stage 'cell'; choose from: " + ", ".join(STAGES)):
+    with pytest.raises(ValueError, match="unknown stage 'cell'; choose one of: " + ", ".join(STAGES)):
         _run(world, tmp_path / "m", stages=["cell"])
     code = main(
         ["fit", str(world / "nope.csv"), "--images", str(world / "images"), "-o", str(tmp_path / "x")]

@@ -28,8 +28,8 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from geoswc.serve import ServeSettings, create_app
-    from geoswc.tagging.run import load_predictor
     from geoswc.tagging.output import output_format
+    from geoswc.tagging.run import load_predictor
 
     if args.max_upload_mb <= 0:
         raise ValueError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")

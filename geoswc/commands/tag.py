@@ -7,12 +7,12 @@ import argparse
 import os
 import sys
 
-from geoswc.tagging.exif_copies import PRECISION_DECIMALS
 from geoswc.precision import COMPILE_MODES, PRECISION_MODES
 from geoswc.runtime import RUNTIMES
-from geoswc.tagging.similar import DUPLICATE_THRESHOLD
-from geoswc.tagging.run import Ranks, ReviewOptions, summary_lines, tag_photos
+from geoswc.tagging.exif_copies import PRECISION_DECIMALS
 from geoswc.tagging.output import output_format
+from geoswc.tagging.run import Ranks, ReviewOptions, summary_lines, tag_photos
+from geoswc.tagging.similar import DUPLICATE_THRESHOLD
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

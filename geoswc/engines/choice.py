@@ -30,6 +30,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from geoswc.data.validation import choice_error
 from geoswc.engines.graphs import cache_dir, fingerprint_of, read_bytes, write_atomically
 from geoswc.runtime import AGREEMENT_TOLERANCE, CPU_ENGINES, missing_packages
 
@@ -159,7 +160,7 @@ def make_forward(engine: str, module: nn.Module, *, threads: Optional[int] = Non
         from geoswc.engines.openvino import OpenVinoForward
 
         return OpenVinoForward(module, threads=threads)
-    raise ValueError(f"unknown engine {engine!r}; choose one of: {', '.join(ENGINE_NAMES)}")
+    raise choice_error("engine", engine, ENGINE_NAMES)
 
 
 def measure(

@@ -16,6 +16,7 @@ from typing import Optional, Tuple
 
 from torch import nn
 
+from geoswc.data.validation import check_choice
 from geoswc.runtime import OnnxForward
 
 PACKAGES = ("openvino", "onnx")
@@ -65,10 +66,7 @@ class OpenVinoForward(OnnxForward):
     engine_name = "OpenVINO"
 
     def __init__(self, module: nn.Module, *, threads: Optional[int] = None, precision: str = "f32"):
-        if precision not in PRECISIONS:
-            raise ValueError(
-                f"unknown OpenVINO precision {precision!r}; choose one of: {', '.join(PRECISIONS)}"
-            )
+        check_choice("OpenVINO precision", precision, PRECISIONS)
         super().__init__(module, threads=threads)
         self.precision = precision
         self._requests = threading.local()

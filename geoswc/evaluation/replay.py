@@ -15,6 +15,7 @@ from typing import Any, Dict, Optional
 import numpy as np
 import torch
 
+from geoswc.data.validation import check_choice
 from geoswc.evaluation.store import LOCATE_CHUNK, EvalStore
 from geoswc.swc import AGGREGATIONS, aggregate, search_within_cell
 from geoswc.swc.cluster import DEFAULT_AGGREGATION
@@ -50,14 +51,8 @@ class Setting:
             raise ValueError(f"eps_km must be >= 0, got {self.eps_km}")
         if self.min_samples < 1:
             raise ValueError(f"min_samples must be >= 1, got {self.min_samples}")
-        if self.aggregation not in AGGREGATIONS:
-            raise ValueError(
-                f"unknown aggregation {self.aggregation!r}; choose one of: {', '.join(AGGREGATIONS)}"
-            )
-        if self.index_mode not in INDEX_MODES:
-            raise ValueError(
-                f"unknown index mode {self.index_mode!r}; choose one of: {', '.join(INDEX_MODES)}"
-            )
+        check_choice("aggregation", self.aggregation, AGGREGATIONS)
+        check_choice("index mode", self.index_mode, INDEX_MODES)
         scope_cells(self.scope)
         if self.head is None and self.scope != "global":
             raise ValueError(

@@ -46,6 +46,7 @@ from geoswc.evaluation.store import (
     head_outputs,
     search_partition,
 )
+from geoswc.data.validation import check_choice
 
 logger = logging.getLogger(__name__)
 
@@ -70,8 +71,7 @@ def available_modes(model) -> List[str]:
 
 def parse_mode(mode: str) -> Tuple[Optional[str], str]:
     """``"hc+rrm"`` -> ``("hc", "swc")``, ``"hc"`` -> ``("hc", "cell")``, ``"rrm"`` -> ``(None, "rrm")``."""
-    if mode not in TABLE_MODES:
-        raise ValueError(f"unknown mode {mode!r}; choose one of: {', '.join(TABLE_MODES)}")
+    check_choice("mode", mode, TABLE_MODES)
     if mode == "rrm":
         return None, "rrm"
     if mode.endswith("+rrm"):

@@ -24,8 +24,6 @@ from tqdm.auto import tqdm
 
 from geoswc.eval.metrics import RADII_KM, geoguessr_points, haversine_km, radius_key
 from geoswc.eval.selective import DENSITY_SCALES_KM, prediction_density  # noqa: F401
-from geoswc.swc import AGGREGATIONS, aggregate, search_within_cell  # noqa: F401
-from geoswc.swc.cluster import DEFAULT_AGGREGATION
 from geoswc.evaluation.replay import (  # noqa: F401  (re-exported: defined here before the store and the replay moved)
     _FAISS_MODE,
     INDEX_MODES,
@@ -48,6 +46,8 @@ from geoswc.evaluation.store import (  # noqa: F401
     head_outputs,
     search_partition,
 )
+from geoswc.swc import AGGREGATIONS, aggregate, search_within_cell  # noqa: F401
+from geoswc.swc.cluster import DEFAULT_AGGREGATION
 
 logger = logging.getLogger(__name__)
 

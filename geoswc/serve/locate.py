@@ -19,6 +19,7 @@ from geoswc.data.images import PhotoError
 from geoswc.eval.metrics import haversine_km
 from geoswc.geocells.polygons import cell_polygon
 from geoswc.geolocator import MODES, cells_in_area
+from geoswc.data.validation import choice_error
 from geoswc.serve.batching import Overloaded
 from geoswc.serve.budget import Reservation
 from geoswc.serve.decoding import decode_cost_bytes, decode_uploads
@@ -95,7 +96,7 @@ def options_from(state: ServeState, form: Dict[str, str]) -> LocateOptions:
     head = form.get("head") or None
     mode = form.get("mode") or "swc"
     if mode not in MODES:
-        raise RequestError(422, f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
+        raise RequestError(422, str(choice_error("mode", mode, MODES)))
     available = state.modes_available()
     if mode not in available:
         raise RequestError(

@@ -43,24 +43,17 @@ from accelerate.utils import broadcast_object_list
 from torchvision import transforms as T
 from tqdm.auto import tqdm
 
-from geoswc.tagging.exif_copies import PRECISION_DECIMALS, round_latlon, write_gps_exif
+from geoswc import __version__
 from geoswc.data import places
 from geoswc.data.exif import gps_from_exif, read_gps
 from geoswc.data.images import Discovery, PhotoError, discover
 from geoswc.data.photos import PhotoDataset, photo_batches
-from geoswc import __version__
 from geoswc.eval import haversine_km
 from geoswc.geolocator import FORMAT_VERSION, Geolocator
 from geoswc.precision import default_batch_size, default_workers
-from geoswc.tagging.similar import (
-    DUPLICATE_THRESHOLD,
-    EmbeddingJournal,
-    duplicate_groups,
-    embedding_files,
-    embedding_fingerprint,
-    finalize_embeddings,
-)
+from geoswc.tagging.exif_copies import PRECISION_DECIMALS, round_latlon, write_gps_exif
 from geoswc.tagging.output import (
+    STATUSES,
     OutputLock,
     RowWriter,
     journal_path,
@@ -70,7 +63,6 @@ from geoswc.tagging.output import (
     os_errors,
     output_error,
     output_format,
-    STATUSES,
     pyarrow_parquet,
     read_appendable,
     read_rows,
@@ -79,6 +71,14 @@ from geoswc.tagging.output import (
     write_html_report,
     write_rows,
     write_run_record,
+)
+from geoswc.tagging.similar import (
+    DUPLICATE_THRESHOLD,
+    EmbeddingJournal,
+    duplicate_groups,
+    embedding_files,
+    embedding_fingerprint,
+    finalize_embeddings,
 )
 
 logger = logging.getLogger(__name__)

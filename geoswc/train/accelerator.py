@@ -17,6 +17,8 @@ from accelerate.tracking import GeneralTracker
 from accelerate.utils import ProjectConfiguration, parse_flag_from_env, set_seed
 from torch import nn
 
+from geoswc.data.validation import check_choice
+
 logger = logging.getLogger(__name__)
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -85,16 +87,12 @@ def build_accelerator(
         run_name: tracker run name (the stage).
     """
     precision = train_cfg.mixed_precision
-    if precision not in MIXED_PRECISION:
-        raise ValueError(
-            f"unknown mixed_precision {precision!r}; choose one of: {', '.join(MIXED_PRECISION)}"
-        )
+    check_choice("mixed_precision", precision, MIXED_PRECISION)
     if "ACCELERATE_MIXED_PRECISION" in os.environ:
         precision = None
     trackers: List[Any] = []
     for name in log_with:
-        if name not in TRACKERS:
-            raise ValueError(f"unknown tracker {name!r}; choose one of: {', '.join(TRACKERS)}")
+        check_choice("tracker", name, TRACKERS)
         if out_dir is None:
             raise ValueError("trackers need an output folder")
         if name == "tensorboard":

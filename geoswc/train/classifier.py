@@ -22,13 +22,23 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from geoswc.classifiers import HEADS, CellClassifier, create_backbone, create_head, default_partitions
-from geoswc.classifiers import load_backbone, load_head, save_backbone, save_head
+from geoswc.classifiers import (
+    HEADS,
+    CellClassifier,
+    create_backbone,
+    create_head,
+    default_partitions,
+    load_backbone,
+    load_head,
+    save_backbone,
+    save_head,
+)
 from geoswc.config import Config
 from geoswc.data.features import FeatureCache
+from geoswc.data.validation import check_choice
+from geoswc.train.common import PathLike, StageResult, finish_stage, start_stage, unwrapped
 from geoswc.train.engine import prepare_for_speed, train_loop
 from geoswc.train.optim import optimizer_and_schedule
-from geoswc.train.common import PathLike, StageResult, finish_stage, start_stage, unwrapped
 from geoswc.train.sources import Batches, Photos, Source, epoch_batches, head_of, open_photos, validate
 
 logger = logging.getLogger(__name__)
@@ -163,8 +173,7 @@ def train_backbone(
 def _head_kinds(kinds: Optional[Sequence[str]], config: Config) -> list:
     kinds = list(kinds or config.heads.kinds)
     for kind in kinds:
-        if kind not in HEADS:
-            raise ValueError(f"unknown head {kind!r}; choose one of: {', '.join(HEADS)}")
+        check_choice("head", kind, HEADS)
     if "mvmf" in kinds and "ce" in kinds:
         kinds = ["ce"] + [k for k in kinds if k != "ce"]  # the MvMF layer starts from the trained CE layer
     return kinds

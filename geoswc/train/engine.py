@@ -70,6 +70,7 @@ from geoswc.train.distributed import (  # noqa: F401
     sync_buffers,
     weights_digest,
 )
+from geoswc.data.validation import check_choice
 
 logger = logging.getLogger(__name__)
 
@@ -161,8 +162,7 @@ def train_loop(
         ``{"history": [per-epoch loss (mean over processes), lr, images/s, validation metrics],
         "ranks_identical": bool, "num_processes": int}``, or None when ``max_steps`` stopped the run.
     """
-    if schedule_per not in ("step", "epoch"):
-        raise ValueError(f"unknown schedule_per {schedule_per!r}; choose one of: step, epoch")
+    check_choice("schedule_per", schedule_per, ("step", "epoch"))
     out_dir = Path(out_dir)
     ckpt = Checkpointer(accelerator, out_dir / "checkpoints" / name, every_steps=checkpoint_every, meta=meta)
     position = ckpt.restore() if resume and ckpt.exists() else TrainPosition()

@@ -26,11 +26,11 @@ from tqdm.auto import tqdm
 
 from geoswc.classifiers import create_backbone, load_backbone
 from geoswc.config import Config
-from geoswc.data.files import atomic_path, write_text_atomic
 from geoswc.data.features import merge_image_parts, merge_shard_parts, write_meta
+from geoswc.data.files import atomic_path, write_text_atomic
 from geoswc.train.accelerator import prepare_for_speed
-from geoswc.train.distributed import weights_digest
 from geoswc.train.common import PathLike, StageResult, finish_stage, start_stage
+from geoswc.train.distributed import weights_digest
 from geoswc.train.sources import Batches, Photos, PhotoTable, ShardBatches, open_photos
 
 logger = logging.getLogger(__name__)

@@ -54,9 +54,10 @@ from geoswc.data.files import write_text_atomic
 from geoswc.data.images import image_path
 from geoswc.data.metadata import Exclusions, read_metadata
 from geoswc.data.shards import read_shard_metadata
-from geoswc.train.accelerator import use_cpu
+from geoswc.data.validation import check_choice
 from geoswc.geocells import Geocells, S2Partitioner
 from geoswc.train import Photos, build_index, extract_features, train_backbone, train_heads, train_retrieval
+from geoswc.train.accelerator import use_cpu
 from geoswc.train.sources import shard_files
 
 logger = logging.getLogger(__name__)
@@ -472,8 +473,7 @@ def run_pipeline(run: FitRun, stages: Optional[Sequence[str]] = None) -> Dict[st
     """
     wanted = list(STAGES) if not stages else list(stages)
     for name in wanted:
-        if name not in STAGES:
-            raise ValueError(f"unknown stage {name!r}; choose from: {', '.join(STAGES)}")
+        check_choice("stage", name, STAGES)
     wanted = [s for s in STAGES if s in wanted]
     run.check_inputs()
     _check_backbone_weights(run, wanted)

@@ -18,6 +18,8 @@ import torch
 from timm.optim import create_optimizer_v2, list_optimizers
 from torch import nn
 
+from geoswc.data.validation import choice_error
+
 SCHEDULES = ("step", "cosine")
 
 
@@ -67,7 +69,7 @@ def create_schedule(
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_epochs, gamma=gamma), "epoch"
     if sched == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_updates)), "step"
-    raise ValueError(f"unknown schedule {sched!r}; choose one of: {', '.join(SCHEDULES)}")
+    raise choice_error("schedule", sched, SCHEDULES)
 
 
 def optimizer_and_schedule(

@@ -29,8 +29,7 @@ from accelerate import Accelerator
 
 from geoswc.config import Config
 from geoswc.data.features import FeatureCache
-from geoswc.train.engine import train_loop
-from geoswc.train.optim import optimizer_and_schedule
+from geoswc.data.validation import check_choice
 from geoswc.retrieval import (
     IdentityEmbedding,
     OnePairPerCellSampler,
@@ -39,6 +38,8 @@ from geoswc.retrieval import (
 )
 from geoswc.retrieval.loss import RETRIEVAL_LOSSES
 from geoswc.train.common import PathLike, StageResult, finish_stage, start_stage
+from geoswc.train.engine import train_loop
+from geoswc.train.optim import optimizer_and_schedule
 
 logger = logging.getLogger(__name__)
 
@@ -231,10 +232,7 @@ def train_retrieval(
     Raises:
         ValueError: an unknown ``retrieval.loss`` (the choices named).
     """
-    if config.retrieval.loss not in RETRIEVAL_LOSSES:
-        raise ValueError(
-            f"unknown retrieval.loss {config.retrieval.loss!r}; choose one of: {', '.join(RETRIEVAL_LOSSES)}"
-        )
+    check_choice("retrieval.loss", config.retrieval.loss, RETRIEVAL_LOSSES)
     out = Path(out)
     cache = FeatureCache(features).check(cells)
     val = FeatureCache(val_features).check(cells) if val_features is not None else None

@@ -27,8 +27,8 @@ from geoswc.data.loading import expand_urls, shard_loader, shard_sample_count
 from geoswc.data.metadata import read_metadata
 from geoswc.data.photos import PhotoBatch, PhotoDataset, group_by_shape, photo_batches
 from geoswc.data.transforms import build_transform
-from geoswc.train.distributed import gather_by_row, rank_batches
 from geoswc.eval import accuracy_at
+from geoswc.train.distributed import gather_by_row, rank_batches
 
 logger = logging.getLogger(__name__)
 

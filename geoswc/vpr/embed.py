@@ -33,6 +33,7 @@ from geoswc.classifiers.aggregation import (
 )
 from geoswc.data.images import decode_array
 from geoswc.data.transforms import ToNormalizedTensor
+from geoswc.data.validation import check_choice
 from geoswc.vpr.model import LoadedVPR
 
 logger = logging.getLogger(__name__)
@@ -45,8 +46,7 @@ PCA_MAX_PHOTOS = 2**14
 
 
 def check_test_method(method: str) -> str:
-    if method not in TEST_METHODS:
-        raise ValueError(f"unknown test method {method!r}; choose one of: {', '.join(TEST_METHODS)}")
+    check_choice("test method", method, TEST_METHODS)
     return method
 
 

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from geoswc.classifiers.aggregation import DEFAULT_CLUSTERS, POOLS, DescriptorPCA, VPRNet
 from geoswc.classifiers.backbone import create_backbone, load_backbone
 from geoswc.config import load_preset
+from geoswc.data.validation import check_choice
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +56,7 @@ class LoadedVPR:
 
 
 def _check_pool(pool: str) -> str:
-    if pool not in POOLS:
-        raise ValueError(f"unknown pool {pool!r}; choose one of: {', '.join(POOLS)}")
+    check_choice("pool", pool, POOLS)
     return pool
 
 
@@ -79,8 +79,7 @@ def off_the_shelf(
     if (backbone is None) == (preset is None):
         raise ValueError("give exactly one of a backbone name (--backbone NAME) or a preset (--preset tiny)")
     if preset is not None:
-        if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+        check_choice("preset", preset, PRESETS)
         cfg = load_preset(preset).backbone
         model = create_backbone(cfg.model, pretrained=cfg.pretrained and not cfg.weights, weights=cfg.weights)
         name, source = cfg.model, f"preset {preset} ({cfg.weights or 'timm pretrained'})"

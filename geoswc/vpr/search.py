@@ -13,6 +13,7 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
+from geoswc.data.validation import check_choice
 from geoswc.retrieval.index import BackgroundIndex
 
 INDEX_MODES = ("flat", "sq8", "pq", "bits")
@@ -21,8 +22,7 @@ MAJORITY_WEIGHT = 0.01
 
 
 def check_index_mode(mode: str) -> str:
-    if mode not in INDEX_MODES:
-        raise ValueError(f"unknown index mode {mode!r}; choose one of: {', '.join(INDEX_MODES)}")
+    check_choice("index mode", mode, INDEX_MODES)
     return mode
 
 
