@@ -205,7 +205,7 @@ def assemble_model(
                 f"{Path(index) / 'embeddings.npy'}: embeddings of dim {background.dim}, but the retrieval module "
                 f"({retrieval}) gives dim {module.dim}"
             )
-    model = Geolocator(
+    model = Geolocator.from_parts(
         backbone=backbone_model,
         geocells=geocells,
         heads=head_modules,
@@ -214,6 +214,11 @@ def assemble_model(
         config=config,
         backbone_name=info["model"],
         data_config=info.get("data_config"),
+        sources={
+            "backbone": Path(backbone) / BACKBONE_WEIGHTS_FILE,
+            "retrieval": retrieval or "",
+            "index": index,
+        },
     )
     model.save_pretrained(out)
     _copy_verbatim(Path(backbone), Path(out), (BACKBONE_WEIGHTS_FILE, BACKBONE_JSON_FILE))
