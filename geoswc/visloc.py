@@ -8,7 +8,8 @@ retrieval module (``rrm_head.pt``), the RRM embeddings of their placeable backgr
 command uses as it is:
 
 - the backbone becomes timm's ``tf_efficientnet_b4`` (the same architecture), tensor for tensor, with the
-  paddings of its strided convolutions frozen at 380 px as efficientnet_pytorch's are
+  paddings of its strided convolutions frozen at 380 px as efficientnet_pytorch's are, split as the version
+  they pin (``efficientnet_pytorch==0.7.0``, which pads odd amounts on both sides) splits them
   (`geoswc.classifiers.padding`), so that it computes their features at every input size;
 - the MvMF components become the cells of the model: one partition whose cell ``k`` is component ``k``, centred
   on the component's mean (named by the level-30 S2 leaf cell that contains it, so that the cells are disjoint
@@ -40,11 +41,12 @@ import torch
 from tqdm.auto import tqdm
 
 from geoswc.classifiers import create_head
-from geoswc.classifiers.padding import freeze_same_padding
+from geoswc.classifiers.padding import EFFICIENTNET_PYTORCH_070, check_padding_rule, freeze_same_padding
 from geoswc.config import Config
 from geoswc.data.download import check_sha256, download, is_url
 from geoswc.data.pickles import load_plain_pickle
 from geoswc.geocells import Geocells, Partition, latlng_to_cell_id
+from geoswc.geocells.partition import NEAREST_CENTER, POSITION_RULE_KEY
 from geoswc.geolocator import Geolocator
 from geoswc.retrieval.index import BackgroundIndex
 from geoswc.retrieval.model import ResidualRetrievalModule
@@ -54,6 +56,9 @@ logger = logging.getLogger(__name__)
 TIMM_MODEL = "tf_efficientnet_b4"
 # efficientnet_pytorch fixes the "same" paddings of B4 for this input size and keeps them for every input.
 EFFICIENTNET_B4_SIZE = 380
+# Their requirements.txt pins efficientnet_pytorch==0.7.0, the version the released weights were trained and
+# evaluated with; its static padding differs from 0.7.1's (`geoswc.classifiers.padding`).
+AUTHORS_PADDING_RULE = EFFICIENTNET_PYTORCH_070
 # The files of the release: where the authors publish them (src/modules.py and README of their repository).
 AUTHORS_URLS = {
     "backbone": "https://mever.iti.gr/visloc/efficientnet_backbone.pt",
@@ -194,20 +199,34 @@ def efficientnet_to_timm(
     return out
 
 
-def convert_backbone(state: Mapping[str, torch.Tensor], *, source: str = "the backbone") -> torch.nn.Module:
+def convert_backbone(
+    state: Mapping[str, torch.Tensor],
+    *,
+    source: str = "the backbone",
+    padding_rule: str = AUTHORS_PADDING_RULE,
+) -> torch.nn.Module:
     """timm's ``tf_efficientnet_b4`` (``num_classes=0``) holding the weights of an efficientnet_pytorch B4, with
-    its strided convolutions padded as efficientnet_pytorch pads them (frozen at 380 px,
-    `geoswc.classifiers.padding`), so that it computes the same features at every input size.
+    its strided convolutions padded as efficientnet_pytorch pads them (frozen at 380 px and split by
+    ``padding_rule``, `geoswc.classifiers.padding`), so that it computes the same features at every input size.
+
+    Args:
+        state: the efficientnet_pytorch state dict.
+        source: names the state dict in error messages.
+        padding_rule: the padding of the efficientnet_pytorch version the weights were trained with:
+            ``efficientnet_pytorch==0.7.0`` (the authors' pin) or ``tensorflow`` (0.7.1 and later).
 
     Raises:
-        ValueError: the state dict is not an EfficientNet-B4's (the first misfit named, with ``source``).
+        ValueError: the state dict is not an EfficientNet-B4's (the first misfit named, with ``source``), or
+            an unknown ``padding_rule``.
     """
+    check_padding_rule(padding_rule)
     model = timm.create_model(TIMM_MODEL, pretrained=False, num_classes=0)
     try:
         model.load_state_dict(efficientnet_to_timm(state, model))
     except ValueError as err:
         raise ValueError(f"{source}: {err}") from None
-    return freeze_same_padding(model, (EFFICIENTNET_B4_SIZE, EFFICIENTNET_B4_SIZE)).eval()
+    size = (EFFICIENTNET_B4_SIZE, EFFICIENTNET_B4_SIZE)
+    return freeze_same_padding(model, size, rule=padding_rule).eval()
 
 
 # ---------------------------------------------------------------------------------------------- MvMF head
@@ -510,6 +529,7 @@ def import_visloc(
     urls: Optional[Mapping[str, str]] = None,
     overwrite: bool = False,
     progress: bool = True,
+    padding_rule: str = AUTHORS_PADDING_RULE,
 ) -> ImportResult:
     """Write a geoswc model folder from the authors' five files (local paths; see `resolve_source` for URLs).
 
@@ -525,6 +545,8 @@ def import_visloc(
         urls: where each file came from, by role, recorded in the provenance.
         overwrite: replace an existing ``out``.
         progress: show progress bars.
+        padding_rule: the static padding of the efficientnet_pytorch version the backbone was trained with
+            (`convert_backbone`); the authors' release pins ``efficientnet_pytorch==0.7.0``.
 
     Raises:
         FileNotFoundError: an input is missing.
@@ -554,7 +576,9 @@ def import_visloc(
         n_components, dim = heads_state.weight.shape
         retrieval = convert_rrm(paths["rrm"])
         backbone_model = convert_backbone(
-            read_torch_state(paths["backbone"], "backbone"), source=str(paths["backbone"])
+            read_torch_state(paths["backbone"], "backbone"),
+            source=str(paths["backbone"]),
+            padding_rule=padding_rule,
         )
         if backbone_model.num_features != dim or retrieval.dim != dim:
             raise ValueError(
@@ -601,6 +625,7 @@ def import_visloc(
                 "source": "visloc-estimation: the ICMR 2021 authors' released model (Kordopatis-Zilos et al.)",
                 "cells": "one cell per MvMF component, named by the level-30 S2 leaf containing its mean",
                 "prekappa0": float(prekappa0),
+                "backbone_padding": {"rule": padding_rule, "input_size": [EFFICIENTNET_B4_SIZE] * 2},
                 "files": {
                     role: _file_record(path, (urls or {}).get(role))
                     for role, path in tqdm(paths.items(), desc="sha256", disable=not progress)
@@ -610,7 +635,10 @@ def import_visloc(
                 "unassigned_rows": int(unassigned),
                 "components_with_background": int((counts > 0).sum()),
             }
-            geocells = Geocells([partition], settings={"import": provenance})
+            # A position's component is the nearest mean (their find_label), not a containing cell.
+            geocells = Geocells(
+                [partition], settings={"import": provenance, POSITION_RULE_KEY: NEAREST_CENTER}
+            )
             fingerprint = str(geocells.fingerprint)
 
             head = create_head(
