@@ -346,9 +346,11 @@ def _our_stages(ours: torch.nn.Module, x: torch.Tensor) -> list:
     return out
 
 
-def first_difference(theirs: list, ours: list, *, rtol: float = 1e-5):
+def first_difference(theirs: list, ours: list, *, rtol: float = 1e-4):
     """``(stage, max |difference|, largest activation)`` of the first stage where the two differ by more than
-    ``rtol`` of the stage's largest activation (or a different shape), None when every stage agrees."""
+    ``rtol`` of the stage's largest activation (or a different shape), None when every stage agrees. Float32
+    rounding reaches ~2.5e-5 of the largest activation by the last blocks; the padding rules differ by more
+    than 1e-2 from the stem on."""
     for (name, a), (other, b) in zip(theirs, ours):
         assert name == other
         scale = float(a.abs().max())
