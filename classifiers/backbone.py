@@ -8,7 +8,8 @@ order and shapes as timm's, even though the key names differ.
 A trained backbone is a folder format owned here (`save_backbone`, `load_backbone`):
 ``backbone.safetensors`` (weights; metadata ``kind="backbone"``, ``model``, ``fingerprint`` of the partition
 it was trained on and the resolved ``config`` as JSON) and ``backbone.json`` (``{"model", "num_features",
-"data_config"}``, the timm data config the input transform is built from).
+"data_config"}``, the timm data config the input transform is built from; for a model with frozen "same"
+paddings also ``static_same_padding`` (the size) and ``static_same_padding_rule``, `geoswc.classifiers.padding`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from timm.data import resolve_model_data_config
 from torch import nn
 
 from geoswc.classifiers.padding import ATTRIBUTE as STATIC_PADDING_KEY
+from geoswc.classifiers.padding import DEFAULT_RULE as DEFAULT_PADDING_RULE
+from geoswc.classifiers.padding import RULE_ATTRIBUTE as PADDING_RULE_KEY
 from geoswc.classifiers.padding import freeze_same_padding
 from geoswc.data.files import read_json_object, read_safetensors_metadata
 
@@ -269,8 +272,10 @@ def save_backbone(
     }
     # A model whose "same" paddings are frozen at one input size (weights converted from efficientnet_pytorch,
     # `geoswc.classifiers.padding`) records that size so that it is rebuilt the same way.
+    # The rule splitting odd paddings is recorded too (``efficientnet_pytorch==0.7.0`` pads both sides).
     if getattr(backbone, STATIC_PADDING_KEY, None) is not None:
         spec[STATIC_PADDING_KEY] = [int(s) for s in getattr(backbone, STATIC_PADDING_KEY)]
+        spec[PADDING_RULE_KEY] = str(getattr(backbone, PADDING_RULE_KEY, DEFAULT_PADDING_RULE))
     (folder / BACKBONE_JSON_FILE).write_text(json.dumps(spec, indent=2) + "\n")
     return folder
 
@@ -337,7 +342,9 @@ def load_backbone(
     try:
         backbone = create_backbone(model_name, pretrained=False)
         if spec.get(STATIC_PADDING_KEY) is not None:
-            freeze_same_padding(backbone, spec[STATIC_PADDING_KEY])
+            # Folders written before the rule was recorded were frozen with the TensorFlow split.
+            rule = spec.get(PADDING_RULE_KEY, DEFAULT_PADDING_RULE)
+            freeze_same_padding(backbone, spec[STATIC_PADDING_KEY], rule=rule)
     except (ValueError, TypeError) as err:
         raise ValueError(f"{spec_file}: {err}") from None
     try:

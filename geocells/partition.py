@@ -34,6 +34,11 @@ logger = logging.getLogger(__name__)
 
 CSV_COLUMNS = ["class_label", "hex_id", "imgs_per_cell", "latitude_mean", "longitude_mean"]
 _NEAREST_CHUNK = 4096
+# ``Geocells.settings`` key naming how a position finds its cell (`Geocells.assign_positions`).
+POSITION_RULE_KEY = "position_to_cell"
+CONTAINMENT = "containment"
+NEAREST_CENTER = "nearest_center"
+POSITION_RULES = (CONTAINMENT, NEAREST_CENTER)
 
 
 def _fingerprint(parts: Sequence[str]) -> str:
@@ -345,6 +350,34 @@ class Geocells:
             self.partition(name)
         chosen = [p for p in self.partitions if p.name in names]
         return Geocells(chosen, fallback=self.fallback, settings=self.settings)
+
+    @property
+    def position_rule(self) -> str:
+        """How a position finds its cell (``settings["position_to_cell"]``): ``containment``, the S2 cell that
+        contains it (cells built by geoswc), or ``nearest_center``, the cell whose centre is nearest (cells that
+        are points, as the MvMF components of an imported model, whose authors label a position by the
+        nearest mean). Imported cells written before the rule was recorded are ``nearest_center``.
+
+        Raises:
+            ValueError: the recorded rule is not one of `POSITION_RULES`.
+        """
+        default = NEAREST_CENTER if "import" in self.settings else CONTAINMENT
+        rule = self.settings.get(POSITION_RULE_KEY, default)
+        if rule not in POSITION_RULES:
+            raise ValueError(
+                f"unknown {POSITION_RULE_KEY} {rule!r} in the cells' settings; choose one of: "
+                f"{', '.join(POSITION_RULES)}"
+            )
+        return rule
+
+    def assign_positions(self, lat, lon, *, partition: Optional[str] = None) -> np.ndarray:
+        """cell_idx in ``partition`` (default the finest) of each position, by `position_rule`; -1 for a
+        position no cell contains under ``containment``."""
+        part = self.fine if partition is None else self.partition(partition)
+        if self.position_rule == NEAREST_CENTER:
+            lat = np.asarray(lat, dtype=np.float64)
+            return part.nearest(lat, np.asarray(lon, dtype=np.float64)).reshape(lat.shape)
+        return part.assign(lat, lon)
 
     def partitions_by_rule(self) -> dict:
         """Names of the partitions built by each rule of `S2Partitioner`, coarse -> fine:

@@ -314,3 +314,24 @@ def test_bad_partitions_and_files_are_rejected(tmp_path):
         S2Partitioner(max_images=(10,)).fit([0.0], [0.0])
     with pytest.raises(ValueError, match="no cell holds more than min_images"):
         S2Partitioner().fit([0.0, 1.0], [0.0, 1.0])
+
+
+def test_positions_find_cells_by_the_recorded_rule(tmp_path):
+    """``containment`` (geoswc's S2 cells) is the S2 lookup; ``nearest_center`` (cells that are points, as the
+    MvMF components of an imported model) the great-circle nearest centre, hand-checked here."""
+    centres = np.array([[10.0, 20.0], [10.0, 21.0], [-33.9, 151.2]])
+    leaves = gs2.latlng_to_cell_id(centres[:, 0], centres[:, 1])
+    part = Partition(leaves, counts=[1, 1, 1], centers_deg=centres, name="points")
+    lat, lon = np.array([10.1, 10.0, -30.0, 10.0]), np.array([20.2, 20.9, 150.0, 20.0])
+    plain = Geocells([part])
+    assert plain.position_rule == "containment"
+    np.testing.assert_array_equal(plain.assign_positions(lat, lon), part.assign(lat, lon))
+    assert (plain.assign_positions(lat[:3], lon[:3]) == -1).all()
+    points = Geocells([part], settings={"position_to_cell": "nearest_center"})
+    np.testing.assert_array_equal(points.assign_positions(lat, lon), [0, 1, 2, 0])
+    # the rule survives a save and load; cells imported before the rule was recorded are points
+    saved = Geocells.load(points.save(tmp_path / "cells"))
+    assert saved.position_rule == "nearest_center"
+    assert Geocells([part], settings={"import": {}}).position_rule == "nearest_center"
+    with pytest.raises(ValueError, match="choose one of: containment, nearest_center"):
+        Geocells([part], settings={"position_to_cell": "voronoi"}).assign_positions(lat, lon)

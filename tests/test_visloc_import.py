@@ -1,10 +1,13 @@
 """`geoswc import visloc`: the ICMR 2021 authors' release, in their formats, becomes a geoswc model folder.
 
 The files are written here in the authors' formats with random weights: the backbone is efficientnet_pytorch's
-own B4 (``EfficientNet.from_name``, no download) and the heads are state dicts with the tensor names of their
-``src/modules.py``. The references are efficientnet_pytorch itself (pooled features), a hand computation from the
-saved tensors (component, prediction density), hashlib (provenance) and, in the tests marked ``shared``, the
-authors' own code from ``../shared/reference/peers/visloc-estimation`` run as the oracle.
+own B4 (``EfficientNet.from_name``, no download), at the version the authors pin (0.7.0, whose static padding
+differs from 0.7.1's), with BatchNorm statistics calibrated on photos so that a padding, epsilon or activation
+difference shows in the features instead of being washed out; the heads are state dicts with the tensor names
+of their ``src/modules.py``. The references are efficientnet_pytorch itself (block by block and pooled
+features), a hand computation from the saved tensors (component, prediction density), hashlib (provenance)
+and, in the tests marked ``shared``, the authors' own code from ``../shared/reference/peers/visloc-estimation``
+run as the oracle on 40 photos of the synthetic world.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import numpy as np
 import pytest
 import torch
 from haversine import Unit, haversine_vector
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image
 
 from geoswc.cli import main
 
@@ -31,30 +34,39 @@ efficientnet_pytorch = pytest.importorskip("efficientnet_pytorch")
 h5py = pytest.importorskip("h5py")
 
 DIM = 1792
-N_COMPONENTS = 40
-N_PHOTOS = 8
+N_COMPONENTS = 64
+N_PHOTOS = 40
+N_CALIBRATION = 12
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def _their_backbone(seed: int) -> torch.nn.Module:
-    """efficientnet_pytorch's B4 with random weights that make it a smooth function of the photo, as a trained
-    network is: convolutions initialised for unit gain (the default initialisation gives the same features for
-    every input, and He's makes a random network so chaotic that a grey level changes its output), BatchNorm
-    statistics that are not the defaults, and a last BatchNorm that brings the pooled features to order 1, the
-    scale at which an absolute tolerance of 1e-4 means what it says."""
-    torch.manual_seed(seed)
-    model = efficientnet_pytorch.EfficientNet.from_name("efficientnet-b4", include_top=False).eval()
+def calibrate_batchnorm_(model: torch.nn.Module, batches) -> torch.nn.Module:
+    """Set every BatchNorm's running statistics to the mean of its batch statistics over ``batches`` (the
+    model's own activations on photos), the rest of the model in evaluation mode (no dropout, no drop-connect).
+    A random network keeps its default statistics (mean 0, variance 1) otherwise, and its activations then
+    shrink or grow from layer to layer until differences between implementations no longer show."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    model.eval()
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average over the batches
+        norm.train()
     with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.Conv2d):
-                torch.nn.init.kaiming_normal_(module.weight, nonlinearity="linear")
-            elif isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.uniform_(-1e-6, 1e-6)
-                module.running_var.uniform_(0.8, 1.2)
-                module.weight.uniform_(0.8, 1.2)
-                module.bias.uniform_(-1e-6, 1e-6)
-        model._bn1.weight.mul_(3e3)
-    return model
+        for batch in batches:
+            model(batch)
+    return model.eval()
+
+
+def _their_backbone(seed: int, calibration: list) -> torch.nn.Module:
+    """efficientnet_pytorch's B4 with its default random initialisation and BatchNorm statistics calibrated on
+    the ``calibration`` tensors (their transform of photos): features of mean magnitude ~0.1-0.2 that vary
+    from photo to photo as a trained network's do."""
+    torch.manual_seed(seed)
+    model = efficientnet_pytorch.EfficientNet.from_name("efficientnet-b4", include_top=False)
+    by_shape: dict = {}
+    for tensor in calibration:
+        by_shape.setdefault(tuple(tensor.shape), []).append(tensor)
+    return calibrate_batchnorm_(model, [torch.stack(group) for group in by_shape.values()])
 
 
 def _their_transform():
@@ -64,35 +76,36 @@ def _their_transform():
     return T.Compose([T.Resize(300), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
-def _photos(folder: Path, rng: np.random.Generator) -> list:
-    """Synthetic photos of mixed orientation and size: smooth colour fields with shapes, saved as JPEG."""
-    folder.mkdir()
-    sizes = [(480, 360), (360, 480), (400, 300), (512, 384), (375, 500)]
-    paths = []
-    for i in range(N_PHOTOS):
-        width, height = sizes[i % len(sizes)]
-        coarse = rng.uniform(0, 255, size=(4, 5, 3)).astype(np.uint8)
-        image = Image.fromarray(coarse).resize((width, height), Image.BICUBIC)
-        draw = ImageDraw.Draw(image)
-        for _ in range(6):
-            x, y = rng.integers(0, width - 60), rng.integers(0, height - 60)
-            w, h = rng.integers(20, 120, size=2)
-            colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
-            (draw.ellipse if rng.random() < 0.5 else draw.rectangle)([x, y, x + w, y + h], fill=colour)
-        path = folder / f"photo_{i:02d}.jpg"
-        image.filter(ImageFilter.GaussianBlur(1.5)).save(path, quality=92)
-        paths.append(path)
+def _photos(folder: Path, n: int, seed: int) -> list:
+    """``n`` JPEG photos of the synthetic world (`geoswc.data.synth`: regional sky, ground and texture, some
+    with a landmark), 480 x 360; every third one turned upright into 360 x 480, so that both orientations, and
+    feature maps of both parities in the strided layers, occur."""
+    import pandas as pd
+
+    from geoswc.data.synth import make_world
+
+    make_world(folder, n_train=n, n_test=0, image_size=480, seed=seed, progress=False)
+    paths = [folder / "images" / name for name in pd.read_csv(folder / "train.csv")["IMG_ID"]]
+    for path in paths[::3]:
+        Image.open(path).transpose(Image.Transpose.ROTATE_90).save(path, quality=92)
     return paths
 
 
 @pytest.fixture(scope="module")
 def release(tmp_path_factory):
-    """The five files in the authors' formats, the photos, and what their backbone computes on the photos."""
-    root = tmp_path_factory.mktemp("visloc")
+    return build_release(tmp_path_factory.mktemp("visloc"))
+
+
+def build_release(root: Path, *, padding_rule: str = "efficientnet_pytorch==0.7.0") -> SimpleNamespace:
+    """The five files in the authors' formats in ``root``, the photos, what their backbone computes on the
+    photos, and the model folder ``geoswc import visloc`` makes of them with ``padding_rule``."""
     rng = np.random.default_rng(7)
-    backbone = _their_backbone(seed=3)
-    photos = _photos(root / "photos", rng)
     transform = _their_transform()
+    calibration = [
+        transform(Image.open(p).convert("RGB")) for p in _photos(root / "calibration", N_CALIBRATION, seed=11)
+    ]
+    backbone = _their_backbone(seed=3, calibration=calibration)
+    photos = _photos(root / "photos", N_PHOTOS, seed=5)
     tensors = [transform(Image.open(p).convert("RGB")) for p in photos]
     with torch.no_grad():
         features = torch.stack([backbone(t[None]).flatten(1)[0] for t in tensors])
@@ -178,7 +191,7 @@ def release(tmp_path_factory):
     files.assignments.write_bytes(pickle.dumps(assignments, protocol=4))
 
     model_dir = root / "model"
-    args = ["import", "visloc", "-o", str(model_dir), "-q"]
+    args = ["import", "visloc", "-o", str(model_dir), "-q", "--padding-rule", padding_rule]
     for role in ("backbone", "mvmf", "rrm", "background", "assignments"):
         args += [f"--{role}", str(getattr(files, role))]
     assert main(args) == 0
@@ -209,37 +222,38 @@ def _distance_m(a, b) -> np.ndarray:
     return haversine_vector(np.asarray(a), np.asarray(b), Unit.METERS)
 
 
-def _random_bn_(model: torch.nn.Module) -> torch.nn.Module:
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.Conv2d):
-                torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-            elif isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.uniform_(-0.1, 0.1)
-                module.running_var.uniform_(0.8, 1.2)
-    return model.eval()
+def _smooth(*shape: int) -> torch.Tensor:
+    """Images varying smoothly over a few pixels, as photos do."""
+    coarse = torch.randn(*shape[:2], max(shape[2] // 11, 2), max(shape[3] // 11, 2))
+    return torch.nn.functional.interpolate(coarse, size=shape[2:], mode="bilinear", align_corners=False)
 
 
 def test_frozen_padding_is_efficientnet_pytorchs_static_padding():
-    """B0 (cheap) with efficientnet_pytorch's paddings fixed at its 224 px: timm, frozen at 224, computes the
-    same features at sizes whose strided layers see other parities; timm's per-input padding does not."""
+    """B0 (cheap) with efficientnet_pytorch's paddings fixed at its 224 px: timm, frozen at 224 under 0.7.0's
+    rule, computes the same features at sizes whose strided layers see other parities; timm's per-input
+    padding does not, and neither does the TensorFlow (0.7.1) rule."""
     import timm
 
-    from geoswc.classifiers.padding import freeze_same_padding
+    from geoswc.classifiers.padding import EFFICIENTNET_PYTORCH_070, TENSORFLOW, freeze_same_padding
     from geoswc.importers.visloc import efficientnet_to_timm
 
     torch.manual_seed(0)
-    theirs = _random_bn_(efficientnet_pytorch.EfficientNet.from_name("efficientnet-b0", include_top=False))
-    ours = timm.create_model("tf_efficientnet_b0", pretrained=False, num_classes=0).eval()
-    ours.load_state_dict(efficientnet_to_timm(theirs.state_dict(), ours))
-    x = torch.randn(2, 3, 66, 90)
+    theirs = efficientnet_pytorch.EfficientNet.from_name("efficientnet-b0", include_top=False)
+    calibrate_batchnorm_(theirs, [_smooth(8, 3, 66, 90)])
+    x = _smooth(2, 3, 66, 90)
+    features = {}
     with torch.no_grad():
         reference = theirs(x).flatten(1)
-        dynamic = ours(x)
-        freeze_same_padding(ours, (224, 224))
-        frozen = ours(x)
-    assert torch.allclose(frozen, reference, atol=1e-5, rtol=0)
-    assert (dynamic - reference).abs().max() > 1e-3
+        for rule in ("dynamic", EFFICIENTNET_PYTORCH_070, TENSORFLOW):
+            ours = timm.create_model("tf_efficientnet_b0", pretrained=False, num_classes=0).eval()
+            ours.load_state_dict(efficientnet_to_timm(theirs.state_dict(), ours))
+            if rule != "dynamic":
+                freeze_same_padding(ours, (224, 224), rule=rule)
+            features[rule] = ours(x)
+    scale = float(reference.abs().max())
+    assert torch.allclose(features[EFFICIENTNET_PYTORCH_070], reference, atol=1e-5 * scale, rtol=0)
+    for rule in ("dynamic", TENSORFLOW):
+        assert (features[rule] - reference).abs().max() > 0.05 * scale, rule
 
 
 def test_resize_shortest_is_torchvisions_resize():
@@ -301,23 +315,91 @@ def test_sources_are_files_or_urls_when_asked(tmp_path):
         resolve_source(path, "rrm", sha256="1" * 64)
 
 
-@pytest.mark.slow
-def test_backbone_conversion_gives_the_same_pooled_features(release):
-    from geoswc.importers.visloc import convert_backbone, efficientnet_to_timm
-
-    converted = convert_backbone(release.backbone.state_dict())
-    # the photos (300 px short side) and a size whose strided layers see other parities than at 380 px
-    inputs = [release.tensors[0][None], release.tensors[1][None], torch.randn(2, 3, 64, 96)]
-    plain_gap = 0.0
-    plain = __import__("timm").create_model("tf_efficientnet_b4", pretrained=False, num_classes=0).eval()
-    plain.load_state_dict(efficientnet_to_timm(release.backbone.state_dict(), plain))
+def _their_stages(theirs: torch.nn.Module, x: torch.Tensor) -> list:
+    """``[(name, activation)]`` of efficientnet_pytorch's B4 on ``x``: the stem, each block, the head, the
+    pooled features (their ``extract_features`` step by step)."""
+    out = []
     with torch.no_grad():
-        for x in inputs:
-            theirs = release.backbone(x).flatten(1)
-            assert torch.allclose(converted(x), theirs, atol=1e-4, rtol=0), tuple(x.shape)
-            plain_gap = max(plain_gap, float((plain(x) - theirs).abs().max()))
-    # timm's per-input "same" padding alone is not their model away from 380 px
-    assert plain_gap > 1e-3
+        h = theirs._swish(theirs._bn0(theirs._conv_stem(x)))
+        out.append(("stem", h))
+        for i, block in enumerate(theirs._blocks):
+            h = block(h)  # evaluation mode: no drop-connect
+            out.append((f"block {i}", h))
+        h = theirs._swish(theirs._bn1(theirs._conv_head(h)))
+        out.append(("head", h))
+        out.append(("pooled", h.mean((2, 3))))
+    return out
+
+
+def _our_stages(ours: torch.nn.Module, x: torch.Tensor) -> list:
+    """The same stages of timm's EfficientNet (blocks numbered consecutively, as theirs)."""
+    out = []
+    with torch.no_grad():
+        h = ours.bn1(ours.conv_stem(x))
+        out.append(("stem", h))
+        for block in (b for stage in ours.blocks for b in stage):
+            h = block(h)
+            out.append((f"block {len(out) - 1}", h))
+        h = ours.bn2(ours.conv_head(h))
+        out.append(("head", h))
+        out.append(("pooled", ours.forward_head(h)))
+    return out
+
+
+def first_difference(theirs: list, ours: list, *, rtol: float = 1e-4):
+    """``(stage, max |difference|, largest activation)`` of the first stage where the two differ by more than
+    ``rtol`` of the stage's largest activation (or a different shape), None when every stage agrees. Float32
+    rounding reaches ~2.5e-5 of the largest activation by the last blocks; the padding rules differ by more
+    than 1e-2 from the stem on."""
+    for (name, a), (other, b) in zip(theirs, ours):
+        assert name == other
+        scale = float(a.abs().max())
+        if a.shape != b.shape:
+            return name, float("inf"), scale
+        difference = float((a - b).abs().max())
+        if difference > rtol * max(scale, 1e-12):
+            return name, difference, scale
+    return None
+
+
+@pytest.mark.slow
+def test_backbone_conversion_gives_the_same_features_block_by_block(release):
+    """Their B4 (efficientnet_pytorch 0.7.0, BatchNorm calibrated on photos) against the converted timm model,
+    stage by stage, on a landscape and a portrait photo and at a small odd size: the same everywhere under the
+    0.7.0 rule. Under 0.7.1's (TensorFlow's) rule, or timm's per-input padding, the check fails and says where:
+    at the stem, the first strided convolution."""
+    import timm
+
+    from geoswc.classifiers.padding import TENSORFLOW
+    from geoswc.importers.visloc import AUTHORS_PADDING_RULE, convert_backbone, efficientnet_to_timm
+
+    state = release.backbone.state_dict()
+    converted = convert_backbone(state)
+    assert converted.static_same_padding_rule == AUTHORS_PADDING_RULE == "efficientnet_pytorch==0.7.0"
+    assert converted.conv_stem.static_pad == (1, 1, 1, 1)
+    shapes = {tuple(t.shape) for t in release.tensors}
+    assert len(shapes) >= 2, shapes
+    inputs = [next(t for t in release.tensors if tuple(t.shape) == shape)[None] for shape in sorted(shapes)]
+    inputs.append(_smooth(2, 3, 64, 96))
+    for x in inputs:
+        theirs = _their_stages(release.backbone, x)
+        assert first_difference(theirs, _our_stages(converted, x)) is None, tuple(x.shape)
+    # features are not washed out: they vary between photos by far more than the tolerance
+    pooled = release.features
+    assert float(pooled.std(0).mean()) > 1e-2 * float(pooled.abs().mean()) > 0
+
+    tensorflow = convert_backbone(state, padding_rule=TENSORFLOW)
+    dynamic = timm.create_model("tf_efficientnet_b4", pretrained=False, num_classes=0).eval()
+    dynamic.load_state_dict(efficientnet_to_timm(state, dynamic))
+    x = inputs[0]
+    theirs = _their_stages(release.backbone, x)
+    for other in (tensorflow, dynamic):
+        stage, difference, scale = first_difference(theirs, _our_stages(other, x))
+        assert stage == "stem" and difference > 1e-2 * scale, (stage, difference, scale)
+    reference = theirs[-1][1]
+    with torch.no_grad():
+        pooled_gap = float((tensorflow(x) - reference).abs().max())
+    assert pooled_gap > 1e-2 * float(reference.abs().mean()), pooled_gap
 
 
 @pytest.mark.slow
@@ -334,6 +416,8 @@ def test_model_folder_and_provenance(release, model):
     assert model.data_config["interpolation"] == "bilinear"
     spec = json.loads((release.model_dir / "backbone.json").read_text())
     assert spec["model"] == "tf_efficientnet_b4" and spec["static_same_padding"] == [380, 380]
+    assert spec["static_same_padding_rule"] == "efficientnet_pytorch==0.7.0"
+    assert model.backbone.conv_stem.static_pad == (1, 1, 1, 1)
     # cells: one per component, centred on its mean moved onto the usual ranges
     fine = model.geocells.fine
     assert len(fine) == N_COMPONENTS
@@ -364,6 +448,7 @@ def test_model_folder_and_provenance(release, model):
         path = getattr(release.files, role)
         assert provenance["files"][role]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert model.geocells.settings["import"]["files"] == provenance["files"]
+    assert provenance["backbone_padding"] == {"rule": "efficientnet_pytorch==0.7.0", "input_size": [380, 380]}
 
 
 @pytest.mark.slow
@@ -384,6 +469,50 @@ def test_predictions_equal_a_hand_computation(release, model):
             <= 25_000
         )
         assert abs(pred.confidence[0] - probs[near].sum()) < 1e-5
+
+
+@pytest.mark.slow
+def test_rrm_retrieval_recall_finds_components_as_their_code_labels_positions(release, model, tmp_path):
+    """A position's component is the nearest mean (their utils.find_label), so `evaluate`'s retrieval recall
+    of the rrm mode counts a neighbour as relevant when it belongs to that component. Truth here is the
+    position of each photo's most similar background photo: recall@1 must be 100 %; with cells assigned by
+    containment (a leaf cell at each mean) it would be 0."""
+    import json
+
+    import pandas as pd
+
+    from geoswc.evaluate import run_evaluation
+
+    photos = release.photos[:6]
+    nearest = model.predict([str(p) for p in photos], mode="rrm", batch_size=6)
+    truth = np.array([[r["lat"], r["lon"]] for r in nearest])
+    # hand computation of their label: the component whose mean is nearest (haversine), and the component of
+    # the retrieved background row in the authors' assignments
+    labels = np.argmin(
+        [_distance_m(np.repeat(t[None], N_COMPONENTS, 0), release.centres) for t in truth], axis=1
+    )
+    rows = [int(r["neighbours"][0]["id"]) for r in nearest]
+    owners = [next(c for c, members in release.assignments.items() if row in members) for row in rows]
+    assert labels.tolist() == owners
+    assert model.geocells.assign_positions(truth[:, 0], truth[:, 1]).tolist() == owners
+    assert (model.geocells.fine.assign(truth[:, 0], truth[:, 1]) == -1).all()
+
+    images = release.photos[0].parents[2]
+    ids = [str(p.relative_to(images)) for p in photos]
+    pd.DataFrame({"IMG_ID": ids, "LAT": truth[:, 0], "LON": truth[:, 1]}).to_csv(
+        tmp_path / "t.csv", index=False
+    )
+    run_evaluation(
+        model,
+        tmp_path / "t.csv",
+        images=images,
+        out=tmp_path / "eval",
+        modes=["rrm"],
+        workers=0,
+        batch_size=6,
+    )
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert results["rrm"]["retrieval"]["recall"]["1"] == 100.0, results["rrm"]["retrieval"]
 
 
 @pytest.mark.slow
@@ -496,10 +625,14 @@ def test_import_downloads_urls_when_asked(release, tmp_path):
 # ------------------------------------------------------------------------------------ the authors' code as oracle
 @pytest.fixture(scope="module")
 def their_model(release, shared_reference):
-    """Their GeoLocModel (src/modules.py) with the files of `release` loaded, built without downloading."""
     pytest.importorskip("einops")
     pytest.importorskip("sklearn")
-    repo = shared_reference / "peers" / "visloc-estimation"
+    return build_their_model(release, shared_reference / "peers" / "visloc-estimation")
+
+
+def build_their_model(release: SimpleNamespace, repo: Path) -> SimpleNamespace:
+    """Their GeoLocModel (src/modules.py of ``repo``) with the files of `release` loaded, built without
+    downloading, and their evaluation loop as ``locate(tensor)``."""
     sys.path.insert(0, str(repo))
     try:
         from src import modules, utils
@@ -555,29 +688,72 @@ def _normalised(latlon):
 
 
 @pytest.mark.shared
-@pytest.mark.slow
-def test_parity_with_their_code_on_the_same_tensors(release, model, their_model):
-    components, methods = set(), set()
+def test_oracle_is_the_efficientnet_pytorch_the_authors_pin(shared_reference):
+    """The parity checks below mean something only against the version their weights were trained with."""
+    import re
+
+    requirements = (shared_reference / "peers" / "visloc-estimation" / "requirements.txt").read_text()
+    pinned = re.search(r"^efficientnet_pytorch==(\S+)", requirements, re.MULTILINE).group(1)
+    assert efficientnet_pytorch.__version__ == pinned == "0.7.0", (
+        f"efficientnet_pytorch {efficientnet_pytorch.__version__} is installed; the authors pin {pinned}: "
+        f"pip install efficientnet_pytorch=={pinned}"
+    )
+
+
+def same_tensor_agreement(release, model, their_model) -> dict:
+    """Per photo, on the same input tensors: their component, Search within Cell position and prediction
+    density against geoswc's, and how many components and which methods the photos reach."""
+    same_cell, within_1m, density_1e5, components, methods = [], [], [], set(), set()
     for tensor in release.tensors:
         comp, latlon, density = their_model.locate(tensor)
         pred = model.locate(model.features(tensor[None]), head="mvmf", mode="swc")
-        assert int(pred.cell_idx[0]) == comp
-        assert _distance_m(pred.latlon_deg[:1], _normalised(latlon)[None])[0] < 1.0
-        assert abs(float(pred.confidence[0]) - density) < 1e-5
+        same_cell.append(int(pred.cell_idx[0]) == comp)
+        within_1m.append(_distance_m(pred.latlon_deg[:1], _normalised(latlon)[None])[0] < 1.0)
+        density_1e5.append(abs(float(pred.confidence[0]) - density) < 1e-5)
         components.add(comp)
         methods.add(str(pred.method[0]))
-    # the photos reach several components, some with background photos (swc) and some without (fallback)
-    assert len(components) >= 3 and methods == {"swc", "fallback"}, (components, methods)
+    return {
+        "same_component": float(np.mean(same_cell)),
+        "within_1m": float(np.mean(within_1m)),
+        "density_within_1e-5": float(np.mean(density_1e5)),
+        "components": len(components),
+        "methods": sorted(methods),
+        "runtime": model.runtime,
+    }
+
+
+@pytest.mark.shared
+@pytest.mark.slow
+def test_parity_with_their_code_on_the_same_tensors(release, model, their_model):
+    agreement = same_tensor_agreement(release, model, their_model)
+    print("same tensors:", agreement)
+    for key in ("same_component", "within_1m", "density_within_1e-5"):
+        assert agreement[key] >= 0.99, agreement
+    # the photos reach many components, some with background photos (swc) and some without (fallback)
+    assert agreement["components"] >= N_PHOTOS // 2 and agreement["methods"] == ["fallback", "swc"], agreement
+
+
+def jpeg_agreement(release, model, their_model) -> dict:
+    """From the JPEG files through each side's own image path (their inference.py: PIL, their transform;
+    geoswc's `predict`): the share of photos placed within 1 km of their code's answer, and in the same
+    component. The photos have no EXIF orientation, which geoswc would apply and their code ignores."""
+    ours = model.predict([str(p) for p in release.photos], head="mvmf", mode="swc", batch_size=4)
+    theirs = [their_model.locate(their_model.transform(Image.open(p).convert("RGB"))) for p in release.photos]
+    ours_deg = np.array([[o["lat"], o["lon"]] for o in ours])
+    theirs_deg = np.array([_normalised(t[1]) for t in theirs])
+    distance_km = _distance_m(ours_deg, theirs_deg) / 1000.0
+    return {
+        "within_1km": float(np.mean(distance_km <= 1.0)),
+        "same_component": float(np.mean([o["cell_idx"] == t[0] for o, t in zip(ours, theirs)])),
+        "largest_km": float(distance_km.max()),
+        "components": len({t[0] for t in theirs}),
+    }
 
 
 @pytest.mark.shared
 @pytest.mark.slow
 def test_parity_with_their_code_from_jpeg_files(release, model, their_model):
-    ours = model.predict([str(p) for p in release.photos], head="mvmf", mode="swc", batch_size=4)
-    # their inference.py: Image.open(path).convert("RGB"), their transform, the model
-    theirs = [
-        their_model.locate(their_model.transform(Image.open(p).convert("RGB")))[0] for p in release.photos
-    ]
-    same = np.mean([o["cell_idx"] == t for o, t in zip(ours, theirs)])
-    assert same >= 0.98, (same, [o["cell_idx"] for o in ours], theirs)
-    assert len(set(theirs)) >= 3
+    agreement = jpeg_agreement(release, model, their_model)
+    print("JPEG files:", agreement)
+    assert agreement["within_1km"] >= 0.95, agreement
+    assert agreement["components"] >= N_PHOTOS // 2, agreement

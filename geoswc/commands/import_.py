@@ -60,6 +60,7 @@ def _visloc(args: argparse.Namespace) -> int:
         urls={role: str(v) for role, v in sources.items() if is_url(v)},
         overwrite=args.overwrite,
         progress=not args.quiet,
+        padding_rule=args.padding_rule,
     )
     s = result.summary
     print(
@@ -122,6 +123,13 @@ def register(subparsers) -> None:
         type=float,
         default=16.0,
         help="their concentration offset: kappa = exp(kappas + prekappa0) (default: 16, as released)",
+    )
+    visloc.add_argument(
+        "--padding-rule",
+        choices=("efficientnet_pytorch==0.7.0", "tensorflow"),
+        default="efficientnet_pytorch==0.7.0",
+        help="the static padding of the efficientnet_pytorch version the backbone was trained with: 0.7.0 "
+        "(default, the authors' pin) pads odd amounts on both sides, 0.7.1 and later as TensorFlow",
     )
     visloc.add_argument("--overwrite", action="store_true", help="replace MODEL if it exists")
     visloc.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

@@ -222,9 +222,10 @@ def extra_metrics(
     if "rrm" in modes and store.embeddings is not None and model.index is not None and len(ok_truth):
         k = min(RETRIEVAL_NS[-1], len(model.index))
         _, rows = model.index.search(store.embeddings, k)
-        rows_partition = getattr(model.index, "partition", None)
-        cells = model.geocells.partition(rows_partition) if rows_partition else model.geocells.fine
-        query_cells = cells.assign(ok_truth[:, 0], ok_truth[:, 1])
+        # The model's own rule: containment for S2 cells, the nearest mean for imported MvMF components.
+        query_cells = model.geocells.assign_positions(
+            ok_truth[:, 0], ok_truth[:, 1], partition=getattr(model.index, "partition", None) or None
+        )
         neighbour_cells = np.where(rows >= 0, np.asarray(model.index.cell_idx)[np.maximum(rows, 0)], -1)
         sizes = model.index.cell_sizes()
         relevant = np.where(query_cells >= 0, sizes[np.maximum(query_cells, 0)], 0)

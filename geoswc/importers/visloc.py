@@ -8,7 +8,8 @@ retrieval module (``rrm_head.pt``), the RRM embeddings of their placeable backgr
 command uses as it is:
 
 - the backbone becomes timm's ``tf_efficientnet_b4`` (the same architecture), tensor for tensor, with the
-  paddings of its strided convolutions frozen at 380 px as efficientnet_pytorch's are
+  paddings of its strided convolutions frozen at 380 px as efficientnet_pytorch's are, split as the version
+  they pin (``efficientnet_pytorch==0.7.0``, which pads odd amounts on both sides) splits them
   (`geoswc.classifiers.padding`), so that it computes their features at every input size;
 - the MvMF components become the cells of the model: one partition whose cell ``k`` is component ``k``, centred
   on the component's mean (named by the level-30 S2 leaf cell that contains it, so that the cells are disjoint
@@ -41,11 +42,12 @@ import torch
 from tqdm.auto import tqdm
 
 from geoswc.classifiers import create_head
-from geoswc.classifiers.padding import freeze_same_padding
+from geoswc.classifiers.padding import EFFICIENTNET_PYTORCH_070, check_padding_rule, freeze_same_padding
 from geoswc.config import Config
 from geoswc.data.download import check_sha256
 from geoswc.data.pickles import load_plain_pickle
 from geoswc.geocells import Geocells, Partition, latlng_to_cell_id
+from geoswc.geocells.partition import NEAREST_CENTER, POSITION_RULE_KEY
 from geoswc.geolocator import Geolocator
 from geoswc.importers.assignments import assignment_pairs
 from geoswc.importers.background import BackgroundFile, RowsView
@@ -61,6 +63,9 @@ logger = logging.getLogger(__name__)
 TIMM_MODEL = "tf_efficientnet_b4"
 # efficientnet_pytorch fixes the "same" paddings of B4 for this input size and keeps them for every input.
 EFFICIENTNET_B4_SIZE = 380
+# Their requirements.txt pins efficientnet_pytorch==0.7.0, the version the released weights were trained and
+# evaluated with; its static padding differs from 0.7.1's (`geoswc.classifiers.padding`).
+AUTHORS_PADDING_RULE = EFFICIENTNET_PYTORCH_070
 # The files of the release: where the authors publish them (src/modules.py and README of their repository).
 AUTHORS_URLS = {
     "backbone": "https://mever.iti.gr/visloc/efficientnet_backbone.pt",
@@ -167,20 +172,34 @@ def efficientnet_to_timm(
     return out
 
 
-def convert_backbone(state: Mapping[str, torch.Tensor], *, source: str = "the backbone") -> torch.nn.Module:
+def convert_backbone(
+    state: Mapping[str, torch.Tensor],
+    *,
+    source: str = "the backbone",
+    padding_rule: str = AUTHORS_PADDING_RULE,
+) -> torch.nn.Module:
     """timm's ``tf_efficientnet_b4`` (``num_classes=0``) holding the weights of an efficientnet_pytorch B4, with
-    its strided convolutions padded as efficientnet_pytorch pads them (frozen at 380 px,
-    `geoswc.classifiers.padding`), so that it computes the same features at every input size.
+    its strided convolutions padded as efficientnet_pytorch pads them (frozen at 380 px and split by
+    ``padding_rule``, `geoswc.classifiers.padding`), so that it computes the same features at every input size.
+
+    Args:
+        state: the efficientnet_pytorch state dict.
+        source: names the state dict in error messages.
+        padding_rule: the padding of the efficientnet_pytorch version the weights were trained with:
+            ``efficientnet_pytorch==0.7.0`` (the authors' pin) or ``tensorflow`` (0.7.1 and later).
 
     Raises:
-        ValueError: the state dict is not an EfficientNet-B4's (the first misfit named, with ``source``).
+        ValueError: the state dict is not an EfficientNet-B4's (the first misfit named, with ``source``), or
+            an unknown ``padding_rule``.
     """
+    check_padding_rule(padding_rule)
     model = timm.create_model(TIMM_MODEL, pretrained=False, num_classes=0)
     try:
         model.load_state_dict(efficientnet_to_timm(state, model))
     except ValueError as err:
         raise ValueError(f"{source}: {err}") from None
-    return freeze_same_padding(model, (EFFICIENTNET_B4_SIZE, EFFICIENTNET_B4_SIZE)).eval()
+    size = (EFFICIENTNET_B4_SIZE, EFFICIENTNET_B4_SIZE)
+    return freeze_same_padding(model, size, rule=padding_rule).eval()
 
 
 # ---------------------------------------------------------------------------------------------- MvMF head
@@ -410,8 +429,8 @@ def _read_heads(paths: Mapping[str, Path], prekappa0: float) -> Tuple[MvMFWeight
     return heads_state, retrieval
 
 
-def _read_backbone(path: Path, dim: int) -> torch.nn.Module:
-    model = convert_backbone(read_torch_state(path, "backbone"), source=str(path))
+def _read_backbone(path: Path, dim: int, *, padding_rule: str) -> torch.nn.Module:
+    model = convert_backbone(read_torch_state(path, "backbone"), source=str(path), padding_rule=padding_rule)
     if model.num_features != dim:
         raise ValueError(
             f"the parts do not fit together: the backbone ({path}) gives {model.num_features} features, the "
@@ -421,12 +440,19 @@ def _read_backbone(path: Path, dim: int) -> torch.nn.Module:
 
 
 def _provenance(
-    paths: Mapping[str, Path], urls: Mapping[str, str], prekappa0: float, bg: _Background, *, progress: bool
+    paths: Mapping[str, Path],
+    urls: Mapping[str, str],
+    prekappa0: float,
+    bg: _Background,
+    *,
+    padding_rule: str,
+    progress: bool,
 ) -> Dict[str, Any]:
     return {
         "source": "visloc-estimation: the ICMR 2021 authors' released model (Kordopatis-Zilos et al.)",
         "cells": "one cell per MvMF component, named by the level-30 S2 leaf containing its mean",
         "prekappa0": float(prekappa0),
+        "backbone_padding": {"rule": padding_rule, "input_size": [EFFICIENTNET_B4_SIZE] * 2},
         "files": {
             role: _file_record(path, urls.get(role))
             for role, path in tqdm(paths.items(), desc="sha256", disable=not progress)
@@ -487,6 +513,7 @@ def import_visloc(
     urls: Optional[Mapping[str, str]] = None,
     overwrite: bool = False,
     progress: bool = True,
+    padding_rule: str = AUTHORS_PADDING_RULE,
 ) -> ImportResult:
     """Write a geoswc model folder from the authors' five files (local paths; see `resolve_source` for URLs).
 
@@ -506,6 +533,8 @@ def import_visloc(
         urls: where each file came from, by role, recorded in the provenance.
         overwrite: replace an existing ``out`` (only a model folder, or an empty folder).
         progress: show progress bars.
+        padding_rule: the static padding of the efficientnet_pytorch version the backbone was trained with
+            (`convert_backbone`); the authors' release pins ``efficientnet_pytorch==0.7.0``.
 
     Raises:
         FileNotFoundError: an input is missing.
@@ -522,10 +551,14 @@ def import_visloc(
         bg = _read_background(bg_file, paths["assignments"], n_components=n_components, dim=dim)
         if index_dtype is None:
             index_dtype = "float16" if bg_file.dtype == np.float16 else "float32"
-        backbone_model = _read_backbone(paths["backbone"], dim)
-        provenance = _provenance(paths, urls or {}, prekappa0, bg, progress=progress)
+        backbone_model = _read_backbone(paths["backbone"], dim, padding_rule=padding_rule)
+        provenance = _provenance(
+            paths, urls or {}, prekappa0, bg, padding_rule=padding_rule, progress=progress
+        )
+        # A position's component is the nearest mean (their find_label), not a containing cell.
         geocells = Geocells(
-            [component_partition(heads_state.centers_deg, bg.counts)], settings={"import": provenance}
+            [component_partition(heads_state.centers_deg, bg.counts)],
+            settings={"import": provenance, POSITION_RULE_KEY: NEAREST_CENTER},
         )
         fingerprint = str(geocells.fingerprint)
         with staged_model_folder(out, overwrite=overwrite) as staging:
@@ -533,7 +566,7 @@ def import_visloc(
                 bg_file, bg, staging, dtype=index_dtype, fingerprint=fingerprint, progress=progress
             )
             retrieval.fingerprint = fingerprint
-            Geolocator(
+            Geolocator.from_parts(
                 backbone=backbone_model,
                 geocells=geocells,
                 heads={"mvmf": _build_head(heads_state, geocells, prekappa0)},
