@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -12,6 +13,7 @@ from geoswc.precision import COMPILE_MODES, PRECISION_MODES
 from geoswc.runtime import RUNTIMES
 from geoswc.tagging.similar import DUPLICATE_THRESHOLD
 from geoswc.tagging.run import Ranks, ReviewOptions, summary_lines, tag_photos
+from geoswc.tagging.files import OutputError
 from geoswc.tagging.output import output_format
 
 
@@ -129,14 +131,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="what runs the backbone: auto (default: ONNX Runtime for fp32 on a CPU, about 2x faster there; "
         "PyTorch otherwise), torch, onnx",
     )
+    parser.add_argument(
+        "--raw",
+        action="store_true",
+        help="CSV: write text cells as they are (by default a cell starting with =, +, - or @ gets a leading ' "
+        "so no spreadsheet runs it as a formula)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+@contextlib.contextmanager
+def refusals_exit_1():
+    """An `OutputError` (the system refused a file: permission denied, disk full, a link in the way) leaves the
+    command as the plain `OSError` it is, so ``geoswc`` exits with status 1 for it, not 2 as for bad input."""
+    try:
+        yield
+    except OutputError as err:
+        # OSError(errno, text) would become FileNotFoundError & co., which the command line takes for bad input.
+        raise OSError(str(err)) from err
 
 
 def run(args: argparse.Namespace) -> int:
     """Run `geoswc tag` from parsed arguments; prints the closing summary and returns the exit code."""
     ranks = Ranks()
     output_format(args.output)  # a bad output name fails before the model loads
-    summary = tag_photos(
+    with refusals_exit_1():
+        summary = _tag(args, ranks)
+    if ranks.rank == 0:
+        print("\n".join(summary_lines(summary)))
+    return 0
+
+
+def _tag(args: argparse.Namespace, ranks: Ranks) -> dict:
+    return tag_photos(
         args.paths,
         model=args.model,  # the folder, so the run record names it (tag_photos loads it once)
         out=args.output,
@@ -150,6 +177,7 @@ def run(args: argparse.Namespace) -> int:
         precision_mode=args.precision_mode,
         compile=args.compile,
         runtime=args.runtime,
+        raw_csv=args.raw,
         progress=not args.no_progress and (sys.stderr.isatty() or os.environ.get("GEOSWC_PROGRESS") == "1"),
         ranks=ranks,
         review=ReviewOptions(
@@ -164,9 +192,6 @@ def run(args: argparse.Namespace) -> int:
             html=not args.no_html,
         ),
     )
-    if ranks.rank == 0:
-        print("\n".join(summary_lines(summary)))
-    return 0
 
 
 def register(subparsers) -> None:

@@ -22,7 +22,7 @@ from typing import Any, Iterable, List, Optional, Sequence, Tuple
 import piexif
 
 from geoswc.data.images import SNIFF_BYTES, PhotoError, read_photo_bytes, sniff
-from geoswc.tagging.files import output_error
+from geoswc.tagging.files import os_errors, output_error
 
 logger = logging.getLogger(__name__)
 
@@ -236,6 +236,21 @@ def check_exif_folder(write_exif: str, protected: set) -> None:
             f"--write-exif {write_exif} {relation} the input folder {folder}; the copies could replace "
             "the originals: choose a folder outside every input"
         )
+
+
+def check_writable(folder: str) -> None:
+    """Create the copies' folder (as the first copy would) and a file in it, removed at once: a folder the
+    copies cannot go into fails before a run tags anything.
+
+    Raises:
+        OutputError: naming ``folder`` and the reason (permission denied, read-only file system, a file in the
+            way, ...).
+    """
+    with os_errors("write EXIF copies into", folder):
+        os.makedirs(folder, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".geoswc-write-check.", suffix=".tmp", dir=folder)
+        os.close(fd)
+        os.remove(probe)
 
 
 class ExifCopies:

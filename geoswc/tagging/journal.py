@@ -28,7 +28,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from geoswc.data.files import atomic_path
-from geoswc.tagging.files import os_errors
+from geoswc.tagging.files import OutputError, open_nofollow, os_errors, read_json_object
 
 logger = logging.getLogger(__name__)
 
@@ -96,9 +96,9 @@ class EmbeddingJournal:
         self.vectors_path, self.paths_path = embedding_journal_paths(output, rank)
         _repair_journal(self.vectors_path, self.paths_path, dim)
         with os_errors("write", self.vectors_path):
-            self._vectors = open(self.vectors_path, "ab")
+            self._vectors = open_nofollow(self.vectors_path, "ab")
         with os_errors("write", self.paths_path):
-            self._paths = open(self.paths_path, "a", encoding="utf-8")
+            self._paths = open_nofollow(self.paths_path, "a", encoding="utf-8")
 
     def write(self, paths: Sequence[str], vectors: np.ndarray) -> None:
         if not len(paths):
@@ -114,8 +114,13 @@ class EmbeddingJournal:
             self._paths.flush()
 
     def close(self) -> None:
-        self._vectors.close()
-        self._paths.close()
+        # Closing flushes what is buffered: a full disk shows here too.
+        try:
+            with os_errors("write", self.vectors_path):
+                self._vectors.close()
+        finally:
+            with os_errors("write", self.paths_path):
+                self._paths.close()
 
 
 def _read_journal_paths(path: str) -> List[str]:
@@ -142,10 +147,10 @@ def _repair_journal(vectors_path: str, paths_path: str, dim: int) -> None:
     if not (os.path.exists(vectors_path) or os.path.exists(paths_path)):
         return
     n = _journal_count(vectors_path, paths_path, dim)
-    with os_errors("repair", vectors_path), open(vectors_path, "ab") as f:
+    with os_errors("repair", vectors_path), open_nofollow(vectors_path, "ab") as f:
         f.truncate(n * 2 * dim)
     paths = _read_journal_paths(paths_path) if os.path.exists(paths_path) else []
-    with os_errors("repair", paths_path), open(paths_path, "w", encoding="utf-8") as f:
+    with os_errors("repair", paths_path), open_nofollow(paths_path, "w", encoding="utf-8") as f:
         f.write("".join(json.dumps(p) + "\n" for p in paths[:n]))
 
 
@@ -168,7 +173,7 @@ def load_embeddings(output: str) -> ArchiveEmbeddings:
     Raises:
         FileNotFoundError: the run kept none (a model without a retrieval module, ``--no-embeddings``, or an
             unfinished run: ``geoswc tag --resume`` completes them).
-        ValueError: the two files disagree.
+        ValueError: a file is damaged or not what geoswc tag writes, or the two disagree (naming the file).
     """
     meta_path, npy_path = embeddings_meta_path(output), embeddings_path(output)
     if not (os.path.exists(meta_path) and os.path.exists(npy_path)):
@@ -181,15 +186,46 @@ def load_embeddings(output: str) -> ArchiveEmbeddings:
             f"no archive embeddings beside {output} ({npy_path} and {meta_path}){unfinished}; tag the archive "
             "with a model that has a retrieval module"
         )
-    with os_errors("read", meta_path), open(meta_path, encoding="utf-8", errors="surrogateescape") as f:
-        meta = json.load(f)
-    vectors = np.load(npy_path, mmap_mode="r")
-    if meta.get("version") != EMBEDDINGS_VERSION or vectors.ndim != 2 or len(vectors) != len(meta["paths"]):
+    hint = f"rerun geoswc tag --overwrite on {output}"
+    meta = read_json_object(meta_path, what="the embeddings index of a geoswc tag run", hint=hint)
+    paths = meta.get("paths")
+    if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+        raise ValueError(f"{meta_path} has no list of photo paths ('paths'); {hint}")
+    if not isinstance(meta.get("fingerprint"), str):
+        raise ValueError(f"{meta_path} has no model fingerprint ('fingerprint'); {hint}")
+    try:
+        with os_errors("read", npy_path):
+            vectors = np.load(npy_path, mmap_mode="r", allow_pickle=False)
+    except OutputError:
+        raise
+    except (
+        ValueError,
+        EOFError,
+    ) as err:  # a cut or foreign file: "mmap length is greater than file size", ...
+        raise ValueError(f"{npy_path} is not a readable .npy array ({err}); {hint}") from None
+    if meta.get("version") != EMBEDDINGS_VERSION or vectors.ndim != 2 or len(vectors) != len(paths):
         raise ValueError(
-            f"{npy_path} ({vectors.shape}) and {meta_path} ({len(meta.get('paths', []))} paths, version "
+            f"{npy_path} ({vectors.shape}) and {meta_path} ({len(paths)} paths, version "
             f"{meta.get('version')!r}) do not match; rerun geoswc tag --resume on {output}"
         )
-    return ArchiveEmbeddings(vectors=vectors, paths=list(meta["paths"]), fingerprint=str(meta["fingerprint"]))
+    return ArchiveEmbeddings(vectors=vectors, paths=list(paths), fingerprint=meta["fingerprint"])
+
+
+def check_finite(archive: ArchiveEmbeddings, source: str, *, block: int = 65536) -> None:
+    """Refuse embeddings with a NaN or infinite value: they would rank arbitrarily against every query.
+
+    Raises:
+        ValueError: naming ``source``, how many rows and the first one's photo.
+    """
+    bad: List[int] = []
+    for start in range(0, len(archive.vectors), block):
+        rows = np.asarray(archive.vectors[start : start + block], dtype=np.float32)
+        bad.extend((np.flatnonzero(~np.isfinite(rows).all(axis=1)) + start).tolist())
+    if bad:
+        raise ValueError(
+            f"{source} holds {len(bad)} embeddings that are not finite (the first of {archive.paths[bad[0]]}); "
+            "rerun geoswc tag --overwrite on the archive"
+        )
 
 
 def finalize_embeddings(

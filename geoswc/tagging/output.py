@@ -17,6 +17,10 @@ refuses (disk full, permission denied) is raised as an `OutputError`, one line n
 Every format has the same columns (`COLUMNS`); the list-valued ones (`LIST_COLUMNS`: ``top_cells``,
 ``evidence``) are JSON arrays in JSONL and GeoJSON and the same JSON text in one CSV or Parquet field, read
 back as lists by `read_rows`. docs/tagging.md describes every column.
+
+A CSV text cell that a spreadsheet would run as a formula (it starts with ``=``, ``+``, ``-`` or ``@``, after
+any ``'``) is written with a leading ``'`` (`escape_cell`), which `read_rows` takes off again; ``raw=True``
+(``geoswc tag --raw``) writes the text as it is. Numbers are never escaped: a negative latitude stays a number.
 """
 
 from __future__ import annotations
@@ -87,6 +91,10 @@ FLOAT_COLUMNS = (
 INT_COLUMNS = ("duplicate_group",)
 # List-valued columns: JSON arrays in JSONL and GeoJSON, the same JSON text in one CSV or Parquet field.
 LIST_COLUMNS = ("top_cells", "evidence")
+# Columns whose CSV cells are text, escaped against formula injection (`escape_cell`).
+TEXT_COLUMNS = tuple(key for key in COLUMNS if key not in FLOAT_COLUMNS + INT_COLUMNS)
+# A cell a spreadsheet would read as a formula (OWASP's CSV injection list), after any quotes added before.
+_FORMULA = re.compile(r"'*[=+\-@]")
 # Columns a prediction fills (make_row); the others are filled by the tag run (geoswc.tagging.run.review_fields).
 PREDICTION_COLUMNS = ("lat", "lon", "method", "cell_token", "cell_probability", "confidence")
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".geojson": "geojson", ".parquet": "parquet"}
@@ -219,8 +227,21 @@ def _record_fields(record: str) -> List[str]:
     return fields
 
 
+def escape_cell(text: str) -> str:
+    """A CSV text cell that no spreadsheet runs as a formula: ``'`` before a cell starting with ``=``, ``+``,
+    ``-`` or ``@`` (or with quotes and then one of those, so `unescape_cell` gives every text back exactly)."""
+    return "'" + text if _FORMULA.match(text) else text
+
+
+def unescape_cell(text: str) -> str:
+    """The text `escape_cell` was given."""
+    return text[1:] if text.startswith("'") and _FORMULA.match(text, 1) else text
+
+
 def _csv_row(fields: List[str], source: str, line: int) -> Row:
     row: Row = dict(zip(COLUMNS, fields))
+    for key in TEXT_COLUMNS:
+        row[key] = unescape_cell(row[key])
     if row["status"] not in STATUSES:
         raise _damaged(source, line, f"has status {row['status']!r}, not one of {', '.join(STATUSES)}")
     for key in FLOAT_COLUMNS + INT_COLUMNS:
@@ -321,7 +342,7 @@ def read_appendable(path: str, fmt: str, *, repair: bool) -> List[Row]:
         torn = len(text[end:].encode(ENCODING, ERRORS))
         logger.info("%s ends in a partial row (%d bytes)%s", path, torn, "; cut off" if repair else "")
         if repair:
-            with os_errors("repair", path), open(path, "r+b") as f:
+            with os_errors("repair", path), open_nofollow(path, "r+b") as f:
                 f.truncate(len(data) - torn)
     return rows
 
@@ -364,12 +385,19 @@ def _flat(key: str, value):
     return value
 
 
-def _csv_line(row: Row) -> str:
+def _csv_line(row: Row, *, raw: bool = False) -> str:
+    cells = ["" if row.get(key) is None else _flat(key, row.get(key)) for key in COLUMNS]
+    if not raw:
+        cells = [escape_cell(cell) if isinstance(cell, str) else cell for cell in cells]
     buffer = io.StringIO()
-    csv.writer(buffer, lineterminator="\n").writerow(
-        ["" if row.get(key) is None else _flat(key, row.get(key)) for key in COLUMNS]
-    )
+    csv.writer(buffer, lineterminator="\n").writerow(cells)
     return buffer.getvalue()
+
+
+def _line_writer(fmt: str, raw: bool) -> Callable[[Row], str]:
+    if fmt == "csv":
+        return lambda row: _csv_line(row, raw=raw)
+    return _json_line
 
 
 def _json_line(row: Row) -> str:
@@ -381,17 +409,18 @@ class RowWriter:
     """Appends rows to a CSV or JSONL file, flushing after every batch so a kill loses at most one row.
 
     A write the system refuses (disk full, ...) raises an `OutputError` naming the file; what it left is at
-    most one partial row at the end, which ``--resume`` cuts off.
+    most one partial row at the end, which ``--resume`` cuts off. A symbolic link at ``path`` is refused, not
+    followed. ``raw``: CSV text cells as they are, not escaped against formula injection (`escape_cell`).
     """
 
-    def __init__(self, path: str, fmt: str):
+    def __init__(self, path: str, fmt: str, *, raw: bool = False):
         if fmt not in ("csv", "jsonl"):
             raise ValueError(f"RowWriter appends csv or jsonl, not {fmt!r}")
         self.path, self.fmt = path, fmt
-        self._line = _csv_line if fmt == "csv" else _json_line
+        self._line = _line_writer(fmt, raw)
         with os_errors("write", path):
-            new = not os.path.exists(path) or os.path.getsize(path) == 0
-            self._file = open(path, "a", encoding=ENCODING, errors=ERRORS, newline="")
+            self._file = open_nofollow(path, "a", encoding=ENCODING, errors=ERRORS)
+            new = os.fstat(self._file.fileno()).st_size == 0
         if new and fmt == "csv":
             self._append(",".join(COLUMNS) + "\n")
 
@@ -429,15 +458,15 @@ def _parquet_value(key: str, value):
     return value
 
 
-def write_rows(path: str, fmt: str, rows: Sequence[Row]) -> None:
-    """Write a complete output file atomically (a temporary file renamed over ``path``).
+def write_rows(path: str, fmt: str, rows: Sequence[Row], *, raw: bool = False) -> None:
+    """Write a complete output file atomically (a temporary file renamed over ``path``); ``raw`` as `RowWriter`.
 
     Raises:
         OutputError: the system refused (the message names ``path``); ``path`` is then as it was.
     """
     with os_errors("write", path), atomic_path(path) as tmp:
         if fmt in ("csv", "jsonl"):
-            line = _csv_line if fmt == "csv" else _json_line
+            line = _line_writer(fmt, raw)
             with open(tmp, "w", encoding=ENCODING, errors=ERRORS, newline="") as f:
                 f.write(",".join(COLUMNS) + "\n" if fmt == "csv" else "")
                 f.write("".join(line(row) for row in rows))
@@ -475,6 +504,7 @@ def merge(
     *,
     include_existing: bool,
     key: Optional[Callable[[str], str]] = None,
+    raw: bool = False,
 ) -> List[Row]:
     """Write the final output from the journals of every rank, then delete the journals.
 
@@ -488,6 +518,7 @@ def merge(
         include_existing: keep the rows of an existing ``output`` (resuming).
         key: what identifies the photo of a path (default: the path itself); `geoswc.tagging.run` gives its real
             path, so two spellings of one photo are one photo.
+        raw: as `RowWriter`.
 
     Returns:
         The rows written.
@@ -505,7 +536,7 @@ def merge(
     position = {key(path): number for number, path in enumerate(order)}
     merged = sorted(by_key.items(), key=lambda item: position.get(item[0], -1))
     merged = [row for _, row in merged]
-    write_rows(output, fmt, merged)
+    write_rows(output, fmt, merged, raw=raw)
     for journal in journals:
         with os_errors("remove", journal):
             os.remove(journal)

@@ -18,9 +18,15 @@ from typing import TYPE_CHECKING, List, Optional, Tuple
 from geoswc import __version__
 from geoswc.data.files import atomic_path
 from geoswc.geolocator import FORMAT_VERSION, Geolocator
-from geoswc.tagging.files import REPLACE_HINT, os_errors, output_error, read_json_object
-from geoswc.tagging.journal import embedding_files
-from geoswc.tagging.output import journal_paths
+from geoswc.tagging.files import REPLACE_HINT, os_errors, output_error, read_json_object, refuse_links
+from geoswc.tagging.journal import (
+    all_embedding_journals,
+    embedding_files,
+    embedding_journal_paths,
+    embeddings_meta_path,
+    embeddings_path,
+)
+from geoswc.tagging.output import journal_path, journal_paths
 from geoswc.tagging.report import html_path
 from geoswc.tagging.rows import ReviewOptions
 
@@ -71,7 +77,8 @@ class OutputLock:
             return self
         while True:
             with os_errors("create the lock file", self.path):
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+                # O_NOFOLLOW: a link planted at OUT.lock would get the file it points at truncated.
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -288,8 +295,21 @@ def start_output(output: str, *, resume: bool, overwrite: bool, identity: dict, 
     return base
 
 
+def run_files(output: str, world: int = 1) -> List[str]:
+    """Every file a run of ``world`` ranks may create or write beside (and at) ``output``."""
+    files = [output, lock_path(output), run_record_path(output), html_path(output)]
+    files += [embeddings_path(output), embeddings_meta_path(output)]
+    for rank in range(world):
+        files += [journal_path(output, rank), *embedding_journal_paths(output, rank)]
+    files += journal_paths(output)
+    for pair in all_embedding_journals(output):
+        files += pair
+    return files
+
+
 def prepare_output(output: str, *, ranks: Ranks, **checks) -> Tuple[Optional[OutputLock], str]:
-    """On rank 0: lock ``output``, then `start_output`; every rank gets the outcome (or the same error).
+    """On rank 0: refuse symbolic links at the run's files (`run_files`), lock ``output``, then
+    `start_output`; every rank gets the outcome (or the same error).
 
     Returns:
         The lock (held by rank 0; None on the other ranks) and the folder of the output's relative paths.
@@ -300,6 +320,8 @@ def prepare_output(output: str, *, ranks: Ranks, **checks) -> Tuple[Optional[Out
             folder = os.path.dirname(output) or os.curdir
             if not os.path.isdir(folder):
                 raise FileNotFoundError(f"the output's folder {folder} does not exist")
+            # Files are also opened with O_NOFOLLOW or replaced by a rename; this says so before any work.
+            refuse_links(run_files(output, ranks.world))
             lock = OutputLock(output).acquire()
             outcome = ("ok", start_output(output, **checks))
         except (OSError, ValueError) as err:

@@ -44,7 +44,13 @@ from geoswc.data.photos import PhotoDataset, photo_batches
 from geoswc.geolocator import Geolocator
 from geoswc.precision import default_batch_size, default_workers
 from geoswc.tagging.duplicates import duplicate_groups
-from geoswc.tagging.exif_copies import PRECISION_DECIMALS, ExifCopies, check_exif_folder, protected_folders
+from geoswc.tagging.exif_copies import (
+    PRECISION_DECIMALS,
+    ExifCopies,
+    check_exif_folder,
+    check_writable,
+    protected_folders,
+)
 from geoswc.tagging.journal import EmbeddingJournal, embedding_fingerprint, finalize_embeddings
 from geoswc.tagging.output import (
     RowWriter,
@@ -231,6 +237,7 @@ def tag_photos(
     precision_mode: Optional[str] = None,
     compile: Union[str, bool, None] = "auto",
     runtime: str = "auto",
+    raw_csv: bool = False,
 ) -> dict:
     """Geotag every photo under ``paths`` into ``out``, one row per photo.
 
@@ -262,6 +269,9 @@ def tag_photos(
         compile: ``torch.compile`` the backbone: ``auto`` (on CUDA), ``on`` or ``off``.
         runtime: what executes the backbone: ``auto`` (ONNX Runtime for float32 on a CPU when installed,
             else PyTorch), ``torch`` or ``onnx``; see `geoswc.runtime`. Not part of the run record either.
+        raw_csv: write CSV text cells as they are; by default a cell a spreadsheet would run as a formula
+            (starting with ``=``, ``+``, ``-``, ``@``) gets a leading ``'`` (`geoswc.tagging.output.escape_cell`),
+            which reading the output takes off. Not part of the run record.
         review: what rows hold beyond the position (alternatives, evidence, place names, abstentions,
             EXIF GPS, near-duplicate groups), the embeddings kept and the review page (`ReviewOptions`;
             default: place names, EXIF GPS, embeddings and ``OUT.html``).
@@ -293,6 +303,7 @@ def tag_photos(
     if write_exif:
         protected = protected_folders(paths, found.photos)
         check_exif_folder(write_exif, protected)
+        check_writable(write_exif)  # before the model and the output: not at the first copy, mid-run
         copies = ExifCopies(write_exif, protected=protected, precision=precision, overwrite=overwrite)
     predictor = load_predictor(
         model, head=head, device=ranks.device, precision_mode=precision_mode, compile=compile, runtime=runtime
@@ -312,6 +323,7 @@ def tag_photos(
         progress=progress,
         ranks=ranks,
         review=review,
+        raw_csv=raw_csv,
         summary=TagSummary(
             output=output,
             skipped_not_photo=found.skipped_not_photo,
@@ -394,6 +406,7 @@ class _Run:
     progress: bool
     ranks: Ranks
     review: ReviewOptions
+    raw_csv: bool
     summary: TagSummary
     # What identifies a photo (its real path, relative paths taken from where the output was started).
     key: Optional[RealPaths] = None
@@ -428,7 +441,7 @@ def _tag(run: _Run, found: Sequence) -> None:
             rows = read_rows(run.output, run.fmt)
         else:
             order = [photo.path for photo in photos]
-            rows = merge(run.output, run.fmt, order, include_existing=True, key=run.key)
+            rows = merge(run.output, run.fmt, order, include_existing=True, key=run.key, raw=run.raw_csv)
         Tally().add(rows).into(run.summary)
         _finish(run, rows)
     else:  # the other ranks count their own share
@@ -486,7 +499,7 @@ def _tag_share(run: _Run, share: Sequence, sink: str, sink_fmt: str) -> Tally:
     bar = None
     if run.progress and ranks.rank == 0:
         bar = tqdm(total=len(share), unit="img", desc="tag", dynamic_ncols=True, smoothing=0.1)
-    writer = RowWriter(sink, sink_fmt)
+    writer = RowWriter(sink, sink_fmt, raw=run.raw_csv)
     own = Tally()
     # Batches come by shape, not in order; rows are written in the photos' order as soon as all the rows
     # before them are there, so every output lists the photos as they were found.
@@ -584,7 +597,7 @@ def _finish(run: _Run, rows: List[dict]) -> None:
             if row.get("duplicate_group") != group:
                 row["duplicate_group"], changed = group, True
         if changed:
-            write_rows(run.output, run.fmt, rows)
+            write_rows(run.output, run.fmt, rows, raw=run.raw_csv)
         summary.duplicate_groups = len(set(groups.tolist()) - {0})
         summary.duplicates = int(np.count_nonzero(groups))
     if review.html:

@@ -24,11 +24,13 @@ from geoswc.tagging.duplicates import (
     duplicate_groups,
 )
 from geoswc.tagging.files import os_errors
+from geoswc.tagging.output import escape_cell
 from geoswc.tagging.journal import (
     EMBEDDINGS_VERSION,
     ArchiveEmbeddings,
     EmbeddingJournal,
     all_embedding_journals,
+    check_finite,
     embed_pixels,
     embedding_files,
     embedding_fingerprint,
@@ -136,6 +138,7 @@ def find_similar(
     if top < 1:
         raise ValueError(f"--top must be at least 1, got {top}")
     stored = load_embeddings(archive)  # before the model: a wrong archive fails fast
+    check_finite(stored, embeddings_path(archive))
     found = discover(queries)
     if isinstance(model, (str, os.PathLike)):
         if not os.path.isdir(model):
@@ -191,8 +194,9 @@ def find_similar(
     return results
 
 
-def write_similar(path: str, results: Sequence[dict]) -> None:
-    """Write `find_similar`'s rows as CSV (header `SIMILAR_COLUMNS`), atomically."""
+def write_similar(path: str, results: Sequence[dict], *, raw: bool = False) -> None:
+    """Write `find_similar`'s rows as CSV (header `SIMILAR_COLUMNS`), atomically; text cells escaped against
+    formula injection unless ``raw`` (`geoswc.tagging.output.escape_cell`)."""
     import csv
 
     with os_errors("write", path), atomic_path(path) as tmp:
@@ -200,4 +204,7 @@ def write_similar(path: str, results: Sequence[dict]) -> None:
             writer = csv.writer(f, lineterminator="\n")
             writer.writerow(SIMILAR_COLUMNS)
             for row in results:
-                writer.writerow(["" if row.get(key) is None else row[key] for key in SIMILAR_COLUMNS])
+                cells = ["" if row.get(key) is None else row[key] for key in SIMILAR_COLUMNS]
+                if not raw:
+                    cells = [escape_cell(cell) if isinstance(cell, str) else cell for cell in cells]
+                writer.writerow(cells)
