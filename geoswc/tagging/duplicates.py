@@ -150,6 +150,36 @@ def _ivf_links(
     the k-means sample (20 rows per list) while it trains, then the centroids, ``N x nprobe`` list numbers and
     one list's rows at a time, never the archive.
     """
+    started = time.perf_counter()
+    n = len(vectors)
+    nlist = min(n, int(nlist) if nlist else max(1, round(4 * np.sqrt(n))))
+    nprobe = min(nprobe, nlist)
+    quantizer = _train_lists(vectors, nlist, seed)
+    trained = time.perf_counter()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=2 * n, desc="duplicates", unit="photo")
+    probes = _probes(vectors, quantizer, nprobe, block, bar)
+    assigned = time.perf_counter()
+    _link_list_pairs(vectors, parent, cut, probes, nlist, bar)
+    if bar is not None:
+        bar.close()
+    logger.info(
+        "near-duplicates of %d photos over %d inverted lists (nprobe %d): k-means %.1f s, assignment %.1f s, "
+        "comparison %.1f s",
+        n,
+        nlist,
+        nprobe,
+        trained - started,
+        assigned - trained,
+        time.perf_counter() - assigned,
+    )
+
+
+def _train_lists(vectors: np.ndarray, nlist: int, seed: int):
+    """A faiss inner-product index over ``nlist`` spherical k-means centroids of a sample of ``vectors``."""
     try:
         import faiss
     except ImportError as err:
@@ -158,10 +188,7 @@ def _ivf_links(
         raise ImportError(
             f"near-duplicate search over large archives needs faiss, which is not installed; run: {FAISS_INSTALL}"
         ) from err
-    started = time.perf_counter()
     n, dim = vectors.shape
-    nlist = min(n, int(nlist) if nlist else max(1, round(4 * np.sqrt(n))))
-    nprobe = min(nprobe, nlist)
     rng = np.random.default_rng(seed)
     sample = _rows(vectors, np.sort(rng.choice(n, size=min(n, _TRAIN_PER_LIST * nlist), replace=False)))
     kmeans = faiss.Kmeans(
@@ -177,21 +204,28 @@ def _ivf_links(
     del sample
     quantizer = faiss.IndexFlatIP(dim)
     quantizer.add(kmeans.centroids)
-    trained = time.perf_counter()
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+    return quantizer
 
-        bar = tqdm(total=2 * n, desc="duplicates", unit="photo")
-    # probes[i, 0] is the list photo i is stored in.
+
+def _probes(vectors: np.ndarray, quantizer, nprobe: int, block: int, bar) -> np.ndarray:
+    """``(N, nprobe)`` int32: the lists each photo probes, nearest first; ``probes[i, 0]`` is the list photo
+    ``i`` is stored in."""
+    n = len(vectors)
     probes = np.empty((n, nprobe), dtype=np.int32)
     for start, end in _blocks(n, block):
         _, lists = quantizer.search(_rows(vectors, slice(start, end)), nprobe)
         probes[start:end] = np.maximum(lists, 0)  # -1 only for a NaN row, which matches nothing anyway
         if bar is not None:
             bar.update(end - start)
+    return probes
+
+
+def _link_list_pairs(
+    vectors: np.ndarray, parent: np.ndarray, cut: float, probes: np.ndarray, nlist: int, bar
+) -> None:
+    """Compare each list's stored photos with the photos probing it, and link the pairs at or above ``cut``."""
+    n = len(vectors)
     stored = probes[:, 0]
-    assigned = time.perf_counter()
     # Lists are visited in ranges whose probes fit ~2^24 entries, so no N x nprobe index array is built.
     counts = np.bincount(probes.ravel(), minlength=nlist)
     range_starts = [0]
@@ -221,29 +255,24 @@ def _ivf_links(
         for k in range(hi - lo):
             listed = members[member_bounds[k] : member_bounds[k + 1]]
             probing = rows[probe_bounds[k] : probe_bounds[k + 1]]
-            for m0, m1 in _blocks(len(listed), _TILE):
-                m = listed[m0:m1]
-                xm = _rows(vectors, m)
-                for p0, p1 in _blocks(len(probing), _TILE):
-                    p = probing[p0:p1]
-                    ii, jj = np.nonzero(_rows(vectors, p) @ xm.T >= cut)
-                    a, b = p[ii], m[jj]
-                    other = a != b
-                    _link(parent, a[other], b[other])
+            _link_block_pairs(vectors, parent, cut, listed, probing)
             if bar is not None:
                 bar.update(len(listed))
-    if bar is not None:
-        bar.close()
-    logger.info(
-        "near-duplicates of %d photos over %d inverted lists (nprobe %d): k-means %.1f s, assignment %.1f s, "
-        "comparison %.1f s",
-        n,
-        nlist,
-        nprobe,
-        trained - started,
-        assigned - trained,
-        time.perf_counter() - assigned,
-    )
+
+
+def _link_block_pairs(
+    vectors: np.ndarray, parent: np.ndarray, cut: float, listed: np.ndarray, probing: np.ndarray
+) -> None:
+    """Link every pair (a photo of ``probing``, a photo of ``listed``) at or above ``cut``, tile by tile."""
+    for m0, m1 in _blocks(len(listed), _TILE):
+        m = listed[m0:m1]
+        xm = _rows(vectors, m)
+        for p0, p1 in _blocks(len(probing), _TILE):
+            p = probing[p0:p1]
+            ii, jj = np.nonzero(_rows(vectors, p) @ xm.T >= cut)
+            a, b = p[ii], m[jj]
+            other = a != b
+            _link(parent, a[other], b[other])
 
 
 def duplicate_groups(
