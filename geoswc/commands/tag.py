@@ -63,7 +63,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="round published positions: city = 2 decimals (~1 km), region = 1 (~11 km), country = 0 (~111 km)",
     )
     parser.add_argument("--head", default=None, help="classification head to use (default: the model's own)")
-    review = parser.add_argument_group("review (docs/tagging.md)")
+    _add_review_arguments(parser.add_argument_group("review (docs/tagging.md)"))
+    _add_runtime_arguments(parser)
+
+
+def _add_review_arguments(review) -> None:
     review.add_argument(
         "--top-k",
         type=int,
@@ -111,6 +115,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="do not keep the archive's embeddings (OUT.embeddings.npy) for geoswc similar",
     )
     review.add_argument("--no-html", action="store_true", help="do not write the review page OUT.html")
+
+
+def _add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--precision-mode",
         choices=PRECISION_MODES,

@@ -299,12 +299,7 @@ def tag_photos(
     ranks = ranks or Ranks()
     # The inputs first: a mistyped path fails before a large model is loaded.
     found: Discovery = discover(paths)
-    copies = None
-    if write_exif:
-        protected = protected_folders(paths, found.photos)
-        check_exif_folder(write_exif, protected)
-        check_writable(write_exif)  # before the model and the output: not at the first copy, mid-run
-        copies = ExifCopies(write_exif, protected=protected, precision=precision, overwrite=overwrite)
+    copies = _exif_copies(paths, found, write_exif, precision=precision, overwrite=overwrite)
     predictor = load_predictor(
         model, head=head, device=ranks.device, precision_mode=precision_mode, compile=compile, runtime=runtime
     )
@@ -341,13 +336,14 @@ def tag_photos(
         predict_options=options,
         review=review,
     )
+    relative_inputs = any(not os.path.isabs(photo.path) for photo in found.photos)
     lock, base = prepare_output(
         output,
         ranks=ranks,
         resume=resume,
         overwrite=overwrite,
         identity=identity,
-        relative_inputs=any(not os.path.isabs(photo.path) for photo in found.photos),
+        relative_inputs=relative_inputs,
     )
     try:
         ranks.barrier()
@@ -358,6 +354,18 @@ def tag_photos(
             lock.release()
     run.summary.seconds = time.perf_counter() - start
     return dataclasses.asdict(run.summary)
+
+
+def _exif_copies(paths, found: Discovery, write_exif: Optional[str], *, precision: str, overwrite: bool):
+    """The writer of the run's EXIF copies (None without ``write_exif``), its folder checked first: outside
+    every input, and writable (so an unwritable folder fails before the model loads, not at the first copy).
+    """
+    if not write_exif:
+        return None
+    protected = protected_folders(paths, found.photos)
+    check_exif_folder(write_exif, protected)
+    check_writable(write_exif)
+    return ExifCopies(write_exif, protected=protected, precision=precision, overwrite=overwrite)
 
 
 def _check_arguments(fmt: str, *, precision: str, batch_size, resume: bool, overwrite: bool) -> None:
