@@ -161,11 +161,11 @@ def _model_identity(model, predictor) -> dict:
     if isinstance(model, (str, os.PathLike)):
         folder = os.path.realpath(model)
         try:
-            with open(os.path.join(folder, "geolocator.json"), encoding="utf-8") as f:
-                meta = json.load(f)
+            meta = read_json_object(
+                os.path.join(folder, "geolocator.json"), what="a model folder's description"
+            )
         except (OSError, ValueError):
             pass  # from_pretrained read it a moment ago
-    meta = meta if isinstance(meta, dict) else {}
     # Folders that record the SHA-256 of their parts: one digest of them tells two models of one partition
     # apart, wherever the folder lies.
     parts = meta.get("sha256")
