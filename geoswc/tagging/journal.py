@@ -137,7 +137,8 @@ def _read_journal_paths(path: str) -> List[str]:
 
 
 def _journal_count(vectors_path: str, paths_path: str, dim: int) -> int:
-    n_vectors = os.path.getsize(vectors_path) // (2 * dim) if os.path.exists(vectors_path) else 0
+    with os_errors("read", vectors_path):
+        n_vectors = os.path.getsize(vectors_path) // (2 * dim) if os.path.exists(vectors_path) else 0
     n_paths = len(_read_journal_paths(paths_path)) if os.path.exists(paths_path) else 0
     return min(n_vectors, n_paths)
 
@@ -258,7 +259,8 @@ def finalize_embeddings(
         n = _journal_count(vectors_path, paths_path, dim)
         if n == 0:
             continue
-        vectors = np.memmap(vectors_path, dtype=np.float16, mode="r", shape=(n, dim))
+        with os_errors("read", vectors_path):
+            vectors = np.memmap(vectors_path, dtype=np.float16, mode="r", shape=(n, dim))
         sources.append(vectors)
         for row, path in enumerate(_read_journal_paths(paths_path)[:n]):
             where[key(path)] = (len(sources) - 1, row)
