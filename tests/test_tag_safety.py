@@ -217,3 +217,21 @@ def test_similar_refuses_embeddings_that_are_not_finite(tagged, tiny_model_dir, 
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"{npy} holds 1 embeddings that are not finite" in err
     assert not (tmp_path / "similar.csv").exists()
+
+
+def test_similar_csv_escapes_text_cells_unless_raw(tmp_path):
+    from geoswc.tagging.similar import SIMILAR_COLUMNS, write_similar
+
+    row = {**dict.fromkeys(SIMILAR_COLUMNS), "query": "=HYPERLINK(1)", "rank": 1, "similarity": -0.25}
+    row.update(path="@photo.jpg", lat=-33.86, lon=151.2, place="-Town")
+    out = tmp_path / "similar.csv"
+    write_similar(str(out), [row])
+    cells = list(csv.reader(io.StringIO(out.read_text())))[1]
+    assert cells[:7] == ["'=HYPERLINK(1)", "1", "-0.25", "'@photo.jpg", "-33.86", "151.2", "'-Town"]
+    write_similar(str(out), [row], raw=True)
+    assert list(csv.reader(io.StringIO(out.read_text())))[1][:4] == [
+        "=HYPERLINK(1)",
+        "1",
+        "-0.25",
+        "@photo.jpg",
+    ]
