@@ -239,18 +239,22 @@ def check_exif_folder(write_exif: str, protected: set) -> None:
 
 
 def check_writable(folder: str) -> None:
-    """Create the copies' folder (as the first copy would) and a file in it, removed at once: a folder the
-    copies cannot go into fails before a run tags anything.
+    """Check that the copies can go into ``folder``: it, or the nearest folder above it that exists (where the
+    first copy would create it), is a folder this process may write. Nothing is created, so a run refused
+    later (another run's output, other settings) leaves no trace.
 
     Raises:
-        OutputError: naming ``folder`` and the reason (permission denied, read-only file system, a file in the
-            way, ...).
+        OutputError: naming ``folder`` and the reason (permission denied or a read-only file system, a file in
+            the way).
     """
+    existing = os.path.abspath(folder)
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
     with os_errors("write EXIF copies into", folder):
-        os.makedirs(folder, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".geoswc-write-check.", suffix=".tmp", dir=folder)
-        os.close(fd)
-        os.remove(probe)
+        if not os.path.isdir(existing):
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), existing)
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), existing)
 
 
 class ExifCopies:
