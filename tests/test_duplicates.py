@@ -1,4 +1,4 @@
-"""Near-duplicate groups (`geoswc.tagging.similar.duplicate_groups`, ``geoswc tag --duplicates``) against scipy's
+"""Near-duplicate groups (`geoswc.tagging.duplicates.duplicate_groups`, ``geoswc tag --duplicates``) against scipy's
 connected components and against photos copied, re-encoded and resized; the inverted-file method against the
 exact one."""
 
@@ -10,7 +10,7 @@ from PIL import Image
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-import geoswc.tagging.similar
+import geoswc.tagging.duplicates
 from geoswc.cli import main
 from geoswc.tagging.similar import DUPLICATE_THRESHOLD, duplicate_groups
 from geoswc.tagging.output import read_rows
@@ -103,8 +103,8 @@ def test_long_chains_in_shuffled_order_are_one_group_each(method, monkeypatch):
     vectors = vectors[rng.permutation(len(vectors))].astype(np.float32)
     # The ivf method with every list probed compares every pair: exactly the exact groups. Tiny tiles and
     # passes make it cut lists and list ranges into pieces.
-    monkeypatch.setattr(geoswc.tagging.similar, "_TILE", 13)
-    monkeypatch.setattr(geoswc.tagging.similar, "_PROBES_PER_PASS", 200)
+    monkeypatch.setattr(geoswc.tagging.duplicates, "_TILE", 13)
+    monkeypatch.setattr(geoswc.tagging.duplicates, "_PROBES_PER_PASS", 200)
     groups = duplicate_groups(vectors, threshold=0.95, method=method, nlist=9, nprobe=9, block=100)
     grouped, labels = reference_groups(vectors, 0.95)
     assert same_partition(groups, grouped, labels)
@@ -168,10 +168,10 @@ def test_auto_compares_small_archives_exactly_and_large_ones_through_inverted_li
     rng = np.random.default_rng(3)
     vectors, _ = planted_archive(rng, 600, 32)
     exact = duplicate_groups(vectors, method="exact")
-    caplog.set_level(logging.INFO, logger="geoswc.tagging.similar")
+    caplog.set_level(logging.INFO, logger="geoswc.tagging.duplicates")
     assert np.array_equal(duplicate_groups(vectors), exact)
     assert "inverted lists" not in caplog.text
-    monkeypatch.setattr(geoswc.tagging.similar, "EXACT_DUPLICATES_MAX", 599)
+    monkeypatch.setattr(geoswc.tagging.duplicates, "EXACT_DUPLICATES_MAX", 599)
     assert np.array_equal(duplicate_groups(vectors, nprobe=1000), exact)  # every list probed: every pair
     assert "near-duplicates of 600 photos over 98 inverted lists (nprobe 98)" in caplog.text
 

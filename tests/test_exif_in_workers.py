@@ -16,7 +16,7 @@ from torchvision import transforms as T
 
 import geoswc.data.exif
 import geoswc.data.photos
-import geoswc.tagging.run
+import geoswc.tagging.rows
 from geoswc.tagging.exif_copies import write_gps_exif
 from geoswc.data.exif import read_gps
 from geoswc.data.photos import batch_by_shape, group_with_gps, photo_batches, PhotoDataset
@@ -89,7 +89,7 @@ def exif_reads(monkeypatch, tmp_path):
             raise AssertionError(f"the main process opened {fp} with Pillow")
         return pil_open(fp, *args, **kwargs)
 
-    monkeypatch.setattr(geoswc.tagging.run, "read_gps", refuse)
+    monkeypatch.setattr(geoswc.tagging.rows, "read_gps", refuse)
     monkeypatch.setattr(geoswc.data.exif, "read_gps", refuse)
     monkeypatch.setattr(geoswc.data.photos, "gps_from_bytes", recorded)
     monkeypatch.setattr(Image, "open", open_checked)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from geoswc.commands.tag import refusals_exit_1
 from geoswc.data.validation import choice_error
 from geoswc.tagging.similar import find_similar, write_similar
 
@@ -25,16 +26,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", required=True, metavar="OUT.csv", help="result CSV")
     parser.add_argument("--top", type=int, default=10, help="archive photos listed per query (default 10)")
     parser.add_argument("--batch-size", type=int, default=32, help="query photos per model call (default 32)")
+    parser.add_argument(
+        "--raw",
+        action="store_true",
+        help="write text cells as they are (by default a cell starting with =, +, - or @ gets a leading ')",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     """Run `geoswc similar` from parsed arguments; prints where the results went."""
     if not args.output.lower().endswith(".csv"):
         raise choice_error("output format", args.output, (".csv",))
-    results = find_similar(
-        args.queries, model=args.model, archive=args.archive, top=args.top, batch_size=args.batch_size
-    )
-    write_similar(args.output, results)
+    with refusals_exit_1():
+        results = find_similar(
+            args.queries, model=args.model, archive=args.archive, top=args.top, batch_size=args.batch_size
+        )
+        write_similar(args.output, results, raw=args.raw)
     queries = len({row["query"] for row in results})
     errors = sum(1 for row in results if row["error"])
     print(

@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
 from geoswc.precision import COMPILE_MODES, PRECISION_MODES
 from geoswc.runtime import RUNTIMES
 from geoswc.tagging.exif_copies import PRECISION_DECIMALS
+from geoswc.tagging.files import OutputError
 from geoswc.tagging.output import output_format
 from geoswc.tagging.run import Ranks, ReviewOptions, summary_lines, tag_photos
 from geoswc.tagging.similar import DUPLICATE_THRESHOLD
@@ -61,7 +63,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="round published positions: city = 2 decimals (~1 km), region = 1 (~11 km), country = 0 (~111 km)",
     )
     parser.add_argument("--head", default=None, help="classification head to use (default: the model's own)")
-    review = parser.add_argument_group("review (docs/tagging.md)")
+    _add_review_arguments(parser.add_argument_group("review (docs/tagging.md)"))
+    _add_runtime_arguments(parser)
+
+
+def _add_review_arguments(review) -> None:
     review.add_argument(
         "--top-k",
         type=int,
@@ -109,6 +115,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="do not keep the archive's embeddings (OUT.embeddings.npy) for geoswc similar",
     )
     review.add_argument("--no-html", action="store_true", help="do not write the review page OUT.html")
+
+
+def _add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--precision-mode",
         choices=PRECISION_MODES,
@@ -130,14 +139,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "OpenVINO that agrees, measured once per machine and model, -v prints it; PyTorch otherwise), torch, "
         "onnx, openvino",
     )
+    parser.add_argument(
+        "--raw",
+        action="store_true",
+        help="CSV: write text cells as they are (by default a cell starting with =, +, - or @ gets a leading ' "
+        "so no spreadsheet runs it as a formula)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+@contextlib.contextmanager
+def refusals_exit_1():
+    """An `OutputError` (the system refused a file: permission denied, disk full, a link in the way) leaves the
+    command as the plain `OSError` it is, so ``geoswc`` exits with status 1 for it, not 2 as for bad input."""
+    try:
+        yield
+    except OutputError as err:
+        # OSError(errno, text) would become FileNotFoundError & co., which the command line takes for bad input.
+        raise OSError(str(err)) from err
 
 
 def run(args: argparse.Namespace) -> int:
     """Run `geoswc tag` from parsed arguments; prints the closing summary and returns the exit code."""
     ranks = Ranks()
     output_format(args.output)  # a bad output name fails before the model loads
-    summary = tag_photos(
+    with refusals_exit_1():
+        summary = _tag(args, ranks)
+    if ranks.rank == 0:
+        print("\n".join(summary_lines(summary)))
+    return 0
+
+
+def _tag(args: argparse.Namespace, ranks: Ranks) -> dict:
+    return tag_photos(
         args.paths,
         model=args.model,  # the folder, so the run record names it (tag_photos loads it once)
         out=args.output,
@@ -151,6 +185,7 @@ def run(args: argparse.Namespace) -> int:
         precision_mode=args.precision_mode,
         compile=args.compile,
         runtime=args.runtime,
+        raw_csv=args.raw,
         progress=not args.no_progress and (sys.stderr.isatty() or os.environ.get("GEOSWC_PROGRESS") == "1"),
         ranks=ranks,
         review=ReviewOptions(
@@ -165,9 +200,6 @@ def run(args: argparse.Namespace) -> int:
             html=not args.no_html,
         ),
     )
-    if ranks.rank == 0:
-        print("\n".join(summary_lines(summary)))
-    return 0
 
 
 def register(subparsers) -> None:

@@ -1,6 +1,10 @@
 """Published positions: the precisions a tag run may round to, and JPEG copies carrying the GPS position in
 their EXIF (`write_gps_exif`); originals are only ever opened for reading, and an existing file is replaced
 only when asked. Finding and decoding the photos is `geoswc.data.images`.
+
+A run's copies (`ExifCopies`, ``geoswc tag --write-exif DIR``) go under one folder laid out like the inputs,
+which may not be, contain or lie inside an input folder (`check_exif_folder`), so no copy can replace an
+original.
 """
 
 from __future__ import annotations
@@ -13,11 +17,12 @@ import os
 import stat
 import tempfile
 from fractions import Fraction
-from typing import Iterable, Optional, Tuple
+from typing import Any, Iterable, List, Optional, Sequence, Tuple
 
 import piexif
 
 from geoswc.data.images import SNIFF_BYTES, PhotoError, read_photo_bytes, sniff
+from geoswc.tagging.files import os_errors, output_error
 
 logger = logging.getLogger(__name__)
 
@@ -158,3 +163,137 @@ def _put_in_place(tmp: str, dest: str, *, overwrite: bool) -> bool:
         return False
     os.replace(tmp, dest)
     return True
+
+
+# --------------------------------------------------------------------------------------------- a run's copies
+
+
+def _inside(path: str, folder: str) -> bool:
+    """Whether ``path`` is ``folder`` or lies inside it (both absolute and resolved)."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _within(path: str, folders: set) -> Optional[str]:
+    """The folder of ``folders`` that ``path`` is or lies inside (all absolute and resolved), or None."""
+    while path not in folders:
+        parent = os.path.dirname(path)
+        if parent == path:
+            return None
+        path = parent
+    return path
+
+
+def _input_folders(paths: Sequence[str]) -> List[str]:
+    """The folders the inputs name, as `geoswc.data.images.discover` reads them: a folder itself, the folder
+    of a file, the fixed part of a glob; the lines of ``@list`` files the same way."""
+    folders = []
+
+    def add(item: str) -> None:
+        if os.path.isdir(item):
+            folders.append(item)
+        elif any(ch in item for ch in "*?[") and not os.path.lexists(item):
+            fixed = []
+            for part in item.split(os.sep):
+                if any(ch in part for ch in "*?["):
+                    break
+                fixed.append(part)
+            folders.append(os.sep.join(fixed) or os.curdir)
+        else:
+            folders.append(os.path.dirname(item) or os.curdir)
+
+    for item in paths:
+        if item.startswith("@"):
+            with open(item[1:], encoding="utf-8", errors="surrogateescape") as f:
+                lines = [line.strip() for line in f.read().splitlines()]
+            for line in lines:
+                if line and not line.startswith("#"):
+                    add(os.path.join(os.path.dirname(item[1:]), line))
+        else:
+            add(item)
+    return folders
+
+
+def protected_folders(paths: Sequence[str], photos) -> set:
+    """The real paths of the input folders and of every photo's folder: no EXIF copy may go into them."""
+    folders = set(_input_folders(paths))
+    folders.update(os.path.dirname(os.path.abspath(photo.path)) for photo in photos)
+    return {os.path.realpath(folder) for folder in folders}
+
+
+def check_exif_folder(write_exif: str, protected: set) -> None:
+    """Refuse an EXIF folder that is, contains or lies inside an input folder (after resolving symlinks).
+
+    Raises:
+        ValueError: naming the input folder.
+    """
+    real = os.path.realpath(write_exif)
+    folder = _within(real, protected)
+    relation = "is" if folder == real else "lies inside"
+    if folder is None:
+        folder, relation = next((f for f in sorted(protected) if _inside(f, real)), None), "contains"
+    if folder is not None:
+        raise ValueError(
+            f"--write-exif {write_exif} {relation} the input folder {folder}; the copies could replace "
+            "the originals: choose a folder outside every input"
+        )
+
+
+def check_writable(folder: str) -> None:
+    """Check that the copies can go into ``folder``: it, or the nearest folder above it that exists (where the
+    first copy would create it), is a folder this process may write. Nothing is created, so a run refused
+    later (another run's output, other settings) leaves no trace.
+
+    Raises:
+        OutputError: naming ``folder`` and the reason (permission denied or a read-only file system, a file in
+            the way).
+    """
+    existing = os.path.abspath(folder)
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    with os_errors("write EXIF copies into", folder):
+        if not os.path.isdir(existing):
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), existing)
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), existing)
+
+
+class ExifCopies:
+    """Writes the EXIF copies of a run under its folder, never into an input folder (a folder of the copies
+    may be a symlink) and never over an existing file unless ``overwrite``."""
+
+    def __init__(self, folder: str, *, protected: set, precision: str, overwrite: bool):
+        self.folder, self.protected = folder, protected
+        self.precision, self.overwrite = precision, overwrite
+        self._checked: set = set()
+
+    def _check_folder(self, dest: str) -> None:
+        folder = os.path.dirname(dest)
+        if folder in self._checked:
+            return
+        protected = _within(os.path.realpath(folder), self.protected)
+        if protected is not None:
+            raise ValueError(
+                f"--write-exif: {folder} leads into the input folder {protected}; the copies could "
+                "replace the originals"
+            )
+        self._checked.add(folder)
+
+    def write(self, photo, lat: float, lon: float, summary: Any) -> None:
+        dest = os.path.join(self.folder, photo.rel)
+        self._check_folder(dest)
+        try:
+            written = write_gps_exif(
+                photo.path, dest, lat, lon, precision=self.precision, overwrite=self.overwrite
+            )
+        except PhotoError as err:
+            logger.debug("no EXIF copy of %s: %s", photo.path, err)
+            summary.exif_skipped += 1
+            return
+        except OSError as err:
+            raise output_error("write the EXIF copy", err.filename or dest, err) from err
+        if written:
+            summary.exif_written += 1
+        else:
+            logger.info("kept the existing %s (--overwrite replaces it)", dest)
+            summary.exif_skipped += 1
+            summary.exif_existing += 1

@@ -9,34 +9,43 @@ append to JSONL journals ``OUT.journal-<rank>.jsonl`` instead; at the end `merge
 the journals (and from an earlier final file when resuming) in discovery order, atomically, and deletes the
 journals.
 
-Every file of a run is named after ``OUT``: the journals, the run record ``OUT.run.json`` (what the output was
-started with, checked by ``--resume``) and the lock ``OUT.lock`` held while a run writes (`OutputLock`). What
-the system refuses (disk full, permission denied) is raised as an `OutputError`, one line naming the file.
+Every file of a run is named after ``OUT``: the journals here, the run record ``OUT.run.json`` and the lock
+``OUT.lock`` (`geoswc.tagging.records`), the review page ``OUT.html`` (`geoswc.tagging.report`). What the system
+refuses (disk full, permission denied) is raised as an `OutputError`, one line naming the file
+(`geoswc.tagging.files`).
 
 Every format has the same columns (`COLUMNS`); the list-valued ones (`LIST_COLUMNS`: ``top_cells``,
 ``evidence``) are JSON arrays in JSONL and GeoJSON and the same JSON text in one CSV or Parquet field, read
 back as lists by `read_rows`. docs/tagging.md describes every column.
+
+A CSV text cell that a spreadsheet would run as a formula (it starts with ``=``, ``+``, ``-`` or ``@``, after
+any ``'``) is written with a leading ``'`` (`escape_cell`), which `read_rows` takes off again; ``raw=True``
+(``geoswc tag --raw``) writes the text as it is. Numbers are never escaped: a negative latitude stays a number.
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import glob
+import importlib
 import io
 import json
 import logging
-import math
 import os
 import re
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 from geoswc.data.files import atomic_path
-
-try:
-    import fcntl
-except ImportError:  # not on Windows: runs are not locked there
-    fcntl = None
+from geoswc.tagging.files import (  # noqa: F401 (OutputError, output_error: importable from here as before)
+    ENCODING,
+    ERRORS,
+    REPLACE_HINT,
+    OutputError,
+    finite,
+    open_nofollow,
+    os_errors,
+    output_error,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -82,11 +91,13 @@ FLOAT_COLUMNS = (
 INT_COLUMNS = ("duplicate_group",)
 # List-valued columns: JSON arrays in JSONL and GeoJSON, the same JSON text in one CSV or Parquet field.
 LIST_COLUMNS = ("top_cells", "evidence")
+# Columns whose CSV cells are text, escaped against formula injection (`escape_cell`).
+TEXT_COLUMNS = tuple(key for key in COLUMNS if key not in FLOAT_COLUMNS + INT_COLUMNS)
+# A cell a spreadsheet would read as a formula (OWASP's CSV injection list), after any quotes added before.
+_FORMULA = re.compile(r"'*[=+\-@]")
 # Columns a prediction fills (make_row); the others are filled by the tag run (geoswc.tagging.run.review_fields).
 PREDICTION_COLUMNS = ("lat", "lon", "method", "cell_token", "cell_probability", "confidence")
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".geojson": "geojson", ".parquet": "parquet"}
-# Paths are file names from the OS: bytes that are not UTF-8 survive a round trip through the output.
-ENCODING, ERRORS = "utf-8", "surrogateescape"
 
 # ok: placed; abstain: below --min-confidence (the guess in guess_lat/guess_lon); skipped: already geotagged
 # (--skip-geotagged); error: not readable as a photo.
@@ -94,34 +105,22 @@ STATUSES = ("ok", "error", "abstain", "skipped")
 Row = Dict[str, object]
 # Prediction keys that name a column differently (the Geolocator's records say ``cell_prob``).
 PREDICTION_ALIASES = {"cell_probability": "cell_prob"}
-REPLACE_HINT = "use --overwrite to replace it"
+# Names that moved to their own modules, importable from here as before (loaded on first use: those modules
+# import this one).
+_MOVED = {
+    "OutputLock": "geoswc.tagging.records",
+    "lock_path": "geoswc.tagging.records",
+    "read_run_record": "geoswc.tagging.records",
+    "run_record_path": "geoswc.tagging.records",
+    "write_run_record": "geoswc.tagging.records",
+    "write_html_report": "geoswc.tagging.report",
+}
 
 
-class OutputError(OSError, ValueError):
-    """The system refused to read or write a file of a run (disk full, permission denied, ...).
-
-    ``str(err)`` is one line naming the file; ``filename`` is the file. It is a `ValueError` too, so the command
-    line prints it as one line like any other bad input.
-    """
-
-    def __str__(self) -> str:
-        return str(self.strerror)
-
-
-def output_error(action: str, path: str, err: OSError) -> OutputError:
-    """``err`` (raised while doing ``action`` to ``path``) as an `OutputError`: "cannot write tags.csv: ..."."""
-    return OutputError(err.errno, f"cannot {action} {path}: {err.strerror or err}", path)
-
-
-@contextlib.contextmanager
-def os_errors(action: str, path: str):
-    """Turn an `OSError` of the block into an `OutputError` naming ``path``."""
-    try:
-        yield
-    except OutputError:
-        raise
-    except OSError as err:
-        raise output_error(action, path, err) from err
+def __getattr__(name):
+    if name in _MOVED:
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def output_format(path: str) -> str:
@@ -163,100 +162,6 @@ def journal_paths(output: str) -> List[str]:
     """The journals of every rank of earlier or current runs writing ``output``."""
     pattern = glob.escape(output) + ".journal-[0-9][0-9][0-9][0-9][0-9].jsonl"
     return sorted(glob.glob(pattern))
-
-
-def run_record_path(output: str) -> str:
-    return f"{output}.run.json"
-
-
-def lock_path(output: str) -> str:
-    return f"{output}.lock"
-
-
-class OutputLock:
-    """The exclusive lock a run holds on ``OUT.lock`` while it writes ``OUT`` (``fcntl.flock``, not waiting).
-
-    The lock file is removed on `release`; a run that was killed leaves it behind, unlocked, and the next run
-    takes it. After locking, the file is checked to still be the one at ``OUT.lock`` (a run that ended may
-    have removed it in between), so two runs never hold locks on different files.
-    """
-
-    def __init__(self, output: str):
-        self.output, self.path = output, lock_path(output)
-        self._fd: Optional[int] = None
-
-    def acquire(self) -> "OutputLock":
-        """Take the lock.
-
-        Raises:
-            FileExistsError: another run holds it.
-            OutputError: the lock file cannot be created.
-        """
-        if fcntl is None:
-            logger.warning("no fcntl on this system: %s is not locked against a second run", self.output)
-            return self
-        while True:
-            with os_errors("create the lock file", self.path):
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.read(fd, 32).decode("ascii", "replace").strip() or "?"
-                os.close(fd)
-                raise FileExistsError(
-                    f"another geoswc tag run (pid {holder}) is writing {self.output}; wait for it to end "
-                    f"(lock {self.path})"
-                ) from None
-            except OSError as err:
-                os.close(fd)
-                raise output_error("lock", self.path, err) from err
-            try:
-                held, named = os.fstat(fd), os.stat(self.path)
-                same = (held.st_dev, held.st_ino) == (named.st_dev, named.st_ino)
-            except FileNotFoundError:
-                same = False
-            if same:
-                with contextlib.suppress(OSError):  # the pid only helps the message of a second run
-                    os.ftruncate(fd, 0)
-                    os.write(fd, f"{os.getpid()}\n".encode())
-                self._fd = fd
-                return self
-            os.close(fd)  # removed by the run that held it: lock the file now at that name
-
-    def release(self) -> None:
-        if self._fd is None:
-            return
-        with contextlib.suppress(OSError):
-            os.remove(self.path)  # while still locked: nobody can take the old file in between
-        os.close(self._fd)
-        self._fd = None
-
-
-def read_run_record(output: str) -> Optional[dict]:
-    """The run record of ``output`` (``OUT.run.json``), or None when there is none.
-
-    Raises:
-        ValueError: the record is not valid JSON.
-    """
-    path = run_record_path(output)
-    if not os.path.exists(path):
-        return None
-    with os_errors("read", path), open(path, encoding="utf-8") as f:
-        try:
-            record = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON ({err.msg}); {REPLACE_HINT}") from None
-    if not isinstance(record, dict) or not isinstance(record.get("identity"), dict):
-        raise ValueError(f"{path} is not the run record of geoswc tag; {REPLACE_HINT}")
-    return record
-
-
-def write_run_record(output: str, record: dict) -> None:
-    """Write ``OUT.run.json`` atomically."""
-    path = run_record_path(output)
-    with os_errors("write", path), atomic_path(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
 # --------------------------------------------------------------------------------------------- reading
@@ -322,8 +227,21 @@ def _record_fields(record: str) -> List[str]:
     return fields
 
 
+def escape_cell(text: str) -> str:
+    """A CSV text cell that no spreadsheet runs as a formula: ``'`` before a cell starting with ``=``, ``+``,
+    ``-`` or ``@`` (or with quotes and then one of those, so `unescape_cell` gives every text back exactly)."""
+    return "'" + text if _FORMULA.match(text) else text
+
+
+def unescape_cell(text: str) -> str:
+    """The text `escape_cell` was given."""
+    return text[1:] if text.startswith("'") and _FORMULA.match(text, 1) else text
+
+
 def _csv_row(fields: List[str], source: str, line: int) -> Row:
     row: Row = dict(zip(COLUMNS, fields))
+    for key in TEXT_COLUMNS:
+        row[key] = unescape_cell(row[key])
     if row["status"] not in STATUSES:
         raise _damaged(source, line, f"has status {row['status']!r}, not one of {', '.join(STATUSES)}")
     for key in FLOAT_COLUMNS + INT_COLUMNS:
@@ -424,7 +342,7 @@ def read_appendable(path: str, fmt: str, *, repair: bool) -> List[Row]:
         torn = len(text[end:].encode(ENCODING, ERRORS))
         logger.info("%s ends in a partial row (%d bytes)%s", path, torn, "; cut off" if repair else "")
         if repair:
-            with os_errors("repair", path), open(path, "r+b") as f:
+            with os_errors("repair", path), open_nofollow(path, "r+b") as f:
                 f.truncate(len(data) - torn)
     return rows
 
@@ -467,12 +385,19 @@ def _flat(key: str, value):
     return value
 
 
-def _csv_line(row: Row) -> str:
+def _csv_line(row: Row, *, raw: bool = False) -> str:
+    cells = ["" if row.get(key) is None else _flat(key, row.get(key)) for key in COLUMNS]
+    if not raw:
+        cells = [escape_cell(cell) if isinstance(cell, str) else cell for cell in cells]
     buffer = io.StringIO()
-    csv.writer(buffer, lineterminator="\n").writerow(
-        ["" if row.get(key) is None else _flat(key, row.get(key)) for key in COLUMNS]
-    )
+    csv.writer(buffer, lineterminator="\n").writerow(cells)
     return buffer.getvalue()
+
+
+def _line_writer(fmt: str, raw: bool) -> Callable[[Row], str]:
+    if fmt == "csv":
+        return lambda row: _csv_line(row, raw=raw)
+    return _json_line
 
 
 def _json_line(row: Row) -> str:
@@ -484,17 +409,18 @@ class RowWriter:
     """Appends rows to a CSV or JSONL file, flushing after every batch so a kill loses at most one row.
 
     A write the system refuses (disk full, ...) raises an `OutputError` naming the file; what it left is at
-    most one partial row at the end, which ``--resume`` cuts off.
+    most one partial row at the end, which ``--resume`` cuts off. A symbolic link at ``path`` is refused, not
+    followed. ``raw``: CSV text cells as they are, not escaped against formula injection (`escape_cell`).
     """
 
-    def __init__(self, path: str, fmt: str):
+    def __init__(self, path: str, fmt: str, *, raw: bool = False):
         if fmt not in ("csv", "jsonl"):
             raise ValueError(f"RowWriter appends csv or jsonl, not {fmt!r}")
         self.path, self.fmt = path, fmt
-        self._line = _csv_line if fmt == "csv" else _json_line
+        self._line = _line_writer(fmt, raw)
         with os_errors("write", path):
-            new = not os.path.exists(path) or os.path.getsize(path) == 0
-            self._file = open(path, "a", encoding=ENCODING, errors=ERRORS, newline="")
+            self._file = open_nofollow(path, "a", encoding=ENCODING, errors=ERRORS)
+            new = os.fstat(self._file.fileno()).st_size == 0
         if new and fmt == "csv":
             self._append(",".join(COLUMNS) + "\n")
 
@@ -525,10 +451,6 @@ def pyarrow_parquet():
     return pq
 
 
-def _finite(value):
-    return None if isinstance(value, float) and not math.isfinite(value) else value
-
-
 def _parquet_value(key: str, value):
     value = _flat(key, value)
     if isinstance(value, str):
@@ -536,15 +458,15 @@ def _parquet_value(key: str, value):
     return value
 
 
-def write_rows(path: str, fmt: str, rows: Sequence[Row]) -> None:
-    """Write a complete output file atomically (a temporary file renamed over ``path``).
+def write_rows(path: str, fmt: str, rows: Sequence[Row], *, raw: bool = False) -> None:
+    """Write a complete output file atomically (a temporary file renamed over ``path``); ``raw`` as `RowWriter`.
 
     Raises:
         OutputError: the system refused (the message names ``path``); ``path`` is then as it was.
     """
     with os_errors("write", path), atomic_path(path) as tmp:
         if fmt in ("csv", "jsonl"):
-            line = _csv_line if fmt == "csv" else _json_line
+            line = _line_writer(fmt, raw)
             with open(tmp, "w", encoding=ENCODING, errors=ERRORS, newline="") as f:
                 f.write(",".join(COLUMNS) + "\n" if fmt == "csv" else "")
                 f.write("".join(line(row) for row in rows))
@@ -559,7 +481,7 @@ def write_rows(path: str, fmt: str, rows: Sequence[Row]) -> None:
                     feature = {
                         "type": "Feature",
                         "geometry": geometry,
-                        "properties": {key: _finite(row.get(key)) for key in COLUMNS},
+                        "properties": {key: finite(row.get(key)) for key in COLUMNS},
                     }
                     f.write(("," if number else "") + json.dumps(feature) + "\n")
                 f.write("]}\n")
@@ -582,6 +504,7 @@ def merge(
     *,
     include_existing: bool,
     key: Optional[Callable[[str], str]] = None,
+    raw: bool = False,
 ) -> List[Row]:
     """Write the final output from the journals of every rank, then delete the journals.
 
@@ -595,6 +518,7 @@ def merge(
         include_existing: keep the rows of an existing ``output`` (resuming).
         key: what identifies the photo of a path (default: the path itself); `geoswc.tagging.run` gives its real
             path, so two spellings of one photo are one photo.
+        raw: as `RowWriter`.
 
     Returns:
         The rows written.
@@ -612,131 +536,8 @@ def merge(
     position = {key(path): number for number, path in enumerate(order)}
     merged = sorted(by_key.items(), key=lambda item: position.get(item[0], -1))
     merged = [row for _, row in merged]
-    write_rows(output, fmt, merged)
+    write_rows(output, fmt, merged, raw=raw)
     for journal in journals:
         with os_errors("remove", journal):
             os.remove(journal)
     return merged
-
-
-# --------------------------------------------------------------------------------------------- review page
-
-
-def _png_base64(fig) -> str:
-    import base64
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def _map_png(rows: Sequence[Row]) -> Tuple[str, bool]:
-    """The placed photos (and the guesses of abstentions) on the offline basemap, as base64 PNG; whether the
-    basemap was drawn."""
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(10, 5.2))
-    try:
-        from geoswc.data import basemap
-
-        basemap.draw(ax, extent=(-180, 180, -90, 90))
-        has_basemap = True
-    except ImportError:
-        has_basemap = False
-    for status, colour, lat_key, lon_key in (
-        ("ok", "#d62728", "lat", "lon"),
-        ("abstain", "#1f77b4", "guess_lat", "guess_lon"),
-    ):
-        points = [
-            (r[lat_key], r[lon_key]) for r in rows if r["status"] == status and r.get(lat_key) is not None
-        ]
-        if points:
-            lat, lon = zip(*points)
-            label = "placed" if status == "ok" else "abstained (best guess)"
-            ax.scatter(lon, lat, s=6, c=colour, alpha=0.7, label=f"{label} ({len(points)})", zorder=5)
-    ax.set_xlim(-180, 180)
-    ax.set_ylim(-90, 90)
-    ax.set_aspect("equal")
-    ax.set_xlabel("longitude (deg)")
-    ax.set_ylabel("latitude (deg)")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="lower left", fontsize=8)
-    data = _png_base64(fig)
-    plt.close(fig)
-    return data, has_basemap
-
-
-def _histogram_png(rows: Sequence[Row], min_confidence: Optional[float]) -> Optional[str]:
-    import matplotlib.pyplot as plt
-
-    values = [
-        r["confidence"]
-        for r in rows
-        if r["status"] in ("ok", "abstain")
-        and isinstance(r.get("confidence"), float)
-        and math.isfinite(r["confidence"])
-    ]
-    if not values:
-        return None
-    fig, ax = plt.subplots(figsize=(6, 3))
-    ax.hist(values, bins=20, range=(0.0, 1.0), color="#555")
-    if min_confidence is not None:
-        ax.axvline(
-            min_confidence, color="#1f77b4", linestyle="--", label=f"--min-confidence {min_confidence}"
-        )
-        ax.legend(fontsize=8)
-    ax.set_xlabel("confidence (prediction density within 25 km)")
-    ax.set_ylabel("photos")
-    data = _png_base64(fig)
-    plt.close(fig)
-    return data
-
-
-def write_html_report(path: str, rows: Sequence[Row], summary: dict, *, min_confidence=None) -> None:
-    """A self-contained review page (``OUT.html``): counts by status, the EXIF check, near-duplicates, a map
-    of the placed photos on the offline basemap (`geoswc.data.basemap`) and the confidence histogram, as
-    PNGs embedded in the page. Written atomically.
-    """
-    import html
-
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    counts = {status: 0 for status in STATUSES}
-    for row in rows:
-        counts[row["status"]] += 1
-    map_png, has_basemap = _map_png(rows)
-    hist_png = _histogram_png(rows, min_confidence)
-    esc = html.escape
-    table = "".join(f"<tr><td>{esc(k)}</td><td>{v}</td></tr>" for k, v in counts.items())
-    facts = [f"{len(rows)} photos in {esc(os.path.basename(str(summary.get('output', ''))))}"]
-    if summary.get("geotagged"):
-        median = summary.get("exif_median_km")
-        facts.append(
-            f"{summary['geotagged']} photos carry EXIF GPS"
-            + (f"; median distance to the prediction {median:.1f} km" if median is not None else "")
-        )
-    if summary.get("duplicates"):
-        facts.append(f"{summary['duplicates']} photos in {summary['duplicate_groups']} near-duplicate groups")
-    if not has_basemap:
-        facts.append("basemap unavailable: the map shows the points alone")
-    parts = [
-        "<!DOCTYPE html>",
-        '<html><head><meta charset="utf-8"><title>geoswc tag: review</title>',
-        "<style>body{font-family:sans-serif;margin:2em;max-width:64em}td{padding:0 1em}"
-        "img{max-width:100%}</style></head><body>",
-        "<h1>geoswc tag: review</h1>",
-        "<ul>" + "".join(f"<li>{fact}</li>" for fact in facts) + "</ul>",
-        "<h2>Rows by status</h2><table>" + table + "</table>",
-        "<h2>Map</h2>",
-        f'<img alt="map of the placed photos" src="data:image/png;base64,{map_png}">',
-    ]
-    if hist_png:
-        parts += [
-            "<h2>Confidence</h2>",
-            f'<img alt="confidence histogram" src="data:image/png;base64,{hist_png}">',
-        ]
-    parts.append("</body></html>\n")
-    with os_errors("write", path), atomic_path(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write("\n".join(parts))
