@@ -62,26 +62,28 @@ def write_text_atomic(path: PathLike, text: str) -> None:
         tmp.write_text(text)
 
 
-def read_json_object(path: PathLike, *, what: str = "a JSON object") -> Dict[str, Any]:
+def read_json_object(path: PathLike, *, what: str = "a JSON object", hint: str = "") -> Dict[str, Any]:
     """The JSON object stored in the file ``path``.
 
     Args:
         path: the file.
         what: what the object should be, for the message when it is something else (``"a JSON object"``).
+        hint: what to do about a damaged file, appended to the message (``"; <hint>"``) when given.
 
     Raises:
         FileNotFoundError: no such file.
         ValueError: the file is not UTF-8 JSON, or holds something other than an object (file named).
     """
     path = Path(path)
+    tail = f"; {hint}" if hint else ""
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
+        raise ValueError(f"{path}: not valid JSON ({err}){tail}") from None
     if not isinstance(value, dict):
-        raise ValueError(f"{path}: expected {what}, got {type(value).__name__}")
+        raise ValueError(f"{path}: expected {what}, got {type(value).__name__}{tail}")
     return value
 
 

@@ -17,6 +17,9 @@ from typing import Iterable, Optional, Tuple
 
 import numpy as np
 
+from geoswc.data.validation import check_choice
+from geoswc.retrieval.topk import import_faiss
+
 logger = logging.getLogger(__name__)
 
 
@@ -180,14 +183,7 @@ def _ivf_links(
 
 def _train_lists(vectors: np.ndarray, nlist: int, seed: int):
     """A faiss inner-product index over ``nlist`` spherical k-means centroids of a sample of ``vectors``."""
-    try:
-        import faiss
-    except ImportError as err:
-        from geoswc.retrieval.index import FAISS_INSTALL
-
-        raise ImportError(
-            f"near-duplicate search over large archives needs faiss, which is not installed; run: {FAISS_INSTALL}"
-        ) from err
+    faiss = import_faiss("near-duplicate search over large archives")
     n, dim = vectors.shape
     rng = np.random.default_rng(seed)
     sample = _rows(vectors, np.sort(rng.choice(n, size=min(n, _TRAIN_PER_LIST * nlist), replace=False)))
@@ -313,10 +309,7 @@ def duplicate_groups(
     """
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"duplicate threshold must lie in (0, 1], got {threshold}")
-    if method not in DUPLICATE_METHODS:
-        raise ValueError(
-            f"unknown duplicate method {method!r}; choose one of: {', '.join(DUPLICATE_METHODS)}"
-        )
+    check_choice("duplicate method", method, DUPLICATE_METHODS)
     for name, value in (("nprobe", nprobe), ("block", block), ("nlist", 1 if nlist is None else nlist)):
         if int(value) < 1:
             raise ValueError(f"{name} must be at least 1, got {value}")

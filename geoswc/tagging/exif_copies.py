@@ -17,10 +17,12 @@ import os
 import stat
 import tempfile
 from fractions import Fraction
-from typing import Any, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import piexif
 
+from geoswc.data.validation import check_choice
+from geoswc.data.exif import dms_to_degrees  # noqa: F401  (importable from here as before)
 from geoswc.data.images import SNIFF_BYTES, PhotoError, read_photo_bytes, sniff
 from geoswc.tagging.files import os_errors, output_error
 
@@ -36,8 +38,7 @@ def round_latlon(lat: float, lon: float, precision: str) -> Tuple[float, float]:
     Raises:
         ValueError: unknown precision.
     """
-    if precision not in PRECISION_DECIMALS:
-        raise ValueError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISION_DECIMALS)}")
+    check_choice("precision", precision, PRECISION_DECIMALS)
     decimals = PRECISION_DECIMALS[precision]
     if decimals is None:
         return float(lat), float(lon)
@@ -64,13 +65,6 @@ def _dms_rationals(value_deg: float, decimals: Optional[int]) -> Tuple[Tuple[int
         if minutes == 60:
             minutes, degrees = 0, degrees + 1
     return (degrees, 1), (minutes, 1), (seconds_cs, 100)
-
-
-def dms_to_degrees(dms: Iterable[Tuple[int, int]], ref: str) -> float:
-    """Decode an EXIF GPS degrees/minutes/seconds triple and its N/S/E/W reference to signed degrees."""
-    (d, dd), (m, md), (s, sd) = dms
-    value = d / dd + m / md / 60 + s / sd / 3600
-    return -value if ref in ("S", "W") else value
 
 
 def gps_ifd(lat: float, lon: float, *, precision: str = "exact") -> dict:

@@ -13,10 +13,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import io
-import json
 import math
 import os
 from typing import IO, List
+
+from geoswc.data import files
 
 # Paths are file names from the OS: bytes that are not UTF-8 survive a round trip through the output.
 ENCODING, ERRORS = "utf-8", "surrogateescape"
@@ -92,23 +93,15 @@ def open_nofollow(path: str, mode: str, *, encoding=None, errors=None) -> IO:
 
 
 def read_json_object(path: str, *, what: str, hint: str = REPLACE_HINT) -> dict:
-    """The JSON object in ``path``.
+    """The JSON object in ``path`` (`geoswc.data.files.read_json_object`, with what to do about a damaged file).
 
     Raises:
         ValueError: the file is not valid JSON or holds something else than an object (naming ``path``,
             ``what`` it should be and ``hint``).
         OutputError: the file cannot be read.
     """
-    with os_errors("read", path), open(path, encoding=ENCODING, errors=ERRORS) as f:
-        try:
-            value = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON ({err.msg}); {hint}") from None
-        except UnicodeDecodeError:
-            raise ValueError(f"{path} is not JSON text; {hint}") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{path} is not {what} (a JSON {type(value).__name__}, not an object); {hint}")
-    return value
+    with os_errors("read", path):
+        return files.read_json_object(path, what=what, hint=hint)
 
 
 def finite(value):

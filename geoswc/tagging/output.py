@@ -35,6 +35,7 @@ import os
 import re
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
+from geoswc.data.validation import choice_error
 from geoswc.data.files import atomic_path
 from geoswc.tagging.files import (  # noqa: F401 (OutputError, output_error: importable from here as before)
     ENCODING,
@@ -131,7 +132,7 @@ def output_format(path: str) -> str:
     """
     ext = os.path.splitext(path)[1].lower()
     if ext not in FORMATS:
-        raise ValueError(f"unknown output format {ext or path!r}; choose one of: {', '.join(FORMATS)}")
+        raise choice_error("output format", ext or path, FORMATS)
     return FORMATS[ext]
 
 

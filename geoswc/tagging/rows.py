@@ -19,6 +19,7 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from geoswc.data.validation import check_choice
 from geoswc.data import places
 from geoswc.data.exif import gps_from_exif, read_gps
 from geoswc.data.photos import PhotoDataset, photo_batches
@@ -265,8 +266,7 @@ def tag_rows(
         ValueError: an unknown precision, a bad review option, ``review.duplicates``, a bad head or mode.
         FileNotFoundError: the model folder does not exist.
     """
-    if precision not in PRECISION_DECIMALS:
-        raise ValueError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISION_DECIMALS)}")
+    check_choice("precision", precision, PRECISION_DECIMALS)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     review = (review or ReviewOptions()).check()

@@ -39,6 +39,7 @@ from accelerate.utils import broadcast_object_list
 from torchvision import transforms as T
 from tqdm.auto import tqdm
 
+from geoswc.data.validation import check_choice
 from geoswc.data.images import Discovery, discover
 from geoswc.data.photos import PhotoDataset, photo_batches
 from geoswc.geolocator import Geolocator
@@ -369,8 +370,7 @@ def _exif_copies(paths, found: Discovery, write_exif: Optional[str], *, precisio
 
 
 def _check_arguments(fmt: str, *, precision: str, batch_size, resume: bool, overwrite: bool) -> None:
-    if precision not in PRECISION_DECIMALS:
-        raise ValueError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISION_DECIMALS)}")
+    check_choice("precision", precision, PRECISION_DECIMALS)
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
     if resume and overwrite:
