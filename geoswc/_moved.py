@@ -24,6 +24,8 @@ MOVED = {
     "geoswc.fit": "geoswc.train.fit",
     "geoswc.visloc": "geoswc.importers.visloc",
     "geoswc.serve.cells": "geoswc.geocells.polygons",
+    "geoswc.vpr.model": "geoswc.street.model",
+    "geoswc.vpr.embed": "geoswc.street.embed",
 }
 # old module path run with ``-m`` -> the command it ran
 COMMANDS = {"geoswc.fit": "fit", "geoswc.tag": "tag"}
