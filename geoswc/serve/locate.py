@@ -25,8 +25,8 @@ from geoswc.serve.decoding import decode_cost_bytes, decode_uploads
 from geoswc.serve.errors import RequestError, error_response, json_safe
 from geoswc.serve.inference import LocateJob, LocateOptions
 from geoswc.serve.state import ServeState, serve_state
-from geoswc.street.predictor import StreetGeolocator
 from geoswc.serve.uploads import Upload, busy, keep_upload, read_multipart, safe_name
+from geoswc.street.predictor import StreetGeolocator
 from geoswc.tagging.output import make_row
 from geoswc.tagging.run import ReviewOptions, prediction_row
 

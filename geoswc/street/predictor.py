@@ -50,11 +50,10 @@ class StreetTransform:
 class StreetGeolocator:
     """Places photos by the database of a model folder written by ``geoswc vpr index``."""
 
-    head_names: List[str] = []
-    geocells = None
-    retrieval = None
-
     def __init__(self, locator: PlaceLocator, folder: Optional[Path] = None):
+        self.head_names: List[str] = []
+        self.geocells = None  # no cells, no classification head, no retrieval module
+        self.retrieval = None
         self.locator = locator
         self.folder = folder
         self.index = locator.index
