@@ -45,6 +45,8 @@ from geoswc.precision import (
     use_compile,
 )
 from geoswc.runtime import RUNTIME_LABELS, OnnxForward, engine_forward, resolve_runtime
+from geoswc.street.locator import is_street_model
+from geoswc.street.predictor import StreetGeolocator
 from geoswc.retrieval.index import INDEX_FILES, BackgroundIndex, index_files  # noqa: F401
 from geoswc.retrieval.model import load_retrieval, read_metadata
 from geoswc.swc import nearest_background, search_within_cell  # noqa: F401
@@ -502,6 +504,10 @@ class Geolocator(nn.Module):
     ) -> "Geolocator":
         """Load a model folder written by `save_pretrained`, validated completely before it is used.
 
+        A folder written by ``geoswc vpr index`` (``vpr.json``, ``vpr_index/``, ``photos.csv``, no
+        ``geolocator.json``) loads as a `StreetGeolocator`: the same predictor surface, placing photos by
+        their database matches (docs/place-recognition.md).
+
         Before any part is parsed, a symbolic link leading out of the folder is refused and every file is
         checked against the SHA-256 recorded at save time, so a part swapped for another built on the same
         cells is refused too (`geoswc.folder_checks`). Then every part is checked against the others: file
@@ -526,6 +532,8 @@ class Geolocator(nn.Module):
         """
         directory = Path(directory)
         meta_path = directory / META_FILE
+        if not meta_path.is_file() and is_street_model(directory):
+            return StreetGeolocator.from_pretrained(directory, device=device)  # type: ignore[return-value]
         if not meta_path.is_file():
             raise FileNotFoundError(f"not a geoswc model folder (no geolocator.json): {directory}")
         refuse_outside_links(directory)

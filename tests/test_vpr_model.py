@@ -1,4 +1,4 @@
-"""Place-recognition models from model folders (geoswc.vpr.model)."""
+"""Place-recognition models from model folders (geoswc.street.model)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from vpr_fixtures import tiny_backbone
 
 from geoswc.classifiers.aggregation import GeM, NetVLAD
 from geoswc.classifiers.backbone import save_backbone
-from geoswc.vpr.model import LoadedVPR, VPRSpec, from_folder, save_vpr_parts
+from geoswc.street.model import LoadedVPR, VPRSpec, from_folder, save_vpr_parts
 from geoswc.classifiers.aggregation import VPRNet
 
 

@@ -17,8 +17,8 @@ from vpr_fixtures import benchmark_root, load_benchmark_module, make_tiny_world
 
 from geoswc.data.vpr import read_split
 from geoswc.eval.vpr import median_best_of_k_m, median_top1_m, recall_at
-from geoswc.vpr.embed import Embedder, views
-from geoswc.vpr.model import off_the_shelf
+from geoswc.street.embed import Embedder, views
+from geoswc.street.model import off_the_shelf
 from geoswc.vpr.search import database_index, rank
 
 SIZE = (48, 64)

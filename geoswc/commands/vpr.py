@@ -10,7 +10,7 @@ DEFAULT_CLUSTERS = 64
 
 
 def _load(args: argparse.Namespace):
-    from geoswc.vpr.model import from_folder, off_the_shelf
+    from geoswc.street.model import from_folder, off_the_shelf
 
     given = [x for x in (args.model, args.backbone, args.preset) if x is not None]
     if len(given) != 1:

@@ -10,6 +10,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 
 from geoswc.geolocator import Geolocator
+from geoswc.street.predictor import StreetGeolocator
 from geoswc.tagging.run import with_cell_centres
 
 __all__ = ["LocateJob", "LocateOptions", "batch_bucket", "batch_runner"]
@@ -76,8 +77,14 @@ def batch_runner(model: Geolocator, max_batch: int) -> Callable[[List[LocateJob]
             by_options[job.options].append(i)
         for options, members in by_options.items():
             try:
-                preds = model.locate(torch.stack([features[i] for i in members]), **options.kwargs())
-                for i, record in zip(members, with_cell_centres(model, preds.to_records(model))):
+                stacked = torch.stack([features[i] for i in members])
+                if isinstance(model, StreetGeolocator):
+                    records = model.predict_from_features(stacked, **options.kwargs())
+                else:
+                    records = with_cell_centres(
+                        model, model.locate(stacked, **options.kwargs()).to_records(model)
+                    )
+                for i, record in zip(members, records):
                     results[i] = record
             except Exception as err:  # these photos' options failed; the rest of the batch stands
                 for i in members:

@@ -27,6 +27,7 @@ from geoswc.serve.errors import RequestError, error_response, json_safe
 from geoswc.serve.inference import LocateJob, LocateOptions
 from geoswc.serve.state import ServeState, serve_state
 from geoswc.serve.uploads import Upload, busy, keep_upload, read_multipart, safe_name
+from geoswc.street.predictor import StreetGeolocator
 from geoswc.tagging.output import make_row
 from geoswc.tagging.run import ReviewOptions, prediction_row
 
@@ -110,7 +111,9 @@ def options_from(state: ServeState, form: Dict[str, str]) -> LocateOptions:
     top_k = _parse_top_k(form.get("top_k"))
     try:
         area = parse_area(form.get("area"))
-        if area is not None:
+        if area is not None and isinstance(model, StreetGeolocator):
+            model.check_area(area)
+        elif area is not None:
             if head is None:
                 raise ValueError("area needs a classification head; name one with 'head'")
             centers = np.asarray(model.head_partition(head).centers_deg, dtype=np.float64)

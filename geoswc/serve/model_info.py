@@ -22,7 +22,8 @@ def model_description(state: ServeState) -> Dict[str, Any]:
     """The body of ``GET /v1/model``."""
     model, settings, index = state.model, state.settings, state.model.index
     geocells = model.geocells
-    partitions = [{"name": name, "cells": len(geocells.partition(name))} for name in geocells.names]
+    names = [] if geocells is None else geocells.names  # a street model (geoswc vpr index) has no cells
+    partitions = [{"name": name, "cells": len(geocells.partition(name))} for name in names]
     return json_safe(
         {
             "backbone": model.backbone_name,
@@ -33,7 +34,7 @@ def model_description(state: ServeState) -> Dict[str, Any]:
             "partitions": partitions,
             "background_size": 0 if index is None or index.ids is None else int(len(index.ids)),
             "fingerprint": model.fingerprint,
-            "image_size": int(model.config.data.image_size),
+            "image_size": int(getattr(model, "image_size", None) or model.config.data.image_size),
             "device": str(model.device),
             "geoswc_version": __version__,
             "limits": {

@@ -14,6 +14,7 @@ from geoswc.serve.batching import DynamicBatcher
 from geoswc.serve.budget import MemoryBudget
 from geoswc.serve.inference import batch_runner
 from geoswc.serve.settings import ServeSettings
+from geoswc.street.predictor import STREET_MODES, StreetGeolocator
 from geoswc.tagging.output import output_format, read_rows
 
 __all__ = ["ServeState", "serve_state"]
@@ -45,11 +46,17 @@ class ServeState:
         return cls(model=model, settings=settings, batcher=batcher, budget=budget, tags_rows=tags_rows)
 
     def modes_available(self) -> List[str]:
+        if isinstance(self.model, StreetGeolocator):
+            return list(STREET_MODES)
         searchable = self.model.index is not None and self.model.retrieval is not None
         return [m for m in MODES if m == "cell" or searchable]
 
     def background_ids(self) -> Optional[Dict[str, int]]:
         """The background index's ids (their row numbers), None without an index; built on first use."""
+        if isinstance(self.model, StreetGeolocator):  # database photos are named by their paths
+            if self._background_ids is None:
+                self._background_ids = self.model.database_ids()
+            return self._background_ids
         index = self.model.index
         if index is None or index.ids is None:
             return None

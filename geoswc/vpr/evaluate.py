@@ -27,8 +27,8 @@ import numpy as np
 from geoswc.data.vpr import POSITIVE_RADIUS_M, VprSplit, read_split
 from geoswc.eval.vpr import BEST_OF_K, DEFAULT_RECALLS, median_best_of_k_m, median_top1_m, recall_at
 from geoswc.eval.vpr_report import examples_png, recall_curve_png, write_vpr_report
-from geoswc.vpr.embed import Embedder, check_test_method, fit_pca, init_netvlad, photo_size, train_photos
-from geoswc.vpr.model import LoadedVPR
+from geoswc.street.embed import Embedder, check_test_method, fit_pca, init_netvlad, photo_size, train_photos
+from geoswc.street.model import LoadedVPR
 from geoswc.vpr.search import INDEX_MODES, bytes_per_photo, check_index_mode, database_index, pq_options, rank
 
 logger = logging.getLogger(__name__)

@@ -18,19 +18,17 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import pandas as pd
 
 from geoswc.classifiers.backbone import save_backbone
-from geoswc.data.vpr import PHOTO_SUFFIXES, read_split, split_folder, utm_of
+from geoswc.data.vpr import read_split, split_folder, utm_of
 from geoswc.retrieval.index import BackgroundIndex
-from geoswc.vpr.embed import Embedder, init_netvlad, photo_size, train_photos
-from geoswc.vpr.model import VPR_JSON, LoadedVPR, from_folder, save_vpr_parts
-
-INDEX_DIR = "vpr_index"
-PHOTOS_CSV = "photos.csv"
+from geoswc.street.embed import Embedder, init_netvlad, photo_size, train_photos
+from geoswc.street.locator import INDEX_DIR, PHOTOS_CSV, PlaceLocator, largest_cluster, photo_files  # noqa: F401
+from geoswc.street.model import VPR_JSON, LoadedVPR, save_vpr_parts
 
 
 def _database_from_layout(root: Path, split: str) -> Tuple[Path, List[str], np.ndarray, List[Path]]:
@@ -141,122 +139,3 @@ def index_database(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return {"photos": len(paths), "dim": int(descriptors.shape[1]), "root": str(root), "out": str(out)}
-
-
-def largest_cluster(utm: np.ndarray, eps_m: float) -> np.ndarray:
-    """Indices of the largest DBSCAN cluster (min_samples 1) of points in metres; ties go to the cluster of the
-    first point (the best match)."""
-    from sklearn.cluster import DBSCAN
-
-    labels = DBSCAN(eps=float(eps_m), min_samples=1).fit_predict(utm)
-    counts = np.bincount(labels)
-    best = labels[0] if counts[labels[0]] == counts.max() else int(np.argmax(counts))
-    return np.flatnonzero(labels == best)
-
-
-class PlaceLocator:
-    """Places photos by their nearest database photos (a model folder written by `index_database`)."""
-
-    def __init__(self, loaded: LoadedVPR, index: BackgroundIndex, photos: pd.DataFrame, meta: Dict[str, Any]):
-        self.loaded, self.index, self.photos, self.meta = loaded, index, photos, meta
-        self.embedder = Embedder(loaded, size=tuple(meta["resize"]), progress=False)
-        self.database_root = Path(meta["database_root"])
-
-    @classmethod
-    def from_pretrained(cls, folder: Union[str, Path]) -> "PlaceLocator":
-        folder = Path(folder)
-        meta_path = folder / VPR_JSON
-        if not meta_path.is_file() or not (folder / INDEX_DIR).is_dir():
-            raise FileNotFoundError(
-                f"{folder} is not an indexed place-recognition model (no {VPR_JSON} and {INDEX_DIR}/); "
-                "write one with: geoswc vpr index"
-            )
-        meta = json.loads(meta_path.read_text())
-        photos = pd.read_csv(folder / PHOTOS_CSV, dtype={"path": str})
-        index = BackgroundIndex.load(folder / INDEX_DIR, mmap=False)
-        if len(index) != len(photos):
-            raise ValueError(f"{folder}: {len(index)} indexed rows but {len(photos)} rows in {PHOTOS_CSV}")
-        return cls(from_folder(folder), index, photos, meta)
-
-    def _rows_in_area(self, area: Optional[Sequence[float]]) -> np.ndarray:
-        if area is None:
-            return np.arange(len(self.photos))
-        south, west, north, east = (float(v) for v in area)
-        if not (-90 <= south <= north <= 90 and -180 <= west <= 180 and -180 <= east <= 180):
-            raise ValueError(
-                f"area must be south,west,north,east in degrees with south <= north; got {list(area)}"
-            )
-        lat, lon = self.photos["lat"].to_numpy(), self.photos["lon"].to_numpy()
-        inside_lon = (lon >= west) & (lon <= east) if west <= east else (lon >= west) | (lon <= east)
-        rows = np.flatnonzero((lat >= south) & (lat <= north) & inside_lon)
-        if len(rows) == 0:
-            raise ValueError(f"no database photo lies in the area {list(area)}")
-        return rows
-
-    def locate(
-        self,
-        paths: Sequence[Union[str, Path]],
-        *,
-        k: int = 1,
-        eps_m: Optional[float] = None,
-        area: Optional[Sequence[float]] = None,
-        matches: int = 5,
-    ) -> List[Dict[str, Any]]:
-        """One record per photo: ``lat``, ``lon``, ``method`` and its first ``matches`` database photos."""
-        if int(k) < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
-        rows = self._rows_in_area(area)
-        queries = self.embedder.descriptors([Path(p) for p in paths], desc="photos")
-        sims = queries @ self._database(rows).T
-        take = min(max(int(k), int(matches)), len(rows))
-        order = np.argsort(-sims, axis=1, kind="stable")[:, :take]
-        utm = self.photos[["utm_east", "utm_north"]].to_numpy()
-        out = []
-        for i, path in enumerate(paths):
-            found = rows[order[i]]
-            if k > 1 and eps_m:
-                members = found[: int(k)][largest_cluster(utm[found[: int(k)]], eps_m)]
-                lat, lon = self.photos.loc[members, ["lat", "lon"]].to_numpy().mean(axis=0)
-                method = f"cluster of the first {int(k)} matches (eps {eps_m:g} m): {len(members)} photos"
-            else:
-                lat, lon = self.photos.loc[found[0], ["lat", "lon"]].to_numpy()
-                method = "first match"
-            out.append(
-                {
-                    "photo": str(path),
-                    "lat": float(lat),
-                    "lon": float(lon),
-                    "method": method,
-                    "matches": [
-                        {
-                            "path": str(self.photos.at[r, "path"]),
-                            "lat": float(self.photos.at[r, "lat"]),
-                            "lon": float(self.photos.at[r, "lon"]),
-                            "similarity": float(sims[i, order[i][j]]),
-                        }
-                        for j, r in enumerate(found[: int(matches)])
-                    ],
-                }
-            )
-        return out
-
-    def _database(self, rows: np.ndarray) -> np.ndarray:
-        """Descriptors of database rows given in ``photos.csv`` order."""
-        by_input = np.empty(len(self.index), np.int64)
-        by_input[np.asarray(self.index.ids, dtype=np.int64)] = np.arange(len(self.index))
-        return np.asarray(self.index.embeddings[by_input[rows]], dtype=np.float32)
-
-
-def photo_files(inputs: Sequence[Union[str, Path]]) -> List[Path]:
-    """The photo files among ``inputs`` (files, or folders searched recursively), sorted within a folder."""
-    files: List[Path] = []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            files += sorted(p for p in item.rglob("*") if p.suffix.lower() in PHOTO_SUFFIXES and p.is_file())
-        elif item.is_file():
-            files.append(item)
-        else:
-            raise FileNotFoundError(f"photo or folder not found: {item}")
-    if not files:
-        raise ValueError(f"no photos ({', '.join(PHOTO_SUFFIXES)}) in {', '.join(map(str, inputs))}")
-    return files

@@ -54,9 +54,9 @@ def bytes_per_photo(mode: str, dim: int, **options) -> float:
         return float(dim)
     if mode == "bits":
         return dim / 8.0
-    from geoswc.retrieval.index import _default_pq_m
+    from geoswc.retrieval.topk import default_pq_m
 
-    return float(options.get("pq_m") or _default_pq_m(dim)) * int(options.get("pq_bits", 8)) / 8.0
+    return float(options.get("pq_m") or default_pq_m(dim)) * int(options.get("pq_bits", 8)) / 8.0
 
 
 def search(

@@ -34,7 +34,7 @@ from geoswc.classifiers.aggregation import (
 from geoswc.data.images import decode_array
 from geoswc.data.transforms import ToNormalizedTensor
 from geoswc.data.validation import check_choice
-from geoswc.vpr.model import LoadedVPR
+from geoswc.street.model import LoadedVPR
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class Embedder:
     """Descriptors of photo files for a loaded model.
 
     Args:
-        loaded: the model (`geoswc.vpr.model`).
+        loaded: the model (`geoswc.street.model`).
         size: evaluation ``(H, W)``.
         batch_size: photos per forward pass.
         device: torch device.
