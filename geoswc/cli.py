@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import logging
 import sys
 from typing import Dict, Optional, Sequence, Tuple
@@ -78,6 +79,21 @@ EXTRAS: Dict[str, str] = {
     "pillow_heif": "heic",
     "folium": "maps",
 }
+
+
+# --runtime value -> the modules it needs (geoswc.runtime), checked before any work starts.
+RUNTIME_MODULES: Dict[str, Tuple[str, ...]] = {
+    "onnx": ("onnxruntime", "onnx"),
+    "openvino": ("openvino", "onnx"),
+}
+
+
+def require(*modules: str) -> None:
+    """Stop before any work when one of ``modules`` (an extra's) is not installed: the ModuleNotFoundError that
+    `main` turns into the one line naming ``pip install "geoswc[EXTRA]"``."""
+    for name in modules:
+        if importlib.util.find_spec(name) is None:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
 
 
 def missing_extra(err: ImportError) -> Optional[str]:
@@ -152,6 +168,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help()
         return 2
     try:
+        require(*RUNTIME_MODULES.get(getattr(args, "runtime", None), ()))
         return int(args.func(args) or 0)
     except ImportError as err:
         hint = missing_extra(err)

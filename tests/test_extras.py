@@ -71,6 +71,32 @@ def test_every_extra_module_is_named_in_the_cli_table():
     [
         (["fastapi"], ["serve", "--model", "nowhere"], "serve"),
         (["uvicorn"], ["serve", "--model", "MODEL"], "serve"),
+        (
+            ["h5py"],
+            [
+                "import",
+                "visloc",
+                "--backbone",
+                "b.pt",
+                "--mvmf",
+                "m.pt",
+                "--rrm",
+                "r.pt",
+                "--background",
+                "bg.hdf5",
+                "--assignments",
+                "a.pkl",
+                "-o",
+                "out",
+            ],
+            "visloc",
+        ),
+        (["onnxruntime"], ["tag", "photos", "--model", "MODEL", "-o", "t.csv", "--runtime", "onnx"], "onnx"),
+        (
+            ["openvino"],
+            ["tag", "photos", "--model", "MODEL", "-o", "t.csv", "--runtime", "openvino"],
+            "openvino",
+        ),
     ],
 )
 def test_a_missing_extra_is_one_line_with_the_install_command(missing, argv, extra, tmp_path, tiny_model_dir):
