@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 from glob import escape as glob_escape
 import tempfile
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Dict, Iterator, Union
+
+import numpy as np
 
 PathLike = Union[str, os.PathLike]
 
@@ -164,3 +167,19 @@ def file_inside(
     if not path.resolve().is_relative_to(Path(directory).resolve()):
         raise ValueError(f"{source}: {what} {name!r} is a link that points outside {directory}")
     return path
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` as JSON can carry it: non-finite floats become None (null), numpy scalars Python numbers,
+    recursively through dicts, lists and tuples."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, np.floating):
+        return json_safe(float(value))
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value

@@ -13,12 +13,12 @@ import logging
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Dict, List, Optional, Sequence, Union
 
-import numpy as np
 
 from geoswc import __version__
 from geoswc.classifiers import save_backbone, save_head
 from geoswc.classifiers.backbone import BACKBONE_JSON_FILE, BACKBONE_WEIGHTS_FILE
 from geoswc.classifiers.heads import HEADS
+from geoswc.data.files import json_safe as _jsonable  # noqa: F401  (its name here before)
 from geoswc.data.files import read_json_object
 from geoswc.geocells import Geocells
 from geoswc.retrieval.index import INDEX_FILES, index_files
@@ -114,16 +114,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(_HASH_CHUNK), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
 
 
 # Reading a model folder back (`Geolocator.from_pretrained`): its record, checksums and parts checked before

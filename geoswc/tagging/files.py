@@ -13,11 +13,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import io
-import math
 import os
 from typing import IO, List
 
 from geoswc.data import files
+from geoswc.data.files import json_safe as finite  # noqa: F401  (the row writers' name for it)
 
 # Paths are file names from the OS: bytes that are not UTF-8 survive a round trip through the output.
 ENCODING, ERRORS = "utf-8", "surrogateescape"
@@ -102,8 +102,3 @@ def read_json_object(path: str, *, what: str, hint: str = REPLACE_HINT) -> dict:
     """
     with os_errors("read", path):
         return files.read_json_object(path, what=what, hint=hint)
-
-
-def finite(value):
-    """``value``, or None for a float that is NaN or infinite (JSON formats cannot hold those)."""
-    return None if isinstance(value, float) and not math.isfinite(value) else value
