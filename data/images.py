@@ -167,6 +167,7 @@ _FAST_DENOMINATORS = (8, 4, 2)
 
 
 TARGET_SIDES = ("short", "long")
+DECODERS = ("auto", "pillow")
 
 
 def jpeg_scale_denominator(width: int, height: int, target: Optional[int], side: str = "short") -> int:
@@ -295,11 +296,17 @@ def _decode_pillow(
 
 
 def _decode(
-    source: Source, target: Optional[int], side: str, max_pixels: int, max_target_pixels: Optional[int]
+    source: Source,
+    target: Optional[int],
+    side: str,
+    max_pixels: int,
+    max_target_pixels: Optional[int],
+    decoder: str = "auto",
 ) -> Union[np.ndarray, Image.Image]:
     if target is not None and target <= 0:
         raise ValueError(f"target must be a positive side in pixels, got {target}")
     check_choice("target_side", side, TARGET_SIDES)
+    check_choice("decoder", decoder, DECODERS)
     if max_target_pixels is None:
         max_target_pixels = MAX_TARGET_PIXELS
     if max_target_pixels <= 0:
@@ -313,7 +320,7 @@ def _decode(
     if not data:
         raise ImageDecodeError("empty file", source=path)
     try:
-        if data[:2] == b"\xff\xd8":
+        if data[:2] == b"\xff\xd8" and decoder == "auto":
             array = _decode_jpeg_turbo(data, target, side, max_pixels, max_target_pixels)
             if array is not None:
                 return array
@@ -329,6 +336,7 @@ def decode_image(
     target_side: str = "short",
     max_pixels: int = MAX_IMAGE_PIXELS,
     max_target_pixels: Optional[int] = None,
+    decoder: str = "auto",
 ) -> Image.Image:
     """Decode a photo to an upright RGB image, downscaled while decoding when ``target`` allows it.
 
@@ -344,6 +352,8 @@ def decode_image(
         max_target_pixels: with a ``target``, images that would decode to more pixels (a JPEG at its reduced
             scale, any other format at full size) are refused before decoding; default `MAX_TARGET_PIXELS`.
             Without a ``target`` the full image is what was asked for and only ``max_pixels`` applies.
+        decoder: ``"auto"`` (libjpeg-turbo through simplejpeg for JPEGs, Pillow for the rest) or ``"pillow"``
+            (Pillow for every format: the pixels of ``Image.open(...).convert("RGB")``, turned upright).
 
     Returns:
         An RGB ``PIL.Image`` with the EXIF orientation applied.
@@ -353,7 +363,7 @@ def decode_image(
         ImageDecodeError: the data is not a readable image, is too large, or the path is not a regular file
             (a FIFO or device is never read); ``err.reason`` says which.
     """
-    image = _decode(source, target, target_side, max_pixels, max_target_pixels)
+    image = _decode(source, target, target_side, max_pixels, max_target_pixels, decoder)
     return Image.fromarray(image, "RGB") if isinstance(image, np.ndarray) else image
 
 
@@ -364,12 +374,13 @@ def decode_array(
     target_side: str = "short",
     max_pixels: int = MAX_IMAGE_PIXELS,
     max_target_pixels: Optional[int] = None,
+    decoder: str = "auto",
 ) -> np.ndarray:
     """`decode_image` as an ``(H, W, 3)`` uint8 RGB array (C-contiguous), the transforms' input.
 
     Same arguments, scaling rule and errors as `decode_image`; skips the PIL image for JPEGs.
     """
-    image = _decode(source, target, target_side, max_pixels, max_target_pixels)
+    image = _decode(source, target, target_side, max_pixels, max_target_pixels, decoder)
     return image if isinstance(image, np.ndarray) else np.asarray(image)
 
 
@@ -490,6 +501,7 @@ def decode_photo(
     target_side: str = "short",
     as_array: bool = False,
     max_target_pixels: Optional[int] = None,
+    decoder: str = "auto",
 ):
     """Decode a photo's bytes (as `read_photo_bytes` returns them) to an upright RGB ``PIL.Image``.
 
@@ -506,7 +518,11 @@ def decode_photo(
         raise PhotoError("HEIC/HEIF photo needs pillow-heif: pip install pillow-heif")
     try:
         return (decode_array if as_array else decode_image)(
-            data, target=target, target_side=target_side, max_target_pixels=max_target_pixels
+            data,
+            target=target,
+            target_side=target_side,
+            max_target_pixels=max_target_pixels,
+            decoder=decoder,
         )
     except ImageDecodeError as err:
         raise PhotoError(f"{kind}: {err.reason}") from None
@@ -519,6 +535,7 @@ def load_photo(
     target_side: str = "short",
     as_array: bool = False,
     max_target_pixels: Optional[int] = None,
+    decoder: str = "auto",
 ):
     """Read and decode one photo to an upright RGB ``PIL.Image``.
 
@@ -529,6 +546,7 @@ def load_photo(
         as_array: return an ``(H, W, 3)`` uint8 array instead (the transforms' input, no PIL copy).
         max_target_pixels: with a ``target``, photos that would decode to more pixels are refused before
             decoding (see `decode_image`); default `MAX_TARGET_PIXELS`.
+        decoder: ``"auto"`` or ``"pillow"`` (see `decode_image`).
 
     Raises:
         PhotoError: with the reason the photo cannot be used.
@@ -539,4 +557,5 @@ def load_photo(
         target_side=target_side,
         as_array=as_array,
         max_target_pixels=max_target_pixels,
+        decoder=decoder,
     )

@@ -117,6 +117,7 @@ class PhotoDataset(Dataset):
             target_side=self.target_side,
             as_array=self.as_array,
             max_target_pixels=self.max_target_pixels,
+            decoder=getattr(self.transform, "decoder", "auto"),
         )
 
     def _read_with_gps(self, index: int) -> Tuple[Optional[LatLon], Callable[[], object]]:

@@ -30,6 +30,10 @@ from .images import flip_left_right, resize_array, short_side_size
 from .validation import check_choice
 
 EVAL_RESIZE_MODES = ("longest", "fixed", "shortest")
+# ``data_config["resize_backend"]``: "opencv" (default) decodes JPEGs at reduced size and resizes with OpenCV;
+# "pil" decodes at full size with Pillow and resizes with torchvision's antialiased PIL resize, the pixels of a
+# plain torchvision evaluation transform (what a model trained with one, such as the ICMR authors', expects).
+RESIZE_BACKENDS = ("opencv", "pil")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
 ImageLike = Union[np.ndarray, Image.Image]
@@ -204,14 +208,46 @@ class ImageTransform(T.Compose):
     Attributes:
         accepts_arrays: True: the input may be an ``(H, W, 3)`` uint8 array (`decode_array`), not only PIL.
         decode_target, decode_side: what to decode JPEGs at (``decode_array(..., target=decode_target,
-            target_side=decode_side)``): no step needs more pixels than that.
+            target_side=decode_side)``): no step needs more pixels than that; None: at full size.
+        decoder: which decoder to read photos with (``decode_array(..., decoder=decoder)``).
     """
 
     accepts_arrays = True
 
-    def __init__(self, transforms: List[Callable], *, decode_target: int, decode_side: str = "short"):
+    def __init__(
+        self,
+        transforms: List[Callable],
+        *,
+        decode_target: Optional[int],
+        decode_side: str = "short",
+        decoder: str = "auto",
+    ):
         super().__init__(transforms)
-        self.decode_target, self.decode_side = decode_target, decode_side
+        self.decode_target, self.decode_side, self.decoder = decode_target, decode_side, decoder
+
+
+class PilResize:
+    """Resize as torchvision does on a PIL image (antialiased), as ``Resize``/``CenterCrop`` steps: ``mode``
+    ``"shortest"`` (short side to ``size``), ``"fixed"`` (then the central square) or ``"longest"``."""
+
+    def __init__(self, size: int, mode: str, interpolation: str = "bilinear"):
+        self.size, self.mode, self.interpolation = size, mode, interpolation
+        self._method = T.InterpolationMode(interpolation)
+
+    def __call__(self, image: ImageLike) -> Image.Image:
+        if not isinstance(image, Image.Image):
+            image = Image.fromarray(as_array(image), "RGB")
+        if self.mode == "longest":
+            width, height = image.size
+            scale = self.size / max(width, height)
+            shape = [max(1, round(height * scale)), max(1, round(width * scale))]
+        else:
+            shape = [self.size]
+        image = T.functional.resize(image, shape, interpolation=self._method, antialias=True)
+        return T.functional.center_crop(image, [self.size, self.size]) if self.mode == "fixed" else image
+
+    def __repr__(self) -> str:
+        return f"PilResize(size={self.size}, mode={self.mode!r}, interpolation={self.interpolation!r})"
 
 
 def build_transform(
@@ -228,7 +264,10 @@ def build_transform(
 
     Args:
         data_config: the backbone's timm data config; ``mean`` and ``std`` are required, ``interpolation``
-            (``bilinear``/``bicubic``/``nearest``) is honoured.
+            (``bilinear``/``bicubic``/``nearest``) is honoured, and ``resize_backend`` (`RESIZE_BACKENDS`) says
+            how evaluation photos are decoded and resized: ``"pil"`` as a torchvision transform on a PIL image
+            (full-size Pillow decode, antialiased PIL resize, ``ToTensor`` and ``Normalize``), slower and exact;
+            ``"opencv"`` (default) the fast path. Training always uses the fast path.
         train: training augmentation (random resized crop + flip) instead of the evaluation resize.
         size: output side (training and ``fixed``) or longest side (``longest``).
         eval_resize: ``"longest"`` (paper), ``"fixed"`` or ``"shortest"`` (short side to ``size``, no crop).
@@ -244,6 +283,12 @@ def build_transform(
     interpolation = str(data_config.get("interpolation", "bicubic"))
     if interpolation not in INTERPOLATIONS:
         interpolation = "bicubic"
+    backend = str(data_config.get("resize_backend", "opencv"))
+    check_choice("data_config resize_backend", backend, RESIZE_BACKENDS)
+    if backend == "pil" and not train:
+        normalise_pil = T.Normalize(list(data_config["mean"]), list(data_config["std"]))
+        steps = [PilResize(size, eval_resize, interpolation), T.ToTensor(), normalise_pil]
+        return ImageTransform(steps, decode_target=None, decoder="pillow")
     if train:
         steps: List[Callable] = [
             RandomResizedCrop(size, scale=crop_scale, ratio=crop_ratio, interpolation=interpolation)

@@ -753,11 +753,6 @@ def jpeg_agreement(release, model, their_model) -> dict:
 
 @pytest.mark.shared
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="measured 60 % within 1 km (70 % same component): this calibrated random B4 turns the few grey "
-    "levels between geoswc's JPEG decode + OpenCV resize and PIL's into other components (docs/visloc.md)",
-)
 def test_parity_with_their_code_from_jpeg_files(release, model, their_model):
     agreement = jpeg_agreement(release, model, their_model)
     print("JPEG files:", agreement)

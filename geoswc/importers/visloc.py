@@ -87,6 +87,8 @@ DATA_CONFIG = {
     "std": IMAGENET_STD,
     "crop_pct": 1.0,
     "crop_mode": "center",
+    # their inference transform on a PIL image: full-size Pillow decode, antialiased PIL bilinear resize
+    "resize_backend": "pil",
 }
 PARTITION_NAME = "visloc_mvmf_components"
 IMPORT_FILE = "import.json"

@@ -56,7 +56,12 @@ def decode_upload(data: bytes, transform) -> torch.Tensor:
         raise PhotoError("empty file")
     target, side = _transform_target(transform)
     array = decode_photo(
-        bytes(data), target=target, target_side=side, as_array=True, max_target_pixels=MAX_TARGET_PIXELS
+        bytes(data),
+        target=target,
+        target_side=side,
+        as_array=True,
+        max_target_pixels=MAX_TARGET_PIXELS,
+        decoder=getattr(transform, "decoder", "auto"),
     )
     kind = photo_format(bytes(data[:64]))
     image = array if getattr(transform, "accepts_arrays", False) else Image.fromarray(array, "RGB")
