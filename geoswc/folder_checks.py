@@ -19,14 +19,21 @@ import yaml
 from geoswc.config import Config
 
 
+# What a model folder keeps but never loads: the stage outputs and logs of the run that made it, where
+# ``geoswc fit --from RUN`` links the stages it shares with an earlier run instead of copying them.
+NOT_LOADED = ("work",)
+
+
 def refuse_outside_links(directory: Path) -> None:
-    """Every symbolic link inside ``directory`` (at any depth) resolves to a path inside it.
+    """Every symbolic link inside ``directory`` (at any depth, `NOT_LOADED` aside) resolves to a path inside it.
 
     Raises:
         ValueError: a link that leads out of the folder (named; where it leads is not read).
     """
     root = Path(directory).resolve()
     for current, folders, files in os.walk(directory):
+        if Path(current) == Path(directory):
+            folders[:] = [name for name in folders if name not in NOT_LOADED]
         for name in folders + files:
             path = Path(current) / name
             if path.is_symlink() and not path.resolve().is_relative_to(root):

@@ -193,6 +193,9 @@ def test_unreadable_file_is_an_error_row(tmp_path):
             "from test_tag import MeanColour\n"
             "from geoswc.tagging.run import tag_photos\n"
             "PIL.Image.init()\n"
+            # The gazetteer loads scipy on first use, in the middle of the run: load it now.
+            "from geoswc.data import places\n"
+            "places.gazetteer()\n"
             # Drop privileges once the interpreter's own files are loaded (they live under root's home).
             "if os.geteuid() == 0: os.setgid(65534); os.setuid(65534)\n"
             f"s = tag_photos([{str(folder)!r}], model=MeanColour(), out='/dev/stdout', workers=0)\n"
