@@ -12,8 +12,8 @@ import torch
 from PIL import Image, ImageOps
 from torchvision import transforms as T
 
-from data.photos import PhotoDataset
-from data.transforms import build_transform
+from geoswc.data.photos import PhotoDataset
+from geoswc.data.transforms import build_transform
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 PIL_CONFIG = {"mean": MEAN, "std": STD, "interpolation": "bilinear", "resize_backend": "pil"}
