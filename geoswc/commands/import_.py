@@ -27,7 +27,7 @@ def _checksums(items: Optional[List[str]], roles) -> Dict[str, str]:
 
 
 def _visloc(args: argparse.Namespace) -> int:
-    from geoswc.cli import require
+    from geoswc.extras import require
 
     require("h5py")  # the background file is HDF5: say so before hours of downloading or checking
     from geoswc.importers.visloc import ROLES, import_visloc, resolve_source
