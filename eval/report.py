@@ -280,18 +280,22 @@ figure { margin: 1.5em 0; } figure img { max-width: 100%; } figcaption { color: 
 """
 
 
+def html_table(header, rows) -> str:
+    """An HTML table of text cells (escaped), the first column a label and the others numbers."""
+    esc = html.escape
+    head = "".join(f"<th>{esc(str(h))}</th>" for h in header)
+    body = "".join(
+        "<tr>"
+        + "".join(f"<td{'' if i == 0 else ' class=num'}>{esc(str(c))}</td>" for i, c in enumerate(r))
+        + "</tr>"
+        for r in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
 def _html(title, generated, sections, figures, written) -> str:
     esc = html.escape
-
-    def table(header, rows):
-        head = "".join(f"<th>{esc(h)}</th>" for h in header)
-        body = "".join(
-            "<tr>"
-            + "".join(f"<td{'' if i == 0 else ' class=num'}>{esc(c)}</td>" for i, c in enumerate(r))
-            + "</tr>"
-            for r in rows
-        )
-        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    table = html_table
 
     n_truth = ", ".join(map(str, sections["n_truth"]))
     parts = [

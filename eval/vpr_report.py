@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from geoswc.data.images import decode_array
-from geoswc.eval.report import _CSS, _figure
+from geoswc.eval.report import _CSS, _figure, html_table
 
 THUMB = (128, 96)
 _GREEN, _RED, _GREY = (30, 150, 60), (200, 40, 40), (120, 120, 120)
@@ -104,15 +104,7 @@ def write_vpr_report(
     md += ["", "Figures: " + ", ".join(p.name for p in figures.values()), ""]
     (out / "report.md").write_text("\n".join(md))
 
-    def table(head, body):
-        h = "".join(f"<th>{esc(x)}</th>" for x in head)
-        b = "".join(
-            "<tr>"
-            + "".join(f"<td{'' if i == 0 else ' class=num'}>{esc(c)}</td>" for i, c in enumerate(r))
-            + "</tr>"
-            for r in body
-        )
-        return f"<table><thead><tr>{h}</tr></thead><tbody>{b}</tbody></table>"
+    table = html_table
 
     parts = [
         "<!DOCTYPE html>",
