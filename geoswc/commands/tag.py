@@ -39,6 +39,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="decoding processes (default on a GPU: usable CPUs - 1, at most 32; on a CPU: one per 8 CPUs)",
     )
+    parser.add_argument(
+        "--decode-threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="without decoding processes: threads decoding the next batches while the model runs "
+        "(default: sized by measurement during the run; 0: decode between batches)",
+    )
     existing = parser.add_mutually_exclusive_group()
     existing.add_argument(
         "--resume",
@@ -177,6 +185,7 @@ def _tag(args: argparse.Namespace, ranks: Ranks) -> dict:
         out=args.output,
         batch_size=args.batch_size,
         workers=args.workers,
+        decode_threads=args.decode_threads,
         resume=args.resume,
         overwrite=args.overwrite,
         write_exif=args.write_exif,

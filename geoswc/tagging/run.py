@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from geoswc.data.validation import check_choice
 from geoswc.data.images import Discovery, discover
 from geoswc.data.photos import PhotoDataset, photo_batches
+from geoswc.data.threads import threaded_photo_batches
 from geoswc.geolocator import Geolocator
 from geoswc.precision import default_batch_size, default_workers
 from geoswc.tagging.duplicates import duplicate_groups
@@ -225,6 +226,7 @@ def tag_photos(
     out: Union[str, Path],
     batch_size: Optional[int] = None,
     workers: Optional[int] = None,
+    decode_threads: Optional[int] = None,
     resume: bool = False,
     overwrite: bool = False,
     write_exif: Optional[str] = None,
@@ -250,6 +252,9 @@ def tag_photos(
             a GPU (`geoswc.precision.default_batch_size`).
         workers: decoding processes (0 decodes in the main process); default on a GPU: the usable CPUs minus
             one, at most 32; on a CPU one per 8 CPUs (`geoswc.precision.default_workers`).
+        decode_threads: with no decoding processes, threads that decode the next batches while the model
+            runs (libjpeg-turbo releases the GIL); default: sized by measurement during the run
+            (`geoswc.data.threads.DecodeSizing`); 0 decodes in the calling thread between batches.
         resume: complete an existing output, skipping the photos it already holds (matched by real path). The
             output must have been started with the same model, precision, head, ``write_exif``, ``target`` and
             ``predict_options`` (recorded in ``OUT.run.json``).
@@ -298,6 +303,8 @@ def tag_photos(
     _check_arguments(fmt, precision=precision, batch_size=batch_size, resume=resume, overwrite=overwrite)
     review = (review or ReviewOptions()).check()
     ranks = ranks or Ranks()
+    if decode_threads is not None and decode_threads < 0:
+        raise ValueError(f"decode_threads must be 0 or more, got {decode_threads}")
     # The inputs first: a mistyped path fails before a large model is loaded.
     found: Discovery = discover(paths)
     copies = _exif_copies(paths, found, write_exif, precision=precision, overwrite=overwrite)
@@ -315,6 +322,7 @@ def tag_photos(
         precision=precision,
         batch_size=default_batch_size(device) if batch_size is None else batch_size,
         workers=default_workers(device) if workers is None else workers,
+        decode_threads=decode_threads,
         target=target,
         progress=progress,
         ranks=ranks,
@@ -410,6 +418,7 @@ class _Run:
     precision: str
     batch_size: int
     workers: int
+    decode_threads: Optional[int]
     target: Optional[int]
     progress: bool
     ranks: Ranks
@@ -514,9 +523,12 @@ def _tag_share(run: _Run, share: Sequence, sink: str, sink_fmt: str) -> Tally:
     ready: Dict[int, dict] = {}
     written = 0
     try:
-        batches = photo_batches(
-            dataset, batch_size=run.batch_size, workers=run.workers, pin_memory=torch.cuda.is_available()
-        )
+        if run.workers == 0 and run.decode_threads != 0:
+            batches = threaded_photo_batches(dataset, batch_size=run.batch_size, threads=run.decode_threads)
+        else:
+            batches = photo_batches(
+                dataset, batch_size=run.batch_size, workers=run.workers, pin_memory=torch.cuda.is_available()
+            )
         for batch in batches:
             ready.update(_batch_rows(run, batch, share, journal, embeddings=wants_embeddings))
             rows = []
