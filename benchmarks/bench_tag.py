@@ -83,6 +83,42 @@ def make_photos(folder: Path, count: int, width: int, height: int, seed: int = 0
         Image.fromarray(pixels).save(folder / f"photo_{i:05d}.jpg", quality=90)
 
 
+def fp32_peak_gflops(isa, cores: int) -> tuple:
+    """The CPU's float32 peak, ``cores x GHz x FLOP a cycle`` (two FMA units of the widest vector ISA: 32 FLOP a
+    cycle with AVX2, 64 with AVX-512), with the clock the kernel reports now (base or boost: an estimate)."""
+    mhz = 0.0
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("cpu MHz"):
+                mhz = max(mhz, float(line.split(":", 1)[1]))
+    except (OSError, ValueError):
+        pass
+    per_cycle = 64 if "avx512f" in isa else 32 if "avx2" in isa else 8
+    return cores * mhz / 1000 * per_cycle, f"{cores} cores x {mhz / 1000:.2f} GHz x {per_cycle} FLOP/cycle"
+
+
+def gflop_per_photo(model, shape) -> float:
+    """Forward GFLOP of one photo of ``shape`` (C, H, W), counted by `torch.utils.flop_counter`."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(torch.zeros((1, *shape)))
+    return counter.get_total_flops() / 1e9
+
+
+def engine_table(model, shape) -> list:
+    """Images/s of the backbone alone in every installed engine at batch 1 (``geoswc.engines.choice``)."""
+    from geoswc.engines.choice import available_engines, measure
+
+    try:
+        measurements, _ = measure(model, torch.randn(1, *shape), available_engines())
+        return [m for m in measurements if m.error is None]
+    except Exception as err:  # a missing or failing engine leaves the end-to-end figures standing
+        print(f"engine measurement failed: {err}")
+        return []
+
+
 def authors_vs_geoswc(args) -> None:
     """Images/s of the authors' path and of ``geoswc tag`` on the same JPEGs, and their ratio."""
     import sys
@@ -138,17 +174,33 @@ def authors_vs_geoswc(args) -> None:
             assert summary["ok"] == args.photos, summary
         dtype = str(model.compute_dtype).replace("torch.", "")
         runtime = model.runtime
+        shape = tuple(transform(Image.open(paths[0]).convert("RGB")).shape)
+        gflop = gflop_per_photo(authors, shape)
+        engines = engine_table(authors, shape)
+    from geoswc.engines.choice import machine
+
     workers = args.workers if args.workers is not None else default_workers("cpu")
     a, g = args.photos / min(authors_s), args.photos / min(geoswc_s)
+    host = machine()
+    peak, peak_how = fp32_peak_gflops(host["isa"], host["cores"])
     print(
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads "
+        f"machine: {host['cpu']}, {host['cores']} CPUs ({' '.join(host['isa']) or 'no AVX2'}), torch threads "
         f"{torch.get_num_threads()}, CUDA {'yes' if torch.cuda.is_available() else 'no'}"
     )
+    print(
+        f"fp32 peak about {peak:.0f} GFLOP/s ({peak_how}); {gflop:.2f} GFLOP a photo at {shape[1]}x{shape[2]}"
+    )
+    for m in engines:
+        print(
+            f"  backbone alone, batch 1, {m.engine} fp32: {m.images_per_s:.2f} images/s, "
+            f"{m.images_per_s * gflop:.0f} GFLOP/s ({100 * m.images_per_s * gflop / peak:.0f} % of peak)"
+        )
     print(f"{args.backbone} at {args.size} px (short side), {args.photos} JPEGs {args.width}x{args.height}")
-    print(f"authors' path (PIL, batch 1, eager NCHW fp32):     {a:.2f} images/s")
+    print(f"authors' path (PIL, batch 1, eager NCHW fp32):     {a:.2f} images/s, {a * gflop:.0f} GFLOP/s")
     print(
         f"geoswc tag (batch {args.batch_size}, {workers} workers, {dtype}, runtime {runtime}, "
-        f"compile {args.compile}): {g:.2f} images/s"
+        f"compile {args.compile}): {g:.2f} images/s, {g * gflop:.0f} GFLOP/s "
+        f"({100 * g * gflop / peak:.0f} % of peak)"
     )
     print(f"ratio: {g / a:.2f}x (goal on CPU >= 8x)")
 
