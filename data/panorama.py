@@ -447,13 +447,17 @@ def _prepare_folder(root: Path, split: str, part: str) -> Tuple[Path, List[Path]
     Refuses a symbolic link anywhere on the way (none was made here) and a ``PART`` folder that holds files.
     """
     made: List[Path] = []
+    missing = [p for p in reversed(root.absolute().parents) if not os.path.lexists(p)]
+    for folder in missing:
+        folder.mkdir()
+        made.append(folder)
     folder = root
     for step in (None, "images", split):
         folder = folder if step is None else folder / step
         if folder.is_symlink():
             raise ValueError(f"{folder} is a symbolic link; refused (choose an output folder without links)")
         if not folder.exists():
-            folder.mkdir(parents=step is None)
+            folder.mkdir()
             made.append(folder)
         elif not folder.is_dir():
             raise FileExistsError(f"{folder} exists and is not a folder; choose another output folder")

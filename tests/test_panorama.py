@@ -473,7 +473,15 @@ def test_output_is_built_aside_never_through_a_link(tmp_path, capsys):
     with open(tmp_path / "where.csv", "w", newline="") as handle:
         csv.writer(handle).writerows([["file", "lat", "lon"], ["b.jpg", "45.1", "7.1"]])
     err = _refused(
-        ["data", "panorama", str(panos), "-o", str(tmp_path / "new"), "--csv", str(tmp_path / "where.csv")],
+        [
+            "data",
+            "panorama",
+            str(panos),
+            "-o",
+            str(tmp_path / "new" / "deeper"),
+            "--csv",
+            str(tmp_path / "where.csv"),
+        ],
         capsys,
     )
     assert "b.jpg" in err

@@ -126,9 +126,7 @@ def _panorama(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "data", help="synthetic world, webdataset shards, leakage checks, panoramas into views"
-    )
+    parser = subparsers.add_parser("data", help="synthetic world, webdataset shards, leakage checks")
     commands = parser.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
 
     synth = commands.add_parser(
