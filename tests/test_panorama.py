@@ -1,4 +1,5 @@
-"""`geoswc data panorama`: equirectangular panoramas cut into gnomonic views (`geoswc.data.panorama`).
+"""`geoswc data panorama`: equirectangular panoramas cut into gnomonic views (`geoswc.data.gnomonic`,
+`geoswc.data.panorama`).
 
 Scenes are rendered here from the documented convention alone (pixel centres at ``+ 0.5``; azimuth
 ``(u / W - 1/2) * 360`` clockwise, elevation ``(1/2 - v / H) * 180``): a cube room whose edges must stay straight
@@ -21,7 +22,8 @@ from PIL import Image
 
 from geoswc.cli import main
 from geoswc.data.images import encode_jpeg
-from geoswc.data.panorama import cut_panoramas, render_view, sample_bilinear, view_to_panorama
+from geoswc.data.gnomonic import render_view, sample_bilinear, view_to_panorama
+from geoswc.data.panorama import cut_panoramas
 from geoswc.data.utm import latlon_to_utm
 from geoswc.data.vpr import format_name, parse_name, read_split
 
@@ -496,4 +498,6 @@ def test_bad_options_are_one_line(tmp_path, capsys):
     assert "fov" in err and "(0, 180)" in err
     err = _refused(["data", "panorama", str(panos), "-o", str(tmp_path / "out"), "--views", "0"], capsys)
     assert "views" in err
+    err = _refused(["data", "panorama", str(panos), "-o", str(tmp_path / "out"), "--quality", "0"], capsys)
+    assert "quality" in err and "1..100" in err
     assert not (tmp_path / "out").exists()
