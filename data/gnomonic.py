@@ -49,6 +49,16 @@ def _camera(azimuth_deg: float, pitch_deg: float) -> Tuple[np.ndarray, np.ndarra
     return forward, right, up
 
 
+def _ray_components(x, y, view_size, fov_deg, azimuth_deg, pitch_deg) -> Tuple[np.ndarray, ...]:
+    """The three components of the (unnormalised) rays ``d + p r + q u``, ``x`` and ``y`` broadcast."""
+    height, width = view_size
+    f = focal_px(width, fov_deg)
+    forward, right, up = _camera(azimuth_deg, pitch_deg)
+    p = (np.asarray(x, dtype=np.float64) - width / 2.0) / f
+    q = (height / 2.0 - np.asarray(y, dtype=np.float64)) / f
+    return tuple(forward[i] + p * right[i] + q * up[i] for i in range(3))
+
+
 def view_rays(
     x: np.ndarray,
     y: np.ndarray,
@@ -61,29 +71,28 @@ def view_rays(
     """Unit rays ``(..., 3)`` in the panorama's frame of view positions ``(x, y)`` (continuous pixels).
 
     Args:
-        x, y: column and row positions in the view (pixel centres at ``+ 0.5``), arrays of one shape.
+        x, y: column and row positions in the view (pixel centres at ``+ 0.5``), arrays that broadcast.
         view_size: ``(height, width)`` of the view in pixels.
         fov_deg: horizontal field of view.
         azimuth_deg: the view's direction in the panorama (its heading minus the panorama's heading).
         pitch_deg: upward tilt.
     """
-    height, width = view_size
-    f = focal_px(width, fov_deg)
-    forward, right, up = _camera(azimuth_deg, pitch_deg)
-    p = (np.asarray(x, dtype=np.float64) - width / 2.0) / f
-    q = (height / 2.0 - np.asarray(y, dtype=np.float64)) / f
-    rays = forward + p[..., None] * right + q[..., None] * up
+    rays = np.stack(_ray_components(x, y, view_size, fov_deg, azimuth_deg, pitch_deg), axis=-1)
     return rays / np.linalg.norm(rays, axis=-1, keepdims=True)
+
+
+def _to_panorama(rx, ry, rz, pano_size: Tuple[int, int]) -> Tuple[np.ndarray, np.ndarray]:
+    height, width = pano_size
+    azimuth = np.arctan2(rx, ry)
+    elevation = np.arctan2(rz, np.hypot(rx, ry))
+    u = np.mod(width * (azimuth / (2 * np.pi) + 0.5), width)
+    v = height * (0.5 - elevation / np.pi)
+    return u, v
 
 
 def rays_to_panorama(rays: np.ndarray, pano_size: Tuple[int, int]) -> Tuple[np.ndarray, np.ndarray]:
     """Panorama positions ``(u, v)`` (continuous pixels, ``u`` in ``[0, W)``) of rays ``(..., 3)``."""
-    height, width = pano_size
-    azimuth = np.arctan2(rays[..., 0], rays[..., 1])
-    elevation = np.arctan2(rays[..., 2], np.hypot(rays[..., 0], rays[..., 1]))
-    u = np.mod(width * (azimuth / (2 * np.pi) + 0.5), width)
-    v = height * (0.5 - elevation / np.pi)
-    return u, v
+    return _to_panorama(rays[..., 0], rays[..., 1], rays[..., 2], pano_size)
 
 
 def view_to_panorama(
@@ -96,9 +105,9 @@ def view_to_panorama(
     pitch_deg: float = 0.0,
     pano_size: Tuple[int, int],
 ) -> Tuple[np.ndarray, np.ndarray]:
-    """Where view positions ``(x, y)`` read the panorama: ``(u, v)`` in continuous panorama pixels."""
-    rays = view_rays(x, y, view_size=view_size, fov_deg=fov_deg, azimuth_deg=azimuth_deg, pitch_deg=pitch_deg)
-    return rays_to_panorama(rays, pano_size)
+    """Where view positions ``(x, y)`` (arrays that broadcast) read the panorama: ``(u, v)`` in continuous
+    panorama pixels."""
+    return _to_panorama(*_ray_components(x, y, view_size, fov_deg, azimuth_deg, pitch_deg), pano_size)
 
 
 def sample_bilinear(pano: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -159,10 +168,9 @@ def render_view(
     block = max(1, BLOCK_PIXELS // width)
     for start in range(0, height, block):
         stop = min(height, start + block)
-        y, x = np.meshgrid(np.arange(start, stop) + 0.5, columns, indexing="ij")
         u, v = view_to_panorama(
-            x,
-            y,
+            columns[None, :],
+            (np.arange(start, stop) + 0.5)[:, None],
             view_size=(height, width),
             fov_deg=fov_deg,
             azimuth_deg=azimuth_deg,
