@@ -8,11 +8,12 @@ grows clockwise, the top row is the zenith) and each view is written as
 
 - The **heading** of a direction is its compass bearing, degrees clockwise from north: ``heading = h0 + a``,
   where ``a`` is its azimuth in the panorama and ``h0`` the panorama's own heading (the compass bearing of its
-  centre column, as Street View's metadata gives it), 0 unless a CSV or the panorama's name gives it.
+  centre column, as Street View's metadata gives it), 0 unless given.
 - View ``k`` of ``n`` looks along heading ``360 k / n`` (view 0 north, whatever the panorama's heading), so it
   reads the panorama at azimuth ``360 k / n - h0``.
 - A position comes from a CSV ``file,lat,lon[,heading]``, else from a name already in the layout, else from
-  the file's EXIF GPS.
+  the file's EXIF GPS; the panorama's heading from the CSV's ``heading``, else the name's ``heading`` field, else
+  the file's XMP ``GPano:PoseHeadingDegrees`` (Google's Photo Sphere metadata, written by 360 cameras).
 
 Each panorama is decoded once and its views are computed one at a time.
 """
@@ -50,6 +51,9 @@ UTM_LAT_RANGE = (-80.0, 84.0)
 MAX_VIEW_SIDE = 16384
 CSV_COLUMNS = "file,lat,lon[,heading]"
 _ID_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_POSE_HEADING = re.compile(
+    r"""PoseHeadingDegrees\s*=\s*["']\s*([-+0-9.eE]+)\s*["']|PoseHeadingDegrees>\s*([-+0-9.eE]+)\s*<"""
+)
 
 
 # --- positions -------------------------------------------------------------------------------------------
@@ -63,7 +67,7 @@ class Panorama:
         path: the file.
         pano_id: the ``pano`` field of its views' names (letters, digits, ``._-``).
         lat, lon: degrees.
-        heading_deg: compass heading of its centre column (0 unless a CSV or its name gives it).
+        heading_deg: compass heading of its centre column (0 unless its CSV row, its name or its XMP gives it).
         source: where the position came from: ``csv``, ``name`` or ``exif``.
         width, height: its size in pixels (upright).
     """
@@ -145,15 +149,32 @@ def read_positions_csv(path: PathLike) -> Dict[str, _Row]:
     return rows
 
 
-def _header(path: str) -> Tuple[int, int, Optional[Tuple[float, float]]]:
-    """Upright size and EXIF GPS position of an image, from its header alone."""
+def xmp_heading(xmp: Union[bytes, str, None]) -> Optional[float]:
+    """The ``GPano:PoseHeadingDegrees`` of an XMP packet (Google's Photo Sphere metadata: the compass heading of
+    the panorama's centre), or None."""
+    if not xmp:
+        return None
+    text = xmp.decode("utf-8", "replace") if isinstance(xmp, bytes) else str(xmp)
+    found = _POSE_HEADING.search(text)
+    if found is None:
+        return None
+    try:
+        value = float(found.group(1) or found.group(2))
+    except ValueError:
+        return None
+    return value if math.isfinite(value) and abs(value) <= 360 else None
+
+
+def _header(path: str) -> Tuple[int, int, Optional[Tuple[float, float]], Optional[float]]:
+    """Upright size, EXIF GPS position and XMP heading of an image, from its header alone."""
     try:
         with open_regular(path) as raw, Image.open(raw) as image:
             width, height = image.size
             exif = image.getexif()
             if exif.get(0x0112) in (5, 6, 7, 8):  # EXIF orientations that turn the image a quarter turn
                 width, height = height, width
-            return width, height, gps_from_exif(exif)
+            xmp = image.info.get("xmp") or image.info.get("XML:com.adobe.xmp")
+            return width, height, gps_from_exif(exif), xmp_heading(xmp)
     except NotRegularFile as err:
         raise ValueError(f"{path}: {err.reason}") from None
     except (FileNotFoundError, IsADirectoryError):
@@ -209,7 +230,7 @@ def locate_panoramas(inputs: Sequence[str], positions_csv: Optional[PathLike] = 
     panoramas: List[Panorama] = []
     ids: Dict[str, str] = {}
     for photo in found.photos:
-        width, height, gps = _header(photo.path)
+        width, height, gps, pose_heading = _header(photo.path)
         check_equirectangular(width, height, photo.path)
         rel = photo.rel.replace(os.sep, "/")
         stem = os.path.splitext(rel)[0]
@@ -219,13 +240,14 @@ def locate_panoramas(inputs: Sequence[str], positions_csv: Optional[PathLike] = 
         )
         named = _from_name(photo.path)
         pano_id = named[3] if named else _pano_id(stem.replace("/", "_"))
+        headings = (row.heading_deg if row else None, named[2] if named else None, pose_heading, 0.0)
+        heading = next(h for h in headings if h is not None)
         if row is not None:
-            heading = row.heading_deg if row.heading_deg is not None else (named[2] if named else None)
             lat, lon, source = row.lat, row.lon, "csv"
         elif named is not None:
-            lat, lon, heading, source = named[0], named[1], named[2], "name"
+            lat, lon, source = named[0], named[1], "name"
         elif gps is not None:
-            (lat, lon), heading, source = gps, None, "exif"
+            (lat, lon), source = gps, "exif"
         else:
             where = f"no row in {positions_csv}, " if positions_csv is not None else ""
             raise ValueError(
@@ -247,7 +269,7 @@ def locate_panoramas(inputs: Sequence[str], positions_csv: Optional[PathLike] = 
                 pano_id=pano_id,
                 lat=float(lat),
                 lon=float(lon),
-                heading_deg=float(heading or 0.0) % 360.0,
+                heading_deg=float(heading) % 360.0,
                 source=source,
                 width=width,
                 height=height,

@@ -23,7 +23,7 @@ from PIL import Image
 from geoswc.cli import main
 from geoswc.data.images import encode_jpeg
 from geoswc.data.gnomonic import render_view, sample_bilinear, view_to_panorama
-from geoswc.data.panorama import cut_panoramas
+from geoswc.data.panorama import cut_panoramas, xmp_heading
 from geoswc.data.utm import latlon_to_utm
 from geoswc.data.vpr import format_name, parse_name, read_split
 
@@ -217,16 +217,40 @@ def _write_jpeg(path: Path, image: np.ndarray, exif: bytes = b"") -> Path:
     return path
 
 
-def test_views_look_along_their_headings(tmp_path):
-    """A panorama whose centre column looks along compass heading 30 (given in the CSV): a red pole at compass
-    90 (panorama azimuth 60) sits in the middle of the view named heading 90; a blue pole at compass 200 sits
-    f tan(20) right of the middle of the view named 180; the horizon is the middle row."""
+GPANO_XMP = (
+    '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+    '<rdf:Description xmlns:GPano="http://ns.google.com/photos/1.0/panorama/" GPano:ProjectionType='
+    '"equirectangular" GPano:PoseHeadingDegrees="{heading}"/></rdf:RDF></x:xmpmeta>'
+)
+
+
+def test_xmp_heading_reads_gpano_attributes_and_elements():
+    assert xmp_heading(GPANO_XMP.format(heading=-12.5).encode()) == -12.5
+    assert xmp_heading("<GPano:PoseHeadingDegrees> 271.0 </GPano:PoseHeadingDegrees>") == 271.0
+    assert xmp_heading(GPANO_XMP.format(heading="north")) is None
+    assert xmp_heading(GPANO_XMP.format(heading="1e9")) is None
+    assert xmp_heading(b"") is None and xmp_heading(None) is None
+
+
+@pytest.mark.parametrize("given_by", ["csv", "xmp"])
+def test_views_look_along_their_headings(tmp_path, given_by):
+    """A panorama whose centre column looks along compass heading 30 (given in the CSV, or in its XMP as
+    GPano:PoseHeadingDegrees): a red pole at compass 90 (panorama azimuth 60) sits in the middle of the view
+    named heading 90; a blue pole at compass 200 sits f tan(20) right of the middle of the view named 180; the
+    horizon is the middle row."""
+    from PIL.PngImagePlugin import PngInfo
+
     heading = 30.0
     pano = poles_and_horizon(1024, 2048, {90 - heading: (230, 0, 0), 200 - heading: (0, 0, 230)})
     folder = tmp_path / "panos"
     folder.mkdir()
-    Image.fromarray(pano).save(folder / "street.png")  # lossless, so the colours are exact
-    (tmp_path / "where.csv").write_text(f"file,lat,lon,heading\nstreet.png,45.0700,7.6860,{heading}\n")
+    info = PngInfo()
+    if given_by == "xmp":
+        info.add_itxt("XML:com.adobe.xmp", GPANO_XMP.format(heading=heading))
+        (tmp_path / "where.csv").write_text("file,lat,lon\nstreet.png,45.0700,7.6860\n")
+    else:
+        (tmp_path / "where.csv").write_text(f"file,lat,lon,heading\nstreet.png,45.0700,7.6860,{heading}\n")
+    Image.fromarray(pano).save(folder / "street.png", pnginfo=info)  # lossless, so the colours are exact
     size, fov = (180, 240), 60.0
     cut_panoramas(
         [folder], tmp_path / "out", views=4, fov_deg=fov, size=size, positions_csv=tmp_path / "where.csv"
