@@ -1,4 +1,5 @@
-"""`geoswc data synth | shards | check-leaks`: build training data from MP16-style inputs."""
+"""`geoswc data synth | shards | check-leaks | panorama`: build training data from MP16-style inputs, and
+place-recognition views from panoramas."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from geoswc.commands.vpr import add_street_arguments
 from geoswc.data.metadata import Exclusions, expand_globs, find_leaks, read_metadata
 from geoswc.data.shards import write_shards
 from geoswc.data.synth import make_world
+from geoswc.data.vpr import PARTS, SPLITS
 from geoswc.geocells import Geocells
 
 
@@ -99,6 +101,30 @@ def _check_leaks(args: argparse.Namespace) -> int:
     return 1 if leaks and args.fail_on_leak else 0
 
 
+def _panorama(args: argparse.Namespace) -> int:
+    from geoswc.data.panorama import cut_panoramas
+
+    summary = cut_panoramas(
+        args.panos,
+        args.out,
+        views=args.views,
+        fov_deg=args.fov,
+        pitch_deg=args.pitch,
+        size=tuple(args.size),
+        split=args.split,
+        part=args.part,
+        positions_csv=args.csv,
+        quality=args.quality,
+        progress=True,
+    )
+    sources = ", ".join(f"{n} from {kind}" for kind, n in summary["sources"].items() if n)
+    print(
+        f"cut {summary['panoramas']} panoramas into {summary['views']} views ({args.size[0]}x{args.size[1]}, "
+        f"{args.fov:g} degrees wide, pitch {args.pitch:g}) in {summary['folder']} (positions: {sources})"
+    )
+    return 0
+
+
 def register(subparsers) -> None:
     parser = subparsers.add_parser("data", help="synthetic world, webdataset shards, leakage checks")
     commands = parser.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
@@ -154,3 +180,39 @@ def register(subparsers) -> None:
         "--fail-on-leak", action="store_true", help="exit with status 1 when anything overlaps"
     )
     leaks.set_defaults(func=_check_leaks)
+
+    panorama = commands.add_parser(
+        "panorama",
+        help="cut equirectangular panoramas into rectilinear views in the place-recognition layout",
+    )
+    panorama.add_argument("panos", nargs="+", help="panorama files, folders or globs (2:1 equirectangular)")
+    panorama.add_argument(
+        "-o", "--out", type=Path, required=True, help="dataset root: views go to ROOT/images/SPLIT/PART"
+    )
+    panorama.add_argument(
+        "--views", type=int, default=12, help="views per panorama, view 0 facing north (default 12)"
+    )
+    panorama.add_argument(
+        "--fov", type=float, default=60.0, help="horizontal field of view in degrees (default 60)"
+    )
+    panorama.add_argument("--pitch", type=float, default=0.0, help="upward tilt in degrees (default 0)")
+    panorama.add_argument(
+        "--size",
+        type=int,
+        nargs=2,
+        default=[480, 640],
+        metavar=("H", "W"),
+        help="view size (default 480 640)",
+    )
+    panorama.add_argument("--split", default="test", choices=SPLITS, help="split to write (default test)")
+    panorama.add_argument(
+        "--part", default="database", choices=PARTS, help="part to write (default database)"
+    )
+    panorama.add_argument(
+        "--csv",
+        type=Path,
+        help="positions: CSV file,lat,lon[,heading] (heading: compass bearing of the panorama's centre column); "
+        "default the file name in the layout, else EXIF GPS",
+    )
+    panorama.add_argument("--quality", type=int, default=92, help="JPEG quality (default 92)")
+    panorama.set_defaults(func=_panorama)
