@@ -17,7 +17,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 from safetensors.torch import load_file, save_file
 
 from geoswc.classifiers.aggregation import DEFAULT_CLUSTERS, POOLS, DescriptorPCA, VPRNet
-from geoswc.classifiers.backbone import create_backbone, load_backbone
+from geoswc.classifiers.backbone import PretrainedWeightsUnavailable, create_backbone, load_backbone
 from geoswc.config import load_preset
 from geoswc.data.validation import check_choice
 
@@ -66,14 +66,21 @@ def off_the_shelf(
     preset: Optional[str] = None,
     pool: str = "gem",
     clusters: int = DEFAULT_CLUSTERS,
+    weights: Optional[Union[str, Path]] = None,
 ) -> LoadedVPR:
     """ImageNet weights with an untrained aggregation layer (NetVLAD still needs `init_netvlad`).
 
     Args:
-        backbone: a timm model name (timm's pretrained weights: the hub or its cache).
+        backbone: a timm model name (timm's pretrained weights: the hub or its cache, or ``weights``).
         preset: ``tiny``: the tiny preset's backbone with the weights shipped in a package (offline).
         pool: one of `POOLS`.
         clusters: NetVLAD clusters.
+        weights: with ``backbone``: a local ``.safetensors``/``.pth`` file of its weights (timm's or another
+            implementation's with the same tensors, `geoswc.classifiers.backbone.load_backbone_weights`).
+
+    Raises:
+        FileNotFoundError: ``backbone`` without ``weights`` whose weights are neither in the Hugging Face
+            cache nor reachable (the message says to pass ``--weights``), or a missing weights file.
     """
     _check_pool(pool)
     if (backbone is None) == (preset is None):
@@ -83,8 +90,18 @@ def off_the_shelf(
         cfg = load_preset(preset).backbone
         model = create_backbone(cfg.model, pretrained=cfg.pretrained and not cfg.weights, weights=cfg.weights)
         name, source = cfg.model, f"preset {preset} ({cfg.weights or 'timm pretrained'})"
+    elif weights is not None:
+        model = create_backbone(backbone, weights=weights)
+        name, source = backbone, f"weights file {weights}"
     else:
-        model = create_backbone(backbone, pretrained=True)
+        try:
+            model = create_backbone(backbone, pretrained=True)
+        except PretrainedWeightsUnavailable:
+            raise PretrainedWeightsUnavailable(
+                f"--backbone {backbone}: timm's ImageNet weights are not in the Hugging Face cache and cannot "
+                "be downloaded (no network, or HF_HUB_OFFLINE is set); pass a local weights file with "
+                "--weights FILE (.safetensors or .pth)"
+            ) from None
         name, source = backbone, "timm pretrained (ImageNet)"
     import timm
 
