@@ -214,7 +214,7 @@ def _embedding_dim(predictor) -> int:
     """Width of a `Geolocator`'s retrieval embeddings."""
     if predictor.index is not None:
         return int(predictor.index.dim)
-    width = int(predictor.backbone.num_features)
+    width = int(getattr(predictor, "feature_width", predictor.backbone.num_features))
     with torch.inference_mode():
         return int(predictor.embed(torch.zeros(1, width)).shape[1])
 

@@ -1,0 +1,111 @@
+"""`geoswc fit` with ``backbone.pool: gem|netvlad``: the retrieval module and the background index work on the
+layer's descriptors, the heads on average pooling, and the model folder embeds photos at inference exactly as
+the features stage embedded them for training."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from geoswc.cli import main
+from geoswc.config import resolve_config
+from geoswc.data.synth import make_world
+from geoswc.train.fit import FitRun, _stage_config, _stage_inputs
+
+FAST = [
+    "cells.min_images=5",
+    "cells.max_images=[200, 80, 30]",
+    "data.image_size=64",
+    "backbone.pretrained=false",
+    "backbone.epochs=1",
+    "backbone.batch_size=32",
+    "heads.epochs=1",
+    "heads.batch_size=64",
+    "retrieval.epochs=2",
+    "retrieval.hidden_dim=64",
+    "retrieval.memory_size=128",
+    "retrieval.background=all",
+]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("world")
+    make_world(out, n_train=160, n_test=20, seed=5, progress=False, workers=1)
+    return out
+
+
+def test_pool_is_left_out_of_the_backbone_key_and_in_the_features_inputs(world, tmp_path):
+    def run(pool):
+        config = resolve_config("tiny", None, [f"backbone.pool={pool}"])
+        return FitRun(
+            model_dir=tmp_path, config=config, train_csv=world / "train.csv", images=world / "images"
+        )
+
+    avg, gem, netvlad = run("avg"), run("gem"), run("netvlad")
+    assert (
+        _stage_config(avg, "backbone") == _stage_config(gem, "backbone") == _stage_config(netvlad, "backbone")
+    )
+    assert _stage_config(avg, "backbone")["backbone"]["pool"] == "avg"
+    assert "retrieval_pool" not in _stage_inputs(avg, "features")
+    assert _stage_inputs(gem, "features")["retrieval_pool"] == {"pool": "gem"}
+    assert _stage_inputs(netvlad, "features")["retrieval_pool"] == {"pool": "netvlad", "clusters": 64}
+
+
+def _rows(model, world, ids):
+    pixels = torch.stack([model.load_pixels(world / "images" / i) for i in ids])
+    return model.features(pixels)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pool", ["gem", "netvlad"])
+def test_fit_with_a_retrieval_pool_embeds_at_inference_as_in_training(world, tmp_path, pool):
+    from geoswc.geolocator import Geolocator
+
+    model_dir = tmp_path / "model"
+    sets = FAST + [f"backbone.pool={pool}", "backbone.clusters=4"]
+    argv = ["fit", str(world / "train.csv"), "--images", str(world / "images"), "-o", str(model_dir)]
+    assert main(argv + ["--preset", "tiny", "--cpu", *[a for s in sets for a in ("--set", s)]]) == 0
+    work = model_dir / "work" / "features"
+    meta = json.loads((model_dir / "geolocator.json").read_text())
+    assert meta["retrieval_pool"] == pool and "retrieval_pool.safetensors" in meta["sha256"]
+    assert json.loads((work / "retrieval" / "meta.json").read_text())["pool"] == pool
+
+    model = Geolocator.from_pretrained(model_dir, device="cpu", runtime="torch", precision_mode="fp32")
+    channels = int(model.backbone.num_features)
+    width = channels if pool == "gem" else 4 * channels
+    assert model.feature_width == channels + width and model.retrieval.dim == width
+
+    ids = (work / "ids.txt").read_text().split()[:6]
+    feats = _rows(model, world, ids)
+    trained_avg = np.load(work / "features.npy")[:6].astype(np.float32)
+    trained_pool = np.load(work / "retrieval" / "features.npy")[:6].astype(np.float32)
+    # The cache is float16: equal to its rounding.
+    np.testing.assert_allclose(model.head_features(feats).numpy(), trained_avg, rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(model.retrieval_features(feats).numpy(), trained_pool, rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(np.linalg.norm(trained_pool, axis=1), 1.0, atol=2e-3)
+    if pool == "gem":  # GeM of the normalised local descriptors is not the normalised average
+        avg = trained_avg / np.linalg.norm(trained_avg, axis=1, keepdims=True)
+        assert np.abs(avg - trained_pool).max() > 1e-2
+
+    # Every labelled training photo is in the background (retrieval.background=all): its nearest background
+    # photo is itself, found through the inference embedding of the photo against the index the fit built.
+    positions = pd.read_csv(world / "train.csv").set_index("IMG_ID")
+    in_index = set(str(i) for i in model.index.ids)
+    ids = [i for i in (work / "ids.txt").read_text().split() if i in in_index][:6]
+    records = model.predict_from_features(_rows(model, world, ids), mode="rrm")
+    assert len(records) == 6
+    for image_id, record in zip(ids, records):
+        assert record["neighbours"][0]["id"] == image_id
+        assert record["neighbours"][0]["similarity"] == pytest.approx(1.0, abs=5e-3)
+        assert (record["lat"], record["lon"]) == pytest.approx(tuple(positions.loc[image_id, ["LAT", "LON"]]))
+
+    # The test photos are placed (Search within Cell on the pooled embeddings).
+    test_ids = pd.read_csv(world / "test.csv")["IMG_ID"].tolist()[:5]
+    placed = model.predict([world / "images" / i for i in test_ids])
+    assert all(-90 <= p["lat"] <= 90 and -180 <= p["lon"] <= 180 for p in placed)
+    assert any(p["method"] == "swc" for p in placed)
