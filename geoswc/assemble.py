@@ -210,6 +210,13 @@ def assemble_model(
                 f"{retrieval}: the retrieval module takes features of dim {module.dim}, but {given} gives "
                 f"{retrieval_width}"
             )
+        trained_pool = read_metadata(retrieval).get("pool", "avg")
+        given_pool = "avg" if pool is None else pool_name(pool)
+        if trained_pool != given_pool:
+            raise ValueError(
+                f"{retrieval} was trained on {trained_pool}-pooled features, but the model pools them by "
+                f"{given_pool} ({retrieval_pool or 'no retrieval_pool.safetensors: the backbone average'})"
+            )
         trained_on = read_metadata(retrieval).get("backbone")
         if trained_on and trained_on != info["model"]:
             raise ValueError(
@@ -354,8 +361,12 @@ def assemble_from(
         _retrieval_file(retrieval) if retrieval is not None else getattr(base, "retrieval", None)
     )
     chosen["index"] = Path(index) if index is not None else getattr(base, "index", None)
-    # A replaced retrieval module was trained on what its own run pooled: the source's pool goes with the source's.
-    chosen["retrieval_pool"] = getattr(base, "retrieval_pool", None) if retrieval is None else None
+    # The source's retrieval pool goes with a retrieval module trained on that pool's descriptors.
+    chosen["retrieval_pool"] = getattr(base, "retrieval_pool", None)
+    if chosen["retrieval_pool"] is not None and chosen["retrieval"] is not None:
+        trained_pool = read_metadata(chosen["retrieval"]).get("pool", "avg")
+        if trained_pool != pool_name(load_retrieval_pool(chosen["retrieval_pool"])):
+            chosen["retrieval_pool"] = None
     if no_retrieval:
         chosen["retrieval"] = chosen["index"] = chosen["retrieval_pool"] = None
     parts = ModelParts(**chosen, config=getattr(base, "config", None))

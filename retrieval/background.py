@@ -23,12 +23,12 @@ import torch
 from tqdm.auto import tqdm
 
 from geoswc.classifiers import load_head
-from geoswc.data.features import FeatureCache
+from geoswc.data.features import FeatureCache, cache_pool, pooled_cache
 from geoswc.data.metadata import Exclusions
 from geoswc.data.validation import check_choice
 from geoswc.geocells import Geocells
 from geoswc.retrieval.index import INDEX_DTYPES, BackgroundIndex
-from geoswc.retrieval.model import load_retrieval
+from geoswc.retrieval.model import load_retrieval, read_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -66,9 +66,10 @@ def build_background(
 
     ``cells`` is the `Geocells` the cache, the head and the retrieval module were made with, or its folder.
     ``background`` is ``placeable`` (the photos ``head_path``'s top-1 fine cell places right, the paper) or
-    ``all`` (every labelled photo; ``head_path`` is then not read and may be None). ``embed_features_dir``: a
-    second cache of the same photos in the same order (the GeM/NetVLAD descriptors of ``backbone.pool``) that
-    the retrieval module embeds, while the head reads ``features_dir``.
+    ``all`` (every labelled photo; ``head_path`` is then not read and may be None). The retrieval module embeds
+    the features it was trained on (the ``pool`` its weights record): for a GeM/NetVLAD module a second cache
+    of the same photos in the same order, ``embed_features_dir`` (default: the ``retrieval/`` cache of
+    ``features_dir``), while the head reads ``features_dir``.
 
     Returns:
         A report: ``total``, ``kept``, the dropped counts ``no_label``, ``excluded_author``, ``excluded_id`` and
@@ -91,9 +92,12 @@ def build_background(
     cache = FeatureCache(features_dir).check(cells)
     features = cache.features
     n, dim = features.shape
+    # The features the retrieval module was trained on: average-pooled, or a GeM/NetVLAD layer's descriptors.
+    pool = read_metadata(retrieval_path).get("pool", "avg")
     embed_source = features
-    if embed_features_dir is not None:
-        embed_source = _same_photos(FeatureCache(embed_features_dir).check(cells), cache).features
+    if embed_features_dir is not None or pool != cache_pool(features_dir):
+        embed_dir = pooled_cache(embed_features_dir or features_dir, pool)
+        embed_source = _same_photos(FeatureCache(embed_dir).check(cells), cache).features
     latlon = cache.latlon
     ids = cache.lines("ids")
     authors = cache.lines("authors")

@@ -42,7 +42,7 @@ from geoswc.classifiers.aggregation import (
     save_retrieval_pool,
 )
 from geoswc.config import Config
-from geoswc.data.features import merge_image_parts, merge_shard_parts, write_meta
+from geoswc.data.features import RETRIEVAL_CACHE, merge_image_parts, merge_shard_parts, write_meta
 from geoswc.data.files import atomic_path, write_text_atomic
 from geoswc.data.validation import check_choice
 from geoswc.street.embed import NETVLAD_DESCRIPTORS, NETVLAD_PER_IMAGE
@@ -52,9 +52,6 @@ from geoswc.train.distributed import weights_digest
 from geoswc.train.sources import Batches, Photos, PhotoTable, ShardBatches, open_photos
 
 logger = logging.getLogger(__name__)
-
-# The folder of the retrieval descriptors' cache inside a feature cache (``backbone.pool`` gem or netvlad).
-RETRIEVAL_CACHE = "retrieval"
 
 
 def extract_features(
