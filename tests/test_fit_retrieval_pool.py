@@ -104,6 +104,30 @@ def test_fit_with_a_retrieval_pool_embeds_at_inference_as_in_training(world, tmp
         assert record["neighbours"][0]["similarity"] == pytest.approx(1.0, abs=5e-3)
         assert (record["lat"], record["lon"]) == pytest.approx(tuple(positions.loc[image_id, ["LAT", "LON"]]))
 
+    # `geoswc index build` on the fit's feature cache embeds the cache the module was trained on (the pooled
+    # one, which it finds inside) and gives the fit's index; the module without its pool is refused.
+    run = model_dir / "work"
+    rebuilt = tmp_path / "index"
+    argv = ["index", "build", "--features", str(run / "features"), "--cells", str(run / "cells")]
+    argv += ["--retrieval", str(run / "retrieval" / "retrieval.safetensors"), "-o", str(rebuilt)]
+    assert main(argv + ["--set", "retrieval.background=all", "--dtype", "float32"]) == 0
+    fitted = np.load(run / "index" / "embeddings.npy").astype(np.float32)
+    np.testing.assert_allclose(np.load(rebuilt / "embeddings.npy"), fitted, atol=2e-3)
+    from geoswc.assemble import assemble_model
+
+    # GeM keeps the width, so only the recorded pool tells; NetVLAD's K x C width is refused first.
+    refused = (
+        "trained on gem-pooled features, but the model pools them by avg" if pool == "gem" else "dim 5120"
+    )
+    with pytest.raises(ValueError, match=refused):
+        assemble_model(
+            tmp_path / "no_pool",
+            cells=run / "cells",
+            backbone=run / "backbone",
+            heads=run / "heads" / "heads",
+            retrieval=run / "retrieval" / "retrieval.safetensors",
+        )
+
     # The test photos are placed (Search within Cell on the pooled embeddings).
     test_ids = pd.read_csv(world / "test.csv")["IMG_ID"].tolist()[:5]
     placed = model.predict([world / "images" / i for i in test_ids])
