@@ -133,3 +133,29 @@ def test_fit_with_a_retrieval_pool_embeds_at_inference_as_in_training(world, tmp
     placed = model.predict([world / "images" / i for i in test_ids])
     assert all(-90 <= p["lat"] <= 90 and -180 <= p["lon"] <= 180 for p in placed)
     assert any(p["method"] == "swc" for p in placed)
+
+
+@pytest.mark.slow
+def test_features_from_shards_cache_netvlad_descriptors(world, tmp_path):
+    """The shard path of the features stage: NetVLAD initialised from the shards' photos, a second cache of
+    the same photos, in the same order, of unit descriptors K x C wide."""
+    from geoswc.classifiers.aggregation import NetVLAD, load_retrieval_pool
+
+    cells, shards, out = tmp_path / "cells", tmp_path / "shards", tmp_path / "features"
+    assert main(["cells", "build", str(world / "train.csv"), "-o", str(cells), "--min-images", "8"]) == 0
+    argv = ["data", "shards", str(world / "train.csv"), "--images", str(world / "images"), "-o", str(shards)]
+    assert main(argv + ["--cells", str(cells), "--samples-per-shard", "100"]) == 0
+    sets = ["data.image_size=64", "backbone.pretrained=false", "backbone.pool=netvlad", "backbone.clusters=2"]
+    argv = ["train", "features", "--cells", str(cells), "--shards", str(shards), "--out", str(out), "--cpu"]
+    assert main(argv + ["--preset", "tiny", *[a for s in sets for a in ("--set", s)]]) == 0
+    layer = load_retrieval_pool(out / "retrieval" / "retrieval_pool.safetensors")
+    assert isinstance(layer, NetVLAD) and layer.clusters == 2
+    unit = layer.centroids.detach() / layer.centroids.detach().norm(dim=1, keepdim=True)
+    weights = layer.assign.weight.detach()[:, :, 0, 0]
+    alpha = weights.norm(dim=1)  # initialised: the assignment weights are alpha * unit(centroid)
+    assert torch.allclose(alpha, alpha[0].expand_as(alpha), rtol=1e-4)
+    assert torch.allclose(weights, alpha[0] * unit, atol=1e-4 * float(alpha[0]))
+    pooled = np.load(out / "retrieval" / "features.npy").astype(np.float32)
+    assert pooled.shape == (160, 2 * 1280)
+    np.testing.assert_allclose(np.linalg.norm(pooled, axis=1), 1.0, atol=2e-3)
+    assert (out / "ids.txt").read_text() == (out / "retrieval" / "ids.txt").read_text()

@@ -153,11 +153,13 @@ def _local_descriptors(
     out: list = []
     if isinstance(source, ShardBatches):
         loader = source.loader(batch_size=batch_size, accelerator=accelerator, train=False, whole=True)
+        seen = 0
         for batch in loader:
             for _, group in source.by_shape(batch):
                 images = source.to_device(group, accelerator.device)[0]
                 out.append(sample_local_descriptors(net.feature_map(images), NETVLAD_PER_IMAGE, rng))
-            if sum(len(x) for x in out) >= n_photos * NETVLAD_PER_IMAGE:
+            seen += len(batch["image"])
+            if seen >= n_photos:
                 break
     else:
         n = len(source.source)
