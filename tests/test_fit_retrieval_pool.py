@@ -159,3 +159,27 @@ def test_features_from_shards_cache_netvlad_descriptors(world, tmp_path):
     assert pooled.shape == (160, 2 * 1280)
     np.testing.assert_allclose(np.linalg.norm(pooled, axis=1), 1.0, atol=2e-3)
     assert (out / "ids.txt").read_text() == (out / "retrieval" / "ids.txt").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pool", ["gem", "netvlad"])
+def test_two_pool_backbone_is_the_backbone_then_the_layer_and_exports(pool):
+    """One pass, both poolings: the backbone's own output, then what `VPRNet` (the features stage) gives; the
+    ONNX Runtime path of `Geolocator.optimize` runs the same module to the same numbers."""
+    from geoswc.classifiers.aggregation import TwoPoolBackbone, VPRNet
+    from geoswc.classifiers.backbone import create_backbone
+
+    torch.manual_seed(0)
+    backbone = create_backbone("tf_efficientnet_lite0").eval()
+    net = VPRNet(backbone, pool, clusters=3).eval()
+    both = TwoPoolBackbone(backbone, net.aggregation).eval()
+    pixels = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out = both(pixels)
+        assert torch.equal(out[:, :1280], backbone(pixels))
+        torch.testing.assert_close(out[:, 1280:], net(pixels))
+    assert both.num_features == out.shape[1] == 1280 + net.out_dim
+    pytest.importorskip("onnxruntime")
+    from geoswc.runtime import OnnxForward
+
+    torch.testing.assert_close(OnnxForward(both)(pixels), out, atol=1e-4, rtol=1e-4)
