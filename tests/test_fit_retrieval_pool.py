@@ -104,6 +104,15 @@ def test_fit_with_a_retrieval_pool_embeds_at_inference_as_in_training(world, tmp
         assert record["neighbours"][0]["similarity"] == pytest.approx(1.0, abs=5e-3)
         assert (record["lat"], record["lon"]) == pytest.approx(tuple(positions.loc[image_id, ["LAT", "LON"]]))
 
+    # `geoswc vpr` on the model folder pools with the same layer (not one initialised again).
+    from geoswc.street.model import from_folder
+
+    loaded = from_folder(model_dir)
+    assert loaded.spec.pool == pool and loaded.spec.trained_aggregation
+    with torch.no_grad():
+        pixels = torch.stack([model.load_pixels(world / "images" / i) for i in ids])
+        torch.testing.assert_close(loaded.net(pixels), model.retrieval_features(model.features(pixels)))
+
     # `geoswc index build` on the fit's feature cache embeds the cache the module was trained on (the pooled
     # one, which it finds inside) and gives the fit's index; the module without its pool is refused.
     run = model_dir / "work"
