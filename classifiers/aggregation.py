@@ -15,6 +15,11 @@
 
 `VPRNet` composes a timm backbone (``forward_features``) with one of the layers and returns L2-normalised
 descriptors, so inner product and L2 distance rank the database identically.
+
+`TwoPoolBackbone` runs a backbone once and returns both its average-pooled features (what the classification
+heads take) and the L2-normalised descriptor of a GeM or NetVLAD layer over the same feature map (what the
+residual retrieval module of a ``geoswc fit`` model with ``backbone.pool: gem|netvlad`` embeds), side by side.
+`save_retrieval_pool` / `load_retrieval_pool` keep that layer in a model folder (``retrieval_pool.safetensors``).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.numpy import load_file as load_numpy_file
 from safetensors.numpy import save_file as save_numpy_file
+from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
 POOLS = ("avg", "gem", "netvlad")
@@ -185,11 +191,93 @@ class VPRNet(nn.Module):
         self.aggregation = create_aggregation(self.pool, dim=self.channels, clusters=clusters)
         self.out_dim = aggregation_dim(self.aggregation, self.channels)
 
+    @property
+    def num_features(self) -> int:
+        """The descriptor width (the name the feature extraction reads off a backbone)."""
+        return self.out_dim
+
     def feature_map(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone.forward_features(images)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.aggregation(self.feature_map(images)), p=2, dim=1)
+
+
+class TwoPoolBackbone(nn.Module):
+    """One backbone pass, two poolings: ``(B, C + D)`` = the backbone's own pooled features ``(B, C)`` (timm's
+    ``forward_head``, what ``backbone(images)`` returns) then the L2-normalised descriptor ``(B, D)`` of
+    ``aggregation`` over the same feature map.
+
+    Args:
+        backbone: a ``num_classes=0`` timm model.
+        aggregation: a GeM or NetVLAD layer over its ``C``-channel feature map.
+    """
+
+    def __init__(self, backbone: nn.Module, aggregation: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.aggregation = aggregation
+        self.head_dim = int(backbone.num_features)
+        self.retrieval_dim = aggregation_dim(aggregation, self.head_dim)
+        self.num_features = self.head_dim + self.retrieval_dim
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        feature_map = self.backbone.forward_features(images)
+        pooled = self.backbone.forward_head(feature_map)
+        descriptor = F.normalize(self.aggregation(feature_map).float(), p=2, dim=1).to(pooled.dtype)
+        return torch.cat([pooled, descriptor], dim=1)
+
+
+RETRIEVAL_POOL_FILE = "retrieval_pool.safetensors"
+
+
+def pool_name(layer: nn.Module) -> str:
+    """``gem`` or ``netvlad`` (``avg`` for anything else) for an aggregation layer."""
+    return "netvlad" if isinstance(layer, NetVLAD) else "gem" if isinstance(layer, GeM) else "avg"
+
+
+def save_retrieval_pool(path: Union[str, Path], layer: nn.Module, *, channels: int) -> Path:
+    """Write a GeM or NetVLAD layer (its tensors; metadata ``kind``, ``pool``, ``clusters``, ``channels``)."""
+    pool = pool_name(layer)
+    if pool == "avg":
+        raise ValueError("only a gem or netvlad layer is saved as a retrieval pool; avg has no state")
+    metadata = {"kind": "retrieval_pool", "pool": pool, "channels": str(int(channels))}
+    if isinstance(layer, NetVLAD):
+        metadata["clusters"] = str(layer.clusters)
+    state = {k: v.detach().contiguous().cpu() for k, v in layer.state_dict().items()}
+    save_file(state, str(path), metadata=metadata)
+    return Path(path)
+
+
+def load_retrieval_pool(path: Union[str, Path], *, channels: Optional[int] = None) -> nn.Module:
+    """The layer `save_retrieval_pool` wrote; ``channels``: the backbone's, checked when given.
+
+    Raises:
+        ValueError: the file is not a retrieval pool, or it pools another number of channels (both named).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"retrieval pool not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+    except Exception as err:  # safetensors raises its own error types for a malformed header
+        raise ValueError(f"{path} is not a safetensors file: {err}") from None
+    if meta.get("kind") != "retrieval_pool" or meta.get("pool") not in ("gem", "netvlad"):
+        raise ValueError(f"{path} does not hold a retrieval pool (kind {meta.get('kind')!r})")
+    stored = int(meta.get("channels", 0))
+    if channels is not None and stored != int(channels):
+        raise ValueError(
+            f"{path} pools {stored}-channel feature maps, but the backbone gives {int(channels)} channels"
+        )
+    layer = create_aggregation(meta["pool"], dim=stored, clusters=int(meta.get("clusters", DEFAULT_CLUSTERS)))
+    try:
+        layer.load_state_dict(load_file(str(path)))
+    except RuntimeError as err:
+        raise ValueError(
+            f"{path} does not fit a {meta['pool']} layer: {' '.join(str(err).split())}"
+        ) from None
+    return layer.eval()
 
 
 def sample_local_descriptors(

@@ -235,3 +235,35 @@ class FeatureCache:
                 f"the given cells have fingerprint {geocells.fingerprint!r}; use the same cells"
             )
         return self
+
+
+# The folder of the ``backbone.pool`` descriptors' cache (GeM, NetVLAD) inside a feature cache.
+RETRIEVAL_CACHE = "retrieval"
+
+
+def cache_pool(folder: PathLike) -> str:
+    """The pooling of the features in a cache: the ``pool`` its ``meta.json`` records, ``avg`` if none."""
+    meta = Path(folder) / "meta.json"
+    return str(json.loads(meta.read_text()).get("pool", "avg")) if meta.is_file() else "avg"
+
+
+def pooled_cache(folder: PathLike, pool: str) -> Path:
+    """The cache of ``pool`` features for a feature cache ``folder``: the folder itself when it holds them,
+    else its ``retrieval/`` cache (written when ``backbone.pool`` is gem or netvlad).
+
+    Raises:
+        ValueError: neither holds ``pool`` features (what they hold named).
+    """
+    folder = Path(folder)
+    if cache_pool(folder) == pool:
+        return folder
+    inner = folder / RETRIEVAL_CACHE
+    if (inner / "meta.json").is_file() and cache_pool(inner) == pool:
+        return inner
+    held = cache_pool(folder) + (
+        f" (and {cache_pool(inner)} in {inner})" if (inner / "meta.json").is_file() else ""
+    )
+    raise ValueError(
+        f"the feature cache {folder} holds {held} features, not {pool}; extract the features with "
+        f"backbone.pool={pool} (geoswc train features --set backbone.pool={pool})"
+    )

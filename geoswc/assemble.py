@@ -33,6 +33,12 @@ from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 from geoswc.data.files import read_json_object
 from geoswc.classifiers import load_backbone, load_head
+from geoswc.classifiers.aggregation import (
+    RETRIEVAL_POOL_FILE,
+    aggregation_dim,
+    load_retrieval_pool,
+    pool_name,
+)
 from geoswc.classifiers.backbone import BACKBONE_JSON_FILE, BACKBONE_WEIGHTS_FILE
 from geoswc.config import Config, read_config_file
 from geoswc.data.files import write_text_atomic
@@ -66,6 +72,8 @@ class ModelParts:
         retrieval: the retrieval weights file (None: a model without retrieval).
         index: the background index folder (None: a model without index).
         config: the configuration file (None: the defaults).
+        retrieval_pool: the GeM/NetVLAD layer whose descriptors the retrieval module embeds (None: the
+            backbone's average-pooled features).
     """
 
     cells: Path
@@ -74,6 +82,7 @@ class ModelParts:
     retrieval: Optional[Path] = None
     index: Optional[Path] = None
     config: Optional[Path] = None
+    retrieval_pool: Optional[Path] = None
 
     def as_dict(self) -> Dict[str, Optional[str]]:
         return {
@@ -96,6 +105,7 @@ def parts_of(source: PathLike) -> ModelParts:
     if (work / "backbone").is_dir() and (work / "cells").is_dir():
         retrieval = work / "retrieval" / RETRIEVAL_FILE
         index = work / "index"
+        pool = work / "features" / "retrieval" / RETRIEVAL_POOL_FILE
         return ModelParts(
             cells=work / "cells",
             backbone=work / "backbone",
@@ -103,6 +113,7 @@ def parts_of(source: PathLike) -> ModelParts:
             retrieval=retrieval if retrieval.is_file() else None,
             index=index if (index / INDEX_META_FILE).is_file() else None,
             config=work / "config.yaml" if (work / "config.yaml").is_file() else None,
+            retrieval_pool=pool if pool.is_file() and retrieval.is_file() else None,
         )
     if (source / "geolocator.json").is_file():
         return ModelParts(
@@ -112,6 +123,7 @@ def parts_of(source: PathLike) -> ModelParts:
             retrieval=source / RETRIEVAL_FILE if (source / RETRIEVAL_FILE).is_file() else None,
             index=source / "index" if (source / "index").is_dir() else None,
             config=source / "config.yaml" if (source / "config.yaml").is_file() else None,
+            retrieval_pool=source / RETRIEVAL_POOL_FILE if (source / RETRIEVAL_POOL_FILE).is_file() else None,
         )
     raise FileNotFoundError(
         f"--from {source}: neither a geoswc fit folder (work/backbone and work/cells) nor a model folder "
@@ -148,6 +160,7 @@ def assemble_model(
     retrieval: Optional[PathLike] = None,
     index: Optional[PathLike] = None,
     config: Optional[Config] = None,
+    retrieval_pool: Optional[PathLike] = None,
 ) -> Dict[str, Any]:
     """Compose the parts into the model folder ``out`` (`Geolocator.save_pretrained`).
 
@@ -159,6 +172,8 @@ def assemble_model(
         retrieval: the retrieval weights (a trained module or the identity embedding of ``retrieval.loss=none``).
         index: the background index folder; needs ``retrieval``.
         config: the model's configuration (default: the defaults).
+        retrieval_pool: the GeM/NetVLAD layer (``retrieval_pool.safetensors``) whose descriptors the retrieval
+            module was trained on (``backbone.pool``); needs ``retrieval``.
 
     Returns:
         ``{"model_dir", "backbone", "heads", "retrieval" (None, "residual" or "identity"), "index",
@@ -181,13 +196,26 @@ def assemble_model(
                 f"{path}: the head takes {head_modules[path.stem].in_features} features, but the backbone "
                 f"({Path(backbone) / BACKBONE_WEIGHTS_FILE}) gives {width}"
             )
-    module = None
+    module = pool = None
+    retrieval_width, given = width, f"the backbone ({Path(backbone) / BACKBONE_WEIGHTS_FILE})"
+    if retrieval_pool is not None:
+        if retrieval is None:
+            raise ValueError(f"the retrieval pool {retrieval_pool} needs a retrieval module; give one")
+        pool = load_retrieval_pool(retrieval_pool, channels=width)
+        retrieval_width, given = aggregation_dim(pool, width), f"the retrieval pool ({retrieval_pool})"
     if retrieval is not None:
         module = load_retrieval(retrieval, fingerprint=fingerprint)
-        if module.dim != width:
+        if module.dim != retrieval_width:
             raise ValueError(
-                f"{retrieval}: the retrieval module takes features of dim {module.dim}, but the backbone "
-                f"({Path(backbone) / BACKBONE_WEIGHTS_FILE}) gives {width}"
+                f"{retrieval}: the retrieval module takes features of dim {module.dim}, but {given} gives "
+                f"{retrieval_width}"
+            )
+        trained_pool = read_metadata(retrieval).get("pool", "avg")
+        given_pool = "avg" if pool is None else pool_name(pool)
+        if trained_pool != given_pool:
+            raise ValueError(
+                f"{retrieval} was trained on {trained_pool}-pooled features, but the model pools them by "
+                f"{given_pool} ({retrieval_pool or 'no retrieval_pool.safetensors: the backbone average'})"
             )
         trained_on = read_metadata(retrieval).get("backbone")
         if trained_on and trained_on != info["model"]:
@@ -219,6 +247,7 @@ def assemble_model(
             "retrieval": retrieval or "",
             "index": index,
         },
+        retrieval_pool=pool,
     )
     model.save_pretrained(out)
     _copy_verbatim(Path(backbone), Path(out), (BACKBONE_WEIGHTS_FILE, BACKBONE_JSON_FILE))
@@ -229,6 +258,7 @@ def assemble_model(
         "retrieval": None if module is None else ("identity" if module.identity else "residual"),
         "index": background is not None,
         "index_photos": 0 if background is None else len(background),
+        "retrieval_pool": None if pool is None else pool_name(pool),
     }
 
 
@@ -331,8 +361,14 @@ def assemble_from(
         _retrieval_file(retrieval) if retrieval is not None else getattr(base, "retrieval", None)
     )
     chosen["index"] = Path(index) if index is not None else getattr(base, "index", None)
+    # The source's retrieval pool goes with a retrieval module trained on that pool's descriptors.
+    chosen["retrieval_pool"] = getattr(base, "retrieval_pool", None)
+    if chosen["retrieval_pool"] is not None and chosen["retrieval"] is not None:
+        trained_pool = read_metadata(chosen["retrieval"]).get("pool", "avg")
+        if trained_pool != pool_name(load_retrieval_pool(chosen["retrieval_pool"])):
+            chosen["retrieval_pool"] = None
     if no_retrieval:
-        chosen["retrieval"] = chosen["index"] = None
+        chosen["retrieval"] = chosen["index"] = chosen["retrieval_pool"] = None
     parts = ModelParts(**chosen, config=getattr(base, "config", None))
     if chosen["index"] is not None and not chosen["index"].is_dir():
         raise FileNotFoundError(f"index folder not found: {chosen['index']}")
@@ -356,6 +392,7 @@ def assemble_from(
         retrieval=parts.retrieval,
         index=parts.index,
         config=config,
+        retrieval_pool=parts.retrieval_pool,
     )
     summary["parts"] = {k: None if v is None else str(Path(v).resolve()) for k, v in parts.as_dict().items()}
     write_text_atomic(out / ASSEMBLY_FILE, json.dumps(summary, indent=2) + "\n")

@@ -49,9 +49,12 @@ def check_parts_fit(
     retrieval: Any = None,
     index: Any = None,
     sources: Optional[Mapping[str, Any]] = None,
+    retrieval_width: Optional[int] = None,
 ) -> None:
     """The heads and the retrieval module take the backbone's feature width, and the index holds embeddings of
-    the retrieval module's width; ``sources`` names where the parts came from (see `Geolocator.from_parts`)."""
+    the retrieval module's width; ``sources`` names where the parts came from (see `Geolocator.from_parts`).
+    ``retrieval_width``: the width the retrieval module takes when it is not the backbone's (a retrieval
+    pool's descriptors)."""
     sources = dict(sources or {})
     where = {
         "backbone": sources.get("backbone", "the backbone"),
@@ -68,10 +71,11 @@ def check_parts_fit(
                 f"backbone ({where['backbone']}) gives {width}"
             )
     dim = getattr(retrieval, "dim", None)
-    if width is not None and dim is not None and dim != width:
+    given = width if retrieval_width is None else retrieval_width
+    if given is not None and dim is not None and dim != given:
+        source = f"the backbone ({where['backbone']})" if retrieval_width is None else "the retrieval pool"
         raise ValueError(
-            f"{where['retrieval']}: the retrieval module takes features of dim {dim}, but the backbone "
-            f"({where['backbone']}) gives {width}"
+            f"{where['retrieval']}: the retrieval module takes features of dim {dim}, but {source} gives {given}"
         )
     index_dim = getattr(index, "dim", None)
     if dim is not None and index_dim is not None and index_dim != dim:

@@ -60,8 +60,10 @@ class BackboneConfig:
     pretrained: bool = True
     weights: Optional[str] = None  # local .safetensors/.pth with ImageNet weights, for offline machines
     # How place recognition (geoswc vpr) pools the last feature map: avg, gem or netvlad
-    # (docs/place-recognition.md); the classification stages always pool by average.
+    # (docs/place-recognition.md). With gem or netvlad, the retrieval module and the background index of
+    # geoswc fit embed that layer's descriptors too; the classification heads always take the average.
     pool: str = "avg"
+    clusters: int = 64  # NetVLAD clusters of pool netvlad (descriptors of clusters x channels dimensions)
     epochs: int = 25
     # Photos per process and step (every batch_size in the config is per process): N processes train on
     # N x batch_size photos per step with the learning rates as written (docs/training.md, "Batch sizes").

@@ -28,6 +28,12 @@ from tqdm.auto import tqdm
 from geoswc import __version__  # noqa: F401
 from geoswc.classifiers import load_backbone, load_head, save_backbone, save_head  # noqa: F401
 from geoswc.classifiers.backbone import BACKBONE_JSON_FILE, BACKBONE_WEIGHTS_FILE  # noqa: F401
+from geoswc.classifiers.aggregation import (
+    RETRIEVAL_POOL_FILE,
+    TwoPoolBackbone,
+    aggregation_dim,
+    load_retrieval_pool,
+)
 from geoswc.classifiers.heads import read_head_metadata
 from geoswc.config import Config
 from geoswc.data.photos import PhotoDataset, photo_batches
@@ -104,6 +110,9 @@ class Geolocator(nn.Module):
         backbone_name: the timm model name, saved so the folder can be rebuilt.
         data_config: the backbone's timm data config (mean, std, interpolation); resolved from the model when
             omitted.
+        retrieval_pool: a GeM or NetVLAD layer (``backbone.pool``) whose descriptors of the backbone's feature
+            map the retrieval module embeds; the heads keep the average-pooled features. `features` then returns
+            both side by side (`geoswc.classifiers.aggregation.TwoPoolBackbone`).
 
     Raises:
         ValueError: when a head, the retrieval module or the index was built on another partition.
@@ -120,9 +129,12 @@ class Geolocator(nn.Module):
         config: Optional[Config] = None,
         backbone_name: Optional[str] = None,
         data_config: Optional[Dict[str, Any]] = None,
+        retrieval_pool: Optional[nn.Module] = None,
     ):
         super().__init__()
         self.backbone = backbone
+        self.retrieval_pool = retrieval_pool
+        self._two_pool = None
         self.heads = nn.ModuleDict(dict(heads or {}))
         self.retrieval = retrieval
         self.index = index
@@ -156,6 +168,7 @@ class Geolocator(nn.Module):
         backbone_name: Optional[str] = None,
         data_config: Optional[Dict[str, Any]] = None,
         sources: Optional[Mapping[str, Any]] = None,
+        retrieval_pool: Optional[nn.Module] = None,
     ) -> "Geolocator":
         """The one way to compose a Geolocator from loaded parts (a model folder, ``geoswc assemble``, an
         import): the parts are checked against each other, then composed.
@@ -165,14 +178,25 @@ class Geolocator(nn.Module):
         feature width and the index must hold embeddings of the retrieval module's width.
 
         Args:
-            backbone, geocells, heads, retrieval, index, config, backbone_name, data_config: as the constructor.
+            backbone, geocells, heads, retrieval, index, config, backbone_name, data_config, retrieval_pool: as
+                the constructor.
             sources: where the parts were read from, to name in errors: ``backbone`` (its weights file),
                 ``heads`` (``{kind: file}``), ``retrieval`` (its file), ``index`` (its folder).
 
         Raises:
             ValueError: the parts do not fit together (the part, its source and both values named).
         """
-        check_parts_fit(backbone, heads=heads, retrieval=retrieval, index=index, sources=sources)
+        retrieval_width = None
+        if retrieval_pool is not None:
+            retrieval_width = aggregation_dim(retrieval_pool, int(backbone.num_features))
+        check_parts_fit(
+            backbone,
+            heads=heads,
+            retrieval=retrieval,
+            index=index,
+            sources=sources,
+            retrieval_width=retrieval_width,
+        )
         return cls(
             backbone=backbone,
             geocells=geocells,
@@ -182,12 +206,35 @@ class Geolocator(nn.Module):
             config=config,
             backbone_name=backbone_name,
             data_config=data_config,
+            retrieval_pool=retrieval_pool,
         )
 
     # ------------------------------------------------------------------ composition checks and properties
     @property
     def fingerprint(self) -> str:
         return str(self.geocells.fingerprint)
+
+    @property
+    def feature_width(self) -> int:
+        """Width of `features`: the backbone's, plus the retrieval pool's descriptor when there is one."""
+        return int(self._forward_module().num_features)
+
+    def _forward_module(self) -> nn.Module:
+        """What runs on the pixels: the backbone, or the backbone with both poolings (a retrieval pool)."""
+        if self.retrieval_pool is None:
+            return self.backbone
+        if self._two_pool is None:
+            # Not a registered submodule: its parameters are the backbone's and the pool's.
+            self.__dict__["_two_pool"] = TwoPoolBackbone(self.backbone, self.retrieval_pool)
+        return self._two_pool
+
+    def head_features(self, features: torch.Tensor) -> torch.Tensor:
+        """The columns of `features` the heads take (all of them without a retrieval pool)."""
+        return features if self.retrieval_pool is None else features[:, : int(self.backbone.num_features)]
+
+    def retrieval_features(self, features: torch.Tensor) -> torch.Tensor:
+        """The columns of `features` the retrieval module takes (all of them without a retrieval pool)."""
+        return features if self.retrieval_pool is None else features[:, int(self.backbone.num_features) :]
 
     @property
     def device(self) -> torch.device:
@@ -273,9 +320,9 @@ class Geolocator(nn.Module):
         self.backbone.to(memory_format=torch.channels_last)
         self._channels_last = True
         if self.runtime != "torch":
-            self._backbone_forward = engine_forward(self.runtime, self.backbone)
+            self._backbone_forward = engine_forward(self.runtime, self._forward_module())
         else:
-            self._backbone_forward = CompiledForward(self.backbone) if compiled else None
+            self._backbone_forward = CompiledForward(self._forward_module()) if compiled else None
         logger.info(
             "inference on %s: backbone in %s, %s",
             self.device,
@@ -293,13 +340,14 @@ class Geolocator(nn.Module):
 
     def features(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pooled backbone features ``(B, D)`` float32 of a batch of transformed images ``(B, 3, H, W)``, the
-        backbone run in `compute_dtype`."""
+        backbone run in `compute_dtype`; with a retrieval pool, ``(B, C + D')``: the average-pooled features,
+        then the pool's descriptor (`head_features`, `retrieval_features`)."""
         if pixels.ndim != 4 or pixels.shape[1] != 3:
             raise ValueError(f"pixels must have shape (B, 3, H, W), got {tuple(pixels.shape)}")
         pixels = pixels.to(self.device, non_blocking=True)
         if self._channels_last:
             pixels = pixels.contiguous(memory_format=torch.channels_last)
-        forward = self._backbone_forward or self.backbone
+        forward = self._backbone_forward or self._forward_module()
         dtype = self.compute_dtype
         with torch.inference_mode(), autocast(self.device, dtype):
             features = forward(pixels).float()
@@ -308,7 +356,7 @@ class Geolocator(nn.Module):
                 "%s features overflowed for a batch; it is run again in float32", dtype_name(dtype)
             )
             with torch.inference_mode(), autocast(self.device, torch.float32):
-                features = self.backbone(pixels).float()
+                features = self._forward_module()(pixels).float()
         return features
 
     def embed(self, features: torch.Tensor) -> torch.Tensor:
@@ -319,6 +367,7 @@ class Geolocator(nn.Module):
         """
         if self.retrieval is None:
             raise ValueError("this model has no retrieval module; modes 'swc' and 'rrm' need one")
+        features = self.retrieval_features(features)
         if getattr(self.retrieval, "identity", False):
             with torch.inference_mode():
                 return self.retrieval(features.to(self.device, torch.float32))
@@ -553,6 +602,13 @@ class Geolocator(nn.Module):
 
         backbone, backbone_info = load_backbone(directory, expected_fingerprint=fingerprint)
         width = int(backbone_info["num_features"])
+        retrieval_pool, retrieval_width = None, width
+        pool_file = directory / RETRIEVAL_POOL_FILE
+        if pool_file.is_file():
+            retrieval_pool = load_retrieval_pool(pool_file, channels=width)
+            retrieval_width = aggregation_dim(retrieval_pool, width)
+        elif meta.get("retrieval_pool"):
+            raise FileNotFoundError(f"{meta_path} lists a retrieval pool, but {pool_file} is missing")
 
         heads = {}
         for kind in _head_names(directory, meta, meta_path):
@@ -577,10 +633,12 @@ class Geolocator(nn.Module):
         if retrieval_file.is_file():
             _check_part(read_metadata(retrieval_file).get("fingerprint"), fingerprint, retrieval_file)
             retrieval = load_retrieval(retrieval_file, fingerprint=fingerprint)
-            if retrieval.dim != width:
+            if retrieval.dim != retrieval_width:
+                given = f"the backbone ({directory / BACKBONE_WEIGHTS_FILE}) gives {width}"
+                if retrieval_pool is not None:
+                    given = f"{pool_file} gives {retrieval_width}"
                 raise ValueError(
-                    f"{retrieval_file}: the retrieval module takes features of dim {retrieval.dim}, but the "
-                    f"backbone ({directory / BACKBONE_WEIGHTS_FILE}) gives {width}"
+                    f"{retrieval_file}: the retrieval module takes features of dim {retrieval.dim}, but {given}"
                 )
         elif meta.get("retrieval"):
             raise FileNotFoundError(f"{meta_path} lists a retrieval module, but {retrieval_file} is missing")
@@ -617,7 +675,11 @@ class Geolocator(nn.Module):
             directory,
             meta,
             _part_files(
-                directory, heads=list(heads), retrieval=retrieval is not None, index=index is not None
+                directory,
+                heads=list(heads),
+                retrieval=retrieval is not None,
+                index=index is not None,
+                retrieval_pool=retrieval_pool is not None,
             ),
         )
 
@@ -630,6 +692,7 @@ class Geolocator(nn.Module):
             config=config,
             backbone_name=backbone_info["model"],
             data_config=backbone_info.get("data_config"),
+            retrieval_pool=retrieval_pool,
         )
         device = torch.device(device) if device is not None else _default_device()
         model.to(device)

@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 from geoswc import __version__
 from geoswc.classifiers import save_backbone, save_head
+from geoswc.classifiers.aggregation import RETRIEVAL_POOL_FILE, pool_name, save_retrieval_pool
 from geoswc.classifiers.backbone import BACKBONE_JSON_FILE, BACKBONE_WEIGHTS_FILE
 from geoswc.classifiers.heads import HEADS
 from geoswc.data.files import json_safe as _jsonable  # noqa: F401  (its name here before)
@@ -50,6 +51,9 @@ def save_model_folder(model: Any, directory: Union[str, Path]) -> Path:
         save_head(head, directory / "heads" / f"{kind}.safetensors", config=model.config)
     if model.retrieval is not None:
         model.retrieval.save(directory / "retrieval.safetensors", fingerprint=model.fingerprint)
+    pool = getattr(model, "retrieval_pool", None)
+    if pool is not None:
+        save_retrieval_pool(directory / RETRIEVAL_POOL_FILE, pool, channels=int(model.backbone.num_features))
     if model.index is not None:
         model.index.save(directory / "index")
     remove_stale_parts(model, directory)
@@ -58,6 +62,7 @@ def save_model_folder(model: Any, directory: Union[str, Path]) -> Path:
         heads=model.head_names,
         retrieval=model.retrieval is not None,
         index=model.index is not None,
+        retrieval_pool=pool is not None,
     )
     meta = {
         "format_version": FORMAT_VERSION,
@@ -71,6 +76,7 @@ def save_model_folder(model: Any, directory: Union[str, Path]) -> Path:
         },
         "retrieval": model.retrieval is not None,
         "index": model.index is not None,
+        **({"retrieval_pool": pool_name(pool)} if pool is not None else {}),
         "sha256": {rel: _sha256(directory / rel) for rel in parts},
     }
     (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
@@ -84,6 +90,8 @@ def remove_stale_parts(model: Any, directory: Path) -> None:
     stale = [p for p in sorted((directory / "heads").glob("*.safetensors")) if p.stem not in model.heads]
     if model.retrieval is None:
         stale.append(directory / "retrieval.safetensors")
+    if getattr(model, "retrieval_pool", None) is None:
+        stale.append(directory / RETRIEVAL_POOL_FILE)
     if model.index is None:
         stale += [directory / "index" / name for name in INDEX_FILES]
         stale += sorted((directory / "index").glob("partition_*.npy"))
@@ -95,7 +103,9 @@ def remove_stale_parts(model: Any, directory: Path) -> None:
         (directory / "index").rmdir()
 
 
-def _part_files(directory: Path, *, heads: Sequence[str], retrieval: bool, index: bool) -> List[str]:
+def _part_files(
+    directory: Path, *, heads: Sequence[str], retrieval: bool, index: bool, retrieval_pool: bool = False
+) -> List[str]:
     """The files of a model folder's parts, relative to it (``/``-separated): what is checksummed."""
     files = ["config.yaml"] if (directory / "config.yaml").is_file() else []
     files += [path.relative_to(directory).as_posix() for path in Geocells.folder_files(directory / "cells")]
@@ -103,6 +113,8 @@ def _part_files(directory: Path, *, heads: Sequence[str], retrieval: bool, index
     files += [f"heads/{kind}.safetensors" for kind in heads]
     if retrieval:
         files.append("retrieval.safetensors")
+    if retrieval_pool:
+        files.append(RETRIEVAL_POOL_FILE)
     if index:
         files += [f"index/{name}" for name in index_files(directory / "index")]
     return files

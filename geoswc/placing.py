@@ -125,7 +125,7 @@ def classify(
     """Head ``kind``'s position, best cells and their probabilities, and the prediction density, per photo."""
     head = model.heads[kind]
     with torch.inference_mode(), model._autocast():
-        outputs = head(features.to(model.device))
+        outputs = head(model.head_features(features).to(model.device))
         log_probs = head.fine_log_probs(outputs).float()
         head_latlon = head.predict_latlon(outputs).double()
     # HC scores are products over the hierarchy, not a distribution over fine cells: normalise them.

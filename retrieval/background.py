@@ -23,12 +23,12 @@ import torch
 from tqdm.auto import tqdm
 
 from geoswc.classifiers import load_head
-from geoswc.data.features import FeatureCache
+from geoswc.data.features import FeatureCache, cache_pool, pooled_cache
 from geoswc.data.metadata import Exclusions
 from geoswc.data.validation import check_choice
 from geoswc.geocells import Geocells
 from geoswc.retrieval.index import INDEX_DTYPES, BackgroundIndex
-from geoswc.retrieval.model import load_retrieval
+from geoswc.retrieval.model import load_retrieval, read_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -60,12 +60,16 @@ def build_background(
     device: Optional[str] = None,
     config: Optional[Dict[str, Any]] = None,
     background: str = "placeable",
+    embed_features_dir: Optional[PathLike] = None,
 ) -> Dict[str, Any]:
     """Select the background photos of a feature cache, embed them and write the index to ``out_dir``.
 
     ``cells`` is the `Geocells` the cache, the head and the retrieval module were made with, or its folder.
     ``background`` is ``placeable`` (the photos ``head_path``'s top-1 fine cell places right, the paper) or
-    ``all`` (every labelled photo; ``head_path`` is then not read and may be None).
+    ``all`` (every labelled photo; ``head_path`` is then not read and may be None). The retrieval module embeds
+    the features it was trained on (the ``pool`` its weights record): for a GeM/NetVLAD module a second cache
+    of the same photos in the same order, ``embed_features_dir`` (default: the ``retrieval/`` cache of
+    ``features_dir``), while the head reads ``features_dir``.
 
     Returns:
         A report: ``total``, ``kept``, the dropped counts ``no_label``, ``excluded_author``, ``excluded_id`` and
@@ -88,6 +92,12 @@ def build_background(
     cache = FeatureCache(features_dir).check(cells)
     features = cache.features
     n, dim = features.shape
+    # The features the retrieval module was trained on: average-pooled, or a GeM/NetVLAD layer's descriptors.
+    pool = read_metadata(retrieval_path).get("pool", "avg")
+    embed_source = features
+    if embed_features_dir is not None or pool != cache_pool(features_dir):
+        embed_dir = pooled_cache(embed_features_dir or features_dir, pool)
+        embed_source = _same_photos(FeatureCache(embed_dir).check(cells), cache).features
     latlon = cache.latlon
     ids = cache.lines("ids")
     authors = cache.lines("authors")
@@ -98,7 +108,8 @@ def build_background(
     column = head.label_columns[-1] if head is not None else len(cells.partitions) - 1
     fine = cache.labels[:, column]
     module = load_retrieval(retrieval_path, fingerprint=fingerprint)
-    _check_feature_width(head, module, dim)
+    _check_feature_width(head, module, dim, int(embed_source.shape[1]))
+    dim = int(embed_source.shape[1])
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if head is not None:
         head.to(device).eval()
@@ -117,6 +128,7 @@ def build_background(
     )
     kept = _embed_placed(
         features,
+        embed_source,
         candidates,
         fine,
         staging,
@@ -165,12 +177,24 @@ def build_background(
     return report
 
 
-def _check_feature_width(head, module, dim: int) -> None:
+def _same_photos(other: FeatureCache, cache: FeatureCache) -> FeatureCache:
+    """``other``, checked to hold the photos of ``cache`` in the same order."""
+    if len(other.features) != len(cache.features) or not np.array_equal(
+        other.lines("ids"), cache.lines("ids")
+    ):
+        raise ValueError(
+            f"the retrieval descriptors' cache {other.folder} does not hold the photos of {cache.folder} in the "
+            "same order; extract both with the same features stage"
+        )
+    return other
+
+
+def _check_feature_width(head, module, dim: int, embed_dim: Optional[int] = None) -> None:
     """Raise ValueError when the head or the retrieval module expects features of another width."""
-    parts = [("retrieval module", module.dim)]
+    parts = [("retrieval module", module.dim, dim if embed_dim is None else embed_dim)]
     if head is not None:
-        parts.insert(0, ("head", int(head.in_features)))
-    for name, size in parts:
+        parts.insert(0, ("head", int(head.in_features), dim))
+    for name, size, dim in parts:
         if size != dim:
             raise ValueError(
                 f"the {name} expects {size}-dimensional features but the cache holds {dim}-dimensional"
@@ -180,6 +204,7 @@ def _check_feature_width(head, module, dim: int) -> None:
 @torch.no_grad()
 def _embed_placed(
     features,
+    embed_source,
     candidates: np.ndarray,
     fine: np.ndarray,
     staging: np.ndarray,
@@ -191,7 +216,8 @@ def _embed_placed(
     desc: str,
 ) -> np.ndarray:
     """Embed the ``candidates`` rows the head places in their own fine cell (all of them without a head) into
-    ``staging``, in order; returns the rows kept."""
+    ``staging``, in order; returns the rows kept. The head reads ``features``, the module ``embed_source``
+    (the same array unless the retrieval descriptors are pooled otherwise)."""
     kept_rows = []
     count = 0
     for start in tqdm(range(0, len(candidates), batch_size), desc=desc, unit="batch"):
@@ -203,6 +229,8 @@ def _embed_placed(
             top1 = head.fine_log_probs(head(x)).argmax(dim=1).cpu().numpy()
             placed = top1 == fine[rows]
         if placed.any():
+            if embed_source is not features:
+                x = torch.from_numpy(np.asarray(embed_source[rows], dtype=np.float32)).to(device)
             emb = module(x[torch.from_numpy(placed).to(device)]).cpu().numpy()
             staging[count : count + len(emb)] = emb
             count += len(emb)

@@ -144,3 +144,66 @@ def test_bad_inputs_end_in_one_line_and_write_nothing(world, tmp_path, capsys):
     _fails(capsys, ["vpr", "evaluate", str(world), *base, "--recall", "0"], "--recall")
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no half-written result left
+
+
+@pytest.mark.slow
+def test_backbone_with_local_weights_equals_the_tiny_preset(world, tmp_path):
+    from geoswc.classifiers.backbone import lite0_weights_path
+
+    runs = {}
+    for name, source in (
+        ("preset", ["--preset", "tiny"]),
+        ("backbone", ["--backbone", "tf_efficientnet_lite0", "--weights", str(lite0_weights_path())]),
+    ):
+        out = tmp_path / name
+        assert main(["vpr", "evaluate", str(world), *source, "--pool", "gem", "-o", str(out), "--quiet"]) == 0
+        runs[name] = (json.loads((out / "results.json").read_text()), (out / "predictions.csv").read_text())
+    (preset, preset_csv), (backbone, backbone_csv) = runs["preset"], runs["backbone"]
+    for key in ("recall@1", "recall@5", "recall@10", "recall@20", "median_top1_m"):
+        assert backbone[key] == preset[key], key
+    assert backbone_csv == preset_csv
+    assert backbone["settings"]["backbone"] == preset["settings"]["backbone"] == "tf_efficientnet_lite0"
+    assert backbone["settings"]["source"] == f"weights file {lite0_weights_path()}"
+
+
+def test_backbone_without_weights_offline_fails_in_one_line(world, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("HUGGINGFACE_HUB_CACHE", str(tmp_path / "empty-cache"))
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    out = tmp_path / "out"
+    args = ["vpr", "evaluate", str(world), "--backbone", "resnet18", "--pool", "gem", "-o", str(out)]
+    _fails(capsys, args, "--backbone resnet18", "pass a local weights file with --weights FILE")
+    _fails(
+        capsys, [*args[:3], "--preset", "tiny", "--weights", "x.pth", *args[5:]], "--weights FILE goes with"
+    )
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_compact_128_bit_codes_of_netvlad_pca(tmp_path):
+    """``--pca-dim 128``: the bits row is the 128-bit (16-byte) code of paper 000, flat 512 bytes, and the
+    Hamming search keeps most of the float recall, well above a random ranking's."""
+    from geoswc.data.synth_street import make_street_world
+    from vpr_fixtures import TINY_STREETS
+
+    world = tmp_path / "w"
+    make_street_world(world, seed=1, **{**TINY_STREETS, "streets": {"train": 5, "val": 0, "test": 3}})
+    out = tmp_path / "eval"
+    args = ["vpr", "evaluate", str(world), "--preset", "tiny", "--pool", "netvlad", "--clusters", "8"]
+    assert main([*args, "--pca-dim", "128", "-o", str(out), "--quiet"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["descriptor_dim"] == 128
+    rows = {row["mode"]: row for row in results["compact_index"]}
+    assert rows["bits"]["bytes_per_photo"] == 16 and rows["flat"]["bytes_per_photo"] == 512
+    assert rows["flat"]["recall@1"] == results["recall@1"]
+    # A random ranking finds a positive first with probability (positives / database photos) per query.
+    split = world / "images" / "test"
+    db = np.stack([_utm(p.name) for p in (split / "database").iterdir()])
+    chance = 100.0 * np.mean(
+        [(np.sqrt(((db - _utm(q.name)) ** 2).sum(1)) <= 25.0).mean() for q in (split / "queries").iterdir()]
+    )
+    assert rows["bits"]["recall@1"] <= rows["flat"]["recall@1"] + 100.0 / results["n_queries"] + 1e-9
+    assert rows["bits"]["recall@1"] >= 1.5 * chance, (rows, chance)

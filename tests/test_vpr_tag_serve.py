@@ -72,6 +72,41 @@ def test_python_cluster_mode_is_the_locators(indexed):
         street.predict(photo, head="ce")
 
 
+def test_tag_street_k_clusters_as_vpr_locate(indexed, tmp_path, capsys):
+    world, model = indexed
+    queries = world / "images" / "test" / "queries"
+    tagged, located = tmp_path / "tags.csv", tmp_path / "located.csv"
+    cluster = ["--street-k", "5", "--street-eps-m", "25"]
+    assert main(["tag", str(queries), "--model", str(model), "-o", str(tagged), *cluster]) == 0
+    assert (
+        main(["vpr", "locate", str(model), str(queries), "-k", "5", "--eps-m", "25", "-o", str(located)]) == 0
+    )
+    rows = {Path(r["path"]).name: r for r in csv.DictReader(tagged.open())}
+    answers = {Path(r["photo"]).name: r for r in csv.DictReader(located.open())}
+    first = PlaceLocator.from_pretrained(model).locate(sorted(queries.iterdir()), k=1)
+    assert sorted(rows) == sorted(answers) and len(rows) == 12
+    moved = 0
+    for name, row in rows.items():
+        assert row["method"] == "cluster" and answers[name]["method"].startswith("cluster")
+        assert float(row["lat"]) == pytest.approx(float(answers[name]["lat"]), abs=1e-6)
+        assert float(row["lon"]) == pytest.approx(float(answers[name]["lon"]), abs=1e-6)
+    for record in first:
+        row = rows[Path(record["photo"]).name]
+        moved += abs(float(row["lat"]) - record["lat"]) + abs(float(row["lon"]) - record["lon"]) > 1e-7
+    assert moved > 0  # the cluster's centre is not the first match's position for every photo
+    capsys.readouterr()
+    for bad, needle in (
+        (["--street-k", "101"], "k must be an integer from 1 to 100"),
+        (
+            ["--street-eps-m", "0"],
+            "eps_m must be a number of metres over 0",
+        ),
+    ):
+        assert main(["tag", str(queries), "--model", str(model), "-o", str(tmp_path / "x.csv"), *bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and needle in err, err
+
+
 @pytest.fixture(scope="module")
 def street_app(indexed):
     pytest.importorskip("fastapi")
@@ -116,6 +151,33 @@ def test_serve_locate_answers_database_neighbours(indexed, street_app):
             "/v1/locate", data={"area": "0,0,1,1"}, files={"file": ("q.jpg", photo.read_bytes())}
         )
         assert far.status_code == 422 and "no database photo" in far.json()["detail"]
+
+
+def test_serve_locate_clusters_the_first_k_matches(indexed, street_app):
+    from fastapi.testclient import TestClient
+
+    world, model = indexed
+    photos = sorted((world / "images" / "test" / "queries").iterdir())
+    locator = PlaceLocator.from_pretrained(model)
+    with TestClient(street_app, base_url="http://localhost") as client:
+        for photo in photos[:4]:
+            want = locator.locate([photo], k=5, eps_m=25.0)[0]
+            got = client.post(
+                "/v1/locate", data={"k": "5", "eps_m": "25"}, files={"file": ("q.jpg", photo.read_bytes())}
+            ).json()["results"][0]
+            assert got["method"] == "cluster"
+            assert (got["lat"], got["lon"]) == pytest.approx((want["lat"], want["lon"]), abs=1e-6)
+            assert [n["id"] for n in got["neighbours"]] == [m["path"] for m in want["matches"]]
+            assert [n["in_cluster"] for n in got["neighbours"]] == [m["in_cluster"] for m in want["matches"]]
+        for form, needle in (
+            ({"k": "101"}, "k must be an integer from 1 to 100"),
+            ({"k": "two"}, "k must be an integer"),
+            ({"eps_m": "0"}, "eps_m must be a number of metres over 0 and at most 10000"),
+            ({"eps_m": "10001"}, "at most 10000"),
+        ):
+            bad = client.post("/v1/locate", data=form, files={"file": ("q.jpg", photos[0].read_bytes())})
+            detail = bad.json()["detail"]
+            assert bad.status_code == 422 and needle in detail and "\n" not in detail, detail
 
 
 def test_serve_page_shows_matched_database_photos(indexed, street_app, tmp_path):

@@ -71,6 +71,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="round published positions: city = 2 decimals (~1 km), region = 1 (~11 km), country = 0 (~111 km)",
     )
     parser.add_argument("--head", default=None, help="classification head to use (default: the model's own)")
+    parser.add_argument(
+        "--street-k",
+        type=int,
+        default=None,
+        metavar="K",
+        help="street-scale model (geoswc vpr index): place each photo at the largest cluster of its first K "
+        "database matches (1 to 100; default 1, the first match)",
+    )
+    parser.add_argument(
+        "--street-eps-m",
+        type=float,
+        default=None,
+        metavar="M",
+        help="street-scale model: the cluster radius in metres for --street-k (over 0, at most 10000; default 25)",
+    )
     _add_review_arguments(parser.add_argument_group("review (docs/tagging.md)"))
     _add_runtime_arguments(parser)
 
@@ -195,6 +210,7 @@ def _tag(args: argparse.Namespace, ranks: Ranks) -> dict:
         compile=args.compile,
         runtime=args.runtime,
         raw_csv=args.raw,
+        predict_options=_street_options(args),
         progress=not args.no_progress and (sys.stderr.isatty() or os.environ.get("GEOSWC_PROGRESS") == "1"),
         ranks=ranks,
         review=ReviewOptions(
@@ -209,6 +225,12 @@ def _tag(args: argparse.Namespace, ranks: Ranks) -> dict:
             html=not args.no_html,
         ),
     )
+
+
+def _street_options(args: argparse.Namespace) -> dict:
+    """``--street-k`` / ``--street-eps-m`` as the keyword arguments of a street-scale model's predictions."""
+    given = {"k": args.street_k, "eps_m": args.street_eps_m}
+    return {name: value for name, value in given.items() if value is not None}
 
 
 def register(subparsers) -> None:

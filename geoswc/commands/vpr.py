@@ -15,10 +15,16 @@ def _load(args: argparse.Namespace):
     given = [x for x in (args.model, args.backbone, args.preset) if x is not None]
     if len(given) != 1:
         raise ValueError("give exactly one of --model MODEL, --backbone NAME or --preset tiny")
+    if args.weights is not None and args.backbone is None:
+        raise ValueError("--weights FILE goes with --backbone NAME (a model folder or a preset has its own)")
     if args.model is not None:
         return from_folder(args.model, pool=args.pool, clusters=args.clusters)
     return off_the_shelf(
-        backbone=args.backbone, preset=args.preset, pool=args.pool or "gem", clusters=args.clusters
+        backbone=args.backbone,
+        preset=args.preset,
+        pool=args.pool or "gem",
+        clusters=args.clusters,
+        weights=args.weights,
     )
 
 
@@ -113,6 +119,11 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     src.add_argument(
         "--preset", choices=("tiny",), help="the tiny preset's backbone, offline ImageNet weights"
+    )
+    parser.add_argument(
+        "--weights",
+        metavar="FILE",
+        help="with --backbone: local ImageNet weights (.safetensors, .pth) instead of timm's download",
     )
     parser.add_argument(
         "--pool", choices=POOLS, help="aggregation layer (default: the model's, else gem off the shelf)"

@@ -24,9 +24,16 @@ class LocateOptions:
     mode: str
     top_k: int
     area: Optional[Tuple[float, float, float, float]]
+    # A street-scale model's clustering of the first k matches (None: its defaults, the first match).
+    k: Optional[int] = None
+    eps_m: Optional[float] = None
 
     def kwargs(self) -> Dict[str, Any]:
-        return {"head": self.head, "mode": self.mode, "top_k": self.top_k, "area": self.area}
+        out = {"head": self.head, "mode": self.mode, "top_k": self.top_k, "area": self.area}
+        out.update(
+            {name: value for name, value in (("k", self.k), ("eps_m", self.eps_m)) if value is not None}
+        )
+        return out
 
 
 @dataclass

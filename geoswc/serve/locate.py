@@ -27,7 +27,7 @@ from geoswc.serve.errors import RequestError, error_response, json_safe
 from geoswc.serve.inference import LocateJob, LocateOptions
 from geoswc.serve.state import ServeState, serve_state
 from geoswc.serve.uploads import Upload, busy, keep_upload, read_multipart, safe_name
-from geoswc.street.predictor import StreetGeolocator
+from geoswc.street.predictor import StreetGeolocator, check_cluster_settings
 from geoswc.tagging.output import make_row
 from geoswc.tagging.run import ReviewOptions, prediction_row
 
@@ -120,7 +120,30 @@ def options_from(state: ServeState, form: Dict[str, str]) -> LocateOptions:
             cells_in_area(centers, area)
     except ValueError as err:
         raise RequestError(422, str(err)) from None
-    return LocateOptions(head=head, mode=mode, top_k=top_k, area=area)
+    k, eps_m = _cluster_options(model, form)
+    return LocateOptions(head=head, mode=mode, top_k=top_k, area=area, k=k, eps_m=eps_m)
+
+
+def _cluster_options(model: Any, form: Dict[str, str]) -> Tuple[Optional[int], Optional[float]]:
+    """``k`` and ``eps_m``: a street-scale model places a photo at the largest cluster of its first k matches
+    (`StreetGeolocator.predict_from_features`); absent, the first match.
+
+    Raises:
+        RequestError: 422 for a value out of range, or for a model that is not a street-scale one.
+    """
+    given = {name: form.get(name) or None for name in ("k", "eps_m")}
+    if all(value is None for value in given.values()):
+        return None, None
+    if not isinstance(model, StreetGeolocator):
+        raise RequestError(
+            422,
+            "k and eps_m cluster the matches of a street-scale model (geoswc vpr index); this model "
+            "clusters with its own swc settings",
+        )
+    try:
+        return check_cluster_settings(given["k"], given["eps_m"])
+    except ValueError as err:
+        raise RequestError(422, str(err)) from None
 
 
 # ---------------------------------------------------------------------------------------------- rows

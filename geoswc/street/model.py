@@ -3,7 +3,8 @@
 A folder that holds a trained place-recognition model is a backbone folder (`geoswc.classifiers.backbone`) plus
 ``vpr.json`` (``{"pool", "clusters", "pca_dim", "whiten", "resize"}``), ``aggregation.safetensors`` (the layer's
 weights: GeM's ``p``, NetVLAD's centroids and assignment) and, with PCA, ``pca.safetensors``. A model folder
-without ``vpr.json`` is pooled as its ``backbone.pool`` setting says (``avg`` by default, the paper's).
+without ``vpr.json`` is pooled as its ``backbone.pool`` setting says (``avg`` by default, the paper's), with the
+layer of its ``retrieval_pool.safetensors`` when it has one (``geoswc fit`` with ``backbone.pool`` gem|netvlad).
 """
 
 from __future__ import annotations
@@ -16,8 +17,17 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 from safetensors.torch import load_file, save_file
 
-from geoswc.classifiers.aggregation import DEFAULT_CLUSTERS, POOLS, DescriptorPCA, VPRNet
-from geoswc.classifiers.backbone import create_backbone, load_backbone
+from geoswc.classifiers.aggregation import (
+    DEFAULT_CLUSTERS,
+    POOLS,
+    RETRIEVAL_POOL_FILE,
+    DescriptorPCA,
+    NetVLAD,
+    VPRNet,
+    load_retrieval_pool,
+    pool_name,
+)
+from geoswc.classifiers.backbone import PretrainedWeightsUnavailable, create_backbone, load_backbone
 from geoswc.config import load_preset
 from geoswc.data.validation import check_choice
 
@@ -66,14 +76,21 @@ def off_the_shelf(
     preset: Optional[str] = None,
     pool: str = "gem",
     clusters: int = DEFAULT_CLUSTERS,
+    weights: Optional[Union[str, Path]] = None,
 ) -> LoadedVPR:
     """ImageNet weights with an untrained aggregation layer (NetVLAD still needs `init_netvlad`).
 
     Args:
-        backbone: a timm model name (timm's pretrained weights: the hub or its cache).
+        backbone: a timm model name (timm's pretrained weights: the hub or its cache, or ``weights``).
         preset: ``tiny``: the tiny preset's backbone with the weights shipped in a package (offline).
         pool: one of `POOLS`.
         clusters: NetVLAD clusters.
+        weights: with ``backbone``: a local ``.safetensors``/``.pth`` file of its weights (timm's or another
+            implementation's with the same tensors, `geoswc.classifiers.backbone.load_backbone_weights`).
+
+    Raises:
+        FileNotFoundError: ``backbone`` without ``weights`` whose weights are neither in the Hugging Face
+            cache nor reachable (the message says to pass ``--weights``), or a missing weights file.
     """
     _check_pool(pool)
     if (backbone is None) == (preset is None):
@@ -83,8 +100,18 @@ def off_the_shelf(
         cfg = load_preset(preset).backbone
         model = create_backbone(cfg.model, pretrained=cfg.pretrained and not cfg.weights, weights=cfg.weights)
         name, source = cfg.model, f"preset {preset} ({cfg.weights or 'timm pretrained'})"
+    elif weights is not None:
+        model = create_backbone(backbone, weights=weights)
+        name, source = backbone, f"weights file {weights}"
     else:
-        model = create_backbone(backbone, pretrained=True)
+        try:
+            model = create_backbone(backbone, pretrained=True)
+        except PretrainedWeightsUnavailable:
+            raise PretrainedWeightsUnavailable(
+                f"--backbone {backbone}: timm's ImageNet weights are not in the Hugging Face cache and cannot "
+                "be downloaded (no network, or HF_HUB_OFFLINE is set); pass a local weights file with "
+                "--weights FILE (.safetensors or .pth)"
+            ) from None
         name, source = backbone, "timm pretrained (ImageNet)"
     import timm
 
@@ -138,9 +165,23 @@ def from_folder(
         return LoadedVPR(net.eval(), data_config, spec, pca)
     config = info.get("config") or {}
     configured = (config.get("backbone") or {}).get("pool") if isinstance(config, dict) else None
-    pool = _check_pool(pool or configured or "avg")
+    # A geoswc fit folder with backbone.pool gem|netvlad keeps the layer its retrieval module embeds.
+    pool_file = folder / RETRIEVAL_POOL_FILE
+    stored = load_retrieval_pool(pool_file, channels=backbone.num_features) if pool_file.is_file() else None
+    pool = _check_pool(pool or (pool_name(stored) if stored is not None else configured) or "avg")
+    kept = stored is not None and pool_name(stored) == pool
+    if kept and isinstance(stored, NetVLAD):
+        clusters = stored.clusters
     net = VPRNet(backbone, pool, clusters=clusters).eval()
-    spec = VPRSpec(backbone=info["model"], pool=pool, clusters=int(clusters), source=str(folder))
+    if kept:
+        net.aggregation = stored
+    spec = VPRSpec(
+        backbone=info["model"],
+        pool=pool,
+        clusters=int(clusters),
+        source=str(pool_file if kept else folder),
+        trained_aggregation=kept,
+    )
     return LoadedVPR(net, data_config, spec)
 
 

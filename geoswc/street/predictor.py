@@ -28,6 +28,37 @@ from geoswc.street.locator import PlaceLocator
 # first match.
 STREET_MODES = ("swc", "rrm")
 DEFAULT_EPS_M = 25.0
+# Bounds of the clustering settings a caller may ask for (``geoswc tag --street-k``, ``POST /v1/locate``).
+MAX_K = 100
+MAX_EPS_M = 10_000.0
+
+
+def check_cluster_settings(k: Any, eps_m: Any) -> Tuple[Optional[int], Optional[float]]:
+    """``k`` (matches clustered, 1 to `MAX_K`) and ``eps_m`` (cluster radius in metres, over 0 and at most
+    `MAX_EPS_M`) as numbers; None stays None (the default: the first match, 25 m).
+
+    Raises:
+        ValueError: a value that is not a number in its range (named with the range).
+    """
+    if k is not None:
+        try:
+            number = int(str(k).strip())
+        except ValueError:
+            number = 0
+        if not 1 <= number <= MAX_K:
+            raise ValueError(f"k must be an integer from 1 to {MAX_K}, got {k!r}")
+        k = number
+    if eps_m is not None:
+        try:
+            value = float(str(eps_m).strip())
+        except ValueError:
+            value = float("nan")
+        if not 0.0 < value <= MAX_EPS_M:
+            raise ValueError(
+                f"eps_m must be a number of metres over 0 and at most {MAX_EPS_M:g}, got {eps_m!r}"
+            )
+        eps_m = value
+    return k, eps_m
 
 
 class StreetTransform:

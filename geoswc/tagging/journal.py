@@ -65,12 +65,13 @@ def embedding_files(output: str) -> List[str]:
 
 
 def embedding_fingerprint(model) -> str:
-    """SHA-256 of the weights that make a `Geolocator`'s retrieval embeddings (backbone and retrieval module).
+    """SHA-256 of the weights that make a `Geolocator`'s retrieval embeddings (backbone, retrieval pool and
+    retrieval module).
 
     Two models with the same fingerprint embed every photo alike, wherever their folders lie.
     """
     digest = hashlib.sha256()
-    for part in (model.backbone, model.retrieval):
+    for part in (model.backbone, getattr(model, "retrieval_pool", None), model.retrieval):
         if part is None:
             continue
         for name, tensor in sorted(part.state_dict().items()):

@@ -45,6 +45,7 @@ from geoswc.data.photos import PhotoDataset, photo_batches
 from geoswc.data.threads import threaded_photo_batches
 from geoswc.geolocator import Geolocator
 from geoswc.precision import default_batch_size, default_workers
+from geoswc.street.predictor import StreetGeolocator, check_cluster_settings
 from geoswc.tagging.duplicates import duplicate_groups
 from geoswc.tagging.exif_copies import (
     PRECISION_DECIMALS,
@@ -214,7 +215,7 @@ def _embedding_dim(predictor) -> int:
     """Width of a `Geolocator`'s retrieval embeddings."""
     if predictor.index is not None:
         return int(predictor.index.dim)
-    width = int(predictor.backbone.num_features)
+    width = int(getattr(predictor, "feature_width", predictor.backbone.num_features))
     with torch.inference_mode():
         return int(predictor.embed(torch.zeros(1, width)).shape[1])
 
@@ -387,6 +388,23 @@ def _check_arguments(fmt: str, *, precision: str, batch_size, resume: bool, over
         pyarrow_parquet()
 
 
+def _check_street_options(predictor, options: dict) -> None:
+    """``k`` / ``eps_m`` (``--street-k`` / ``--street-eps-m``) go to a street-scale model only, in range.
+
+    Raises:
+        ValueError: a value out of range, or a model that is not a street-scale one.
+    """
+    if "k" not in options and "eps_m" not in options:
+        return
+    if not isinstance(predictor, StreetGeolocator):
+        raise ValueError(
+            "--street-k and --street-eps-m cluster the matches of a street-scale model (geoswc vpr index); "
+            "this model places photos with its own swc settings"
+        )
+    k, eps_m = check_cluster_settings(options.get("k"), options.get("eps_m"))
+    options.update({name: v for name, v in (("k", k), ("eps_m", eps_m)) if v is not None})
+
+
 def _predict_options(predictor, *, head: Optional[str], predict_options: Optional[dict], review) -> dict:
     """The keyword arguments of every ``predict_batch`` call.
 
@@ -396,6 +414,7 @@ def _predict_options(predictor, *, head: Optional[str], predict_options: Optiona
     options = dict(predict_options or {})
     if head is not None:
         options["head"] = head
+    _check_street_options(predictor, options)
     if review.duplicates and not _wants_embeddings(predictor, review):
         raise ValueError(
             "--duplicates compares retrieval embeddings; this model has none (a Geolocator with a retrieval "

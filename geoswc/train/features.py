@@ -4,6 +4,12 @@ Each process embeds its parts (``part_size`` rows of a metadata CSV, or one shar
 and rank 0 merges them. Parts already on disk are skipped, so an interrupted extraction resumes where it
 stopped; ``parts/key.json`` records what made them (inputs, weights, sizes), and parts of another run are
 discarded instead of being merged as if they were this one's.
+
+With ``backbone.pool`` ``gem`` or ``netvlad`` a second cache, ``out/retrieval/``, holds the L2-normalised
+descriptors of that layer over the same photos (what the retrieval module trains on and the background index
+embeds; the heads keep the average-pooled cache), and ``out/retrieval/retrieval_pool.safetensors`` the layer:
+GeM with its initial exponent, NetVLAD initialised by k-means on local descriptors of (up to 500) of the
+photos, as ``geoswc vpr`` initialises it (`geoswc.street.embed.init_netvlad`).
 """
 
 from __future__ import annotations
@@ -25,9 +31,21 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from geoswc.classifiers import create_backbone, load_backbone
+from geoswc.classifiers.aggregation import (
+    POOLS,
+    RETRIEVAL_POOL_FILE,
+    NetVLAD,
+    VPRNet,
+    kmeans_centroids,
+    load_retrieval_pool,
+    sample_local_descriptors,
+    save_retrieval_pool,
+)
 from geoswc.config import Config
-from geoswc.data.features import merge_image_parts, merge_shard_parts, write_meta
+from geoswc.data.features import RETRIEVAL_CACHE, merge_image_parts, merge_shard_parts, write_meta
 from geoswc.data.files import atomic_path, write_text_atomic
+from geoswc.data.validation import check_choice
+from geoswc.street.embed import NETVLAD_DESCRIPTORS, NETVLAD_PER_IMAGE
 from geoswc.train.accelerator import prepare_for_speed
 from geoswc.train.common import PathLike, StageResult, finish_stage, start_stage
 from geoswc.train.distributed import weights_digest
@@ -76,32 +94,79 @@ def extract_features(
             model_name, pretrained=config.backbone.pretrained and weights is None, weights=weights
         )
     batch_size = batch_size or config.heads.batch_size
+    check_choice("backbone.pool", config.backbone.pool, POOLS)
     source = open_photos(photos, cells, model, config, train=False)
-    if isinstance(source, ShardBatches):
-        summary = _shard_features(
-            accelerator,
-            model,
-            source,
-            out,
-            config=config,
-            model_name=model_name,
-            fingerprint=str(cells.fingerprint),
-            batch_size=batch_size,
+    options = dict(
+        config=config, model_name=model_name, fingerprint=str(cells.fingerprint), batch_size=batch_size
+    )
+    summary = _cache(accelerator, model, source, out, part_size=part_size, **options)
+    if config.backbone.pool != "avg":
+        net = _retrieval_net(
+            accelerator, model, source, out / RETRIEVAL_CACHE, config=config, batch_size=batch_size
         )
-    else:
-        summary = _table_features(
-            accelerator,
-            model,
-            source,
-            out,
-            config=config,
-            model_name=model_name,
-            fingerprint=str(cells.fingerprint),
-            part_size=part_size,
-            batch_size=batch_size,
+        pooled = _cache(
+            accelerator, net, source, out / RETRIEVAL_CACHE, part_size=part_size, pool=net.pool, **options
         )
+        summary["retrieval"] = {"pool": net.pool, "dim": pooled["dim"]}
     finish_stage(accelerator, out, "features", summary)
     return StageResult("features", out, {"features": out}, summary)
+
+
+def _cache(accelerator: Accelerator, model: nn.Module, source: Any, out: Path, *, part_size: int, **options):
+    """One feature cache of ``model``'s outputs in ``out`` (shards: one part per shard)."""
+    if isinstance(source, ShardBatches):
+        return _shard_features(accelerator, model, source, out, **options)
+    return _table_features(accelerator, model, source, out, part_size=part_size, **options)
+
+
+def _retrieval_net(
+    accelerator: Accelerator, backbone: nn.Module, source: Any, out: Path, *, config: Config, batch_size: int
+) -> VPRNet:
+    """The backbone with the ``backbone.pool`` layer, its state written to ``out/retrieval_pool.safetensors``
+    by the main process (NetVLAD initialised from the photos first) and read back by every process."""
+    net = VPRNet(backbone, config.backbone.pool, clusters=config.backbone.clusters).eval()
+    path = out / RETRIEVAL_POOL_FILE
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        if isinstance(net.aggregation, NetVLAD):
+            net.to(accelerator.device)
+            local = _local_descriptors(
+                accelerator, net, source, batch_size=batch_size, seed=config.train.seed
+            )
+            centroids = kmeans_centroids(local, net.aggregation.clusters, seed=config.train.seed)
+            net.aggregation.init_from_descriptors(centroids, local)
+        with atomic_path(path) as tmp:
+            save_retrieval_pool(tmp, net.aggregation, channels=net.channels)
+    accelerator.wait_for_everyone()
+    net.aggregation = load_retrieval_pool(path, channels=net.channels)
+    return net.eval()
+
+
+@torch.no_grad()
+def _local_descriptors(
+    accelerator: Accelerator, net: VPRNet, source: Any, *, batch_size: int, seed: int
+) -> np.ndarray:
+    """``NETVLAD_PER_IMAGE`` L2-normalised local descriptors of each of (up to) 500 photos: a seeded sample of
+    the rows of a photo table, the first photos of the first shards."""
+    rng = np.random.default_rng(seed)
+    n_photos = -(-NETVLAD_DESCRIPTORS // NETVLAD_PER_IMAGE)
+    out: list = []
+    if isinstance(source, ShardBatches):
+        loader = source.loader(batch_size=batch_size, accelerator=accelerator, train=False, whole=True)
+        seen = 0
+        for batch in loader:
+            for _, group in source.by_shape(batch):
+                images = source.to_device(group, accelerator.device)[0]
+                out.append(sample_local_descriptors(net.feature_map(images), NETVLAD_PER_IMAGE, rng))
+            seen += len(batch["image"])
+            if seen >= n_photos:
+                break
+    else:
+        n = len(source.source)
+        rows = np.sort(rng.choice(n, min(n, n_photos), replace=False))
+        for _, inputs, _, _ in source.iterate_eval(rows, batch_size, accelerator.device):
+            out.append(sample_local_descriptors(net.feature_map(inputs), NETVLAD_PER_IMAGE, rng))
+    return np.concatenate(out)
 
 
 def _table_features(
@@ -115,6 +180,7 @@ def _table_features(
     fingerprint: str,
     part_size: int,
     batch_size: int,
+    pool: Optional[str] = None,
 ) -> Dict[str, Any]:
     table: PhotoTable = source.source
     key = {
@@ -125,6 +191,7 @@ def _table_features(
         "image_size": config.data.image_size,
         "eval_resize": config.data.eval_resize,
         "part_size": part_size,
+        **({"pool": pool} if pool else {}),
     }
     model = prepare_for_speed(backbone, config.train, accelerator).eval()
     parts_dir = out / "parts"
@@ -173,6 +240,7 @@ def _table_features(
         images=images,
         start=start,
         count=n,
+        pool=pool,
     )
 
 
@@ -186,6 +254,7 @@ def _shard_features(
     model_name: str,
     fingerprint: str,
     batch_size: int,
+    pool: Optional[str] = None,
 ) -> Dict[str, Any]:
     """One resumable part per shard (ranks take shards in turn), each holding the shard's features, ids,
     coordinates, labels and authors; rank 0 merges them in shard order."""
@@ -197,6 +266,7 @@ def _shard_features(
         "weights": weights_digest(backbone),
         "image_size": config.data.image_size,
         "eval_resize": config.data.eval_resize,
+        **({"pool": pool} if pool else {}),
     }
     model = prepare_for_speed(backbone, config.train, accelerator).eval()
     parts_dir = out / "parts"
@@ -248,6 +318,7 @@ def _shard_features(
         images=images,
         start=start,
         count=len(shards),
+        pool=pool,
     )
 
 
@@ -264,6 +335,7 @@ def _finish_cache(
     images: int,
     start: float,
     count: int,
+    pool: Optional[str] = None,
 ) -> Dict[str, Any]:
     """Once every rank has written its parts, rank 0 merges them (``merge()`` -> the rows merged), writes the
     cache's meta.json and removes the parts; the summary (``count``: the rows where rank 0 merged none)."""
@@ -280,6 +352,7 @@ def _finish_cache(
                 "dim": dim,
                 "count": n,
                 "image_size": config.data.image_size,
+                **({"pool": pool} if pool else {}),
             },
         )
         shutil.rmtree(parts_dir)

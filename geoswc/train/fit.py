@@ -48,6 +48,7 @@ from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 
 from geoswc.assemble import assemble_model, describe
+from geoswc.classifiers.aggregation import RETRIEVAL_POOL_FILE
 from geoswc.classifiers.backbone import check_pretrained_available
 from geoswc.config import Config, resolve_config
 from geoswc.data.files import write_text_atomic
@@ -58,6 +59,7 @@ from geoswc.data.validation import check_choice
 from geoswc.geocells import Geocells, S2Partitioner
 from geoswc.train import Photos, build_index, extract_features, train_backbone, train_heads, train_retrieval
 from geoswc.train.accelerator import use_cpu
+from geoswc.train.features import RETRIEVAL_CACHE
 from geoswc.train.sources import shard_files
 
 logger = logging.getLogger(__name__)
@@ -196,6 +198,13 @@ def _stage_inputs(run: FitRun, stage: str) -> Dict[str, Any]:
             inputs = {"shards": _shard_identity(run.shards)}
         else:
             inputs = {"images": str(run.images.resolve())}
+        bc = run.config.backbone
+        if stage == "features" and bc.pool != "avg":
+            # The retrieval descriptors' layer (the section is the backbone stage's, see `_stage_config`).
+            inputs["retrieval_pool"] = {
+                "pool": bc.pool,
+                **({"clusters": bc.clusters} if bc.pool == "netvlad" else {}),
+            }
         if stage == "backbone" and run.val_csv is not None:
             inputs["val_csv"] = str(run.val_csv.resolve())
         if stage == "backbone" and run.val_shards is not None:
@@ -231,14 +240,25 @@ def stage_key(run: FitRun, stage: str) -> str:
                 f"(--stages {earlier} {stage}) or leave --stages out"
             )
         upstream[earlier] = [marker["key"], marker["finished"]]
-    config = run.config.to_dict()
     payload = {
         "stage": stage,
-        "config": {section: config[section] for section in STAGE_SECTIONS[stage]},
+        "config": _stage_config(run, stage),
         "inputs": _stage_inputs(run, stage),
         "upstream": upstream,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _stage_config(run: FitRun, stage: str) -> Dict[str, Any]:
+    """The configuration sections a stage's key covers. The backbone stage does not read ``backbone.pool`` or
+    ``backbone.clusters`` (only the features stage does, through its inputs): they are left out of its key, so
+    a variant with another pool reuses the trained backbone (``--from``)."""
+    config = run.config.to_dict()
+    sections = {section: dict(config[section]) for section in STAGE_SECTIONS[stage]}
+    if "backbone" in sections:
+        sections["backbone"]["pool"] = "avg"  # the key an avg run has always had
+        sections["backbone"].pop("clusters", None)
+    return sections
 
 
 def stage_is_current(run: FitRun, stage: str) -> bool:
@@ -388,9 +408,15 @@ def _stage_heads(run: FitRun, out: Path, resume: bool) -> Dict[str, Any]:
     ).last_epochs()
 
 
+def _retrieval_features(run: FitRun) -> Optional[Path]:
+    """The cache of the ``backbone.pool`` descriptors (`geoswc.train.features`), None with average pooling."""
+    return run.stage_dir("features") / RETRIEVAL_CACHE if run.config.backbone.pool != "avg" else None
+
+
 def _stage_retrieval(run: FitRun, out: Path, resume: bool) -> Dict[str, Any]:
+    features = _retrieval_features(run) or run.stage_dir("features")
     return train_retrieval(
-        run.config, cells=_cells(run), features=run.stage_dir("features"), out=out, cpu=run.cpu, resume=resume
+        run.config, cells=_cells(run), features=features, out=out, cpu=run.cpu, resume=resume
     ).last_epochs()
 
 
@@ -412,6 +438,7 @@ def _stage_index(run: FitRun, out: Path, resume: bool) -> Dict[str, Any]:
         out=out,
         exclude=run.exclude,
         device="cpu" if run.cpu else None,
+        embed_features=_retrieval_features(run),
     )
     report = result.summary
     run.echo(
@@ -424,6 +451,7 @@ def _stage_index(run: FitRun, out: Path, resume: bool) -> Dict[str, Any]:
 def _stage_model(run: FitRun, out: Path, resume: bool) -> Dict[str, Any]:
     """Compose the trained parts into the model folder ``Geolocator.from_pretrained`` loads
     (`geoswc.assemble.assemble_model`, as ``geoswc assemble``)."""
+    pooled = _retrieval_features(run)
     summary = assemble_model(
         run.model_dir,
         cells=_cells(run),
@@ -432,6 +460,7 @@ def _stage_model(run: FitRun, out: Path, resume: bool) -> Dict[str, Any]:
         retrieval=run.stage_dir("retrieval") / "retrieval.safetensors",
         index=run.stage_dir("index"),
         config=run.config,
+        retrieval_pool=None if pooled is None else pooled / RETRIEVAL_POOL_FILE,
     )
     run.echo("  " + describe(summary))
     return summary

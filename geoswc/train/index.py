@@ -25,6 +25,7 @@ def build_index(
     dtype: Optional[str] = None,
     batch_size: int = 8192,
     device: Optional[str] = None,
+    embed_features: Optional[PathLike] = None,
 ) -> StageResult:
     """Build the background index of a feature cache into ``out`` (with ``config.yaml`` beside it).
 
@@ -42,6 +43,8 @@ def build_index(
         dtype: storage dtype, ``float16`` or ``float32`` (default ``retrieval.index_dtype``).
         batch_size: rows per forward pass.
         device: torch device (default CUDA when available).
+        embed_features: the cache of the photos' ``backbone.pool`` descriptors (same rows as ``features``),
+            which the retrieval module embeds while the head reads ``features``; None: both read ``features``.
 
     Returns:
         The result; its summary is the build report (``total``, ``kept`` and the dropped counts).
@@ -59,6 +62,7 @@ def build_index(
         device=device,
         config=config.to_dict(),
         background=config.retrieval.background,
+        embed_features_dir=embed_features,
     )
     config.save(out / "config.yaml")
     return StageResult("index", out, {"index": out}, report)

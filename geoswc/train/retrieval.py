@@ -28,7 +28,7 @@ import torch
 from accelerate import Accelerator
 
 from geoswc.config import Config
-from geoswc.data.features import FeatureCache
+from geoswc.data.features import FeatureCache, cache_pool, pooled_cache
 from geoswc.data.validation import check_choice
 from geoswc.retrieval import (
     IdentityEmbedding,
@@ -220,7 +220,8 @@ def train_retrieval(
     Args:
         config: the resolved configuration.
         cells: the `Geocells` the cache was labelled with (pairs come from its finest cells).
-        features: the training photos' feature cache.
+        features: the training photos' feature cache; with ``backbone.pool`` gem or netvlad, its
+            ``retrieval/`` cache of the layer's descriptors is read (`geoswc.data.features.pooled_cache`).
         out: the stage folder: ``retrieval.safetensors``, ``config.yaml``, history, checkpoints.
         val_features: a feature cache for same-cell precision@5 after every epoch.
         cpu, resume, max_steps, checkpoint_every, log_with: as `geoswc.train.train_backbone`.
@@ -234,8 +235,9 @@ def train_retrieval(
     """
     check_choice("retrieval.loss", config.retrieval.loss, RETRIEVAL_LOSSES)
     out = Path(out)
-    cache = FeatureCache(features).check(cells)
-    val = FeatureCache(val_features).check(cells) if val_features is not None else None
+    pool = config.backbone.pool
+    cache = FeatureCache(pooled_cache(features, pool)).check(cells)
+    val = FeatureCache(pooled_cache(val_features, pool)).check(cells) if val_features is not None else None
     accelerator = start_stage(config, out, stage="retrieval", cpu=cpu, log_with=log_with)
     if config.retrieval.loss == "none":
         return _write_identity(accelerator, config, cells=cells, cache=cache, out=out, val=val)
@@ -264,6 +266,7 @@ def train_retrieval(
             extra={
                 "config": json.dumps(config.to_dict(), default=str),
                 "backbone": str(cache.meta.get("backbone", "")),
+                "pool": pool,
             },
         )
         logger.info("wrote %s", files["retrieval"])
@@ -290,6 +293,7 @@ def _write_identity(
             extra={
                 "config": json.dumps(config.to_dict(), default=str),
                 "backbone": str(cache.meta.get("backbone", "")),
+                "pool": cache_pool(cache.folder),
             },
         )
         logger.info(
