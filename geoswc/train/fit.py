@@ -47,7 +47,7 @@ import pandas as pd
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 
-from geoswc.assemble import assemble_model, describe
+from geoswc.assemble import assemble_model, describe, record_precision
 from geoswc.classifiers.backbone import check_pretrained_available
 from geoswc.config import Config, resolve_config
 from geoswc.data.files import write_text_atomic
@@ -102,6 +102,7 @@ class FitRun:
     val_shards: Optional[str] = None
     reuse: Optional[Path] = None
     echo: Callable[[str], None] = logger.info
+    precision_check: bool = True
     timings: Dict[str, float] = field(default_factory=dict)
 
     @property
@@ -434,7 +435,18 @@ def _stage_model(run: FitRun, out: Path, resume: bool) -> Dict[str, Any]:
         config=run.config,
     )
     run.echo("  " + describe(summary))
+    if run.precision_check:
+        record_precision(run.model_dir, _background_photos(run), echo=run.echo)
     return summary
+
+
+def _background_photos(run: FitRun) -> list:
+    """The background photos of the index as files under ``images`` (none for shards: their photos are not
+    files), for the agreement record of reduced precisions."""
+    ids = run.stage_dir("index") / "ids.txt"
+    if run.images is None or not ids.is_file():
+        return []
+    return [str(image_path(run.images, i)) for i in ids.read_text().splitlines() if i]
 
 
 STAGE_FUNCTIONS: Dict[str, Callable[[FitRun, Path, bool], Dict[str, Any]]] = {
@@ -602,6 +614,7 @@ def fit_model(
     cpu: bool = False,
     reuse: Optional[Union[str, Path]] = None,
     echo: Callable[[str], None] = logger.info,
+    precision_check: bool = True,
 ) -> Path:
     """Train every stage of the pipeline into a model folder (``geoswc fit``); resumable.
 
@@ -620,6 +633,8 @@ def fit_model(
         reuse: an earlier ``fit`` folder whose finished stages this run links instead of running them again,
             when their keys match (``--from``; a variant in its own folder).
         echo: where the one-line progress reports go.
+        precision_check: measure whether int8/bf16 agree with float32 on background photos and record it in
+            the model folder (`geoswc.engines.agreement`; not for shards, whose photos are not files).
 
     Returns:
         The model folder (`geoswc.Geolocator.from_pretrained` loads it).
@@ -638,6 +653,7 @@ def fit_model(
         val_shards=val_shards,
         reuse=None if reuse is None else Path(reuse),
         echo=echo,
+        precision_check=precision_check,
     )
     run_pipeline(run, stages)
     return run.model_dir
