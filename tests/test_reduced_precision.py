@@ -69,7 +69,12 @@ def measured(fp32_model, photos, tmp_path_factory, folder):
     os.environ["GEOSWC_CACHE"] = str(tmp_path_factory.mktemp("cache"))
     try:
         record = agreement.measure_precisions(
-            fp32_model, photo_paths(photos), compared=24, calibration=16, schemes=["int8"], precisions=["int8"]
+            fp32_model,
+            photo_paths(photos),
+            compared=24,
+            calibration=16,
+            schemes=["int8"],
+            precisions=["int8"],
         )
     finally:
         if previous is None:

@@ -153,7 +153,7 @@ def _calibration_batches(model, paths: Sequence[str], batch_size: int, size: Opt
 def _measure_int8(
     model, paths_calibration, held_out, reference, options, schemes, batch_size, all_schemes
 ) -> Dict[str, Any]:
-    from geoswc.engines.quantize import QuantizedForward, calibrate
+    from geoswc.engines.quantize import RECIPE, QuantizedForward, calibrate
     from geoswc.runtime import OnnxForward
 
     backbone = model.backbone
@@ -162,9 +162,13 @@ def _measure_int8(
     example = first[:1].contiguous()
     graph = exporter._graph(example, dynamic_size=not exporter.per_size)
     size = tuple(example.shape[2:]) if exporter.per_size else None
+    calibration = list(_calibration_batches(model, paths_calibration, batch_size, size))
+    if not calibration:
+        size_note = f" of {size[0]}x{size[1]} pixels" if size else ""
+        return {"measured": False, "reason": f"none of the calibration photos could be read{size_note}"}
     tried, entry = [], None
     for scheme in schemes:
-        _, ranges = calibrate(graph, _calibration_batches(model, paths_calibration, batch_size, size), scheme)
+        _, ranges = calibrate(graph, iter(calibration), scheme)
         forward = QuantizedForward(backbone, ranges, scheme)
         cells, latlon = _predict(model, forward, held_out, options)
         if forward.failed:
@@ -173,10 +177,16 @@ def _measure_int8(
             result = {"scheme": scheme, **agreement(*reference, cells, latlon)}
         tried.append(result)
         logger.info("int8 %s against fp32: %s", scheme, _numbers(result))
-        if result["agrees"] and not all_schemes:
-            entry = {"engine": "onnx-int8", **result, "ranges": {k: list(v) for k, v in ranges.items()}}
-            break
-    entry = entry or {"engine": "onnx-int8", **{k: v for k, v in tried[-1].items()}}
+        if result["agrees"] and entry is None:
+            entry = {
+                "engine": "onnx-int8",
+                **result,
+                "recipe": RECIPE,
+                "ranges": {k: list(v) for k, v in ranges.items()},
+            }
+            if not all_schemes:
+                break
+    entry = entry or {"engine": "onnx-int8", "recipe": RECIPE, **tried[-1]}
     entry["tried"] = [{k: v for k, v in t.items()} for t in tried]
     entry["calibration_photos"] = len(paths_calibration)
     return entry
@@ -350,7 +360,7 @@ def _numbers(entry: Dict[str, Any]) -> str:
 
 
 def _int8_decision(record, entry, backbone, versions) -> Decision:
-    from geoswc.engines.quantize import check_ranges, check_scheme, ranges_digest
+    from geoswc.engines.quantize import RECIPE, check_ranges, check_scheme, ranges_digest
     from geoswc.runtime import missing_onnx_packages
 
     decision = Decision("int8", engine="onnx-int8")
@@ -361,6 +371,11 @@ def _int8_decision(record, entry, backbone, versions) -> Decision:
         decision.reason = (
             f"measured with ONNX Runtime {record.get('versions', {}).get('onnxruntime')}, this is "
             f"{versions['onnxruntime']}: measure again (geoswc precision check)"
+        )
+        return decision
+    if entry.get("recipe") != RECIPE:
+        decision.reason = (
+            f"measured with other quantisation settings ({str(entry.get('recipe'))[:80]}): measure again"
         )
         return decision
     try:

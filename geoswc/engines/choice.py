@@ -56,7 +56,11 @@ MIN_ROUNDS = 3
 MAX_ROUNDS = 20
 MIN_SECONDS = 1.0
 # Engines in reduced precision (`geoswc.engines.agreement`): timed only where the model's record admits them.
-REDUCED_ENGINE_NAMES = {"onnx-int8": "ONNX Runtime int8", "openvino-bf16": "OpenVINO bf16", "torch-bf16": "PyTorch bf16"}
+REDUCED_ENGINE_NAMES = {
+    "onnx-int8": "ONNX Runtime int8",
+    "openvino-bf16": "OpenVINO bf16",
+    "torch-bf16": "PyTorch bf16",
+}
 Factories = Dict[str, Callable[..., Callable]]
 
 
@@ -107,7 +111,9 @@ def available_engines() -> List[str]:
     return ["torch"] + [engine for engine in CPU_ENGINES if not missing_packages(engine)]
 
 
-def choice_fields(module: nn.Module, shape: Sequence[int], reduced: Optional[Factories] = None) -> Dict[str, Any]:
+def choice_fields(
+    module: nn.Module, shape: Sequence[int], reduced: Optional[Factories] = None
+) -> Dict[str, Any]:
     """What a choice depends on (`choice_key` hashes it): machine, model fingerprint, batch shape, versions,
     and the reduced-precision engines admitted (with their settings' digests)."""
     fields = {
@@ -141,7 +147,10 @@ def load_record(fields: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     if (
         not isinstance(record, dict)
         or record.get("fields") != fields
-        or (record.get("chosen") not in ENGINE_NAMES and record.get("chosen") not in (fields.get("reduced") or {}))
+        or (
+            record.get("chosen") not in ENGINE_NAMES
+            and record.get("chosen") not in (fields.get("reduced") or {})
+        )
     ):
         return None
     return record
@@ -271,7 +280,10 @@ def format_record(record: Dict[str, Any]) -> str:
         lines.append(
             f"{name:<14} {version:<12} {m['images_per_s']:>9.2f} {m['setup_s']:>8.2f} {m['difference']:>11.2e}  {agrees}"
         )
-    lines.append(f"chosen: {engine_label(record['chosen'])} (the fastest engine that agrees with PyTorch)")
+    lines.append(
+        f"chosen: {engine_label(record['chosen'])} (the fastest engine that agrees with PyTorch or that "
+        "the agreement record admits)"
+    )
     return "\n".join(lines)
 
 
@@ -326,7 +338,9 @@ class MeasuredForward:
         reduced: reduced-precision engines the model's agreement record admits (`geoswc.engines.agreement`).
     """
 
-    def __init__(self, module: nn.Module, *, threads: Optional[int] = None, reduced: Optional[Factories] = None):
+    def __init__(
+        self, module: nn.Module, *, threads: Optional[int] = None, reduced: Optional[Factories] = None
+    ):
         self.module = module
         self.threads = threads
         self.reduced = dict(reduced or {})
@@ -341,7 +355,9 @@ class MeasuredForward:
 
     def _decide(self, pixels: torch.Tensor) -> None:
         try:
-            record, forwards, stored = choice_for(self.module, pixels, threads=self.threads, reduced=self.reduced)
+            record, forwards, stored = choice_for(
+                self.module, pixels, threads=self.threads, reduced=self.reduced
+            )
         except Exception as err:  # noqa: BLE001 - a measurement that fails must not break the run
             logger.warning(
                 "runtime auto could not measure the engines (%s); running the backbone in PyTorch", err

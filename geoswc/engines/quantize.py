@@ -2,6 +2,11 @@
 activations with min-max ranges) of the exported float32 graph, calibrated on photos of the model's own
 background.
 
+Weights use 7 of their 8 bits (ONNX Runtime's ``reduce_range``): x86 CPUs without VNNI multiply uint8 by int8
+with an instruction (VPMADDUBSW) whose 16-bit sums saturate for full-range weights, so the same graph would
+compute other numbers on them than on VNNI CPUs; with 7-bit weights no sum saturates and the agreement
+measured on one machine holds on the others.
+
 The calibration result is a table of activation ranges (tensor name -> lowest, highest value seen). It is kept
 in the model folder's agreement record (`geoswc.engines.agreement`), so every machine rebuilds the same
 quantised graph from the float32 export and the table, without the photos; the quantised graph itself is kept
@@ -42,6 +47,9 @@ from geoswc.runtime import OnnxForward
 logger = logging.getLogger(__name__)
 
 SCHEMES = ("int8", "int8-edges", "int8-mixed")
+# The quantisation settings below, named: part of the cache key and of the agreement record, so a change of
+# them is a new graph and a record measured with others admits nothing.
+RECIPE = "ort-qdq-minmax-u8-activations-s8-per-channel-7bit-weights"
 # The first-photo guard of a quantised graph: relative L2 distance of its features from PyTorch's. It catches a
 # broken graph (wrong ranges, a failed rewrite); whether int8 may run at all is the agreement record's call.
 INT8_GUARD = 0.35
@@ -140,6 +148,7 @@ def _quantize(
                 None if batches is None else _Batches(batches),
                 quant_format=QuantFormat.QDQ,
                 per_channel=True,
+                reduce_range=True,
                 activation_type=QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
                 nodes_to_exclude=float_nodes(prepared.read_bytes(), scheme),
@@ -201,11 +210,16 @@ def ranges_digest(ranges: Ranges, scheme: str) -> str:
 
 def cached_quantized(graph: bytes, ranges: Ranges, scheme: str) -> bytes:
     """`quantize_with_ranges`, read from the graph cache when an earlier run built the same graph (keyed by the
-    float32 graph, the ranges, the scheme and ONNX Runtime's version)."""
+    float32 graph, the ranges, the scheme, ONNX Runtime's version and `RECIPE`)."""
     import onnxruntime
 
     digest = hashlib.blake2b(digest_size=16)
-    for part in (graph, ranges_digest(ranges, scheme).encode(), onnxruntime.__version__.encode()):
+    for part in (
+        graph,
+        ranges_digest(ranges, scheme).encode(),
+        onnxruntime.__version__.encode(),
+        RECIPE.encode(),
+    ):
         digest.update(hashlib.blake2b(part, digest_size=16).digest())
     path = cache_dir() / "graphs" / f"{digest.hexdigest()}.int8.onnx"
     quantized = read_bytes(path)
