@@ -328,3 +328,20 @@ def test_precision_check_writes_the_record_and_info_explains_it(folder, photos, 
         main(["precision", "check", str(folder)])  # --photos is required
     assert main(["precision", "check", str(folder), "--photos", str(folder / "cells")]) != 0
     assert "no photos found" in capsys.readouterr().err
+
+
+def test_fit_measures_on_the_index_background_photos(tmp_path):
+    from geoswc.config import Config
+    from geoswc.train.fit import FitRun, _background_photos
+
+    lines = []
+    run = FitRun(model_dir=tmp_path / "m", config=Config(), images=tmp_path / "images", echo=lines.append)
+    assert _background_photos(run) == []  # no index yet
+    (run.stage_dir("index")).mkdir(parents=True)
+    (run.stage_dir("index") / "ids.txt").write_text("a/1.jpg\nb/2.jpg\n")
+    assert _background_photos(run) == [
+        str(tmp_path / "images" / "a/1.jpg"),
+        str(tmp_path / "images" / "b/2.jpg"),
+    ]
+    shards = FitRun(model_dir=tmp_path / "m", config=Config(), shards="x/*.tar", echo=lines.append)
+    assert _background_photos(shards) == [] and "in shards" in lines[-1]
