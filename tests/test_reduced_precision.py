@@ -345,3 +345,22 @@ def test_fit_measures_on_the_index_background_photos(tmp_path):
     ]
     shards = FitRun(model_dir=tmp_path / "m", config=Config(), shards="x/*.tar", echo=lines.append)
     assert _background_photos(shards) == [] and "in shards" in lines[-1]
+
+
+@pytest.mark.skipif(bool(runtime.missing_packages("openvino")), reason="needs openvino and onnx")
+def test_openvino_bf16_first_photo_is_held_to_a_guard_not_to_float32s_tolerance(
+    fp32_model, photos, monkeypatch
+):
+    from geoswc.engines.openvino import OpenVinoForward
+
+    # Features 2 % off (bfloat16's order of error): float32's check refuses them, bf16's guard lets them run.
+    real = OpenVinoForward._infer
+    monkeypatch.setattr(OpenVinoForward, "_infer", lambda self, c, a: real(self, c, a) * 1.02)
+    pixels = pixels_of(fp32_model, photos, n=2)
+    with torch.inference_mode():
+        f32 = OpenVinoForward(fp32_model.backbone)
+        f32(pixels)
+        bf16 = OpenVinoForward(fp32_model.backbone, precision="bf16")
+        bf16(pixels)
+    assert f32.failed and "differ from PyTorch" in f32.failed
+    assert bf16.failed is None
