@@ -487,7 +487,11 @@ def reduced_engines(folder, backbone: nn.Module) -> Dict[str, Callable[..., Call
     -> factory ``(module, threads=) -> forward``; each decision is logged with its reason."""
     record, decisions = folder_decisions(folder, backbone)
     if record is None:
-        logger.debug("no agreement record in %s: the backbone runs in float32", folder)
+        logger.info(
+            "int8 and bf16 not admitted: no agreement record in %s (geoswc precision check %s --photos DIR)",
+            folder,
+            folder,
+        )
         return {}
     engines = {}
     for decision in decisions:
