@@ -410,3 +410,37 @@ def describe(summary: Dict[str, Any]) -> str:
         f"model folder {summary['model_dir']}: backbone {summary['backbone']}, heads "
         f"{', '.join(summary['heads']) or 'none'}, {retrieval}, {index}"
     )
+
+
+def record_precision(
+    folder: PathLike,
+    photos: Sequence[str],
+    *,
+    echo: Callable[[str], None] = logger.info,
+    strict: bool = True,
+    **options: Any,
+) -> Optional[Dict[str, Any]]:
+    """The agreement record of the model folder ``folder`` (`geoswc.engines.agreement.record_folder`) measured
+    on ``photos`` of its background, written into the folder; None, with one line saying why, when ``photos``
+    is empty or (not ``strict``: a step of a longer command) the measurement failed. ``options`` as
+    `geoswc.engines.agreement.measure_precisions`."""
+    from geoswc.engines import agreement
+
+    if not photos:
+        echo(
+            f"  no agreement record for int8/bf16 (no photos given): geoswc precision check {folder} --photos DIR"
+        )
+        return None
+    model = Geolocator.from_pretrained(
+        folder, device="cpu", precision_mode="fp32", compile="off", runtime="torch"
+    )
+    try:
+        record = agreement.record_folder(model, folder, photos, **options)
+    except Exception as err:  # noqa: BLE001 - without a record the model runs in float32, as before
+        if strict:
+            raise
+        echo(f"  no agreement record for int8/bf16 ({type(err).__name__}: {err}); the model runs in float32")
+        return None
+    decisions = agreement.decide(record, model.backbone)
+    echo("  " + agreement.format_record(record, decisions).replace("\n", "\n  "))
+    return record

@@ -56,6 +56,10 @@ COMMANDS: Dict[str, Tuple[str, str]] = {
         "geoswc.commands.info",
         "this machine's CPU and engines; with --model, each engine's speed on the model and what auto picks",
     ),
+    "precision": (
+        "geoswc.commands.precision",
+        "measure and show whether a model may run in int8 or bf16 (its agreement record)",
+    ),
     "demo": (
         "geoswc.commands.demo",
         "synthetic world -> fit (tiny preset) -> evaluate -> tag, in minutes on a CPU",

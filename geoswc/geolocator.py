@@ -149,6 +149,8 @@ class Geolocator(nn.Module):
         self.precision_mode = "auto"
         self._channels_last = False
         self.runtime = "torch"
+        # The model folder it was loaded from: its agreement record admits reduced precisions (`optimize`).
+        self.folder: Optional[Path] = None
         self._backbone_forward: Union[CompiledForward, OnnxForward, None] = None
         self._density_neighbours: Dict[str, torch.Tensor] = {}
         self._check_fingerprints()
@@ -319,7 +321,16 @@ class Geolocator(nn.Module):
         self.runtime = resolve_runtime(runtime, self.device, dtype, compiled=compiled)
         self.backbone.to(memory_format=torch.channels_last)
         self._channels_last = True
-        if self.runtime != "torch":
+        if self.runtime == "auto":
+            reduced = None
+            # The agreement record measures the backbone's precisions; a folder with a retrieval pool runs
+            # the backbone and both poolings as one graph, which the record does not cover.
+            if self.folder is not None and self.retrieval_pool is None:
+                from geoswc.engines.agreement import reduced_engines
+
+                reduced = reduced_engines(self.folder, self.backbone)
+            self._backbone_forward = engine_forward(self.runtime, self._forward_module(), reduced=reduced)
+        elif self.runtime != "torch":
             self._backbone_forward = engine_forward(self.runtime, self._forward_module())
         else:
             self._backbone_forward = CompiledForward(self._forward_module()) if compiled else None
@@ -696,6 +707,7 @@ class Geolocator(nn.Module):
         )
         device = torch.device(device) if device is not None else _default_device()
         model.to(device)
+        model.folder = directory
         model.optimize(precision_mode=precision_mode, compile=compile, runtime=runtime)
         logger.info(
             "loaded geolocator from %s: backbone %s, heads %s, retrieval %s, index %s, on %s",

@@ -113,8 +113,9 @@ def resolve_runtime(
     return "auto" if usable and any(not missing_packages(name) for name in CPU_ENGINES) else "torch"
 
 
-def engine_forward(runtime: str, module: nn.Module):
-    """The forward that runs ``module`` in the resolved ``runtime`` (`resolve_runtime`; not ``torch``)."""
+def engine_forward(runtime: str, module: nn.Module, *, reduced=None):
+    """The forward that runs ``module`` in the resolved ``runtime`` (`resolve_runtime`; not ``torch``);
+    ``reduced``: the reduced-precision engines ``auto`` may time (`geoswc.engines.agreement.reduced_engines`)."""
     if runtime == "onnx":
         return OnnxForward(module)
     if runtime == "openvino":
@@ -123,7 +124,7 @@ def engine_forward(runtime: str, module: nn.Module):
         return OpenVinoForward(module)
     from geoswc.engines.choice import MeasuredForward
 
-    return MeasuredForward(module)
+    return MeasuredForward(module, reduced=reduced)
 
 
 def has_input_dependent_padding(module: nn.Module) -> bool:
@@ -213,6 +214,12 @@ class OnnxForward:
     def _infer(self, session, array):
         return session.run(None, {"pixels": array})[0]
 
+    def _difference(self, features: torch.Tensor, reference: torch.Tensor) -> Tuple[float, float]:
+        """The first-photo check: the largest difference from PyTorch's features, and the largest allowed
+        (`AGREEMENT_TOLERANCE` of the largest feature)."""
+        scale = float(reference.abs().max().clamp(min=1e-12))
+        return float((features - reference).abs().max()), AGREEMENT_TOLERANCE * scale
+
     def _fail(self, err: BaseException) -> None:
         self.failed = f"{type(err).__name__}: {err}".splitlines()[0]
         self._sessions.clear()
@@ -253,12 +260,11 @@ class OnnxForward:
         features = torch.from_numpy(self._infer(session, array))
         if not checked:
             reference = self.module(pixels[:1]).float()
-            scale = float(reference.abs().max().clamp(min=1e-12))
-            difference = float((features[:1] - reference).abs().max())
-            if not difference <= AGREEMENT_TOLERANCE * scale:
+            difference, allowed = self._difference(features[:1], reference)
+            if not difference <= allowed:
                 raise GraphMismatch(
-                    f"the exported graph's features differ from PyTorch's by {difference:.3g} (largest feature "
-                    f"{scale:.3g}) at {size[0]}x{size[1]}"
+                    f"the exported graph's features differ from PyTorch's by {difference:.3g} (allowed "
+                    f"{allowed:.3g}) at {size[0]}x{size[1]}"
                 )
             with self._lock:
                 self._checked.add(size)

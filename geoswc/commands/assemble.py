@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from geoswc import assemble
+from geoswc.commands.precision import add_precision_photos_argument, record_written_folder
 
 
 def run(args: argparse.Namespace) -> int:
@@ -23,6 +24,8 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         echo=print,
     )
+    if args.precision_photos:
+        record_written_folder(args.out, args.precision_photos)
     return 0
 
 
@@ -68,4 +71,5 @@ def register(subparsers) -> None:
         metavar="SECTION.KEY=VALUE",
         help="override one setting of the model's configuration, e.g. --set swc.k=5 (repeatable)",
     )
+    add_precision_photos_argument(parser)
     parser.set_defaults(func=run)

@@ -76,6 +76,11 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
         "earlier stages) are linked, not run again; e.g. a retrieval ablation (--set retrieval.loss=triplet) "
         "in its own -o folder trains only its retrieval stage and index",
     )
+    parser.add_argument(
+        "--no-precision-check",
+        action="store_true",
+        help="do not measure whether int8/bf16 agree with fp32 (the model folder's precision.json)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -98,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
         cpu=args.cpu,
         reuse=getattr(args, "reuse", None),
         echo=print if main_process else (lambda message: None),
+        precision_check=not getattr(args, "no_precision_check", False),
     )
     if main_process:
         print(

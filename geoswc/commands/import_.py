@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from geoswc.commands.precision import add_precision_photos_argument
 from geoswc.data.download import is_url
 
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
@@ -71,6 +72,10 @@ def _visloc(args: argparse.Namespace) -> int:
         f"({s['components_with_background']} with background photos), {s['index_rows']} background photos "
         f"indexed ({s['index_dtype']}), features of dim {s['feature_dim']}"
     )
+    if args.precision_photos:
+        from geoswc.commands.precision import record_written_folder
+
+        record_written_folder(result.out, args.precision_photos)
     print(f"next: geoswc tag PHOTOS --model {result.out} -o tags.csv")
     return 0
 
@@ -136,4 +141,5 @@ def register(subparsers) -> None:
     )
     visloc.add_argument("--overwrite", action="store_true", help="replace MODEL if it exists")
     visloc.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    add_precision_photos_argument(visloc)
     visloc.set_defaults(func=_visloc)

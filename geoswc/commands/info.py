@@ -47,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     import torch
 
+    from geoswc.engines import agreement
     from geoswc.engines.choice import choice_for, format_record
     from geoswc.geolocator import Geolocator
     from geoswc.precision import default_batch_size
@@ -60,7 +61,10 @@ def run(args: argparse.Namespace) -> int:
     pixels = torch.randn(batch, 3, height, width, generator=generator).contiguous(
         memory_format=torch.channels_last
     )
-    record, _, stored = choice_for(model.backbone, pixels, remeasure=args.remeasure)
+    record, decisions = agreement.folder_decisions(args.model, model.backbone)
+    reduced = {d.engine: d.factory for d in decisions if d.admitted}
+    print(f"\n{agreement.format_record(record, decisions)}")
+    record, _, stored = choice_for(model.backbone, pixels, remeasure=args.remeasure, reduced=reduced)
     print(
         f"\nbackbone {model.backbone_name or '?'} of {args.model} ({'stored' if stored else 'measured now'}):"
     )

@@ -55,6 +55,17 @@ ENGINE_PACKAGES = {"torch": "torch", "onnx": "onnxruntime", "openvino": "openvin
 MIN_ROUNDS = 3
 MAX_ROUNDS = 20
 MIN_SECONDS = 1.0
+# Engines in reduced precision (`geoswc.engines.agreement`): timed only where the model's record admits them.
+REDUCED_ENGINE_NAMES = {
+    "onnx-int8": "ONNX Runtime int8",
+    "openvino-bf16": "OpenVINO bf16",
+    "torch-bf16": "PyTorch bf16",
+}
+Factories = Dict[str, Callable[..., Callable]]
+
+
+def engine_label(engine: str) -> str:
+    return ENGINE_NAMES.get(engine) or REDUCED_ENGINE_NAMES.get(engine, engine)
 
 
 def _cpuinfo() -> Dict[str, str]:
@@ -100,14 +111,20 @@ def available_engines() -> List[str]:
     return ["torch"] + [engine for engine in CPU_ENGINES if not missing_packages(engine)]
 
 
-def choice_fields(module: nn.Module, shape: Sequence[int]) -> Dict[str, Any]:
-    """What a choice depends on (`choice_key` hashes it): machine, model fingerprint, batch shape, versions."""
-    return {
+def choice_fields(
+    module: nn.Module, shape: Sequence[int], reduced: Optional[Factories] = None
+) -> Dict[str, Any]:
+    """What a choice depends on (`choice_key` hashes it): machine, model fingerprint, batch shape, versions,
+    and the reduced-precision engines admitted (with their settings' digests)."""
+    fields = {
         "machine": machine(),
         "model": fingerprint_of(module),
         "input": [int(v) for v in shape],
         "versions": engine_versions(),
     }
+    if reduced:
+        fields["reduced"] = {name: getattr(make, "key", "") for name, make in sorted(reduced.items())}
+    return fields
 
 
 def choice_key(fields: Dict[str, Any]) -> str:
@@ -130,7 +147,10 @@ def load_record(fields: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     if (
         not isinstance(record, dict)
         or record.get("fields") != fields
-        or record.get("chosen") not in ENGINE_NAMES
+        or (
+            record.get("chosen") not in ENGINE_NAMES
+            and record.get("chosen") not in (fields.get("reduced") or {})
+        )
     ):
         return None
     return record
@@ -148,8 +168,13 @@ class Measurement:
     error: Optional[str] = None
 
 
-def make_forward(engine: str, module: nn.Module, *, threads: Optional[int] = None) -> Callable:
-    """The callable that runs ``module`` in ``engine`` (``torch``: the module itself)."""
+def make_forward(
+    engine: str, module: nn.Module, *, threads: Optional[int] = None, reduced: Optional[Factories] = None
+) -> Callable:
+    """The callable that runs ``module`` in ``engine`` (``torch``: the module itself; a reduced-precision
+    engine: from its factory in ``reduced``)."""
+    if reduced and engine in reduced:
+        return reduced[engine](module, threads=threads)
     if engine == "torch":
         return module
     if engine == "onnx":
@@ -170,13 +195,16 @@ def measure(
     *,
     threads: Optional[int] = None,
     min_rounds: int = MIN_ROUNDS,
+    reduced: Optional[Factories] = None,
 ) -> Tuple[List[Measurement], Dict[str, Callable]]:
-    """Time ``engines`` (default: `available_engines`) on ``pixels`` and compare their features with PyTorch's.
+    """Time ``engines`` (default: `available_engines`, then the ``reduced`` precision engines) on ``pixels``
+    and compare their features with PyTorch's. A reduced-precision engine agrees when it runs (its own
+    first-photo guard passed): that its predictions agree is what the model's record says.
 
     Returns the measurements (in ``engines``' order) and the forwards that work, ready to use (so the chosen
     one does not export again).
     """
-    engines = list(engines or available_engines())
+    engines = list(engines or available_engines() + list(reduced or {}))
     with torch.inference_mode():
         reference = module(pixels).float()
     scale = float(reference.abs().max().clamp(min=1e-12))
@@ -185,7 +213,7 @@ def measure(
     for engine in engines:
         result = results[engine]
         try:
-            forward = make_forward(engine, module, threads=threads)
+            forward = make_forward(engine, module, threads=threads, reduced=reduced)
             start = time.perf_counter()
             with torch.inference_mode():
                 features = forward(pixels).float()
@@ -197,7 +225,7 @@ def measure(
             result.error = f"{type(err).__name__}: {err}".splitlines()[0]
             continue
         result.difference = float((features - reference).abs().max()) / scale
-        result.agrees = result.difference <= AGREEMENT_TOLERANCE
+        result.agrees = engine in (reduced or {}) or result.difference <= AGREEMENT_TOLERANCE
         forwards[engine] = forward
     best = {engine: float("inf") for engine in forwards}
     rounds, started = 0, time.perf_counter()
@@ -237,25 +265,39 @@ def format_record(record: Dict[str, Any]) -> str:
         f"{'engine':<14} {'version':<12} {'images/s':>9} {'setup s':>8} {'difference':>11}  agrees",
     ]
     for m in record["measurements"]:
-        name = ENGINE_NAMES.get(m["engine"], m["engine"])
-        version = fields["versions"].get(m["engine"]) or "-"
+        name = engine_label(m["engine"])
+        version = fields["versions"].get(m["engine"].split("-")[0]) or "-"
         if m.get("error"):
             lines.append(f"{name:<14} {version:<12} {'-':>9} {'-':>8} {'-':>11}  failed: {m['error']}")
             continue
-        agrees = "yes" if m["agrees"] else f"no (tolerance {AGREEMENT_TOLERANCE:g})"
+        agrees = (
+            "admitted by the agreement record"
+            if m["engine"] in REDUCED_ENGINE_NAMES and m["agrees"]
+            else "yes"
+            if m["agrees"]
+            else f"no (tolerance {AGREEMENT_TOLERANCE:g})"
+        )
         lines.append(
             f"{name:<14} {version:<12} {m['images_per_s']:>9.2f} {m['setup_s']:>8.2f} {m['difference']:>11.2e}  {agrees}"
         )
-    lines.append(f"chosen: {ENGINE_NAMES[record['chosen']]} (the fastest engine that agrees with PyTorch)")
+    lines.append(
+        f"chosen: {engine_label(record['chosen'])} (the fastest engine that agrees with PyTorch or that "
+        "the agreement record admits)"
+    )
     return "\n".join(lines)
 
 
 def measure_and_record(
-    module: nn.Module, pixels: torch.Tensor, *, threads: Optional[int] = None, fields=None
+    module: nn.Module,
+    pixels: torch.Tensor,
+    *,
+    threads: Optional[int] = None,
+    fields=None,
+    reduced: Optional[Factories] = None,
 ) -> Tuple[Dict[str, Any], Dict[str, Callable]]:
     """Measure (`measure`), choose (`choose`) and store the record; returns it and the working forwards."""
-    fields = fields or choice_fields(module, pixels.shape)
-    measurements, forwards = measure(module, pixels, threads=threads)
+    fields = fields or choice_fields(module, pixels.shape, reduced)
+    measurements, forwards = measure(module, pixels, threads=threads, reduced=reduced)
     record = {
         "fields": fields,
         "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -268,15 +310,21 @@ def measure_and_record(
 
 
 def choice_for(
-    module: nn.Module, pixels: torch.Tensor, *, threads: Optional[int] = None, remeasure: bool = False
+    module: nn.Module,
+    pixels: torch.Tensor,
+    *,
+    threads: Optional[int] = None,
+    remeasure: bool = False,
+    reduced: Optional[Factories] = None,
 ) -> Tuple[Dict[str, Any], Dict[str, Callable], bool]:
     """The record for ``module`` on ``pixels``' shape: the stored one unless ``remeasure`` or there is none
-    (then measured now). Returns the record, the forwards built while measuring, and whether it was stored."""
-    fields = choice_fields(module, pixels.shape)
+    (then measured now). ``reduced``: the reduced-precision engines the model's agreement record admits.
+    Returns the record, the forwards built while measuring, and whether it was stored."""
+    fields = choice_fields(module, pixels.shape, reduced)
     record = None if remeasure else load_record(fields)
-    if record is not None and record["chosen"] in available_engines():
+    if record is not None and record["chosen"] in available_engines() + list(reduced or {}):
         return record, {}, True
-    record, forwards = measure_and_record(module, pixels, threads=threads, fields=fields)
+    record, forwards = measure_and_record(module, pixels, threads=threads, fields=fields, reduced=reduced)
     return record, forwards, False
 
 
@@ -287,11 +335,15 @@ class MeasuredForward:
     Args:
         module: the backbone in evaluation mode, on the CPU.
         threads: the engines' threads (default: PyTorch's).
+        reduced: reduced-precision engines the model's agreement record admits (`geoswc.engines.agreement`).
     """
 
-    def __init__(self, module: nn.Module, *, threads: Optional[int] = None):
+    def __init__(
+        self, module: nn.Module, *, threads: Optional[int] = None, reduced: Optional[Factories] = None
+    ):
         self.module = module
         self.threads = threads
+        self.reduced = dict(reduced or {})
         self.record: Optional[Dict[str, Any]] = None
         self.chosen: Optional[str] = None
         self._forward: Optional[Callable] = None
@@ -303,7 +355,9 @@ class MeasuredForward:
 
     def _decide(self, pixels: torch.Tensor) -> None:
         try:
-            record, forwards, stored = choice_for(self.module, pixels, threads=self.threads)
+            record, forwards, stored = choice_for(
+                self.module, pixels, threads=self.threads, reduced=self.reduced
+            )
         except Exception as err:  # noqa: BLE001 - a measurement that fails must not break the run
             logger.warning(
                 "runtime auto could not measure the engines (%s); running the backbone in PyTorch", err
@@ -311,10 +365,12 @@ class MeasuredForward:
             self._forward, self.chosen = self.module, "torch"
             return
         chosen = record["chosen"]
-        self._forward = forwards.get(chosen) or make_forward(chosen, self.module, threads=self.threads)
+        self._forward = forwards.get(chosen) or make_forward(
+            chosen, self.module, threads=self.threads, reduced=self.reduced
+        )
         self.record, self.chosen = record, chosen
         summary = ", ".join(
-            f"{ENGINE_NAMES[m['engine']]} {m['images_per_s']:.1f}"
+            f"{engine_label(m['engine'])} {m['images_per_s']:.1f}"
             + (
                 ""
                 if m["agrees"] and not m.get("error")
@@ -326,7 +382,7 @@ class MeasuredForward:
         )
         logger.info(
             "runtime auto: %s, %s (images/s at batch %d, %dx%d: %s)",
-            ENGINE_NAMES[chosen],
+            engine_label(chosen),
             "as measured before on this machine" if stored else "measured now",
             *record["fields"]["input"][:1],
             *record["fields"]["input"][2:],

@@ -47,7 +47,7 @@ import pandas as pd
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 
-from geoswc.assemble import assemble_model, describe
+from geoswc.assemble import assemble_model, describe, record_precision
 from geoswc.classifiers.aggregation import RETRIEVAL_POOL_FILE
 from geoswc.classifiers.backbone import check_pretrained_available
 from geoswc.config import Config, resolve_config
@@ -104,6 +104,7 @@ class FitRun:
     val_shards: Optional[str] = None
     reuse: Optional[Path] = None
     echo: Callable[[str], None] = logger.info
+    precision_check: bool = True
     timings: Dict[str, float] = field(default_factory=dict)
 
     @property
@@ -463,7 +464,20 @@ def _stage_model(run: FitRun, out: Path, resume: bool) -> Dict[str, Any]:
         retrieval_pool=None if pooled is None else pooled / RETRIEVAL_POOL_FILE,
     )
     run.echo("  " + describe(summary))
+    if run.precision_check:
+        record_precision(run.model_dir, _background_photos(run), echo=run.echo, strict=False)
     return summary
+
+
+def _background_photos(run: FitRun) -> list:
+    """The background photos of the index as files under ``images`` (none for shards: their photos are not
+    files), for the agreement record of reduced precisions."""
+    ids = run.stage_dir("index") / "ids.txt"
+    if run.images is None or not ids.is_file():
+        if run.shards is not None:
+            run.echo("  the background photos are in shards, not files: int8/bf16 are not measured here")
+        return []
+    return [str(image_path(run.images, i)) for i in ids.read_text().splitlines() if i]
 
 
 STAGE_FUNCTIONS: Dict[str, Callable[[FitRun, Path, bool], Dict[str, Any]]] = {
@@ -631,6 +645,7 @@ def fit_model(
     cpu: bool = False,
     reuse: Optional[Union[str, Path]] = None,
     echo: Callable[[str], None] = logger.info,
+    precision_check: bool = True,
 ) -> Path:
     """Train every stage of the pipeline into a model folder (``geoswc fit``); resumable.
 
@@ -649,6 +664,8 @@ def fit_model(
         reuse: an earlier ``fit`` folder whose finished stages this run links instead of running them again,
             when their keys match (``--from``; a variant in its own folder).
         echo: where the one-line progress reports go.
+        precision_check: measure whether int8/bf16 agree with float32 on background photos and record it in
+            the model folder (`geoswc.engines.agreement`; not for shards, whose photos are not files).
 
     Returns:
         The model folder (`geoswc.Geolocator.from_pretrained` loads it).
@@ -667,6 +684,7 @@ def fit_model(
         val_shards=val_shards,
         reuse=None if reuse is None else Path(reuse),
         echo=echo,
+        precision_check=precision_check,
     )
     run_pipeline(run, stages)
     return run.model_dir
