@@ -29,6 +29,7 @@ import io
 import logging
 import os
 import threading
+import zipfile
 from dataclasses import asdict, dataclass
 from typing import Dict, Iterable, List, Optional, Tuple
 
@@ -145,7 +146,7 @@ def _read_compact(compact: str) -> Optional[Dict[str, np.ndarray]]:
     try:
         with np.load(compact, allow_pickle=False) as data:
             arrays = {name: data[name] for name in data.files}
-    except (OSError, ValueError, EOFError) as err:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
         logger.debug("compact gazetteer %s unreadable (%s); reading the CSV", compact, err)
         return None
     names = {"latlon", "first", "unit"} | {f"{c}_{part}" for c in _COLUMNS for part in ("text", "end")}
