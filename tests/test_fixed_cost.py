@@ -21,10 +21,13 @@ from geoswc.placing import CONFIDENCE_RADIUS_KM, density_neighbour_table, near_c
 from geoswc.runtime import FEW_PHOTOS, few_photos_settings
 from geoswc.tagging.figures import MAP_H, MAP_W, map_svg
 
-# Modules a one-photo run with the default options has no use for: plotting, the KD-tree and ball-tree
-# libraries, the launcher, the engines' runtimes, the gazetteer package's own module.
+# Modules a one-photo run with the default options has no use for: plotting, data frames, the KD-tree and
+# ball-tree libraries, the launcher, the engines' runtimes, the gazetteer package's own module. (OpenCV is used:
+# it resizes the decoded photo.)
 NOT_LOADED = (
     "matplotlib",
+    "pandas",
+    "pyarrow",
     "sklearn",
     "scipy",
     "accelerate",
@@ -173,3 +176,26 @@ def test_data_cache_folder_is_the_engines_cache_folder(tmp_path, monkeypatch):
     monkeypatch.delenv("GEOSWC_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
     assert cache_dir() == engines_cache_dir() == tmp_path / "x" / "geoswc"
+
+
+def test_cells_tables_read_without_pandas_as_pandas_reads_them(test_data, tmp_path):
+    import pandas as pd
+
+    from geoswc.geocells.partition import Partition
+
+    path = test_data / "geoestimation_cells_50_5000.csv"
+    expected = pd.read_csv(path, skiprows=2, dtype={"hex_id": str}).sort_values("class_label", kind="stable")
+    partition = Partition.load_csv(path)
+    assert list(partition.tokens) == expected["hex_id"].tolist()
+    assert np.array_equal(partition.counts, expected["imgs_per_cell"].to_numpy())
+    assert np.array_equal(partition.centers_deg, expected[["latitude_mean", "longitude_mean"]].to_numpy())
+    # Rows out of order, a blank line and quoted fields, as pandas takes them; a row too long is refused.
+    lines = path.read_text().splitlines()
+    shuffled = tmp_path / "cells.csv"
+    body = [f'"{field}"' if k == 1 else field for k, field in enumerate(lines[4].split(","))]
+    shuffled.write_text("\n".join([*lines[:3], lines[5], "", ",".join(body), lines[3], *lines[6:]]) + "\n")
+    again = Partition.load_csv(shuffled)
+    assert np.array_equal(again.centers_deg, partition.centers_deg)
+    shuffled.write_text("\n".join([*lines[:3], lines[3] + ",7", *lines[4:]]) + "\n")
+    with pytest.raises(ValueError, match=r"not a readable cells table \(row 1 has 6 fields, the header 5\)"):
+        Partition.load_csv(shuffled)
