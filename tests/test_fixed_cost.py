@@ -199,3 +199,17 @@ def test_cells_tables_read_without_pandas_as_pandas_reads_them(test_data, tmp_pa
     shuffled.write_text("\n".join([*lines[:3], lines[3] + ",7", *lines[4:]]) + "\n")
     with pytest.raises(ValueError, match=r"not a readable cells table \(row 1 has 6 fields, the header 5\)"):
         Partition.load_csv(shuffled)
+
+
+def test_a_cached_basemap_is_used_only_if_it_is_plain_paths(tmp_path, monkeypatch):
+    from geoswc.tagging import figures
+
+    monkeypatch.setenv("GEOSWC_CACHE", str(tmp_path / "cache"))
+    drawn = figures.basemap_svg()
+    (cached,) = (tmp_path / "cache" / "basemap").glob("*.svg")
+    assert cached.read_text() == drawn and drawn.startswith("<path") and "<script" not in drawn
+    planted = '<path d="M0 0l1 1"/><script>alert(1)</script>'
+    cached.write_text(planted)
+    assert figures.basemap_svg() == drawn and cached.read_text() == drawn
+    cached.write_text('<path onload="alert" d="M0 0l1 1"/>')
+    assert figures.basemap_svg() == drawn
