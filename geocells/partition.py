@@ -16,14 +16,14 @@ coarse -> fine with their hierarchy, saved as a cells folder). `S2Partitioner`, 
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
-import pandas as pd
 
 from geoswc.data.files import file_inside, read_json_object
 from geoswc.data.sphere import unit_to_latlon
@@ -33,6 +33,41 @@ from geoswc.geocells import s2 as gs2
 logger = logging.getLogger(__name__)
 
 CSV_COLUMNS = ["class_label", "hex_id", "imgs_per_cell", "latitude_mean", "longitude_mean"]
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+
+def read_table(path: Path, *, skip: int = 0) -> Tuple[List[str], List[List[str]]]:
+    """The header and the rows of the CSV file ``path`` after ``skip`` lines, blank lines left out, as text.
+
+    The csv module, not pandas: loading a model reads these tables, and pandas' import alone costs a
+    one-photo run a good part of a second.
+
+    Raises:
+        ValueError: no header, or a row with more fields than the header (naming its line).
+    """
+    with open(path, newline="", encoding="utf-8") as f:
+        for _ in range(skip):
+            f.readline()
+        rows = [row for row in csv.reader(f) if row and any(field.strip() for field in row)]
+    if not rows:
+        raise ValueError("no header line")
+    header, body = rows[0], rows[1:]
+    for k, row in enumerate(body):
+        if len(row) > len(header):
+            raise ValueError(f"row {k + 1} has {len(row)} fields, the header {len(header)}")
+    return header, [row + [""] * (len(header) - len(row)) for row in body]
+
+
+def _number(text: str) -> float:
+    """``text`` as a number, NaN when it is none (as ``pandas.to_numeric(errors="coerce")``)."""
+    try:
+        return float(text)
+    except ValueError:
+        return float("nan")
+
+
 _NEAREST_CHUNK = 4096
 # ``Geocells.settings`` key naming how a position finds its cell (`Geocells.assign_positions`).
 POSITION_RULE_KEY = "position_to_cell"
@@ -183,7 +218,9 @@ class Partition:
                 labels[outside] = self.nearest(lat[outside], lon[outside])
         return labels
 
-    def to_frame(self) -> pd.DataFrame:
+    def to_frame(self) -> "pd.DataFrame":
+        import pandas as pd
+
         return pd.DataFrame(
             {
                 "class_label": np.arange(len(self), dtype=np.int64),
@@ -223,25 +260,27 @@ class Partition:
                 f"{path}: line 1: num_images {first.split(':', 1)[1].strip()!r} is not an integer"
             )
         try:
-            df = pd.read_csv(path, skiprows=2, dtype={"hex_id": str})
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as err:
+            header, rows = read_table(path, skip=2)
+        except (csv.Error, UnicodeDecodeError, ValueError) as err:
             raise ValueError(
                 f"{path}: not a readable cells table ({str(err).strip().splitlines()[0]})"
             ) from None
-        if df.empty:
+        if not rows:
             raise ValueError(f"{path}: the cells table has no rows")
-        missing = [c for c in CSV_COLUMNS if c not in df.columns]
+        missing = [c for c in CSV_COLUMNS if c not in header]
         if missing:
             raise ValueError(
                 f"{path}: missing column(s) {missing}; expected the header {','.join(CSV_COLUMNS)}"
             )
+        text = {col: [row[header.index(col)] for row in rows] for col in CSV_COLUMNS}
+        numbers = {}
         for col in ("class_label", "imgs_per_cell", "latitude_mean", "longitude_mean"):
-            values = pd.to_numeric(df[col], errors="coerce")
-            bad = values.isna().to_numpy()
+            numbers[col] = np.array([_number(v) for v in text[col]], dtype=np.float64)
+            bad = np.isnan(numbers[col])
             if bad.any():
                 row = int(np.flatnonzero(bad)[0])
                 raise ValueError(
-                    f"{path}: row {row + 1} (line {row + 4}), column {col!r}: {df[col].iloc[row]!r} is not a number"
+                    f"{path}: row {row + 1} (line {row + 4}), column {col!r}: {text[col][row]!r} is not a number"
                 )
         checks = (
             ("class_label", lambda v: np.isfinite(v) & (v == np.floor(v)), "is not an integer"),
@@ -254,23 +293,21 @@ class Partition:
             ("longitude_mean", lambda v: np.abs(v) <= 180.0, "is outside [-180, 180] degrees"),
         )
         for col, valid, problem in checks:
-            values = pd.to_numeric(df[col]).to_numpy(dtype=np.float64)
-            bad = ~valid(values)
+            bad = ~valid(numbers[col])
             if bad.any():
                 row = int(np.flatnonzero(bad)[0])
                 raise ValueError(
-                    f"{path}: row {row + 1} (line {row + 4}), column {col!r}: {df[col].iloc[row]!r} {problem}"
+                    f"{path}: row {row + 1} (line {row + 4}), column {col!r}: {text[col][row]!r} {problem}"
                 )
-        labels = df["class_label"].to_numpy(dtype=np.int64)
+        labels = numbers["class_label"].astype(np.int64)
         order = np.argsort(labels, kind="stable")
-        if not np.array_equal(labels[order], np.arange(len(df))):
-            raise ValueError(f"{path}: class_label must be 0..{len(df) - 1}, each once")
-        df = df.iloc[order]
+        if not np.array_equal(labels[order], np.arange(len(rows))):
+            raise ValueError(f"{path}: class_label must be 0..{len(rows) - 1}, each once")
         try:
             return cls(
-                gs2.token_to_cell_id(df["hex_id"].to_numpy()),
-                counts=df["imgs_per_cell"].to_numpy(dtype=np.int64),
-                centers_deg=df[["latitude_mean", "longitude_mean"]].to_numpy(dtype=np.float64),
+                gs2.token_to_cell_id(np.array(text["hex_id"], dtype=object)[order]),
+                counts=numbers["imgs_per_cell"][order].astype(np.int64),
+                centers_deg=np.column_stack([numbers["latitude_mean"], numbers["longitude_mean"]])[order],
                 name=name or path.stem,
                 num_images=num_images,
             )
@@ -451,6 +488,8 @@ class Geocells:
                     "num_images": part.num_images,
                 }
             )
+        import pandas as pd
+
         pd.DataFrame(self.hierarchy, columns=self.names).to_csv(directory / "hierarchy.csv", index=False)
         meta = {
             "format": "geoswc-geocells",
@@ -562,12 +601,13 @@ class Geocells:
         if not hierarchy_path.is_file():
             raise FileNotFoundError(f"hierarchy file not found: {hierarchy_path}")
         try:
-            stored = pd.read_csv(hierarchy_path)
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as err:
+            header, rows = read_table(hierarchy_path)
+        except (csv.Error, UnicodeDecodeError, ValueError) as err:
             raise ValueError(f"{hierarchy_path}: not a readable hierarchy table ({err})") from None
-        if list(stored.columns) != geocells.names or not np.array_equal(
-            stored.to_numpy(), geocells.hierarchy
-        ):
+        stored = np.array([[_number(v) for v in row] for row in rows], dtype=np.float64).reshape(
+            len(rows), len(header)
+        )
+        if header != geocells.names or not np.array_equal(stored, geocells.hierarchy):
             raise ValueError(
                 f"{hierarchy_path} does not match the hierarchy of the partitions in {directory}"
             )

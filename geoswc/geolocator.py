@@ -83,6 +83,7 @@ from geoswc.placing import (  # noqa: F401
     Predictions,
     classify,
     density_neighbour_table,
+    near_cells,
     search_background,
     unclassified,
 )
@@ -152,7 +153,7 @@ class Geolocator(nn.Module):
         # The model folder it was loaded from: its agreement record admits reduced precisions (`optimize`).
         self.folder: Optional[Path] = None
         self._backbone_forward: Union[CompiledForward, OnnxForward, None] = None
-        self._density_neighbours: Dict[str, torch.Tensor] = {}
+        self._density_neighbours: Dict[str, Dict[int, np.ndarray]] = {}
         self._check_fingerprints()
         self._check_index_partitions()
         self.eval()
@@ -385,13 +386,15 @@ class Geolocator(nn.Module):
         with torch.inference_mode(), self._autocast():
             return self.retrieval(features.to(self.device)).float()
 
-    def density_neighbours(self, partition: Optional[str] = None) -> torch.Tensor:
-        """``(n, M)`` cells whose centres lie within 25 km of each cell's centre, -1 padded, for the cells of
-        ``partition`` (default: the finest)."""
+    def density_neighbours(
+        self, partition: Optional[str] = None, cells: Optional[Sequence[int]] = None
+    ) -> torch.Tensor:
+        """``(n, M)`` cells whose centres lie within 25 km of each cell's centre, ascending, -1 padded, for
+        ``cells`` (default: every cell) of ``partition`` (default: the finest). Answers are kept, so a run
+        computes each cell's neighbours once."""
         part = self.geocells.fine if partition is None else self.geocells.partition(partition)
-        if part.name not in self._density_neighbours:
-            self._density_neighbours[part.name] = density_neighbour_table(part.centers_deg)
-        return self._density_neighbours[part.name]
+        known = self._density_neighbours.setdefault(part.name, {})
+        return near_cells(part.centers_deg, range(len(part)) if cells is None else cells, known)
 
     def _classify(
         self, features: torch.Tensor, kind: str, n_top: int, area: Optional[Sequence[float]] = None

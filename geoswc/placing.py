@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from geoswc.area_filter import restrict_to_area
-from geoswc.data.sphere import EARTH_RADIUS_KM
+from geoswc.data.sphere import haversine_km
 from geoswc.swc import nearest_background, search_within_cell
 
 MODES = ("swc", "cell", "rrm")
@@ -102,16 +102,28 @@ class Predictions:
 
 def density_neighbour_table(centers_deg: np.ndarray) -> torch.Tensor:
     """``(n, M)`` cells whose centres lie within `CONFIDENCE_RADIUS_KM` of each cell's centre, -1 padded."""
-    # Imported here: scikit-learn and scipy take seconds to load, and a tag run does not need them.
-    from sklearn.neighbors import BallTree
+    return near_cells(centers_deg, range(len(centers_deg)))
 
-    centers_rad = np.radians(np.asarray(centers_deg, dtype=np.float64))
-    tree = BallTree(centers_rad, metric="haversine")
-    lists = tree.query_radius(centers_rad, r=CONFIDENCE_RADIUS_KM / EARTH_RADIUS_KM)
-    width = max(len(x) for x in lists)
-    table = np.full((len(lists), width), -1, dtype=np.int64)
-    for i, members in enumerate(lists):
-        table[i, : len(members)] = members
+
+def near_cells(centers_deg: np.ndarray, cells: Sequence[int], known: Optional[dict] = None) -> torch.Tensor:
+    """``(len(cells), M)`` the cells whose centres lie within `CONFIDENCE_RADIUS_KM` (great circle, haversine)
+    of each of ``cells``' centres, ascending, -1 padded.
+
+    Each asked cell is compared with every centre (numpy, no spatial index to build or library to load), so a
+    batch costs what its softmax over the cells costs; ``known`` (cell -> its neighbours) keeps the answers
+    between batches.
+    """
+    centers_deg = np.asarray(centers_deg, dtype=np.float64)
+    known = {} if known is None else known
+    cells = [int(c) for c in cells]
+    for cell in dict.fromkeys(c for c in cells if c not in known):
+        lat, lon = centers_deg[cell]
+        dist_km = haversine_km(lat, lon, centers_deg[:, 0], centers_deg[:, 1])
+        known[cell] = np.flatnonzero(dist_km <= CONFIDENCE_RADIUS_KM)
+    width = max((len(known[c]) for c in cells), default=0)
+    table = np.full((len(cells), width), -1, dtype=np.int64)
+    for row, cell in enumerate(cells):
+        table[row, : len(known[cell])] = known[cell]
     return torch.from_numpy(table)
 
 
@@ -138,7 +150,7 @@ def classify(
     top_probs, top_cells = probs.topk(n_top, dim=1)
     if area is not None:
         head_latlon = torch.from_numpy(centers[top_cells[:, 0].numpy()])
-    neighbours = model.density_neighbours(model.head_partition(kind).name)[top_cells[:, 0]]
+    neighbours = model.density_neighbours(model.head_partition(kind).name, top_cells[:, 0].tolist())
     near_mass = torch.where(neighbours >= 0, probs.gather(1, neighbours.clamp(min=0)), 0.0).sum(dim=1)
     return {
         "latlon": head_latlon.cpu().numpy(),

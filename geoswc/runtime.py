@@ -49,6 +49,8 @@ AGREEMENT_TOLERANCE = 1e-3
 # run in PyTorch, so an archive of many odd sizes never spends its time exporting.
 MAX_GRAPHS = 16
 ONNX_OPSET = 17
+# Below this many photos ``auto`` runs PyTorch as it is (`few_photos_settings`).
+FEW_PHOTOS = 64
 
 
 @functools.lru_cache(maxsize=1)
@@ -125,6 +127,25 @@ def engine_forward(runtime: str, module: nn.Module, *, reduced=None):
     from geoswc.engines.choice import MeasuredForward
 
     return MeasuredForward(module, reduced=reduced)
+
+
+def few_photos_settings(
+    photos: int, *, runtime: str = "auto", compile: Union[str, bool, None] = "auto"
+) -> Tuple[str, Union[str, bool, None]]:
+    """``runtime`` and ``compile`` for a run of ``photos`` photos: below `FEW_PHOTOS`, ``auto`` means plain
+    PyTorch (runtime ``torch``, compile ``off``); what was asked for by name stays as it is.
+
+    An engine's fixed cost is paid before its first photo: on a later run, loading ONNX Runtime or OpenVINO,
+    building the session from the cached graph and checking the first photo against PyTorch (one PyTorch
+    forward pass anyway); on the first run of a model on a machine, also exporting the graph and timing every
+    engine for at least a second (`geoswc.engines.choice`); ``torch.compile`` on a GPU takes tens of seconds.
+    An engine twice as fast as PyTorch saves half of PyTorch's time per photo (EfficientNet-B4 at 300 px on 2
+    AVX2 cores: about 0.1 s, docs/performance.md), so a run of fewer than 64 photos would spend on the setup
+    about what it saves; a one-photo run only loses. The measurement waits for a run large enough to earn it.
+    """
+    if photos >= FEW_PHOTOS:
+        return runtime, compile
+    return ("torch" if runtime == "auto" else runtime), ("off" if compile in ("auto", None) else compile)
 
 
 def has_input_dependent_padding(module: nn.Module) -> bool:

@@ -5,6 +5,7 @@ hand-computed distances."""
 import csv
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -126,9 +127,14 @@ def test_rows_hold_top_k_evidence_places_and_exif(archive, tiny_model_dir, model
     assert tuple(raw[0]) == COLUMNS
     assert json.loads(raw[0]["top_cells"]) == by_name(read_rows(str(out), "csv"))["p0.jpg"]["top_cells"]
 
-    # Review page beside the output: counts, embedded map and histogram.
+    # Review page beside the output: counts, the map (one marker per placed photo) and the histogram (its
+    # bars count every photo), as inline SVG.
     page = (tmp_path / "tags.csv.html").read_text()
-    assert page.count("data:image/png;base64,") == 2 and "<td>ok</td><td>6</td>" in page
+    assert page.count('<svg xmlns="http://www.w3.org/2000/svg"') == 2 and "<td>ok</td><td>6</td>" in page
+    assert "<script" not in page and "placed (6)" in page
+    markers = page.split('class="photos">')[1].split("</g>")[0]
+    assert markers.count("<circle") == 6
+    assert sum(int(c) for c in re.findall(r'data-count="(\d+)"', page)) == 6
 
 
 def test_min_confidence_abstains_and_keeps_the_guess(archive, model, tmp_path):

@@ -159,8 +159,8 @@ def _add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
         choices=RUNTIMES,
         default="auto",
         help="what runs the backbone: auto (default: on a CPU in fp32, the fastest of PyTorch, ONNX Runtime and "
-        "OpenVINO that agrees, measured once per machine and model, -v prints it; PyTorch otherwise), torch, "
-        "onnx, openvino",
+        "OpenVINO that agrees, measured once per machine and model, -v prints it; PyTorch otherwise, and for "
+        "fewer than 64 photos), torch, onnx, openvino",
     )
     parser.add_argument(
         "--raw",

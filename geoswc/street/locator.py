@@ -7,15 +7,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
-import pandas as pd
 
 from geoswc.data.vpr import PHOTO_SUFFIXES
 from geoswc.retrieval.index import BackgroundIndex
 from geoswc.street.embed import Embedder
 from geoswc.street.model import VPR_JSON, LoadedVPR, from_folder
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 INDEX_DIR = "vpr_index"
 PHOTOS_CSV = "photos.csv"
@@ -55,6 +57,8 @@ class PlaceLocator:
                 f"{folder} is not an indexed place-recognition model (no {VPR_JSON} and {INDEX_DIR}/); "
                 "write one with: geoswc vpr index"
             )
+        import pandas as pd  # here: the module is imported by every Geolocator, which needs no pandas
+
         meta = json.loads(meta_path.read_text())
         photos = pd.read_csv(folder / PHOTOS_CSV, dtype={"path": str})
         index = BackgroundIndex.load(folder / INDEX_DIR, mmap=False)

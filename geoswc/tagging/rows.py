@@ -23,7 +23,7 @@ from geoswc.data.validation import check_choice
 from geoswc.data import places
 from geoswc.data.exif import gps_from_exif, read_gps
 from geoswc.data.photos import PhotoDataset, photo_batches
-from geoswc.eval import haversine_km
+from geoswc.data.sphere import haversine_km
 from geoswc.geolocator import Geolocator
 from geoswc.tagging.duplicates import DUPLICATE_THRESHOLD
 from geoswc.tagging.exif_copies import PRECISION_DECIMALS, round_latlon

@@ -34,8 +34,6 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from accelerate import PartialState
-from accelerate.utils import broadcast_object_list
 from torchvision import transforms as T
 from tqdm.auto import tqdm
 
@@ -46,6 +44,7 @@ from geoswc.data.threads import threaded_photo_batches
 from geoswc.geolocator import Geolocator
 from geoswc.precision import default_batch_size, default_workers
 from geoswc.street.predictor import StreetGeolocator, check_cluster_settings
+from geoswc.runtime import few_photos_settings
 from geoswc.tagging.duplicates import duplicate_groups
 from geoswc.tagging.exif_copies import (
     PRECISION_DECIMALS,
@@ -128,6 +127,9 @@ class Ranks:
     def __init__(self):
         self.state = None
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # Imported here: accelerate (and the rich it loads) costs a one-process run a tenth of a second.
+            from accelerate import PartialState
+
             # Without GPUs the ranks are CPU processes talking over gloo.
             self.state = PartialState(cpu=not torch.cuda.is_available())
         self.rank = self.state.process_index if self.state else 0
@@ -141,6 +143,8 @@ class Ranks:
         """Rank 0's ``value`` (anything picklable), on every rank."""
         if self.state is None:
             return value
+        from accelerate.utils import broadcast_object_list
+
         box = [value]
         broadcast_object_list(box, from_process=0)
         return box[0]
@@ -252,7 +256,8 @@ def tag_photos(
         batch_size: photos per model call (photos of one transformed shape each); default: 8 on a CPU, 64 on
             a GPU (`geoswc.precision.default_batch_size`).
         workers: decoding processes (0 decodes in the main process); default on a GPU: the usable CPUs minus
-            one, at most 32; on a CPU one per 8 CPUs (`geoswc.precision.default_workers`).
+            one, at most 32; on a CPU one per 8 CPUs (`geoswc.precision.default_workers`); none when the
+            photos fit in one batch.
         decode_threads: with no decoding processes, threads that decode the next batches while the model
             runs (libjpeg-turbo releases the GIL); default: sized by measurement during the run
             (`geoswc.data.threads.DecodeSizing`); 0 decodes in the calling thread between batches.
@@ -276,6 +281,8 @@ def tag_photos(
         compile: ``torch.compile`` the backbone: ``auto`` (on CUDA), ``on`` or ``off``.
         runtime: what executes the backbone: ``auto`` (ONNX Runtime for float32 on a CPU when installed,
             else PyTorch), ``torch`` or ``onnx``; see `geoswc.runtime`. Not part of the run record either.
+            For fewer than `geoswc.runtime.FEW_PHOTOS` photos, ``auto`` (runtime and compile) is plain
+            PyTorch (`geoswc.runtime.few_photos_settings`).
         raw_csv: write CSV text cells as they are; by default a cell a spreadsheet would run as a formula
             (starting with ``=``, ``+``, ``-``, ``@``) gets a leading ``'`` (`geoswc.tagging.output.escape_cell`),
             which reading the output takes off. Not part of the run record.
@@ -309,11 +316,14 @@ def tag_photos(
     # The inputs first: a mistyped path fails before a large model is loaded.
     found: Discovery = discover(paths)
     copies = _exif_copies(paths, found, write_exif, precision=precision, overwrite=overwrite)
+    # A run of a few photos pays no engine measurement, export or compilation that it could not earn back.
+    runtime, compile = few_photos_settings(len(found.photos), runtime=runtime, compile=compile)
     predictor = load_predictor(
         model, head=head, device=ranks.device, precision_mode=precision_mode, compile=compile, runtime=runtime
     )
     options = _predict_options(predictor, head=head, predict_options=predict_options, review=review)
     device = getattr(predictor, "device", None) or ranks.device
+    batch_size = default_batch_size(device) if batch_size is None else batch_size
     run = _Run(
         predictor=predictor,
         output=output,
@@ -321,8 +331,8 @@ def tag_photos(
         options=options,
         copies=copies,
         precision=precision,
-        batch_size=default_batch_size(device) if batch_size is None else batch_size,
-        workers=default_workers(device) if workers is None else workers,
+        batch_size=batch_size,
+        workers=_default_workers(device, len(found.photos), batch_size) if workers is None else workers,
         decode_threads=decode_threads,
         target=target,
         progress=progress,
@@ -364,6 +374,12 @@ def tag_photos(
             lock.release()
     run.summary.seconds = time.perf_counter() - start
     return dataclasses.asdict(run.summary)
+
+
+def _default_workers(device, photos: int, batch_size: int) -> int:
+    """`geoswc.precision.default_workers`, or none when the photos fit in one batch: decoding can only overlap
+    the model's work on another batch, and starting a process costs more than decoding a batch."""
+    return default_workers(device) if photos > batch_size else 0
 
 
 def _exif_copies(paths, found: Discovery, write_exif: Optional[str], *, precision: str, overwrite: bool):
