@@ -177,7 +177,10 @@ def _settings(**kw):
 def _weights(folder):
     from safetensors.torch import load_file
 
-    return {**load_file(str(folder / "backbone.safetensors")), **load_file(str(folder / "aggregation.safetensors"))}
+    return {
+        **load_file(str(folder / "backbone.safetensors")),
+        **load_file(str(folder / "aggregation.safetensors")),
+    }
 
 
 @pytest.mark.parametrize(
@@ -192,7 +195,7 @@ def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(world, tmp_
     assert whole["complete"] and len(whole["history"]) == 2
     # Three steps: inside the second cache refresh of the first epoch (two steps per refresh).
     part = train_vpr(_random_model(settings.pool), world, tmp_path / "part", settings, cpu=True, max_steps=3)
-    assert part == {"complete": False}
+    assert part["complete"] is False
     again = train_vpr(_random_model(settings.pool), world, tmp_path / "part", settings, cpu=True, resume=True)
     assert again["complete"]
     a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "part")
@@ -232,7 +235,9 @@ def test_cli_trains_a_model_that_vpr_evaluate_reads(world, tmp_path):
     args = ["vpr", "train", str(world), "-o", str(out), "--model", str(_model_folder(tmp_path)), "--cpu"]
     args += ["--loss", "batch-hard", "--epochs", "1", "--set", "places=3", "--set", "freeze_stages=1"]
     assert main(args) == 0
-    assert main(["vpr", "evaluate", str(world), "--model", str(out), "-o", str(tmp_path / "ev"), "--quiet"]) == 0
+    assert (
+        main(["vpr", "evaluate", str(world), "--model", str(out), "-o", str(tmp_path / "ev"), "--quiet"]) == 0
+    )
     results = json.loads((tmp_path / "ev" / "results.json").read_text())
     assert results["settings"]["trained_aggregation"] is True and results["settings"]["pool"] == "gem"
     assert main(args) == 2  # the folder is not empty: refused without --resume
@@ -254,7 +259,9 @@ def test_bad_inputs_end_in_one_line(world, tmp_path, capsys):
     assert no_val.counts.get("val") is None
     _fails(capsys, ["vpr", "train", str(tmp_path / "noval"), "-o", str(tmp_path / "a"), *model], "images/val")
     make_street_world(tmp_path / "notrain", **dict(SMALL_WORLD, streets={"val": 1, "test": 1}))
-    _fails(capsys, ["vpr", "train", str(tmp_path / "notrain"), "-o", str(tmp_path / "b"), *model], "images/train")
+    _fails(
+        capsys, ["vpr", "train", str(tmp_path / "notrain"), "-o", str(tmp_path / "b"), *model], "images/train"
+    )
     args = ["vpr", "train", str(world), "-o", str(tmp_path / "c"), *model]
     _fails(capsys, [*args, "--set", "lr_max=3"], "lr_max", "choose one of", "negatives")
     _fails(capsys, [*args, "--set", "epochs=two"], "epochs", "int")
@@ -267,10 +274,52 @@ def test_two_cpu_ranks_train_identical_weights(world, tmp_path):
     out = tmp_path / "m"
     cmd = [*two_rank_launch(), "-m", "geoswc", "vpr", "train", str(world), "-o", str(out)]
     cmd += ["--model", str(_model_folder(tmp_path)), "--cpu", "--epochs", "1", "--mining", "full"]
-    cmd += ["--set", "batch_size=2", "--set", "negatives=3", "--set", "freeze_stages=1", "--set", "cache_refresh=4"]
+    cmd += [
+        "--set",
+        "batch_size=2",
+        "--set",
+        "negatives=3",
+        "--set",
+        "freeze_stages=1",
+        "--set",
+        "cache_refresh=4",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=Path(__file__).parent)
+    result = subprocess.run(
+        cmd, capture_output=True, text=True, env=env, timeout=300, cwd=Path(__file__).parent
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "train_vpr.json").read_text())
     assert summary["num_processes"] == 2 and summary["ranks_identical"] is True
     assert (out / "vpr.json").is_file() and (out / "backbone.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_tiny_preset_triplets_learn_the_training_streets(tmp_path):
+    """The default street world: off the shelf, GeM finds few training queries' places (the facade styles repeat
+    on every street); a few epochs of triplets with frozen BatchNorm fit them. This is the check that the
+    mining and the loss train what they should; docs/place-recognition.md has the test-split figures."""
+    from geoswc.data.synth_street import make_street_world
+    from geoswc.data.vpr import read_split
+    from geoswc.street.embed import Embedder
+    from geoswc.street.model import from_folder, off_the_shelf
+    from geoswc.train.vpr import VPRTrainSettings, train_vpr, validation_recalls
+
+    make_street_world(tmp_path / "w")
+    train = read_split(tmp_path / "w", "train")
+
+    def train_recall(loaded):
+        return validation_recalls(Embedder(loaded, size=(96, 128), progress=False), train)["val_recall@1"]
+
+    before = train_recall(off_the_shelf(preset="tiny", pool="gem"))
+    train_vpr(
+        off_the_shelf(preset="tiny", pool="gem"), tmp_path / "w", tmp_path / "m", VPRTrainSettings(epochs=5)
+    )
+    model = from_folder(tmp_path / "m")
+    # The kept epoch is the best on val, not necessarily the last; the last epoch's checkpoint fits best.
+    from safetensors.torch import load_file
+
+    last = load_file(str(tmp_path / "m" / "work" / "checkpoints" / "vpr" / "last" / "model.safetensors"))
+    model.net.load_state_dict({k.removeprefix("net."): v for k, v in last.items()})
+    after = train_recall(model)
+    assert before < 30 and after >= 80 and after - before >= 50, (before, after)

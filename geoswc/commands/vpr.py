@@ -136,6 +136,8 @@ def _train(args: argparse.Namespace) -> int:
         max_steps=args.max_steps,
         checkpoint_every=args.checkpoint_every,
     )
+    if not summary.get("main_process", True):
+        return 0
     if summary.get("complete"):
         best = summary["best_epoch"]
         print(

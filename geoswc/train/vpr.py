@@ -188,7 +188,7 @@ def settings_with(base: VPRTrainSettings, pairs: Sequence[str] = (), **given: An
         key = key.strip()
         if not sep or key not in fields:
             raise ValueError(
-                f"unknown setting {pair!r} for --set; give key=value with key one of: {', '.join(fields)}"
+                f"unknown setting {key!r} (--set {pair}): give key=value; choose one of: {', '.join(fields)}"
             )
         values[key] = _parse_value(key, text.strip(), getattr(VPRTrainSettings(), key))
     values.update({k: v for k, v in given.items() if v is not None})
@@ -537,7 +537,7 @@ def train_vpr(
         meta=meta,
     )
     if summary is None:
-        return {"complete": False}
+        return {"complete": False, "main_process": accelerator.is_main_process}
     accelerator.wait_for_everyone()
     result: Dict[str, Any] = {
         "complete": True,
@@ -547,8 +547,10 @@ def train_vpr(
         "train_queries": int(len(miner.usable)),
         "size": list(size),
     }
+    result["best_epoch"] = json.loads(best_file.read_text())
+    result["main_process"] = accelerator.is_main_process
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        result["best_epoch"] = json.loads(best_file.read_text())
         if best_folder.is_dir():
             for part in sorted(best_folder.iterdir()):
                 os.replace(part, out / part.name)
