@@ -1,4 +1,4 @@
-"""`geoswc vpr evaluate | index | locate | synth`: street-scale place recognition (docs/place-recognition.md)."""
+"""`geoswc vpr evaluate | index | locate | synth | train`: street-scale place recognition (docs/place-recognition.md)."""
 
 from __future__ import annotations
 
@@ -109,6 +109,74 @@ def _locate(args: argparse.Namespace) -> int:
     if args.out is not None:
         handle.close()
     return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from geoswc.street.model import from_folder, off_the_shelf
+    from geoswc.train.vpr import VPRTrainSettings, settings_with, train_vpr
+
+    settings = settings_with(
+        VPRTrainSettings(),
+        args.set or [],
+        pool=args.pool,
+        loss=args.loss,
+        mining=args.mining,
+        epochs=args.epochs,
+    )
+    if args.model is not None and (args.backbone or args.preset):
+        raise ValueError("give at most one of --model MODEL, --backbone NAME or --preset tiny")
+    if args.model is not None:
+        loaded = from_folder(args.model, pool=settings.pool, clusters=settings.clusters)
+    else:
+        preset = None if args.backbone else (args.preset or "tiny")
+        loaded = off_the_shelf(
+            backbone=args.backbone, preset=preset, pool=settings.pool, clusters=settings.clusters
+        )
+    summary = train_vpr(
+        loaded,
+        args.root,
+        args.out,
+        settings,
+        cpu=args.cpu,
+        resume=args.resume,
+        max_steps=args.max_steps,
+        checkpoint_every=args.checkpoint_every,
+    )
+    if not summary.get("main_process", True):
+        return 0
+    if summary.get("complete"):
+        best = summary["best_epoch"]
+        print(
+            f"best epoch {best['epoch']}: val recall@1 {best['val_recall@1']:.1f}, recall@5 "
+            f"{best['val_recall@5']:.1f}; wrote the model folder {args.out}"
+        )
+    else:
+        print(f"stopped after {args.max_steps} steps; continue with --resume")
+    return 0
+
+
+def _train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("root", help="dataset folder with images/{train,val}/{database,queries}/")
+    parser.add_argument("-o", "--out", required=True, help="the model folder to write")
+    src = parser.add_argument_group("starting model (at most one; default --preset tiny)")
+    src.add_argument("--model", help="a model folder to continue from")
+    src.add_argument("--backbone", help="a timm model name with ImageNet weights")
+    src.add_argument(
+        "--preset", choices=("tiny",), help="the tiny preset's backbone, offline ImageNet weights"
+    )
+    parser.add_argument("--pool", choices=POOLS, help="aggregation layer (default gem)")
+    parser.add_argument("--loss", choices=("triplet", "batch-hard"), help="loss (default triplet)")
+    parser.add_argument(
+        "--mining", choices=("partial", "full", "random"), help="triplet mining (default partial)"
+    )
+    parser.add_argument("--epochs", type=int, help="epochs (default 5)")
+    parser.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override a training setting (VPRTrainSettings)"
+    )
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    parser.add_argument("--max-steps", type=int, help="stop with a checkpoint after this many steps")
+    parser.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps")
+    parser.add_argument("--cpu", action="store_true", help="train on CPU even with a GPU")
 
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -233,3 +301,9 @@ def register(subparsers) -> None:
     add_street_arguments(synth)
     synth.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     synth.set_defaults(func=write_street_world)
+
+    tr = commands.add_parser(
+        "train", help="train a place-recognition model (triplets or batch-hard) on a split's photos"
+    )
+    _train_arguments(tr)
+    tr.set_defaults(func=_train)
