@@ -9,7 +9,22 @@ from geoswc.demo import DEMO_TEST, DEMO_TRAIN, run_demo
 
 
 def run(args: argparse.Namespace) -> int:
-    run_demo(args.out, n_train=args.train, n_test=args.test, seed=args.seed, overrides=args.set, cpu=args.cpu)
+    if args.street:
+        from geoswc.demo_street import run_street_demo
+
+        out = args.out or Path("geoswc-street-demo")
+        run_street_demo(
+            out, seed=args.seed, epochs=args.epochs, loss=args.loss, overrides=args.set, cpu=args.cpu
+        )
+        return 0
+    run_demo(
+        args.out or Path("geoswc-demo"),
+        n_train=args.train,
+        n_test=args.test,
+        seed=args.seed,
+        overrides=args.set,
+        cpu=args.cpu,
+    )
     return 0
 
 
@@ -22,7 +37,26 @@ def register(subparsers) -> None:
         "of its photos. A rerun reuses what is already done.",
     )
     demo.add_argument(
-        "-o", "--out", type=Path, default=Path("geoswc-demo"), help="output folder (default: geoswc-demo)"
+        "-o",
+        "--out",
+        type=Path,
+        default=None,
+        help="output folder (default: geoswc-demo, with --street geoswc-street-demo)",
+    )
+    demo.add_argument(
+        "--street",
+        action="store_true",
+        help="the street-scale demo: a synthetic street world, GeM and NetVLAD trained (tiny preset) and "
+        "evaluated on unseen streets beside raw pixels and off-the-shelf descriptors, a street model to serve",
+    )
+    demo.add_argument(
+        "--epochs", type=int, default=4, help="with --street: training epochs of each model (default 4)"
+    )
+    demo.add_argument(
+        "--loss",
+        choices=("triplet", "batch-hard"),
+        default="batch-hard",
+        help="with --street: the training loss (default batch-hard)",
     )
     demo.add_argument("--train", type=int, default=DEMO_TRAIN, help=f"training photos (default {DEMO_TRAIN})")
     demo.add_argument("--test", type=int, default=DEMO_TEST, help=f"test photos (default {DEMO_TEST})")
@@ -32,7 +66,7 @@ def register(subparsers) -> None:
         action="append",
         default=[],
         metavar="SECTION.KEY=VALUE",
-        help="override one setting of the tiny preset (repeatable)",
+        help="override one setting of the tiny preset (repeatable); with --street a training setting KEY=VALUE",
     )
     demo.add_argument("--cpu", action="store_true", help="run on CPU even when a GPU is available")
     demo.set_defaults(func=run)
