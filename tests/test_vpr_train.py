@@ -241,6 +241,9 @@ def test_cli_trains_a_model_that_vpr_evaluate_reads(world, tmp_path):
     )
     results = json.loads((tmp_path / "ev" / "results.json").read_text())
     assert results["settings"]["trained_aggregation"] is True and results["settings"]["pool"] == "gem"
+    index = tmp_path / "indexed"
+    assert main(["vpr", "index", str(world), "--model", str(out), "-o", str(index), "--quiet"]) == 0
+    assert json.loads((index / "vpr.json").read_text())["trained_aggregation"] is True
     assert main(args) == 2  # the folder is not empty: refused without --resume
 
 
