@@ -11,8 +11,8 @@ means something. Prints build seconds, queries/s, recall@1 against flat and byte
 `geoswc.street.embed.Embedder` (batched, the path `vpr evaluate`, `vpr index` and the training cache refresh
 use) against one photo at a time (the same decoder, resize, normalise, forward), images/s in the same run.
 
-``train``: `geoswc vpr train` images/s (forward and backward of query, positive and negatives) for both losses on
-the same world, when that command is installed.
+``train``: `geoswc vpr train` images/s (forward and backward of every photo of a step) for both losses on the
+same world, the difference of a long and a short run so that setup and the first cache refresh cancel.
 
     python benchmarks/bench_vpr.py                          # everything, full scale
     python benchmarks/bench_vpr.py --parts search --n 200000 --queries 500    # quick
@@ -111,7 +111,7 @@ def _world(tmp: Path, seed: int) -> Path:
     from geoswc.data.synth_street import make_street_world
 
     root = tmp / "world"
-    make_street_world(root, seed=seed)
+    make_street_world(root, queries_per_street=24, seed=seed)
     return root
 
 
@@ -153,16 +153,36 @@ def bench_embed(args, root: Path) -> None:
     print(f"batched / one at a time: {single_s / batched_s:.2f}x (max |difference| {diff:.1e})")
 
 
+def _train_seconds(root: Path, out: Path, settings, steps: int) -> float:
+    from geoswc.street.model import off_the_shelf
+    from geoswc.train.vpr import train_vpr
+
+    loaded = off_the_shelf(preset="tiny", pool=settings.pool, clusters=settings.clusters)
+    t0 = time.perf_counter()
+    train_vpr(loaded, root, out, settings, cpu=True, max_steps=steps)
+    return time.perf_counter() - t0
+
+
 def bench_train(args, root: Path) -> None:
-    try:
-        from geoswc.vpr.train import train_images_per_second
-    except ImportError:
-        print("\ntrain: geoswc.vpr.train is not installed in this version; skipped")
-        return
-    print("\ntraining (preset tiny):\n| pool | loss | images/s |\n|---|---|---:|")
-    for loss in ("triplet", "batch-hard"):
-        rate = train_images_per_second(root, pool=args.pool, loss=loss, steps=args.train_steps)
-        print(f"| {args.pool} | {loss} | {rate:.1f} |")
+    """Images/s of `geoswc vpr train` steps (forward and backward of every photo of a step): the time of a run
+    of ``2 + N`` steps minus that of a run of 2 (same setup, same first cache refresh), over N steps' photos."""
+    from geoswc.train.vpr import VPRTrainSettings
+
+    print(
+        "\ntraining (preset tiny, one process):\n| pool | loss | photos a step | images/s |\n|---|---|---:|---:|"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        for loss in ("triplet", "batch-hard"):
+            settings = VPRTrainSettings(pool=args.pool, loss=loss, epochs=1)
+            per_step = (
+                settings.batch_size * (2 + settings.negatives)
+                if loss == "triplet"
+                else settings.places * settings.photos_per_place
+            )
+            short = _train_seconds(root, Path(tmp) / f"{loss}-short", settings, 2)
+            long = _train_seconds(root, Path(tmp) / f"{loss}-long", settings, 2 + args.train_steps)
+            rate = args.train_steps * per_step / max(long - short, 1e-9)
+            print(f"| {args.pool} | {loss} | {per_step} | {rate:.1f} |")
 
 
 def main() -> None:
@@ -178,7 +198,7 @@ def main() -> None:
     parser.add_argument("--photos", type=int, default=120, help="database photos for the embedding part")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--pool", default="gem", choices=["gem", "netvlad"])
-    parser.add_argument("--train-steps", type=int, default=10)
+    parser.add_argument("--train-steps", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

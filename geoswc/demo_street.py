@@ -34,8 +34,8 @@ STREETS = {"train": 16, "val": 2, "test": 3}
 QUERIES_PER_STREET = 16
 POOLS = ("gem", "netvlad")
 CLUSTERS = 16
-DEMO_LOSS = "batch-hard"
-DEMO_EPOCHS = 4
+DEMO_LOSS = "triplet"
+DEMO_EPOCHS = 6
 TABLE_RECALLS = (1, 5, 10)
 
 
@@ -210,9 +210,8 @@ def run_street_demo(
             )
         )
     for pool in POOLS:
-        rows.append(
-            row(f"trained, {pool} ({loss}, best epoch {trained[pool].get('best_epoch')})", evals / pool)
-        )
+        best_epoch = (trained[pool].get("best_epoch") or {}).get("epoch")
+        rows.append(row(f"trained, {pool} ({loss}, best epoch {best_epoch})", evals / pool))
     trained_recall = {pool: r["recall@1"] for pool, r in zip(POOLS, rows[-len(POOLS) :])}
     best = max(POOLS, key=lambda pool: trained_recall[pool])  # the first of equal ones
 

@@ -50,13 +50,13 @@ def register(subparsers) -> None:
         "evaluated on unseen streets beside raw pixels and off-the-shelf descriptors, a street model to serve",
     )
     demo.add_argument(
-        "--epochs", type=int, default=4, help="with --street: training epochs of each model (default 4)"
+        "--epochs", type=int, default=6, help="with --street: training epochs of each model (default 6)"
     )
     demo.add_argument(
         "--loss",
         choices=("triplet", "batch-hard"),
-        default="batch-hard",
-        help="with --street: the training loss (default batch-hard)",
+        default="triplet",
+        help="with --street: the training loss (default triplet)",
     )
     demo.add_argument("--train", type=int, default=DEMO_TRAIN, help=f"training photos (default {DEMO_TRAIN})")
     demo.add_argument("--test", type=int, default=DEMO_TEST, help=f"test photos (default {DEMO_TEST})")
