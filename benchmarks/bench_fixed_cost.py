@@ -32,25 +32,13 @@ import time
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
-ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
-
 
 def machine() -> str:
-    """CPU model, its ISA flags of `ISA_FLAGS`, and the CPU count, in one line."""
-    fields = {}
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as file:
-            for line in file:
-                if not line.strip():
-                    break
-                name, _, value = line.partition(":")
-                fields[name.strip()] = value.strip()
-    except OSError:
-        pass
-    flags = set(fields.get("flags", "").split())
-    isa = " ".join(flag for flag in ISA_FLAGS if flag in flags) or "-"
-    cpu = fields.get("model name") or platform.processor() or platform.machine()
-    return f"{cpu}; ISA: {isa}; {os.cpu_count()} CPUs; Python {platform.python_version()}"
+    """CPU model, its ISA flags, the CPU count and Python, in one line (`geoswc.engines.choice.machine`)."""
+    from geoswc.engines.choice import machine as cpu
+
+    box = cpu()
+    return f"{box['cpu']}; ISA: {' '.join(box['isa']) or '-'}; {box['cores']} CPUs; Python {platform.python_version()}"
 
 
 def run_measured(command: Sequence[str], env: dict) -> Tuple[float, float, float]:

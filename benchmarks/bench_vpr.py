@@ -31,21 +31,11 @@ import numpy as np
 
 
 def machine() -> str:
-    model, flags = platform.processor() or "unknown CPU", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    isa = [
-        f
-        for f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
-        if f in flags
-    ]
-    return f"{model}; {os.cpu_count()} cores; {' '.join(isa) or 'no AVX2'}"
+    """CPU model, its ISA flags, the CPU count and Python, in one line (`geoswc.engines.choice.machine`)."""
+    from geoswc.engines.choice import machine as cpu
+
+    box = cpu()
+    return f"{box['cpu']}; ISA: {' '.join(box['isa']) or '-'}; {box['cores']} CPUs; Python {platform.python_version()}"
 
 
 def place_descriptors(n: int, dim: int, n_places: int, rng: np.random.Generator, noise: float = 0.7):
