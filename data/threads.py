@@ -28,13 +28,16 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
+KEPT_SIZES = 256
+
+
 class DecodeSizing:
     """How many threads decode ahead, sized by measurement while a run goes.
 
     Every chunk's decoding time (in its thread) and the consumer's time per chunk (the forward pass and the
     writing, between two requests for the next chunk) are averaged; decoding keeps up when
     ``ceil(decode / consume)`` threads work at once, at least 1 and at most ``limit``. Until both are measured
-    one thread decodes ahead. ``chosen`` lists the sizes used, chunk by chunk, for the logs and the tests.
+    one thread decodes ahead. ``chosen`` holds the last sizes used (at most `KEPT_SIZES`), for logs and tests.
     """
 
     def __init__(self, limit: int) -> None:
@@ -43,7 +46,7 @@ class DecodeSizing:
         self.decoded = 0
         self.consume_s = 0.0
         self.consumed = 0
-        self.chosen: list = []
+        self.chosen: collections.deque = collections.deque(maxlen=KEPT_SIZES)
 
     def record_decode(self, seconds: float) -> None:
         self.decode_s += seconds

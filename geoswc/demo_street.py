@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
+from geoswc.data.files import write_text_atomic
 from geoswc.data.synth_street import make_street_world
 from geoswc.demo_folder import claim_demo_folder
 from geoswc.street.model import off_the_shelf
@@ -51,10 +52,7 @@ def _read_state(out: Path) -> Dict[str, Any]:
 
 
 def _write_state(out: Path, state: Dict[str, Any]) -> None:
-    tmp = out / (STATE_FILE + ".tmp")
-    tmp.unlink(missing_ok=True)
-    tmp.write_text(json.dumps(state, indent=2, default=str) + "\n")
-    tmp.replace(out / STATE_FILE)
+    write_text_atomic(out / STATE_FILE, json.dumps(state, indent=2, default=str) + "\n")
 
 
 def _fresh(folder: Path) -> None:
@@ -108,6 +106,12 @@ def run_street_demo(
     claim_demo_folder(out)
     world, models, evals, located = out / "world", out / "models", out / "eval", out / "street-model"
     old = _read_state(out)
+    if not old and any(p.exists() or p.is_symlink() for p in (world, models, evals, located)):
+        # A folder of the global demo (or an older run without a record): its world is not ours to replace.
+        raise ValueError(
+            f"-o {out} holds a world, models or evaluations the street demo did not record ({STATE_FILE} is "
+            "missing); choose a new folder for geoswc demo --street"
+        )
     started = time.perf_counter()
     timings: Dict[str, float] = {}
     world_key = {"streets": streets, "queries": queries_per_street, "seed": seed}
@@ -248,9 +252,10 @@ def run_street_demo(
     timings["total"] = time.perf_counter() - started
     summary = {**state, "rows": rows, "best": best, "timings": timings, "commands": commands, "serve": serve}
     _write_state(out, summary)
-    (out / "street_results.md").write_text(
+    write_text_atomic(
+        out / "street_results.md",
         "# geoswc demo --street: recall on the test streets (never seen in training)\n\n" + table + "\n\n"
-        "Equivalent commands:\n\n```\n" + "\n".join(commands) + "\n```\n"
+        "Equivalent commands:\n\n```\n" + "\n".join(commands) + "\n```\n",
     )
     echo("")
     echo(f"Recall on the {streets['test']} test streets (never seen in training; within 25 m, % of queries):")

@@ -78,7 +78,7 @@ def test_sizing_keeps_the_consumer_fed(decode, consume, limit, expected):
             sizing.record_decode(decode)
             sizing.record_consume(consume)
     assert sizing.threads() == expected
-    assert sizing.chosen == [expected]
+    assert list(sizing.chosen) == [expected]
 
 
 class _Recording:

@@ -75,3 +75,15 @@ def test_street_demo_refuses_a_folder_of_the_users(tmp_path):
     with pytest.raises(ValueError, match="not empty"):
         run_street_demo(tmp_path, streets=SMALL, echo=lambda _: None)
     assert (tmp_path / "mine.txt").read_text() == "keep"
+
+
+def test_street_demo_leaves_the_global_demos_world_alone(tmp_path):
+    from geoswc.demo_folder import claim_demo_folder
+
+    out = tmp_path / "demo"
+    claim_demo_folder(out)  # a folder the global demo marked and filled
+    (out / "world").mkdir()
+    (out / "world" / "train.csv").write_text("IMG_ID,LAT,LON\n")
+    with pytest.raises(ValueError, match="did not record"):
+        run_street_demo(out, streets=SMALL, echo=lambda _: None)
+    assert (out / "world" / "train.csv").read_text() == "IMG_ID,LAT,LON\n"
