@@ -255,6 +255,14 @@ def _fails(capsys, args, *needles):
         assert needle in err, err
 
 
+def test_resize_setting_reads_height_and_width():
+    from geoswc.train.vpr import VPRTrainSettings, settings_with
+
+    assert settings_with(VPRTrainSettings(), ["resize=192,256"]).resize == (192, 256)
+    assert settings_with(VPRTrainSettings(), ["resize=96x128"]).resize == (96, 128)
+    assert settings_with(VPRTrainSettings(), ["resize=none"]).resize is None
+
+
 def test_bad_inputs_end_in_one_line(world, tmp_path, capsys):
     from geoswc.data.synth_street import make_street_world
 
@@ -270,6 +278,8 @@ def test_bad_inputs_end_in_one_line(world, tmp_path, capsys):
     _fails(capsys, [*args, "--set", "lr_max=3"], "lr_max", "choose one of", "negatives")
     _fails(capsys, [*args, "--set", "epochs=two"], "epochs", "int")
     _fails(capsys, [*args, "--set", "mining=hard"], "mining", "partial")
+    _fails(capsys, [*args, "--set", "resize=192"], "resize", "H,W")
+    _fails(capsys, [*args, "--set", "resize=a,b"], "resize", "H,W")
     for name in ("a", "b", "c"):
         assert not (tmp_path / name / "backbone.safetensors").exists()
 

@@ -157,9 +157,12 @@ def _parse_value(name: str, text: str, default: Any) -> Any:
         if text.lower() in ("", "none"):
             return None
         parts = text.replace("x", ",").split(",")
-        if len(parts) != 2:
-            raise ValueError(f"setting resize takes H,W (e.g. resize=96,128), got {text!r}")
-        return tuple(int(_parse_value("resize", p, 0)) for p in parts)
+        try:
+            if len(parts) != 2:
+                raise ValueError
+            return tuple(int(p) for p in parts)
+        except ValueError:
+            raise ValueError(f"setting resize takes H,W (e.g. resize=96,128), got {text!r}") from None
     try:
         if isinstance(default, bool):
             if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
