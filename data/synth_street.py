@@ -55,6 +55,7 @@ class StreetWorldSpec:
     image_height: int
     zone: int
     letter: str
+    styles: int
     counts: Dict[str, Dict[str, int]]
 
 
@@ -174,6 +175,7 @@ def make_street_world(
     queries_per_street: int = 8,
     view_width_m: float = 20.0,
     image_size: Tuple[int, int] = (128, 96),
+    styles: int = N_STYLES,
     seed: int = 0,
 ) -> StreetWorldSpec:
     """Write a street world as ``OUT/images/{train,val,test}/{database,queries}/@...@.jpg``.
@@ -186,6 +188,7 @@ def make_street_world(
         queries_per_street: query photos per street, at uniform random positions.
         view_width_m: the facade width a database photo shows.
         image_size: (width, height) of the photos.
+        styles: facade styles of the city (every building takes one of them).
         seed: everything follows from it.
     """
     streets = dict(streets or {"train": 3, "val": 1, "test": 2})
@@ -202,7 +205,9 @@ def make_street_world(
         raise FileExistsError(f"{out} exists and is not an empty folder; choose a new output folder")
     out.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    styles = _styles(rng, N_STYLES)
+    if int(styles) < 1:
+        raise ValueError(f"need at least one facade style, got styles={styles}")
+    palette = _styles(rng, int(styles))
     c_east, c_north, zone, letter = latlon_to_utm(*CITY_LATLON)
     size = (int(image_size[0]), int(image_size[1]))
     counts: Dict[str, Dict[str, int]] = {}
@@ -216,7 +221,7 @@ def make_street_world(
                 folder.mkdir(parents=True)
             counts[split] = {"database": 0, "queries": 0}
             for street in range(int(streets[split])):
-                strip = _render_street(rng, styles, street_length_m)
+                strip = _render_street(rng, palette, street_length_m)
                 start, direction = _street_axes(split_index, street)
                 margin = view_width_m / 2
                 shots = [
@@ -258,6 +263,7 @@ def make_street_world(
             image_height=size[1],
             zone=int(zone),
             letter=str(letter),
+            styles=int(styles),
             counts=counts,
         )
         (tmp / "world.json").write_text(json.dumps(asdict(spec), indent=2) + "\n")

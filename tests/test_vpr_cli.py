@@ -12,6 +12,7 @@ import pytest
 from vpr_fixtures import make_tiny_world
 
 from geoswc.cli import main
+from geoswc.data.images import decode_array
 
 
 def _utm(name: str) -> np.ndarray:
@@ -106,6 +107,22 @@ def test_data_synth_street(tmp_path):
     assert np.allclose(np.diff(east), 10.0, atol=0.02)
     assert len(list((out / "images/test/queries").iterdir())) == 2
     assert main(args) == 2  # the folder exists now: refused, not overwritten
+    assert json.loads((out / "world.json").read_text())["styles"] == 6
+
+
+def test_street_world_styles_are_the_buildings_palette(tmp_path):
+    from geoswc.data.synth_street import make_street_world
+
+    def wall_colours(styles):
+        out = tmp_path / f"w{styles}"
+        make_street_world(out, streets={"test": 4}, queries_per_street=0, styles=styles, seed=3)
+        rows = [decode_array(p)[60, 5:-5:4] for p in sorted((out / "images/test/database").iterdir())]
+        return {tuple(int(v) // 16 for v in px) for px in np.concatenate(rows)}
+
+    # One style: every building has the same wall, so the photos hold few colours; twelve: many more.
+    assert len(wall_colours(1)) * 3 < len(wall_colours(12))
+    with pytest.raises(ValueError, match="facade style"):
+        make_street_world(tmp_path / "none", styles=0)
 
 
 def _fails(capsys, args, *needles):

@@ -220,6 +220,7 @@ def write_street_world(args: argparse.Namespace) -> int:
         street_length_m=args.length,
         db_step_m=args.step,
         queries_per_street=args.queries,
+        styles=args.styles,
         seed=args.seed,
     )
     counts = "; ".join(
@@ -239,6 +240,12 @@ def add_street_arguments(parser: argparse.ArgumentParser) -> None:
         "--step", type=float, default=10.0, help="metres between database photos (default 10)"
     )
     parser.add_argument("--queries", type=int, default=8, help="queries per street (default 8)")
+    parser.add_argument(
+        "--styles",
+        type=int,
+        default=6,
+        help="facade styles the buildings of the city share (default 6; more: fewer look-alike places)",
+    )
 
 
 def register(subparsers) -> None:
