@@ -210,6 +210,22 @@ def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(world, tmp_
     assert best["epoch"] == 1 + first_best and best["val_recall@5"] == max(ranks)[0]
 
 
+def test_channels_last_trains_the_weights_of_the_default_memory_order(world, tmp_path):
+    from geoswc.train.vpr import train_vpr
+
+    runs = {}
+    for flag in (True, False):
+        settings = _settings(pool="gem", epochs=1, queries_per_epoch=4, channels_last=flag)
+        train_vpr(_random_model("gem"), world, tmp_path / str(flag), settings, cpu=True)
+        runs[flag] = _weights(tmp_path / str(flag))
+    start = _random_model("gem").net.backbone.state_dict()
+    moved = [k for k in start if k in runs[True] and not torch.equal(start[k], runs[True][k])]
+    assert moved  # the run trained something
+    for name, value in runs[True].items():
+        assert value.is_contiguous()  # saved in the standard order, loadable anywhere
+        assert torch.allclose(value, runs[False][name], rtol=1e-3, atol=1e-4), name
+
+
 def test_frozen_batchnorm_and_frozen_stages_do_not_move(world, tmp_path):
     from geoswc.train.vpr import train_vpr
 

@@ -88,6 +88,9 @@ class VPRTrainSettings:
         freeze_stages: the stem and the first N stages of the backbone (timm's coarse parameter groups) keep
             their weights; -1 trains everything. 3 trains the last four stages and the head of EfficientNet
             (on the street world: better than 5, and than training everything, at about a third of its cost).
+        channels_last: the network and its training batches in channels-last memory order (oneDNN's and
+            cuDNN's fast convolutions; a training step of the tiny preset was 22-27 % faster on a 2-core AVX2
+            CPU). The weights saved are the same either way.
         resize: training and validation input ``H,W`` (default: the size of the train split's photos).
         infer_batch_size: photos per forward pass when embedding (cache, validation).
         seed: seeds the weights' randomness, the order of queries and the mining.
@@ -115,6 +118,7 @@ class VPRTrainSettings:
     negative_m: float = POSITIVE_RADIUS_M
     freeze_bn: bool = True
     freeze_stages: int = 3
+    channels_last: bool = True
     resize: Optional[Tuple[int, int]] = None
     infer_batch_size: int = 32
     seed: int = 0
@@ -279,14 +283,15 @@ def _check_out(out: Path, resume: bool) -> None:
 class _Photos:
     """Photo files -> normalised input tensors at the training size (the embedder's photo path)."""
 
-    def __init__(self, embedder: Embedder, device: torch.device) -> None:
+    def __init__(self, embedder: Embedder, device: torch.device, *, channels_last: bool = False) -> None:
         self.embedder = embedder
         self.device = device
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def __call__(self, paths: Sequence[Path]) -> torch.Tensor:
         size = self.embedder.size
         batch = [self.embedder.normalize(views(decode_array(p), "hard_resize", size)[0]) for p in paths]
-        return torch.stack(batch).to(self.device)
+        return torch.stack(batch).to(self.device).contiguous(memory_format=self.memory_format)
 
 
 def _embed_sharded(accelerator, embedder: Embedder, paths: Sequence[Path]) -> np.ndarray:
@@ -386,6 +391,8 @@ def train_vpr(
         init_netvlad(embedder, train_photos(train.folder), seed=settings.seed)
     frozen = freeze_stages(loaded.net.backbone, settings.freeze_stages)
     model = TrainableVPR(loaded.net, freeze_bn=settings.freeze_bn).to(accelerator.device)
+    if settings.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = create_optimizer(
         params, opt=settings.optimizer, lr=settings.lr, weight_decay=settings.weight_decay
@@ -409,7 +416,7 @@ def train_vpr(
         )
     state = MiningState(miner)
     accelerator.register_for_checkpointing(state)
-    photos = _Photos(embedder, accelerator.device)
+    photos = _Photos(embedder, accelerator.device, channels_last=settings.channels_last)
     world, rank = accelerator.num_processes, accelerator.process_index
     n_queries = settings.queries_per_epoch or len(miner.usable)
 
