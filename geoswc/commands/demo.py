@@ -50,7 +50,7 @@ def register(subparsers) -> None:
         "evaluated on unseen streets beside raw pixels and off-the-shelf descriptors, a street model to serve",
     )
     demo.add_argument(
-        "--epochs", type=int, default=6, help="with --street: training epochs of each model (default 6)"
+        "--epochs", type=int, default=8, help="with --street: training epochs of each model (default 8)"
     )
     demo.add_argument(
         "--loss",
