@@ -159,20 +159,28 @@ def bench_train(args, root: Path) -> None:
     from geoswc.train.vpr import VPRTrainSettings
 
     print(
-        "\ntraining (preset tiny, one process):\n| pool | loss | photos a step | images/s |\n|---|---|---:|---:|"
+        "\ntraining (preset tiny, one process; channels-last, the default, against the standard memory order):\n"
+        "| pool | loss | photos a step | images/s, standard order | images/s, channels-last | ratio |\n"
+        "|---|---|---:|---:|---:|---:|"
     )
     with tempfile.TemporaryDirectory() as tmp:
         for loss in ("triplet", "batch-hard"):
-            settings = VPRTrainSettings(pool=args.pool, loss=loss, epochs=1)
-            per_step = (
-                settings.batch_size * (2 + settings.negatives)
-                if loss == "triplet"
-                else settings.places * settings.photos_per_place
+            rates = []
+            for channels_last in (False, True):
+                settings = VPRTrainSettings(pool=args.pool, loss=loss, epochs=1, channels_last=channels_last)
+                per_step = (
+                    settings.batch_size * (2 + settings.negatives)
+                    if loss == "triplet"
+                    else settings.places * settings.photos_per_place
+                )
+                name = f"{loss}-{channels_last}"
+                short = _train_seconds(root, Path(tmp) / f"{name}-short", settings, 2)
+                long = _train_seconds(root, Path(tmp) / f"{name}-long", settings, 2 + args.train_steps)
+                rates.append(args.train_steps * per_step / max(long - short, 1e-9))
+            print(
+                f"| {args.pool} | {loss} | {per_step} | {rates[0]:.1f} | {rates[1]:.1f} | "
+                f"{rates[1] / rates[0]:.2f}x |"
             )
-            short = _train_seconds(root, Path(tmp) / f"{loss}-short", settings, 2)
-            long = _train_seconds(root, Path(tmp) / f"{loss}-long", settings, 2 + args.train_steps)
-            rate = args.train_steps * per_step / max(long - short, 1e-9)
-            print(f"| {args.pool} | {loss} | {per_step} | {rate:.1f} |")
 
 
 def main() -> None:
@@ -188,7 +196,7 @@ def main() -> None:
     parser.add_argument("--photos", type=int, default=120, help="database photos for the embedding part")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--pool", default="gem", choices=["gem", "netvlad"])
-    parser.add_argument("--train-steps", type=int, default=5)
+    parser.add_argument("--train-steps", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
