@@ -89,8 +89,8 @@ class VPRTrainSettings:
             their weights; -1 trains everything. 3 trains the last four stages and the head of EfficientNet
             (on the street world: better than 5, and than training everything, at about a third of its cost).
         channels_last: the network and its training batches in channels-last memory order (oneDNN's and
-            cuDNN's fast convolutions; a training step of the tiny preset was 22-27 % faster on a 2-core AVX2
-            CPU). The weights saved are the same either way.
+            cuDNN's fast convolutions; 1.09-1.40x the images/s of the standard order for the tiny preset in
+            ``benchmarks/bench_vpr.py`` on a 2-core AVX2 CPU). The weights are saved in the standard order.
         resize: training and validation input ``H,W`` (default: the size of the train split's photos).
         infer_batch_size: photos per forward pass when embedding (cache, validation).
         seed: seeds the weights' randomness, the order of queries and the mining.
