@@ -142,6 +142,8 @@ def test_upload_shows_prediction_cells_neighbours_offline(page, server, tmp_path
     page.wait_for_selector(".pred-marker", timeout=60_000)
     page.wait_for_selector("path.cell-polygon", state="attached", timeout=10_000)
     assert page.locator("path.cell-polygon").count() == 5
+    assert page.locator("#top-cells tr").count() == 1 + 5  # a header and the five cells
+    assert page.locator("#head").is_visible() and page.locator("#top-k").is_visible()
 
     # The marker is where the API places the same photo.
     expected = httpx.post(server + "/v1/locate", files={"file": ("street.jpg", photo.read_bytes())}).json()

@@ -224,6 +224,10 @@ def test_serve_page_shows_matched_database_photos(indexed, street_app, tmp_path)
             title = page.locator(".pred-marker").get_attribute("title")
             assert title == f"{photo.name}: {want['lat']:.4f}, {want['lon']:.4f}"
             assert page.locator(".method").inner_text() == "match"
+            # No head, cells or cell confidence in a street model: their controls and rows are not shown.
+            assert page.locator("#head").is_hidden() and page.locator("#top-k").is_hidden()
+            assert page.locator("#mode").is_visible()
+            assert page.locator(".confidence").count() == 0 and page.locator("#top-cells").count() == 0
             # The matched database photos: one marker and one list item each, the first in the cluster.
             page.wait_for_selector("path.neighbour-marker", state="attached", timeout=10_000)
             assert page.locator("path.neighbour-marker").count() == 5

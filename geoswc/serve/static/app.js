@@ -127,6 +127,10 @@
       $('model-info').textContent = `${m.backbone} · heads ${m.heads.join(', ') || 'none'} · ` +
         `${m.background_size} background photos · cells ${m.fingerprint}`;
       for (const h of m.heads) $('head').append(el('option', { value: h, text: h, selected: h === m.default_head }));
+      if (!m.heads.length) {
+        // A street model (geoswc vpr index) has no head and no cells: no head to pick, no cells to count.
+        for (const id of ['head', 'top-k']) $(id).closest('label').style.display = 'none';
+      }
       const modeNames = { swc: 'Search within Cell', cell: 'cell (head only)', rrm: 'retrieval (nearest photo)' };
       for (const mode of m.modes) $('mode').append(el('option', { value: mode, text: modeNames[mode] || mode }));
       if (m.tile_url) offerOnlineTiles(m.tile_url, m.tile_attribution || '');
@@ -265,19 +269,23 @@
         : null,
       el('p', {}, el('strong', { text: `${abstained ? 'guess ' : ''}${fmt(lat, 5)}, ${fmt(lon, 5)}` }),
         where ? el('span', { class: 'place', text: ` near ${where}` }) : null,
-        el('span', { class: 'muted', text: ` · head ${r.head || '–'} · mode ${r.mode}` })),
+        el('span', { class: 'muted', text: `${r.head ? ` · head ${r.head}` : ''} · mode ${r.mode}` })),
       hasExif
         ? el('p', { class: 'exif' }, `Photo's own GPS (EXIF): ${fmt(r.exif_lat, 5)}, ${fmt(r.exif_lon, 5)}`,
           el('span', { class: 'muted', text: ` · ${fmt(r.exif_distance_km, 1)} km from the ${abstained ? 'guess' : 'prediction'}` }))
         : null,
-      el('p', {}, 'Confidence: ', el('span', { class: `confidence ${words}`, text: `${words} (${fmt(r.confidence, 2)})` }),
-        el('span', { class: 'muted', text: ' probability mass within 25 km of the best cell' })),
+      r.confidence === null || r.confidence === undefined
+        ? null
+        : el('p', {}, 'Confidence: ', el('span', { class: `confidence ${words}`, text: `${words} (${fmt(r.confidence, 2)})` }),
+          el('span', { class: 'muted', text: ' probability mass within 25 km of the best cell' })),
       el('p', {}, 'Method: ', el('strong', { class: 'method', text: r.method }),
         el('span', { class: 'muted', text: ` — ${METHOD_WORDS[r.method] || ''}` })),
     );
-    const table = el('table', {}, el('tr', {}, el('th', { text: 'top cell' }), el('th', { text: 'probability' })));
-    cells.forEach((c) => table.append(el('tr', {}, el('td', { text: c.token }), el('td', { text: fmt(c.probability, 4) }))));
-    detail.append(table);
+    if (cells.length) {
+      const table = el('table', { id: 'top-cells' }, el('tr', {}, el('th', { text: 'top cell' }), el('th', { text: 'probability' })));
+      cells.forEach((c) => table.append(el('tr', {}, el('td', { text: c.token }), el('td', { text: fmt(c.probability, 4) }))));
+      detail.append(table);
+    }
     const neighbours = r.neighbours || [];
     detail.append(el('h4', { text: `Background photos searched (${neighbours.length})` }));
     const list = el('ol', { id: 'neighbours' });
