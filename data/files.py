@@ -30,7 +30,7 @@ CACHE_ENV = "GEOSWC_CACHE"
 
 
 def cache_dir() -> Path:
-    """Where geoswc keeps per-machine caches (the same folder as `geoswc.engines.graphs.cache_dir`):
+    """Where geoswc keeps per-machine caches (engine measurements, exported graphs, the gazetteer, the basemap):
     ``$GEOSWC_CACHE``, else ``$XDG_CACHE_HOME/geoswc``, else ``~/.cache/geoswc``."""
     override = os.environ.get(CACHE_ENV)
     if override:

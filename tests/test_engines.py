@@ -39,13 +39,15 @@ def relative_difference(a, b):
 
 
 def test_cache_folder_honours_the_override_then_xdg_then_home(monkeypatch, tmp_path):
-    assert graphs.cache_dir() == tmp_path / "cache"
+    from geoswc.data.files import cache_dir
+
+    assert cache_dir() == tmp_path / "cache"
     monkeypatch.delenv("GEOSWC_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert graphs.cache_dir() == tmp_path / "xdg" / "geoswc"
+    assert cache_dir() == tmp_path / "xdg" / "geoswc"
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert graphs.cache_dir() == tmp_path / "home" / ".cache" / "geoswc"
+    assert cache_dir() == tmp_path / "home" / ".cache" / "geoswc"
 
 
 @needs_openvino

@@ -15,7 +15,6 @@ import pytest
 from PIL import Image
 
 from geoswc.data import places
-from geoswc.data.files import cache_dir
 from geoswc.data.sphere import EARTH_RADIUS_KM
 from geoswc.placing import CONFIDENCE_RADIUS_KM, density_neighbour_table, near_cells
 from geoswc.runtime import FEW_PHOTOS, few_photos_settings
@@ -166,16 +165,6 @@ def test_gazetteer_compact_form_and_both_searches_agree(fresh_gazetteer, tmp_pat
     compact.write_bytes(compact.read_bytes()[:1000])
     again = places.Gazetteer(places.gazetteer_path())
     assert np.array_equal(again.codes_, parsed.codes_) and compact.stat().st_size > 1000
-
-
-def test_data_cache_folder_is_the_engines_cache_folder(tmp_path, monkeypatch):
-    from geoswc.engines.graphs import cache_dir as engines_cache_dir
-
-    monkeypatch.setenv("GEOSWC_CACHE", str(tmp_path / "c"))
-    assert cache_dir() == engines_cache_dir() == tmp_path / "c"
-    monkeypatch.delenv("GEOSWC_CACHE")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
-    assert cache_dir() == engines_cache_dir() == tmp_path / "x" / "geoswc"
 
 
 def test_cells_tables_read_without_pandas_as_pandas_reads_them(test_data, tmp_path):

@@ -15,7 +15,7 @@ def _size(text: str):
 
 def machine_lines():
     from geoswc.engines.choice import ENGINE_NAMES, available_engines, engine_versions, machine
-    from geoswc.engines.graphs import cache_dir
+    from geoswc.data.files import cache_dir
 
     box = machine()
     versions = engine_versions()

@@ -7,7 +7,7 @@ on a machine measures: the first batch goes through PyTorch and through each ins
 `geoswc.runtime.AGREEMENT_TOLERANCE` of the largest feature), and the engines are timed on the same batch in
 interleaved rounds (so a change of load on a shared machine hits them all alike; the best round of each counts).
 The fastest engine that agrees runs the backbone. The measurement and the choice are stored as one JSON file
-under the cache folder (`geoswc.engines.graphs.cache_dir`), keyed by the CPU model and its ISA flags, the
+under the cache folder (`geoswc.data.files.cache_dir`), keyed by the CPU model and its ISA flags, the
 thread count, the model's fingerprint, the batch's shape and the engines' versions: a later run on the same
 machine reads the choice instead of measuring, and a change of any of these measures again.
 """
@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from geoswc.data.validation import choice_error
-from geoswc.engines.graphs import cache_dir, fingerprint_of, read_bytes, write_atomically
+from geoswc.data.files import cache_dir
+from geoswc.engines.graphs import fingerprint_of, read_bytes, write_atomically
 from geoswc.runtime import AGREEMENT_TOLERANCE, CPU_ENGINES, missing_packages
 
 logger = logging.getLogger(__name__)

@@ -12,28 +12,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 from torch import nn
 
+from geoswc.data.files import atomic_path, cache_dir
+
 logger = logging.getLogger(__name__)
-
-CACHE_ENV = "GEOSWC_CACHE"
-
-
-def cache_dir() -> Path:
-    """Where geoswc keeps per-machine caches: ``$GEOSWC_CACHE``, else ``$XDG_CACHE_HOME/geoswc``, else
-    ``~/.cache/geoswc``."""
-    override = os.environ.get(CACHE_ENV)
-    if override:
-        return Path(override).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "geoswc"
 
 
 def model_fingerprint(module: nn.Module) -> str:
@@ -75,14 +62,8 @@ def write_atomically(path: Path, data: bytes) -> bool:
     cannot be written: a cache that cannot be written only costs time."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(handle, "wb") as file:
-                file.write(data)
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        with atomic_path(path) as temporary:
+            temporary.write_bytes(data)
         return True
     except OSError as err:
         logger.debug("cannot write the cache file %s: %s", path, err)

@@ -41,7 +41,8 @@ import torch
 from torch import nn
 
 from geoswc.data.validation import check_choice
-from geoswc.engines.graphs import cache_dir, read_bytes, write_atomically
+from geoswc.data.files import cache_dir
+from geoswc.engines.graphs import read_bytes, write_atomically
 from geoswc.runtime import OnnxForward
 
 logger = logging.getLogger(__name__)

@@ -5,7 +5,7 @@ SVG written as text needs no plotting library, so a tag run never loads matplotl
 on its own, more to draw the basemap's 60,000 land vertices). The basemap (`geoswc.data.basemap`, Natural Earth
 1:50m) is drawn at the map's resolution: its vertices snapped to the map's pixels (0.36 degree at the page's
 1000-pixel width, what the PNG of earlier versions showed) and repeated pixels dropped. Decoding the TopoJSON
-takes about a second, so the drawn basemap is kept in the cache folder (`geoswc.engines.graphs.cache_dir`)
+takes about a second, so the drawn basemap is kept in the cache folder (`geoswc.data.files.cache_dir`)
 under a digest of the asset and of this drawing's settings: a later run reads about 280 kB instead, and takes
 it only if it is nothing but path elements of the attributes drawn here.
 """
@@ -106,7 +106,8 @@ def basemap_svg() -> str:
         OSError, ValueError: the basemap asset cannot be read or decoded.
     """
     from geoswc.data import basemap
-    from geoswc.engines.graphs import cache_dir, read_bytes, write_atomically
+    from geoswc.data.files import cache_dir
+    from geoswc.engines.graphs import read_bytes, write_atomically
 
     digest = hashlib.blake2b(basemap.topology_json(), digest_size=16)
     digest.update(f"{_BASEMAP_DRAWING}:{MAP_W}x{MAP_H}".encode())
