@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from vpr_fixtures import make_tiny_world
+from vpr_fixtures import fails_in_one_line, make_tiny_world
 
 from geoswc.cli import main
 from geoswc.data.images import decode_array
@@ -125,40 +125,36 @@ def test_street_world_styles_are_the_buildings_palette(tmp_path):
         make_street_world(tmp_path / "none", styles=0)
 
 
-def _fails(capsys, args, *needles):
-    assert main(args) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    for needle in needles:
-        assert needle in err, err
-
-
 def test_bad_inputs_end_in_one_line_and_write_nothing(world, tmp_path, capsys):
     out = tmp_path / "out"
     base = ["--preset", "tiny", "-o", str(out), "--quiet"]
-    _fails(capsys, ["vpr", "evaluate", str(tmp_path), *base], "does not have the place-recognition layout")
+    fails_in_one_line(
+        capsys, ["vpr", "evaluate", str(tmp_path), *base], "does not have the place-recognition layout"
+    )
 
     bad = tmp_path / "bad"
     for part in ("database", "queries"):
         (bad / "images/test" / part).mkdir(parents=True)
     good = sorted((world / "images/test/database").iterdir())[0]
     (bad / "images/test/queries" / good.name).write_bytes(good.read_bytes())
-    _fails(capsys, ["vpr", "evaluate", str(bad), *base], "holds no photos", "database")
+    fails_in_one_line(capsys, ["vpr", "evaluate", str(bad), *base], "holds no photos", "database")
 
     (bad / "images/test/database" / "@12x@4.0@32@T@@@.jpg").write_bytes(good.read_bytes())
-    _fails(capsys, ["vpr", "evaluate", str(bad), *base], "malformed place-recognition file name", "@12x@4.0@")
+    fails_in_one_line(
+        capsys, ["vpr", "evaluate", str(bad), *base], "malformed place-recognition file name", "@12x@4.0@"
+    )
 
     (bad / "images/test/database" / "@12x@4.0@32@T@@@.jpg").unlink()
     far = good.name.replace("@" + good.name.split("@")[1] + "@", "@1.00@", 1)
     (bad / "images/test/database" / far).write_bytes(good.read_bytes())
-    _fails(capsys, ["vpr", "evaluate", str(bad), *base], "no query", "within 25 m")
+    fails_in_one_line(capsys, ["vpr", "evaluate", str(bad), *base], "no query", "within 25 m")
 
-    _fails(
+    fails_in_one_line(
         capsys,
         ["vpr", "evaluate", str(world), "--preset", "tiny", "--model", str(world), "-o", str(out)],
         "exactly one",
     )
-    _fails(capsys, ["vpr", "evaluate", str(world), *base, "--recall", "0"], "--recall")
+    fails_in_one_line(capsys, ["vpr", "evaluate", str(world), *base, "--recall", "0"], "--recall")
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no half-written result left
 
@@ -192,8 +188,8 @@ def test_backbone_without_weights_offline_fails_in_one_line(world, tmp_path, cap
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     out = tmp_path / "out"
     args = ["vpr", "evaluate", str(world), "--backbone", "resnet18", "--pool", "gem", "-o", str(out)]
-    _fails(capsys, args, "--backbone resnet18", "pass a local weights file with --weights FILE")
-    _fails(
+    fails_in_one_line(capsys, args, "--backbone resnet18", "pass a local weights file with --weights FILE")
+    fails_in_one_line(
         capsys, [*args[:3], "--preset", "tiny", "--weights", "x.pth", *args[5:]], "--weights FILE goes with"
     )
     assert not out.exists()

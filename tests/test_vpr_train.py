@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import two_rank_launch
-from vpr_fixtures import TINY_STREETS
+from vpr_fixtures import TINY_STREETS, fails_in_one_line
 
 from geoswc.cli import main
 from geoswc.street.losses import batch_hard_soft_margin_loss, triplet_margin_loss
@@ -263,14 +263,6 @@ def test_cli_trains_a_model_that_vpr_evaluate_reads(world, tmp_path):
     assert main(args) == 2  # the folder is not empty: refused without --resume
 
 
-def _fails(capsys, args, *needles):
-    assert main(args) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    for needle in needles:
-        assert needle in err, err
-
-
 def test_resize_setting_reads_height_and_width():
     from geoswc.train.vpr import VPRTrainSettings, settings_with
 
@@ -285,17 +277,19 @@ def test_bad_inputs_end_in_one_line(world, tmp_path, capsys):
     model = ["--model", str(_model_folder(tmp_path))]
     no_val = make_street_world(tmp_path / "noval", **dict(SMALL_WORLD, streets={"train": 1, "test": 1}))
     assert no_val.counts.get("val") is None
-    _fails(capsys, ["vpr", "train", str(tmp_path / "noval"), "-o", str(tmp_path / "a"), *model], "images/val")
+    fails_in_one_line(
+        capsys, ["vpr", "train", str(tmp_path / "noval"), "-o", str(tmp_path / "a"), *model], "images/val"
+    )
     make_street_world(tmp_path / "notrain", **dict(SMALL_WORLD, streets={"val": 1, "test": 1}))
-    _fails(
+    fails_in_one_line(
         capsys, ["vpr", "train", str(tmp_path / "notrain"), "-o", str(tmp_path / "b"), *model], "images/train"
     )
     args = ["vpr", "train", str(world), "-o", str(tmp_path / "c"), *model]
-    _fails(capsys, [*args, "--set", "lr_max=3"], "lr_max", "choose one of", "negatives")
-    _fails(capsys, [*args, "--set", "epochs=two"], "epochs", "int")
-    _fails(capsys, [*args, "--set", "mining=hard"], "mining", "partial")
-    _fails(capsys, [*args, "--set", "resize=192"], "resize", "H,W")
-    _fails(capsys, [*args, "--set", "resize=a,b"], "resize", "H,W")
+    fails_in_one_line(capsys, [*args, "--set", "lr_max=3"], "lr_max", "choose one of", "negatives")
+    fails_in_one_line(capsys, [*args, "--set", "epochs=two"], "epochs", "int")
+    fails_in_one_line(capsys, [*args, "--set", "mining=hard"], "mining", "partial")
+    fails_in_one_line(capsys, [*args, "--set", "resize=192"], "resize", "H,W")
+    fails_in_one_line(capsys, [*args, "--set", "resize=a,b"], "resize", "H,W")
     for name in ("a", "b", "c"):
         assert not (tmp_path / name / "backbone.safetensors").exists()
 

@@ -49,3 +49,14 @@ def load_benchmark_module(root: Path, relative: str, name: str):
     except Exception as err:  # an import the installed versions cannot satisfy
         pytest.skip(f"the benchmark's {relative} does not import here: {err}")
     return module
+
+
+def fails_in_one_line(capsys, args, *needles):
+    """``geoswc ARGS`` exits 2 with one line on stderr holding every needle."""
+    from geoswc.cli import main
+
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    for needle in needles:
+        assert needle in err, err
