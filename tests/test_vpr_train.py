@@ -226,6 +226,23 @@ def test_channels_last_trains_the_weights_of_the_default_memory_order(world, tmp
         assert torch.allclose(value, runs[False][name], rtol=1e-3, atol=1e-4), name
 
 
+def test_a_resumed_run_replaces_links_in_its_folder_instead_of_writing_through_them(world, tmp_path):
+    from geoswc.train.vpr import train_vpr
+
+    settings = _settings(pool="gem", epochs=1, queries_per_epoch=4)
+    out = tmp_path / "run"
+    assert train_vpr(_random_model("gem"), world, out, settings, cpu=True, max_steps=1)["complete"] is False
+    outside = tmp_path / "outside.json"
+    outside.write_text('{"val_recall@5": -1.0}')
+    for name in ("train_vpr.json", "work/best.json", "work/vpr_train_settings.json"):
+        (out / name).unlink(missing_ok=True)
+        (out / name).symlink_to(outside)
+    assert train_vpr(_random_model("gem"), world, out, settings, cpu=True, resume=True)["complete"]
+    assert outside.read_text() == '{"val_recall@5": -1.0}'
+    for name in ("train_vpr.json", "work/best.json"):
+        assert not (out / name).is_symlink() and json.loads((out / name).read_text())
+
+
 def test_frozen_batchnorm_and_frozen_stages_do_not_move(world, tmp_path):
     from geoswc.train.vpr import train_vpr
 

@@ -37,6 +37,7 @@ from torch import nn
 
 from geoswc.classifiers.aggregation import POOLS
 from geoswc.classifiers.backbone import save_backbone
+from geoswc.data.files import write_text_atomic
 from geoswc.data.images import decode_array
 from geoswc.data.validation import check_choice
 from geoswc.data.vpr import POSITIVE_RADIUS_M, VprSplit, read_split
@@ -376,7 +377,7 @@ def train_vpr(
     seed_everything(settings.seed)
     if accelerator.is_main_process:
         work.mkdir(parents=True, exist_ok=True)
-        (work / SETTINGS_FILE).write_text(json.dumps(settings.to_dict(), indent=2) + "\n")
+        write_text_atomic(work / SETTINGS_FILE, json.dumps(settings.to_dict(), indent=2) + "\n")
     accelerator.wait_for_everyone()
 
     size = tuple(settings.resize) if settings.resize else photo_size(train.folder / train.database[0])
@@ -526,7 +527,7 @@ def train_vpr(
         if rank > (best["val_recall@5"], best.get("val_recall@1", -1.0)):
             epoch = 1 + (len(json.loads(history.read_text())) if history.is_file() else 0)
             _save_model(best_folder, _trained(loaded, settings, root), loaded.spec.backbone)
-            best_file.write_text(json.dumps({"epoch": epoch, **scores}, indent=2) + "\n")
+            write_text_atomic(best_file, json.dumps({"epoch": epoch, **scores}, indent=2) + "\n")
         return scores
 
     history = work / "history_vpr.json"
@@ -568,7 +569,7 @@ def train_vpr(
             for part in sorted(best_folder.iterdir()):
                 os.replace(part, out / part.name)
             shutil.rmtree(best_folder, ignore_errors=True)
-        (out / SUMMARY_FILE).write_text(json.dumps(result, indent=2, default=str) + "\n")
+        write_text_atomic(out / SUMMARY_FILE, json.dumps(result, indent=2, default=str) + "\n")
     accelerator.wait_for_everyone()
     return result
 
