@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -123,6 +124,32 @@ def test_street_world_styles_are_the_buildings_palette(tmp_path):
     assert len(wall_colours(1)) * 3 < len(wall_colours(12))
     with pytest.raises(ValueError, match="facade style"):
         make_street_world(tmp_path / "none", styles=0)
+
+
+def test_a_corrupt_photo_is_refused_in_one_line_naming_it(world, tmp_path, capsys):
+    import shutil
+
+    from geoswc.data.images import ImageDecodeError
+    from geoswc.vpr.pixels import pixel_recalls
+
+    copy = tmp_path / "w"
+    shutil.copytree(world, copy)
+    shutil.copytree(copy / "images/test", copy / "images/val")  # vpr train selects its epoch on val
+    for split, part in (("test", "database"), ("train", "database")):
+        first = sorted((copy / "images" / split / part).iterdir())[0]
+        first.write_bytes(first.read_bytes()[:300])  # a JPEG cut short
+    corrupt = sorted((copy / "images/test/database").iterdir())[0]
+    with pytest.raises(ImageDecodeError, match=re.escape(str(corrupt))):
+        pixel_recalls(copy, "test")
+    out = tmp_path / "out"
+    args = ["vpr", "evaluate", str(copy), "--preset", "tiny", "-o", str(out), "--quiet"]
+    fails_in_one_line(capsys, args, corrupt.name, "unreadable image")
+    assert not out.exists()
+    trained = tmp_path / "model"
+    train_corrupt = sorted((copy / "images/train/database").iterdir())[0]
+    fails_in_one_line(
+        capsys, ["vpr", "train", str(copy), "-o", str(trained), "--preset", "tiny"], train_corrupt.name
+    )
 
 
 def test_bad_inputs_end_in_one_line_and_write_nothing(world, tmp_path, capsys):

@@ -52,8 +52,8 @@ def check_test_method(method: str) -> str:
 
 def photo_size(path: Path) -> Tuple[int, int]:
     """``(H, W)`` of a photo (the evaluation size when ``--resize`` is not given)."""
-    with Image.open(path) as image:
-        return image.height, image.width
+    height, width = decode_array(path).shape[:2]  # upright, as the embedder sees it; errors name the file
+    return height, width
 
 
 def _resize(array: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -13,6 +13,7 @@ from typing import Dict, Sequence, Tuple, Union
 import numpy as np
 from PIL import Image
 
+from geoswc.data.images import ImageDecodeError
 from geoswc.data.vpr import POSITIVE_RADIUS_M, read_split
 from geoswc.eval.vpr import DEFAULT_RECALLS, recall_at
 
@@ -23,8 +24,13 @@ def pixel_descriptors(paths: Sequence[Union[str, Path]], size: Tuple[int, int] =
     """``(N, width * height)`` zero-mean, unit-norm grey thumbnails of the photos at ``paths``."""
     out = np.zeros((len(paths), int(size[0]) * int(size[1])), np.float32)
     for i, path in enumerate(paths):
-        with Image.open(path) as image:
-            grey = image.convert("L").resize((int(size[0]), int(size[1])), Image.BILINEAR)
+        try:
+            with Image.open(path) as image:
+                grey = image.convert("L").resize((int(size[0]), int(size[1])), Image.BILINEAR)
+        except (OSError, SyntaxError, ValueError) as err:
+            raise ImageDecodeError(
+                f"unreadable image ({type(err).__name__}: {err})", source=str(path)
+            ) from None
         x = np.asarray(grey, dtype=np.float64).ravel()
         x = x - x.mean()
         out[i] = x / max(float(np.linalg.norm(x)), 1e-12)
